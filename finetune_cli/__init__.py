@@ -1,0 +1,11 @@
+"""finetune: transfer learning for a folder of labelled images.
+
+The pipeline reads top to bottom, one plain value handed to the next step:
+
+    data.scan -> data.profile -> strategy.decide -> models -> train -> artifacts
+
+`finetune_cli.api` is the library entry point; `finetune_cli.cli` is a thin
+Click layer over it.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""The library API: every command of the CLI is one function here.
+
+Functions take plain arguments, return data, and never print. Progress is
+reported through optional callbacks. Errors are `finetune_cli.errors` types.
+"""
+
+from __future__ import annotations
+
+import os
+
+from finetune_cli.config import SCAN, ScanConfig
+from finetune_cli.data.profile import Profile, profile_scan
+from finetune_cli.data.scan import Progress, scan_folder
+
+
+def inspect(
+    root: str | os.PathLike,
+    *,
+    config: ScanConfig = SCAN,
+    progress: Progress | None = None,
+) -> Profile:
+    """Scan and profile a class-per-subfolder image folder.
+
+    Returns:
+        A `Profile`; `profile.to_dict()` is the `inspect --json` contract.
+
+    Raises:
+        FolderError: the folder is unusable (see `scan_folder`).
+    """
+    return profile_scan(scan_folder(root, labelled=True, config=config, progress=progress), config)

@@ -1,0 +1,1 @@
+"""Reading image folders: scan (plain data), profile (statistics), pipeline (tf.data)."""

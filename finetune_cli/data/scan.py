@@ -1,0 +1,251 @@
+"""Folder scan: which files are usable images, with which label. No TensorFlow.
+
+Rules (documented in the README, tested in tests/test_scan.py):
+
+- Labelled folders are class-per-subfolder: `ROOT/<class>/.../<image>`. Nested
+  folders inside a class are merged into that class.
+- Image files loose in ROOT beside class folders are refused (their label is
+  ambiguous); other loose files (README.txt, labels.csv) are ignored.
+- A class folder with no files at all is ignored with a warning naming it; a
+  class with files but fewer than `min_per_class` usable images is refused.
+- Hidden names (`.DS_Store`, `._photo.jpg`, `.ipynb_checkpoints/`, any name
+  starting with a dot) and `Thumbs.db`, `desktop.ini`, `__MACOSX/` are ignored
+  and never counted or reported.
+- Links to files are followed. Links to folders are followed only when the
+  link is a class folder itself; inside a class they are not (no cycles).
+- Every other file is decoded by content, never by its name, and is either
+  kept or skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from finetune_cli.config import IGNORED_NAMES, IMAGE_SUFFIXES, SCAN, ScanConfig
+from finetune_cli.data.images import DECODE_ERRORS, UnusableImage, open_checked
+from finetune_cli.errors import FolderError
+
+#: progress(done, total): called from the calling thread as files finish.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image.
+
+    Attributes:
+        path: relative to the scanned root, forward slashes.
+        label: class folder name; "" for an unlabeled folder.
+        digest: 32-hex-digit BLAKE2b hash of the file's bytes.
+        width, height: stored pixel size (before EXIF rotation).
+        format: Pillow's format name (JPEG, PNG, WEBP, ...).
+        mode: Pillow's mode before conversion (RGB, L, RGBA, P, CMYK, I;16, ...).
+        n_bytes: file size.
+    """
+
+    path: str
+    label: str
+    digest: str
+    width: int
+    height: int
+    format: str
+    mode: str
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not used, and why (`reason` is one line for the user)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The result of scanning a folder: plain data, no pixels.
+
+    Attributes:
+        root: the scanned folder (absolute).
+        labelled: True for class-per-subfolder, False for a flat/unlabeled one.
+        classes: class names in natural order ('2' before '10'); () if unlabeled.
+            This order is the label index order saved with every model.
+        images: usable images, sorted by path.
+        skipped: files that could not be used, with reasons.
+        warnings: folder-level warnings (empty class folders, ...).
+    """
+
+    root: Path
+    labelled: bool
+    classes: tuple[str, ...]
+    images: tuple[ImageRecord, ...]
+    skipped: tuple[Skipped, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    def paths(self) -> list[Path]:
+        """Absolute paths of the usable images, in `images` order."""
+        return [self.root / r.path for r in self.images]
+
+    def label_indices(self) -> list[int]:
+        """Index into `classes` of each usable image (labelled scans only)."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        return [index[r.label] for r in self.images]
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting '2' before '10' and 'img9' before 'img10'."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def is_ignored(name: str) -> bool:
+    """True for hidden files/folders and OS litter, which are never counted."""
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def scan_folder(
+    root: str | os.PathLike,
+    *,
+    labelled: bool | None = True,
+    config: ScanConfig = SCAN,
+    progress: Progress | None = None,
+) -> Scan:
+    """Scan a folder for usable images.
+
+    Args:
+        root: the folder.
+        labelled: True requires class subfolders; False takes every image
+            under root unlabeled; None decides: class subfolders if any, else flat.
+        config: pixel cap, background, thread count, per-class minimum.
+        progress: optional callback, see `Progress`.
+
+    Returns:
+        A `Scan`.
+
+    Raises:
+        FolderError: missing folder, no class subfolders, loose root images,
+            a single class, a class with too few usable images, no usable images.
+    """
+    root = Path(root).expanduser().absolute()
+    if not root.is_dir():
+        raise FolderError(f"{root} is not a folder: give the folder that holds your images")
+    class_dirs = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not is_ignored(p.name)),
+        key=lambda p: natural_key(p.name),
+    )
+    if labelled is None:
+        labelled = bool(class_dirs)
+    if not labelled:
+        files = [(p, "") for p in _walk_files(root)]
+        return _finish(root, False, (), files, [], config, progress)
+
+    _check_layout(root, class_dirs)
+    files, warnings, classes = [], [], []
+    for class_dir in class_dirs:
+        found = list(_walk_files(class_dir))
+        if not found:
+            warnings.append(f"class folder '{class_dir.name}' is empty and was ignored")
+            continue
+        classes.append(class_dir.name)
+        files.extend((p, class_dir.name) for p in found)
+    _check_class_count(root, classes)
+    return _finish(root, True, tuple(classes), files, warnings, config, progress)
+
+
+def _check_layout(root: Path, class_dirs: list[Path]) -> None:
+    """Refuse a labelled folder without class folders or with loose root images."""
+    loose = [
+        p.name
+        for p in root.iterdir()
+        if p.is_file() and not is_ignored(p.name) and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not class_dirs:
+        hint = f" ({len(loose)} images sit directly in it)" if loose else ""
+        raise FolderError(
+            f"no class subfolders in {root}{hint}: put each class's images in a "
+            f"subfolder named after the class, e.g. {root.name}/cat/1.jpg, {root.name}/dog/2.jpg"
+        )
+    if loose:
+        raise FolderError(
+            f"{len(loose)} image(s) sit in {root} beside the class folders "
+            f"(e.g. '{sorted(loose)[0]}'): move them into a class folder or delete them"
+        )
+
+
+def _check_class_count(root: Path, classes: list[str]) -> None:
+    if len(classes) < 2:
+        found = f"only '{classes[0]}'" if classes else "none with files"
+        raise FolderError(
+            f"{root} has fewer than two class folders ({found}): a classifier "
+            "needs at least two, one subfolder per class"
+        )
+
+
+def _walk_files(top: Path) -> Iterable[Path]:
+    """Every non-ignored file under `top`, in a stable order; folder links not followed."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        for name in sorted(filenames):
+            if not is_ignored(name):
+                yield Path(dirpath, name)
+
+
+def _finish(root, labelled, classes, files, warnings, config, progress) -> Scan:
+    """Probe every file in parallel, then apply the per-class checks."""
+    images, skipped = [], []
+    total = len(files)
+    with ThreadPoolExecutor(max_workers=config.n_workers()) as pool:
+        results = pool.map(lambda item: _probe(root, item[0], item[1], config), files)
+        for done, result in enumerate(results, 1):
+            (images if isinstance(result, ImageRecord) else skipped).append(result)
+            if progress:
+                progress(done, total)
+    images.sort(key=lambda r: natural_key(r.path))
+    skipped.sort(key=lambda s: natural_key(s.path))
+    scan = Scan(root, labelled, classes, tuple(images), tuple(skipped), tuple(warnings))
+    _check_usable(scan, config)
+    return scan
+
+
+def _probe(root: Path, path: Path, label: str, config: ScanConfig) -> ImageRecord | Skipped:
+    """Read, hash and fully decode one file (truncation only shows on decode)."""
+    rel = path.relative_to(root).as_posix()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Skipped(rel, f"cannot read: {exc.strerror or exc}")
+    try:
+        image = open_checked(data, config.max_pixels)
+        fmt, mode, (width, height) = image.format or "?", image.mode, image.size
+        image.load()
+    except UnusableImage as exc:
+        return Skipped(rel, str(exc))
+    except DECODE_ERRORS as exc:
+        return Skipped(rel, f"corrupt or truncated image: {exc}")
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return ImageRecord(rel, label, digest, width, height, fmt, mode, len(data))
+
+
+def _check_usable(scan: Scan, config: ScanConfig) -> None:
+    """Refuse a scan with no usable image, or a class below the per-class minimum."""
+    if not scan.images:
+        example = f", e.g. '{scan.skipped[0].path}': {scan.skipped[0].reason}" if scan.skipped else ""
+        raise FolderError(
+            f"no usable images in {scan.root} ({len(scan.skipped)} files skipped{example})"
+        )
+    if not scan.labelled:
+        return
+    counts = {name: 0 for name in scan.classes}
+    for record in scan.images:
+        counts[record.label] += 1
+    short = [f"'{n}' ({c})" for n, c in counts.items() if c < config.min_per_class]
+    if short:
+        raise FolderError(
+            f"class(es) {', '.join(short)} have fewer than {config.min_per_class} usable "
+            "images: add images to them or remove those folders"
+        )
