@@ -9,3 +9,9 @@ Click layer over it.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# TensorFlow's C++ start-up chatter (oneDNN, CPU features, CUDA probing) is
+# noise to users; set before any module imports TensorFlow.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

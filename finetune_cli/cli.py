@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from finetune_cli import __version__, api, report
+from finetune_cli.config import FEATURES
 from finetune_cli.errors import FinetuneError
 
 EXAMPLES = """
@@ -20,6 +21,10 @@ EXAMPLES = """
 Examples:
   finetune inspect ./images                 what is in the folder, what is broken
   finetune inspect ./images --json          the same as one JSON object
+  finetune bases                            backbones you can name with --base
+  finetune layers --base mobilenetv2        a backbone's stages (for --layer)
+  finetune extract-features ./images --base model.keras --out feats.parquet
+  finetune cache info                       what the feature cache holds
 """
 
 
@@ -68,6 +73,100 @@ def inspect(folder: str, as_json: bool) -> None:
         click.echo(json.dumps(profile.to_dict(), indent=2, ensure_ascii=False))
     else:
         report.profile_tables(profile, Console())
+
+
+def base_options(command):
+    """--base, --weights, --image-size: shared by every command that builds a backbone."""
+    command = click.option("--image-size", type=click.IntRange(16, 2048), default=None,
+                           help="Input side in pixels (images are squashed to a square). Default: the base's native size.")(command)
+    command = click.option("--weights", default="imagenet", show_default=True,
+                           help="imagenet (pretrained; for a file base, its own weights), none (fresh init), or a weights file.")(command)
+    command = click.option("--base", required=True,
+                           help="A name from `finetune bases`, or a .keras model file taking raw RGB in [0, 255].")(command)
+    return command
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@handle_errors
+def bases(as_json: bool) -> None:
+    """List the backbones --base accepts by name."""
+    rows = api.bases()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    report.rows_table(Console(), rows, ["name", "input_size", "params_m", "feature_dim", "preprocess"],
+                      title="Backbones (or pass --base PATH/TO/model.keras)")
+
+
+@cli.command()
+@base_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@handle_errors
+def layers(base: str, weights: str, image_size: int | None, as_json: bool) -> None:
+    """List a backbone's stage outputs: what --layer accepts (index or name)."""
+    rows = api.layers(base, weights="none" if weights == "imagenet" else weights, image_size=image_size)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    report.rows_table(Console(), rows, ["stage", "name", "shape"], title=f"Stages of {base}")
+
+
+@cli.command("extract-features")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@base_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output table: .parquet, .csv or .npz.")
+@click.option("--layer", default=None, help="Stage index (1 = earliest, -1 = last) or layer name. Default: final features.")
+@click.option("--pooling", type=click.Choice(["avg", "max"]), default=FEATURES.pooling, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder (default: $FINETUNE_CACHE_DIR or ~/.cache/finetune/features).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the feature cache.")
+@handle_errors
+def extract_features(folder, base, weights, image_size, out, layer, pooling, batch_size, cache_dir, no_cache):
+    """Write one row of features per usable image: path, label, f0, f1, ..."""
+    console = err_console()
+    with report.progress_bar(console, "scanning", "files") as scan_progress, \
+            report.progress_bar(console, "extracting") as progress:
+        table, scan = api.extract_features(
+            folder, base, out=out, weights=weights, layer=layer, pooling=pooling, image_size=image_size,
+            batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
+            progress=progress, scan_progress=scan_progress,
+        )
+    skipped = len(scan.skipped) + len(table.skipped)
+    cached = len(table.records) - table.computed
+    click.echo(
+        f"wrote {out}: {len(table.records)} images x {table.features.shape[1]} features "
+        f"from layer '{table.layer}' ({table.computed} computed, {cached} from cache"
+        + (f", {skipped} files skipped: see `finetune inspect`" if skipped else "") + ")"
+    )
+
+
+@cli.group()
+def cache() -> None:
+    """Inspect or clear the on-disk feature cache."""
+
+
+@cache.command("info")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def cache_info(cache_dir, as_json):
+    """Where the cache is, and how much it holds."""
+    info = api.cache_info(cache_dir)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['path']}: {info['entries']} entries, {info['bytes'] / 1e6:.1f} MB")
+    for space in info["namespaces"]:
+        click.echo(f"  {space['backbone']}: {space['entries']} entries  ({space['key']})")
+
+
+@cache.command("clear")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@handle_errors
+def cache_clear(cache_dir):
+    """Delete every cached feature."""
+    click.echo(f"removed {api.cache_clear(cache_dir)} cached feature entries")
 
 
 def main() -> None:

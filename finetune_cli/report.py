@@ -58,6 +58,16 @@ def profile_tables(profile: Profile, console: Console, max_rows: int = 20) -> No
         console.print(f"[yellow]warning:[/yellow] {line}", markup=True, highlight=False)
 
 
+def rows_table(console: Console, rows: list[dict], columns: list[str], title: str = "") -> None:
+    """Print a list of dicts as a table with the given columns."""
+    table = Table(title=title or None)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in columns))
+    console.print(table)
+
+
 def _counts(counter: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counter.items(), key=lambda kv: -kv[1]))
 

@@ -117,3 +117,26 @@ def _huge_png_header() -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+
+
+def save_tiny_backbone(path, size=None, lam=False):
+    """A real 3-stage conv backbone file on raw [0, 255] pixels: (B, S, S, 3) -> (B, S/4, S/4, 16)."""
+    from finetune_cli.tfquiet import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    if lam:
+        x = keras.layers.Lambda(lambda t: t * 2.0)(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="s1_conv")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s2_conv")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="s3_conv")(x)
+    model = keras.Model(inputs, x, name="tiny")
+    model.save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    return save_tiny_backbone(tmp_path / "tiny.keras")

@@ -1,0 +1,220 @@
+"""Frozen-feature extraction with an on-disk cache.
+
+An entry is keyed by the image file's content hash within a namespace named
+by (backbone identity incl. weights, layer, pooling, image size), so a changed
+file recomputes only itself and a renamed file costs nothing. Entries are
+written atomically (temp file + rename) and carry a checksum: a corrupt entry
+is detected, dropped and recomputed. A warm run imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from finetune_cli.config import SCAN, ScanConfig
+from finetune_cli.data.scan import ImageRecord, Scan, Skipped
+from finetune_cli.errors import OutputError
+from finetune_cli.models.backbones import BaseRef
+
+CHECKSUM_BYTES = 16
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FeatureCache:
+    """Feature vectors on disk: `root/<namespace>/<digest[:2]>/<digest>.f32`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def namespace(self, ref: BaseRef, layer: str, pooling: str) -> str:
+        """A folder name for one (backbone, weights, layer, pooling, size) combination."""
+        key = f"{ref.identity}|layer={layer}|pool={pooling}|size={ref.image_size}"
+        name = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+        meta = self.root / name / "meta.json"
+        if not meta.exists():
+            atomic_write_bytes(meta, json.dumps({"backbone": ref.label, "key": key}).encode())
+        return name
+
+    def _path(self, namespace: str, digest: str) -> Path:
+        return self.root / namespace / digest[:2] / f"{digest}.f32"
+
+    def get(self, namespace: str, digest: str) -> np.ndarray | None:
+        """The cached vector (float32, 1-D), or None if absent or corrupt."""
+        path = self._path(namespace, digest)
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            return None
+        check, payload = blob[:CHECKSUM_BYTES], blob[CHECKSUM_BYTES:]
+        if hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest() != check or len(payload) % 4:
+            path.unlink(missing_ok=True)
+            return None
+        return np.frombuffer(payload, dtype=np.float32)
+
+    def put(self, namespace: str, digest: str, vector: np.ndarray) -> None:
+        payload = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        check = hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest()
+        atomic_write_bytes(self._path(namespace, digest), check + payload)
+
+    def info(self) -> dict:
+        """Location, entry count and bytes, per namespace and in total."""
+        spaces = []
+        for meta in sorted(self.root.glob("*/meta.json")):
+            files = list(meta.parent.glob("*/*.f32"))
+            described = json.loads(meta.read_text())
+            spaces.append({
+                "namespace": meta.parent.name,
+                "backbone": described.get("backbone"),
+                "key": described.get("key"),
+                "entries": len(files),
+                "bytes": sum(f.stat().st_size for f in files),
+            })
+        return {
+            "path": str(self.root),
+            "entries": sum(s["entries"] for s in spaces),
+            "bytes": sum(s["bytes"] for s in spaces),
+            "namespaces": spaces,
+        }
+
+    def clear(self) -> int:
+        """Delete every entry; returns how many were removed."""
+        removed = self.info()["entries"]
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        return removed
+
+
+@dataclass
+class FeatureTable:
+    """Features for the usable images of a scan.
+
+    Attributes:
+        records: the images, in row order.
+        features: float32 (n, d).
+        layer: the layer the features come from.
+        skipped: files that failed at decode time (after the scan), if any.
+        computed: how many rows were computed (the rest came from the cache).
+    """
+
+    records: list[ImageRecord]
+    features: np.ndarray
+    layer: str
+    skipped: list[Skipped]
+    computed: int
+
+
+def extract(
+    scan: Scan,
+    ref: BaseRef,
+    *,
+    layer: str | int | None = None,
+    pooling: str = "avg",
+    batch_size: int = 32,
+    cache: FeatureCache | None = None,
+    config: ScanConfig = SCAN,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureTable:
+    """Features of every usable image in `scan`, from the cache where possible.
+
+    Args:
+        layer: None (final features), a stage index, or a layer name.
+        pooling: `avg` or `max` over the spatial axes of a 4-D map.
+
+    Returns:
+        A `FeatureTable` whose rows follow `scan.images` (minus late failures).
+    """
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"Expected pooling 'avg' or 'max'. Received: pooling={pooling!r}")
+    layer_key = "final" if layer in (None, "") else str(layer)
+    space = cache.namespace(ref, layer_key, pooling) if cache else ""
+    vectors: list[np.ndarray | None] = [cache.get(space, r.digest) if cache else None for r in scan.images]
+    missing = [i for i, v in enumerate(vectors) if v is None]
+    skipped = []
+    if missing:
+        from finetune_cli.models.features import compute_features
+
+        records = [scan.images[i] for i in missing]
+        paths = [scan.root / r.path for r in records]
+        _, computed, ok = compute_features(
+            ref, paths, layer, pooling, batch_size, config,
+            lambda done, total: progress(len(scan.images) - len(missing) + done, len(scan.images)) if progress else None,
+        )
+        for i, record, vector, good in zip(missing, records, computed, ok):
+            if good:
+                vectors[i] = vector
+                if cache:
+                    cache.put(space, record.digest, vector)
+            else:
+                skipped.append(Skipped(record.path, "could not be read at extraction time"))
+    elif progress:
+        progress(len(scan.images), len(scan.images))
+    rows = [(r, v) for r, v in zip(scan.images, vectors) if v is not None]
+    dim = len(rows[0][1]) if rows else 0
+    matrix = np.stack([v for _, v in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+    return FeatureTable([r for r, _ in rows], matrix, layer_key, skipped, len(missing))
+
+
+TABLE_FORMATS = (".parquet", ".csv", ".npz")
+
+
+def check_table_path(path: Path) -> Path:
+    """Validate an output path before any work: known extension, writable folder."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in TABLE_FORMATS:
+        raise OutputError(f"cannot write {path}: the extension must be one of {', '.join(TABLE_FORMATS)}")
+    try:
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder for {path}: {exc.strerror}") from None
+    if not os.access(path.absolute().parent, os.W_OK):
+        raise OutputError(f"cannot write {path}: its folder is read-only")
+    return path
+
+
+def write_table(table: FeatureTable, path: Path) -> Path:
+    """Write path, label, f0..f{d-1} in the format the extension names; atomically."""
+    path = check_table_path(path)
+    paths = [r.path for r in table.records]
+    labels = [r.label for r in table.records]
+    suffix = path.suffix.lower()
+    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        if suffix == ".npz":
+            np.savez(tmp, path=np.array(paths), label=np.array(labels), features=table.features)
+        else:
+            import pandas as pd
+
+            frame = pd.DataFrame(table.features, columns=[f"f{i}" for i in range(table.features.shape[1])])
+            frame.insert(0, "label", labels)
+            frame.insert(0, "path", paths)
+            if suffix == ".csv":
+                frame.to_csv(tmp, index=False)
+            else:
+                frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
