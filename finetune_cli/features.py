@@ -47,9 +47,10 @@ class FeatureCache:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def namespace(self, ref: BaseRef, layer: str, pooling: str) -> str:
-        """A folder name for one (backbone, weights, layer, pooling, size) combination."""
+    def namespace(self, ref: BaseRef, layer: str, pooling: str, view: int = 0) -> str:
+        """A folder name for one (backbone, weights, layer, pooling, size, view) combination."""
         key = f"{ref.identity}|layer={layer}|pool={pooling}|size={ref.image_size}"
+        key += f"|view={view}" if view else ""
         name = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
         meta = self.root / name / "meta.json"
         if not meta.exists():
@@ -124,55 +125,70 @@ class FeatureTable:
     computed: int
 
 
-def extract(
+def extract(scan: Scan, ref: BaseRef, *, layer: str | int | None = None, **options) -> FeatureTable:
+    """Features of every usable image in `scan` from one layer; see `extract_many`."""
+    return extract_many(scan, ref, layers=[layer], **options)[0]
+
+
+def extract_many(
     scan: Scan,
     ref: BaseRef,
     *,
-    layer: str | int | None = None,
+    layers: list[str | int | None],
     pooling: str = "avg",
     batch_size: int = 32,
+    view: int = 0,
     cache: FeatureCache | None = None,
     config: ScanConfig = SCAN,
     progress: Callable[[int, int], None] | None = None,
-) -> FeatureTable:
+) -> list[FeatureTable]:
     """Features of every usable image in `scan`, from the cache where possible.
 
+    Images missing from the cache for any layer go through the backbone once,
+    with every requested layer computed in that one pass.
+
     Args:
-        layer: None (final features), a stage index, or a layer name.
+        layers: each None (final features), a stage index, or a layer name.
         pooling: `avg` or `max` over the spatial axes of a 4-D map.
+        view: 0 for the image as is; k >= 1 for the k-th deterministic
+            augmented view (flip, crop), cached separately.
 
     Returns:
-        A `FeatureTable` whose rows follow `scan.images` (minus late failures).
+        One `FeatureTable` per layer, rows following `scan.images` (minus late failures).
     """
     if pooling not in ("avg", "max"):
         raise ValueError(f"Expected pooling 'avg' or 'max'. Received: pooling={pooling!r}")
-    layer_key = "final" if layer in (None, "") else str(layer)
-    space = cache.namespace(ref, layer_key, pooling) if cache else ""
-    vectors: list[np.ndarray | None] = [cache.get(space, r.digest) if cache else None for r in scan.images]
-    missing = [i for i, v in enumerate(vectors) if v is None]
-    skipped = []
+    keys = ["final" if layer in (None, "") else str(layer) for layer in layers]
+    spaces = [cache.namespace(ref, key, pooling, view) if cache else "" for key in keys]
+    grids = [[cache.get(space, r.digest) if cache else None for r in scan.images] for space in spaces]
+    missing = [i for i in range(len(scan.images)) if any(grid[i] is None for grid in grids)]
+    failed = set()
     if missing:
         from finetune_cli.models.features import compute_features
 
         records = [scan.images[i] for i in missing]
-        paths = [scan.root / r.path for r in records]
-        _, computed, ok = compute_features(
-            ref, paths, layer, pooling, batch_size, config,
-            lambda done, total: progress(len(scan.images) - len(missing) + done, len(scan.images)) if progress else None,
+        done_before = len(scan.images) - len(missing)
+        computed, ok = compute_features(
+            ref, [scan.root / r.path for r in records], layers, pooling, batch_size, config, view,
+            lambda done, total: progress(done_before + done, len(scan.images)) if progress else None,
         )
-        for i, record, vector, good in zip(missing, records, computed, ok):
-            if good:
-                vectors[i] = vector
-                if cache:
-                    cache.put(space, record.digest, vector)
-            else:
-                skipped.append(Skipped(record.path, "could not be read at extraction time"))
+        for grid, space, matrix in zip(grids, spaces, computed):
+            for row, (i, record) in enumerate(zip(missing, records)):
+                if not ok[row]:
+                    failed.add(i)
+                elif grid[i] is None:
+                    grid[i] = matrix[row]
+                    if cache:
+                        cache.put(space, record.digest, matrix[row])
     elif progress:
         progress(len(scan.images), len(scan.images))
-    rows = [(r, v) for r, v in zip(scan.images, vectors) if v is not None]
-    dim = len(rows[0][1]) if rows else 0
-    matrix = np.stack([v for _, v in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
-    return FeatureTable([r for r, _ in rows], matrix, layer_key, skipped, len(missing))
+    skipped = [Skipped(scan.images[i].path, "could not be read at extraction time") for i in sorted(failed)]
+    keep = [i for i in range(len(scan.images)) if i not in failed]
+    records = [scan.images[i] for i in keep]
+    return [
+        FeatureTable(records, np.stack([grid[i] for i in keep]).astype(np.float32), key, skipped, len(missing))
+        for grid, key in zip(grids, keys)
+    ]
 
 
 TABLE_FORMATS = (".parquet", ".csv", ".npz")

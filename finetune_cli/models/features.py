@@ -19,40 +19,43 @@ def pooled_model(model, layer_name: str, pooling: str):
     output = model.get_layer(layer_name).output
     if len(output.shape) == 4:
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        output = pool(name="feature_pool")(output)
+        output = pool(name=f"pool_{layer_name}")(output)
     return keras.Model(model.input, output, name=f"{model.name}_features")
 
 
 def compute_features(
     ref: BaseRef,
     paths: Sequence[Path],
-    layer: str | int | None,
+    layers: Sequence[str | int | None],
     pooling: str,
     batch_size: int,
     config: ScanConfig,
+    view: int = 0,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[str, np.ndarray, np.ndarray]:
-    """Build the backbone and run it over `paths`, batched and prefetched.
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Build the backbone and run it once over `paths`, batched and prefetched.
 
     Returns:
-        (layer name, features float32 (n, d), ok bool (n,)); rows with ok=False
-        are files that failed to decode and hold zeros.
+        (one float32 (n, d_layer) array per layer, ok bool (n,)); rows with
+        ok=False are files that failed to decode and hold zeros.
     """
-    import_keras()
+    keras = import_keras()
     import tensorflow as tf
 
     from finetune_cli.data.pipeline import batched_images
 
     backbone = build(ref)
-    name = select_layer(backbone.model, layer)
-    model = pooled_model(backbone.model, name, pooling)
+    names = [select_layer(backbone.model, layer) for layer in layers]
+    heads = [pooled_model(backbone.model, name, pooling).output for name in names]
+    model = keras.Model(backbone.model.input, heads)
     forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
-    outputs, oks, done = [], [], 0
-    for images, ok in batched_images(paths, ref.image_size, batch_size, config):
-        outputs.append(forward(images).numpy())
+    outputs, oks, done = [[] for _ in names], [], 0
+    for images, ok in batched_images(paths, ref.image_size, batch_size, config, view):
+        results = forward(images)
+        for store, result in zip(outputs, results if isinstance(results, (list, tuple)) else [results]):
+            store.append(result.numpy())
         oks.append(ok.numpy())
         done += len(oks[-1])
         if progress:
             progress(done, len(paths))
-    features = np.concatenate(outputs).astype(np.float32)
-    return name, features, np.concatenate(oks)
+    return [np.concatenate(o).astype(np.float32) for o in outputs], np.concatenate(oks)

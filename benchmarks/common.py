@@ -1,0 +1,70 @@
+"""Helpers shared by the benchmarks: whole-process timing, real data, subsets.
+
+Timing uses only public means: `time.perf_counter` around a child process and
+`os.wait4`'s resource usage for that child's peak memory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+BACKBONE = SHARED / "backbones" / "efficientnet_lite0_imagenet_notop.keras"
+BACKBONE_WITH_TOP = SHARED / "backbones" / "efficientnet_lite0_imagenet.keras"
+SIGNS = SHARED / "datasets" / "sign_language_digits"
+
+
+def require(*paths: Path) -> None:
+    """Exit with a clear message when shared benchmark inputs are absent."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        sys.exit(f"skipped: benchmark inputs not found: {', '.join(missing)} (see benchmarks/README.md)")
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run `cmd` as a child process; return wall seconds, peak RSS (MB), output.
+
+    Raises:
+        RuntimeError: the command failed (its output is included).
+    """
+    start = time.perf_counter()
+    cmd = [str(c) for c in cmd]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})})
+    output = child.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    child.stdout.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{output[-3000:]}")
+    return {"wall": wall, "peak_mb": usage.ru_maxrss / 1024, "output": output}
+
+
+def subset(src: Path, dst: Path, per_class: int, seed: int = 0, keep_large: bool = True) -> Path:
+    """Copy `per_class` random images of each class of `src` into `dst`.
+
+    With keep_large, files over 1 MB (the full-size phone photos) are kept too,
+    so the subset keeps the real-world oddity.
+    """
+    rng = random.Random(seed)
+    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        chosen = set(rng.sample(files, min(per_class, len(files))))
+        if keep_large:
+            chosen |= {p for p in files if p.stat().st_size > 1_000_000}
+        (dst / folder.name).mkdir(parents=True, exist_ok=True)
+        for path in sorted(chosen):
+            shutil.copy2(path, dst / folder.name / path.name)
+    return dst
+
+
+def finetune_cmd(*args: str) -> list[str]:
+    """The CLI, run as users run it, by the interpreter running the benchmark."""
+    return [sys.executable, "-m", "finetune_cli", *map(str, args)]

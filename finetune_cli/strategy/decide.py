@@ -1,0 +1,144 @@
+"""The decision table: (size category, similarity) -> a training plan. Pure: no I/O.
+
+                 similar to ImageNet          different from ImageNet
+    small data   linear: logistic regression   trouble: logistic regression on the
+                 on frozen final features      best earlier stage, augmented views;
+                                               try `finetune pretrain`
+    large data   partial: fine-tune the top    full: fine-tune every stage, top
+                 stages at lr/10               stages at lr/10, the rest at lr/100
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from finetune_cli.strategy.recipes import Recipe
+
+#: (size_category, similarity) -> shipped recipe name.
+TABLE = {
+    ("small", "similar"): "linear",
+    ("large", "similar"): "partial",
+    ("large", "different"): "full",
+    ("small", "different"): "trouble",
+}
+
+REASONS = {
+    ("small", "similar"): "few images per class and ImageNet-like content: the pretrained final "
+    "features already separate the classes, and fine-tuning would overfit; a linear classifier on "
+    "frozen features is fast and safe",
+    ("large", "similar"): "enough images per class to adapt the most specific (top) stages without "
+    "overfitting, and the content is ImageNet-like, so the lower stages are kept as they are",
+    ("large", "different"): "enough images per class, and the content differs from ImageNet, so "
+    "most of the network is worth adapting: top stages at 1/10 of the rate, lower ones at 1/100",
+    ("small", "different"): "you're in trouble: few images and content unlike ImageNet, so the final "
+    "features are too ImageNet-specific and fine-tuning would overfit; a linear classifier on the "
+    "best earlier stage with augmented views is the safest bet",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `train` will do, and why.
+
+    Attributes:
+        strategy: `linear`, `partial` or `full`.
+        recipe: the recipe's name.
+        size_category, similarity: the evidence the table was read with.
+        feature_stage: linear: `final`, `best` or a stage index; else `final`.
+        train_stages: stage indices (1-based) that fine-tune; () for linear.
+        top_stages: the subset of train_stages trained at the `top` rate.
+        learning_rates: {"head", "top", "intermediate"} -> rate (fine-tuning).
+        augmentation: `none`, `light` or `strong`.
+        feature_views: augmented views per image (linear).
+        epochs: fine-tuning epochs at most (0 for linear).
+        reason: why, in words.
+        suggestions: what the user could do next.
+    """
+
+    strategy: str
+    recipe: str
+    size_category: str
+    similarity: str
+    feature_stage: str
+    train_stages: tuple[int, ...]
+    top_stages: tuple[int, ...]
+    learning_rates: dict
+    augmentation: str
+    feature_views: int
+    epochs: int
+    reason: str
+    suggestions: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def table_recipe(size_category: str, similarity: str, strategy: str = "auto") -> str:
+    """The shipped recipe name for a table cell, or for a forced strategy."""
+    if strategy != "auto":
+        return strategy
+    return TABLE[(size_category, similarity)]
+
+
+def decide(
+    size_category: str,
+    similarity: str,
+    n_stages: int,
+    recipe: Recipe,
+    *,
+    has_unlabeled: bool = False,
+    overridden: bool = False,
+) -> Plan:
+    """Turn evidence and a recipe into a `Plan`.
+
+    Args:
+        size_category: `small` or `large`.
+        similarity: `similar` or `different`.
+        n_stages: the backbone's number of stages (>= 1).
+        recipe: the recipe chosen for the cell (or forced by the user).
+        has_unlabeled: unlabeled images are available for pretraining.
+        overridden: the user forced the strategy or recipe.
+    """
+    cell = (size_category, similarity)
+    if cell not in TABLE:
+        raise ValueError(f"Expected size in (small, large) and similarity in (similar, different). Received: {cell}")
+    train, top = _stages(recipe, n_stages)
+    rate = recipe.learning_rate
+    reason = REASONS[cell]
+    if overridden:
+        reason = f"recipe '{recipe.name}' chosen by you; the table would say: {reason}"
+    suggestions = []
+    if cell == ("small", "different"):
+        suggestions.append(
+            "pretrain an encoder on unlabeled images of this kind: `finetune pretrain --unlabeled DIR`"
+            if not has_unlabeled else "unlabeled images given: pretraining on them first"
+        )
+    return Plan(
+        strategy=recipe.strategy,
+        recipe=recipe.name,
+        size_category=size_category,
+        similarity=similarity,
+        feature_stage=recipe.feature_stage if recipe.strategy == "linear" else "final",
+        train_stages=train,
+        top_stages=top,
+        learning_rates={
+            "head": rate,
+            "top": rate * recipe.top_lr_factor,
+            "intermediate": rate * recipe.intermediate_lr_factor,
+        },
+        augmentation=recipe.augmentation,
+        feature_views=recipe.feature_views if recipe.strategy == "linear" else 0,
+        epochs=0 if recipe.strategy == "linear" else recipe.epochs,
+        reason=reason,
+        suggestions=tuple(suggestions),
+    )
+
+
+def _stages(recipe: Recipe, n_stages: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(stages that train, of those the top ones), counted from the last stage."""
+    if recipe.strategy == "linear":
+        return (), ()
+    count = n_stages if recipe.strategy == "full" and recipe.unfreeze_stages == 0 else min(recipe.unfreeze_stages or n_stages, n_stages)
+    train = tuple(range(n_stages - count + 1, n_stages + 1))
+    top = train[-recipe.top_stages:] if recipe.top_stages else ()
+    return train, top

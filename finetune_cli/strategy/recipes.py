@@ -1,0 +1,154 @@
+"""Recipes: the hyper-parameters of each strategy, in TOML files.
+
+Shipped recipes live in `recipes/` (installed as `finetune_cli.recipes`);
+`--recipe` takes one of their names or a path to a user's file. Every field
+has its default here, in `Recipe`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from finetune_cli.errors import RecipeError
+
+STRATEGIES = ("linear", "partial", "full")
+AUGMENTATIONS = ("none", "light", "strong")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One strategy's hyper-parameters.
+
+    Attributes:
+        name: recipe name (file stem for shipped recipes).
+        strategy: `linear` (frozen features + logistic regression), `partial`
+            (top stages fine-tuned) or `full` (all stages fine-tuned).
+        description: one line for users.
+        feature_stage: linear only: `final`, `best` (cross-validated over
+            stages) or a stage index (1 = earliest).
+        feature_views: linear only: augmented views per training image, 0-16.
+        augmentation: `none`, `light` (flip, small shifts) or `strong` (also
+            zoom, rotation, contrast).
+        unfreeze_stages: fine-tuning: how many top stages train (0 = all).
+        top_stages: of the unfrozen stages, how many count as "top".
+        learning_rate: the new head's rate, (0, 1].
+        top_lr_factor: top stages train at learning_rate * this (about 1/10).
+        intermediate_lr_factor: other unfrozen stages at learning_rate * this (about 1/100).
+        optimizer: `adam` or `sgd`.
+        momentum: SGD momentum, [0, 1).
+        weight_decay: decoupled weight decay, >= 0.
+        plateau_factor: multiply rates by this when validation loss stalls, (0, 1].
+        epochs: fine-tuning epochs at most, 1-1000 (early stopping may end sooner).
+        batch_size: images per step, 1-1024.
+        dropout: before the head, [0, 1).
+        l2: L2 penalty on the head's kernel, >= 0.
+        patience: epochs without validation-loss improvement before stopping.
+    """
+
+    name: str = "custom"
+    strategy: str = "linear"
+    description: str = ""
+    feature_stage: str = "final"
+    feature_views: int = 0
+    augmentation: str = "none"
+    unfreeze_stages: int = 2
+    top_stages: int = 2
+    learning_rate: float = 1e-3
+    top_lr_factor: float = 0.1
+    intermediate_lr_factor: float = 0.01
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    plateau_factor: float = 0.1
+    epochs: int = 8
+    batch_size: int = 32
+    dropout: float = 0.2
+    l2: float = 1e-4
+    patience: int = 3
+
+    def with_learning_rate(self, rate: float) -> "Recipe":
+        return dataclasses.replace(self, learning_rate=rate)
+
+
+_CHECKS = {
+    "strategy": (lambda v: v in STRATEGIES, f"one of {STRATEGIES}"),
+    "augmentation": (lambda v: v in AUGMENTATIONS, f"one of {AUGMENTATIONS}"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+    "feature_stage": (lambda v: v in ("final", "best") or str(v).lstrip("-").isdigit(), "'final', 'best' or a stage index"),
+    "feature_views": (lambda v: 0 <= v <= 16, "between 0 and 16"),
+    "unfreeze_stages": (lambda v: v >= 0, ">= 0"),
+    "top_stages": (lambda v: v >= 0, ">= 0"),
+    "learning_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "intermediate_lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "plateau_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "epochs": (lambda v: 1 <= v <= 1000, "between 1 and 1000"),
+    "batch_size": (lambda v: 1 <= v <= 1024, "between 1 and 1024"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "l2": (lambda v: v >= 0, ">= 0"),
+    "patience": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def shipped() -> list[str]:
+    """Names of the recipes that ship with the package."""
+    folder = resources.files("finetune_cli.recipes")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load(name_or_path: str) -> tuple[Recipe, str]:
+    """A recipe by shipped name or file path, validated.
+
+    Returns:
+        (Recipe, the TOML text it came from).
+
+    Raises:
+        RecipeError: unknown name, unreadable or unparsable file, bad field.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        text, origin = path.read_text(encoding="utf-8"), str(path)
+    elif name_or_path in shipped():
+        text = resources.files("finetune_cli.recipes").joinpath(f"{name_or_path}.toml").read_text("utf-8")
+        origin = name_or_path
+    else:
+        raise RecipeError(f"unknown recipe '{name_or_path}': use one of {', '.join(shipped())} or a .toml path")
+    return parse(text, origin), text
+
+
+def parse(text: str, origin: str = "recipe") -> Recipe:
+    """Validate TOML text into a `Recipe` (see `load`)."""
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{origin} is not valid TOML: {exc}") from None
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise RecipeError(f"{origin}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(fields)}")
+    for key, value in values.items():
+        expected = type(getattr(Recipe(), key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = value = float(value)
+        if key == "feature_stage":
+            values[key] = value = str(value)
+        elif not isinstance(value, expected) or isinstance(value, bool):
+            raise RecipeError(f"{origin}: {key} must be a {expected.__name__}. Received: {key}={value!r}")
+        check, wanted = _CHECKS.get(key, (lambda v: True, ""))
+        if not check(value):
+            raise RecipeError(f"{origin}: {key} must be {wanted}. Received: {key}={value!r}")
+    values.setdefault("name", Path(origin).stem)
+    return Recipe(**values)
