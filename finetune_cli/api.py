@@ -117,3 +117,32 @@ def cache_clear(cache_dir: str | os.PathLike | None = None) -> int:
     from finetune_cli.features import FeatureCache
 
     return FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir()).clear()
+
+
+def train(root, base: str, *, out, **options) -> dict:
+    """Inspect, decide, train and write a run folder; see `train.run.train` for options.
+
+    Returns:
+        The run's metrics (also written to `out/metrics.json`).
+
+    Raises:
+        FolderError, BackboneError, WeightsUnavailableError, RecipeError,
+        OutputError, TrainingError.
+    """
+    from finetune_cli.train.run import train as run_training
+
+    return run_training(root, base, out=out, **options)
+
+
+def predict(inputs, model, *, top_k: int = 1):
+    """(frame of predictions, skipped files) for image files and folders; see `predict.predict`."""
+    from finetune_cli import predict as predicting
+
+    return predicting.predict(inputs, model, top_k=top_k)
+
+
+def evaluate(root, model) -> dict:
+    """Accuracy, per-class metrics and confusion matrix of a run on a labelled folder."""
+    from finetune_cli import predict as predicting
+
+    return predicting.evaluate(root, model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -25,6 +26,9 @@ Examples:
   finetune layers --base mobilenetv2        a backbone's stages (for --layer)
   finetune extract-features ./images --base model.keras --out feats.parquet
   finetune cache info                       what the feature cache holds
+  finetune train ./images --base mobilenetv2 --out runs/first
+  finetune predict photo.jpg more/ --model runs/first --out preds.csv
+  finetune evaluate ./test-images --model runs/first
 """
 
 
@@ -167,6 +171,71 @@ def cache_info(cache_dir, as_json):
 def cache_clear(cache_dir):
     """Delete every cached feature."""
     click.echo(f"removed {api.cache_clear(cache_dir)} cached feature entries")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@base_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to create (model, plan, metrics, plots).")
+@click.option("--strategy", type=click.Choice(["auto", "linear", "partial", "full"]), default="auto", show_default=True,
+              help="Override the decision table.")
+@click.option("--similarity", type=click.Choice(["auto", "similar", "different"]), default="auto", show_default=True,
+              help="Skip the measurement and state the similarity to ImageNet.")
+@click.option("--recipe", default=None, help="A shipped recipe name (linear, partial, full, trouble, classic-sgd) or a .toml file.")
+@click.option("--val-dir", type=click.Path(file_okay=False), default=None, help="Validation folder (same classes); default: a stratified 20 %% split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--no-cache", is_flag=True)
+@handle_errors
+def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, seed, resume, batch_size, cache_dir, no_cache):
+    """Decide how to reuse the base, train, and write a run folder."""
+    console = err_console()
+    with report.progress_bar(console, "features") as progress:
+        metrics = api.train(
+            folder, base, out=out, weights=weights, image_size=image_size, strategy=strategy,
+            similarity=similarity, recipe=recipe, val_dir=val_dir, seed=seed, resume=resume,
+            batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
+            report=report.training_reporter(console, progress),
+        )
+    report.metrics_summary(Console(), metrics, out)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder from `finetune train`.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a CSV here instead of printing.")
+@click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True)
+@handle_errors
+def predict(inputs, model_dir, out, top_k):
+    """Predict the class of image files and folders."""
+    frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k)
+    for item in skipped:
+        click.echo(f"skipped {item.path}: {item.reason}", err=True)
+    if out:
+        from finetune_cli.features import atomic_write_bytes
+
+        atomic_write_bytes(Path(out), frame.to_csv(index=False).encode())
+        click.echo(f"wrote {len(frame)} predictions to {out}")
+    else:
+        click.echo(frame.to_csv(index=False), nl=False)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder from `finetune train`.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def evaluate(folder, model_dir, as_json):
+    """Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder."""
+    result = api.evaluate(folder, model_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    console = Console()
+    console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] on {result['n_images']} images")
+    report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
 
 
 def main() -> None:

@@ -141,6 +141,7 @@ def extract_many(
     cache: FeatureCache | None = None,
     config: ScanConfig = SCAN,
     progress: Callable[[int, int], None] | None = None,
+    backbone=None,
 ) -> list[FeatureTable]:
     """Features of every usable image in `scan`, from the cache where possible.
 
@@ -152,6 +153,7 @@ def extract_many(
         pooling: `avg` or `max` over the spatial axes of a 4-D map.
         view: 0 for the image as is; k >= 1 for the k-th deterministic
             augmented view (flip, crop), cached separately.
+        backbone: an already built `Backbone` for `ref`, to avoid rebuilding.
 
     Returns:
         One `FeatureTable` per layer, rows following `scan.images` (minus late failures).
@@ -169,7 +171,7 @@ def extract_many(
         records = [scan.images[i] for i in missing]
         done_before = len(scan.images) - len(missing)
         computed, ok = compute_features(
-            ref, [scan.root / r.path for r in records], layers, pooling, batch_size, config, view,
+            ref, [scan.root / r.path for r in records], layers, pooling, batch_size, config, view, backbone,
             lambda done, total: progress(done_before + done, len(scan.images)) if progress else None,
         )
         for grid, space, matrix in zip(grids, spaces, computed):

@@ -94,3 +94,56 @@ def progress_bar(console: Console, description: str, unit: str = "images") -> It
             bar.update(task, completed=done, total=total, rate=rate)
 
         yield callback
+
+
+def training_reporter(console: Console, progress):
+    """A `train.run.Report` that prints phases, the plan and epochs to `console`."""
+
+    def report(event: str, info: dict) -> None:
+        if event == "progress":
+            progress(info["done"], info["total"])
+        elif event == "phase":
+            console.print(f"[dim]-[/dim] {info['name']}", highlight=False)
+        elif event == "note":
+            console.print(f"[yellow]note:[/yellow] {info['text']}", highlight=False)
+        elif event == "plan":
+            plan_panel(console, info["plan"], info["similarity"])
+        elif event == "epoch":
+            console.print(
+                f"  epoch {info['epoch']}/{info['epochs']}: loss {info['loss']:.4f} acc {info['accuracy']:.1%}"
+                f"  val_loss {info['val_loss']:.4f} val_acc {info['val_accuracy']:.1%}", highlight=False)
+
+    return report
+
+
+def plan_panel(console: Console, plan, similarity) -> None:
+    """The decision and its evidence, in words."""
+    evidence = ", ".join(f"stage {k}: {v:.0%}" for k, v in similarity.stage_accuracy.items())
+    lines = [
+        f"[bold]data[/bold]: {plan.size_category}; [bold]similarity[/bold]: {similarity.verdict} ({similarity.reason})",
+    ]
+    if evidence:
+        lines.append(f"  linear-probe accuracy by stage on {similarity.n_sample} images: {evidence}")
+    if similarity.head_confidence is not None:
+        lines.append(f"  ImageNet head mean top-1 probability: {similarity.head_confidence:.0%}")
+    lines.append(f"[bold]plan[/bold]: {plan.strategy} (recipe '{plan.recipe}'): {plan.reason}")
+    if plan.train_stages:
+        rates = plan.learning_rates
+        lines.append(f"  stages trained: {list(plan.train_stages)}; learning rates head {rates['head']:.2g}, "
+                     f"top {rates['top']:.2g}, intermediate {rates['intermediate']:.2g}; augmentation {plan.augmentation}")
+    else:
+        lines.append(f"  features: {plan.feature_stage} stage; augmented views per image: {plan.feature_views}")
+    lines += [f"[bold]suggestion[/bold]: {s}" for s in plan.suggestions]
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+def metrics_summary(console: Console, metrics: dict, out) -> None:
+    """The end of a training run: accuracy, where things are, notes."""
+    console.print(
+        f"[bold green]done[/bold green]: {metrics['strategy']} on {metrics['n_train']} images, "
+        f"validation accuracy [bold]{metrics['val_accuracy']:.1%}[/bold] on {metrics['n_val']} "
+        f"in {metrics['timings_s']['total']:.1f} s", highlight=False)
+    for note in metrics["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    console.print(f"run folder: {out} (model.keras, plan.json, metrics.json, curves.png, confusion.png)", highlight=False)

@@ -31,6 +31,7 @@ def compute_features(
     batch_size: int,
     config: ScanConfig,
     view: int = 0,
+    backbone=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Build the backbone and run it once over `paths`, batched and prefetched.
@@ -44,7 +45,7 @@ def compute_features(
 
     from finetune_cli.data.pipeline import batched_images
 
-    backbone = build(ref)
+    backbone = backbone or build(ref)
     names = [select_layer(backbone.model, layer) for layer in layers]
     heads = [pooled_model(backbone.model, name, pooling).output for name in names]
     model = keras.Model(backbone.model.input, heads)

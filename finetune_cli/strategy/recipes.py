@@ -40,7 +40,7 @@ class Recipe:
             zoom, rotation, contrast).
         unfreeze_stages: fine-tuning: how many top stages train (0 = all).
         top_stages: of the unfrozen stages, how many count as "top".
-        learning_rate: the new head's rate, (0, 1].
+        learning_rate: the new head's rate, > 0 (the NaN guard retries at /10 when too high).
         top_lr_factor: top stages train at learning_rate * this (about 1/10).
         intermediate_lr_factor: other unfrozen stages at learning_rate * this (about 1/100).
         optimizer: `adam` or `sgd`.
@@ -87,7 +87,7 @@ _CHECKS = {
     "feature_views": (lambda v: 0 <= v <= 16, "between 0 and 16"),
     "unfreeze_stages": (lambda v: v >= 0, ">= 0"),
     "top_stages": (lambda v: v >= 0, ">= 0"),
-    "learning_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "learning_rate": (lambda v: 0 < v < float("inf"), "a positive number"),
     "top_lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "intermediate_lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),

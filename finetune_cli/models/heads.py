@@ -1,0 +1,29 @@
+"""Classifier heads on top of a backbone: one Keras model from raw pixels to probabilities."""
+
+from __future__ import annotations
+
+from finetune_cli.tfquiet import import_keras
+
+
+def classifier(backbone_model, layer_name: str, n_classes: int, *, dropout: float = 0.0,
+               l2: float = 0.0, kernel=None, bias=None):
+    """raw RGB (B, S, S, 3) in [0, 255] -> class probabilities (B, n_classes).
+
+    Global average pooling of `layer_name`'s output, dropout, and a softmax
+    Dense layer named `classifier` (Glorot-uniform init, or `kernel` (d, k) and
+    `bias` (k,) when given, e.g. from the linear head).
+    """
+    keras = import_keras()
+    x = backbone_model.get_layer(layer_name).output
+    if len(x.shape) == 4:
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    dense = keras.layers.Dense(
+        n_classes, activation="softmax", name="classifier", kernel_initializer="glorot_uniform",
+        kernel_regularizer=keras.regularizers.L2(l2) if l2 else None,
+    )
+    outputs = dense(x)
+    if kernel is not None:
+        dense.set_weights([kernel, bias])
+    return keras.Model(backbone_model.input, outputs, name="finetune_classifier")

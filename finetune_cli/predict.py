@@ -1,0 +1,132 @@
+"""Using a trained run: predict labels for files and folders, evaluate on a labelled folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from finetune_cli.config import SCAN, ScanConfig
+from finetune_cli.data.scan import ImageRecord, Scan, Skipped, _probe, scan_folder
+from finetune_cli.errors import FolderError, ModelFileError
+
+
+def load_run(run_dir) -> tuple[object, list[str], int]:
+    """(model, class names, input side) from a run folder or a model.keras beside labels.json.
+
+    Raises:
+        ModelFileError: missing files, a model that will not load, or a class
+            list that does not match the model's outputs.
+    """
+    from finetune_cli.tfquiet import import_keras
+
+    path = Path(run_dir).expanduser()
+    folder = path.parent if path.suffix == ".keras" else path
+    model_file = path if path.suffix == ".keras" else path / "model.keras"
+    labels_file = folder / "labels.json"
+    for needed in (model_file, labels_file):
+        if not needed.is_file():
+            raise ModelFileError(f"{needed} not found: --model takes the --out folder of `finetune train`")
+    try:
+        classes = json.loads(labels_file.read_text("utf-8"))
+        model = import_keras().saving.load_model(model_file, safe_mode=True)
+    except Exception as exc:
+        raise ModelFileError(f"cannot load {model_file}: {str(exc).splitlines()[0][:300]}") from None
+    if model.output_shape[-1] != len(classes):
+        raise ModelFileError(f"{labels_file} lists {len(classes)} classes but the model has {model.output_shape[-1]} outputs")
+    size = model.input_shape[1] or 224
+    return model, classes, size
+
+
+def collect(inputs, config: ScanConfig = SCAN) -> Scan:
+    """Files and folders to predict on, as one unlabeled scan rooted at their common folder."""
+    records, skipped = [], []
+    paths = [Path(p).expanduser().absolute() for p in inputs]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FolderError(f"not found: {', '.join(missing)}")
+    for path in paths:
+        if path.is_dir():
+            scan = scan_folder(path, labelled=False, config=config)
+            records += [replace(r, path=str(path / r.path)) for r in scan.images]
+            skipped += [Skipped(str(path / s.path), s.reason) for s in scan.skipped]
+        else:
+            result = _probe(path.parent, path, "", config)
+            if isinstance(result, ImageRecord):
+                records.append(replace(result, path=str(path)))
+            else:
+                skipped.append(Skipped(str(path), result.reason))
+    if not records:
+        raise FolderError("no usable images among the inputs" + (f" ({skipped[0].path}: {skipped[0].reason})" if skipped else ""))
+    return Scan(Path("/"), False, (), tuple(records), tuple(skipped))
+
+
+def probabilities(model, scan: Scan, size: int, batch_size: int = 32, config: ScanConfig = SCAN) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (n, k), ok (n,)) for the images of `scan`, in order."""
+    import tensorflow as tf
+
+    from finetune_cli.data.pipeline import batched_images
+
+    forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
+    probs, oks = [], []
+    for images, ok in batched_images(scan.paths(), size, batch_size, config):
+        probs.append(forward(images).numpy())
+        oks.append(ok.numpy())
+    return np.concatenate(probs), np.concatenate(oks)
+
+
+def predict(inputs, run_dir, *, top_k: int = 1, config: ScanConfig = SCAN):
+    """A frame: path, predicted, probability, top-k labels, then one column per class.
+
+    Returns:
+        (pandas.DataFrame, skipped list).
+    """
+    import pandas as pd
+
+    model, classes, size = load_run(run_dir)
+    scan = collect(inputs, config)
+    probs, ok = probabilities(model, scan, size, config=config)
+    order = np.argsort(-probs, axis=1)
+    frame = pd.DataFrame({"path": [r.path for r in scan.images]})
+    frame["predicted"] = [classes[i] for i in order[:, 0]]
+    frame["probability"] = probs[np.arange(len(probs)), order[:, 0]].round(6)
+    for k in range(1, min(top_k, len(classes))):
+        frame[f"top{k + 1}"] = [classes[i] for i in order[:, k]]
+    for j, name in enumerate(classes):
+        frame[f"p_{name}"] = probs[:, j].round(6)
+    late = [Skipped(r.path, "could not be read") for r, good in zip(scan.images, ok) if not good]
+    return frame[ok].reset_index(drop=True), list(scan.skipped) + late
+
+
+def evaluate(root, run_dir, *, config: ScanConfig = SCAN) -> dict:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on a labelled folder.
+
+    Raises:
+        FolderError: a class folder the model does not know.
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    model, classes, size = load_run(run_dir)
+    scan = scan_folder(root, labelled=True, config=config)
+    unknown = [c for c in scan.classes if c not in classes]
+    if unknown:
+        raise FolderError(f"class folder(s) {', '.join(unknown)} unknown to the model, which knows: {', '.join(classes)}")
+    probs, ok = probabilities(model, scan, size, config=config)
+    truth = np.array([classes.index(r.label) for r in scan.images])[ok]
+    guess = probs[ok].argmax(1)
+    present = sorted(set(truth))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, guess, labels=present, zero_division=0)
+    return {
+        "accuracy": float((truth == guess).mean()),
+        "n_images": int(ok.sum()),
+        "per_class": [
+            {"class": classes[c], "precision": round(float(p), 4), "recall": round(float(r), 4),
+             "f1": round(float(f), 4), "support": int(s)}
+            for c, p, r, f, s in zip(present, precision, recall, f1, support)
+        ],
+        "classes": classes,
+        "confusion": confusion_matrix(truth, guess, labels=list(range(len(classes)))).tolist(),
+        "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+    }

@@ -1,0 +1,292 @@
+"""A whole training run: scan -> profile -> similarity -> plan -> train -> run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from finetune_cli.artifacts import RunFolder, confusion_figure, curves_figure
+from finetune_cli.config import SCAN, ScanConfig
+from finetune_cli.data.profile import profile_scan
+from finetune_cli.data.scan import Scan, scan_folder
+from finetune_cli.errors import FolderError, TrainingError
+from finetune_cli.features import FeatureCache, extract_many
+from finetune_cli.models.backbones import Backbone, build, resolve
+from finetune_cli.models.stages import find_stages, select_layer
+from finetune_cli.strategy import recipes as recipe_files
+from finetune_cli.strategy import similarity as sim
+from finetune_cli.strategy.decide import Plan, decide, table_recipe
+from finetune_cli.train.linear import fit_linear
+
+#: report(event, info): "phase" {"name"}, "progress" {"done", "total"},
+#: "epoch" {"epoch", "epochs", "loss", "val_loss", "val_accuracy"}, "note" {"text"}.
+Report = Callable[[str, dict], None]
+
+VAL_FRACTION = 0.2
+MAX_RETRIES = 2
+
+
+def _quiet(event: str, info: dict) -> None:
+    pass
+
+
+@dataclasses.dataclass
+class Context:
+    """What every step of a run shares."""
+
+    run: RunFolder
+    scan: Scan
+    train: Scan
+    val: Scan
+    backbone: Backbone
+    cache: FeatureCache | None
+    config: ScanConfig
+    report: Report
+    seed: int
+    batch_size: int = 32
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.scan.classes)
+
+    def features(self, scan: Scan, layers, view: int = 0):
+        return extract_many(scan, self.backbone.ref, layers=layers, view=view, cache=self.cache,
+                            batch_size=self.batch_size, config=self.config, backbone=self.backbone,
+                            progress=lambda d, t: self.report("progress", {"done": d, "total": t}))
+
+
+def split(scan: Scan, val_scan: Scan | None, fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[Scan, Scan]:
+    """(train, validation) scans: --val-dir's, or a stratified seeded split."""
+    if val_scan is not None:
+        if set(val_scan.classes) != set(scan.classes):
+            raise FolderError(
+                f"validation classes {sorted(val_scan.classes)} differ from training classes "
+                f"{sorted(scan.classes)}: the --val-dir must hold the same class folders"
+            )
+        return scan, dataclasses.replace(val_scan, classes=scan.classes)
+    from sklearn.model_selection import train_test_split
+
+    labels = np.array(scan.label_indices())
+    n_val = max(len(scan.classes), int(round(len(labels) * fraction)))
+    train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=seed)
+    pick = lambda idx: dataclasses.replace(scan, images=tuple(scan.images[i] for i in sorted(idx)))
+    return pick(train_idx), pick(val_idx)
+
+
+def measure_similarity(ctx: Context, n_stages: int) -> sim.Similarity:
+    """Probe the final stage and the two before it on a stratified sample (see `strategy.similarity`)."""
+    labels = np.array(ctx.train.label_indices())
+    keep = sim.sample_indices(labels, seed=ctx.seed)
+    sample = dataclasses.replace(ctx.train, images=tuple(ctx.train.images[i] for i in keep))
+    stages = [k for k in (n_stages - 2, n_stages - 1) if k >= 1]
+    tables = ctx.features(sample, stages + [None])
+    y = np.array(sample.label_indices())
+    accuracy = {k: sim.probe_accuracy(t.features, y, ctx.seed) for k, t in zip(stages + [n_stages], tables)}
+    accuracy = {k: v for k, v in accuracy.items() if np.isfinite(v)} or {n_stages: 0.0}
+    confidence = None
+    if ctx.backbone.classifier is not None:
+        from finetune_cli.data.pipeline import batched_images
+
+        probs = [ctx.backbone.classifier(x, training=False).numpy().max(1)
+                 for x, _ in batched_images(sample.paths(), ctx.backbone.ref.image_size, ctx.batch_size, ctx.config)]
+        confidence = float(np.concatenate(probs).mean())
+    return sim.judge(accuracy, confidence, len(keep))
+
+
+def class_weights(labels: np.ndarray, n_classes: int, balanced: bool) -> np.ndarray:
+    """Per-class weight, n / (k * n_c) when balanced, else ones."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    if not balanced:
+        return np.ones(n_classes)
+    return len(labels) / (n_classes * np.maximum(counts, 1))
+
+
+def train_linear(ctx: Context, plan: Plan, similarity: sim.Similarity, n_stages: int, balanced: bool):
+    """Logistic regression on cached features of the plan's stage; returns (model, history, val probs)."""
+    from finetune_cli.models.heads import classifier
+
+    stage = plan.feature_stage
+    layer = None if stage == "final" else (similarity.best_stage if stage == "best" else int(stage))
+    if layer == n_stages:
+        layer = None
+    ctx.report("phase", {"name": f"features from {'the final stage' if layer is None else f'stage {layer}'}"})
+    tables = [ctx.features(ctx.train, [layer], view)[0] for view in range(plan.feature_views + 1)]
+    val_table = ctx.features(ctx.val, [layer])[0]
+    index = {name: i for i, name in enumerate(ctx.classes)}
+    x = np.concatenate([t.features for t in tables])
+    y = np.concatenate([[index[r.label] for r in t.records] for t in tables])
+    groups = np.concatenate([[r.digest for r in t.records] for t in tables])
+    ctx.report("phase", {"name": "fitting the linear head (cross-validated C)"})
+    head = fit_linear(x, y, len(ctx.classes), groups=np.unique(groups, return_inverse=True)[1],
+                      balanced=balanced, seed=ctx.seed)
+    name = select_layer(ctx.backbone.model, layer)
+    model = classifier(ctx.backbone.model, name, len(ctx.classes), kernel=head.kernel, bias=head.bias)
+    val_labels = np.array([index[r.label] for r in val_table.records])
+    train_acc = float((head.probabilities(x).argmax(1) == y).mean())
+    return model, head.scores, head.probabilities(val_table.features), val_labels, {"train_accuracy": train_acc, "C": head.C}
+
+
+def train_finetune(ctx: Context, plan: Plan, recipe, balanced: bool, resume: bool, notes: list[str]):
+    """Head on cached features, then the plan's stages, with NaN retries at lr / 10."""
+    from finetune_cli.data.pipeline import augmenter, labelled_batches
+    from finetune_cli.models.heads import classifier
+    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.train.loop import Diverged, LoopState, fit, predict_batches
+
+    keras = import_keras()
+    index = {name: i for i, name in enumerate(ctx.classes)}
+    y_train = np.array([index[r.label] for r in ctx.train.images])
+    weights = class_weights(y_train, len(ctx.classes), balanced)
+    if resume and ctx.run.file("checkpoint.keras").exists():
+        model = keras.saving.load_model(ctx.run.file("checkpoint.keras"), safe_mode=True)
+        state = LoopState(**ctx.run.read_json("state.json"))
+        ctx.report("note", {"text": f"resuming after epoch {state.epoch} (optimizer state starts afresh)"})
+    else:
+        ctx.report("phase", {"name": "phase 1: linear head on frozen final features"})
+        table = ctx.features(ctx.train, [None])[0]
+        labels = np.array([index[r.label] for r in table.records])
+        head = fit_linear(table.features, labels, len(ctx.classes), balanced=balanced, seed=ctx.seed)
+        model = classifier(ctx.backbone.model, ctx.backbone.model.layers[-1].name, len(ctx.classes),
+                           dropout=recipe.dropout, l2=recipe.l2, kernel=head.kernel, bias=head.bias)
+        state = None
+    size = ctx.backbone.ref.image_size
+    train_data = labelled_batches(ctx.train.paths(), y_train, weights[y_train], size, recipe.batch_size,
+                                  shuffle_seed=ctx.seed, augment=augmenter(plan.augmentation), config=ctx.config)
+    y_val = np.array([index[r.label] for r in ctx.val.images])
+    val_data = labelled_batches(ctx.val.paths(), y_val, np.ones(len(y_val)), size, recipe.batch_size, config=ctx.config)
+
+    def checkpoint(model, state):
+        ctx.run.save_model(model, "checkpoint.keras")
+        ctx.run.write_json("state.json", dataclasses.asdict(state))
+
+    start_weights = model.get_weights()
+    for attempt in range(MAX_RETRIES + 1):
+        ctx.report("phase", {"name": f"phase 2: fine-tuning stages {list(plan.train_stages)} "
+                             f"(head lr {plan.learning_rates['head']:.2g}, top {plan.learning_rates['top']:.2g}, "
+                             f"intermediate {plan.learning_rates['intermediate']:.2g})"})
+        try:
+            state = fit(model, plan, recipe, train_data, val_data, state=state, checkpoint=checkpoint,
+                        progress=lambda s, total: ctx.report("epoch", {**s.history[-1], "epochs": total}))
+            break
+        except Diverged as exc:
+            if attempt == MAX_RETRIES:
+                raise TrainingError(f"{exc} even at head lr {plan.learning_rates['head']:.2g}: the learning rate "
+                                    "is too high or the data is broken; lower learning_rate in a --recipe file") from None
+            lowered = {k: v / 10 for k, v in plan.learning_rates.items()}
+            note = (f"{exc}: learning rate too high; retrying at lr/10 (head {lowered['head']:.2g})")
+            notes.append(note)
+            ctx.report("note", {"text": note})
+            plan = dataclasses.replace(plan, learning_rates=lowered)
+            model.set_weights(start_weights)
+            state = None
+    history = state.history
+    if len(history) >= 2 and history[0]["val_loss"] > 0:
+        moved = (history[0]["val_loss"] - min(h["val_loss"] for h in history)) / history[0]["val_loss"]
+        if abs(moved) < 0.01 and history[-1]["accuracy"] < 0.9:
+            notes.append("validation loss barely moved: the learning rate may be too low for this data")
+    probs, labels = predict_batches(model, val_data)
+    return model, history, probs, labels, {"train_accuracy": history[-1]["accuracy"], "best_epoch": state.best_epoch}, plan
+
+
+def train(
+    root, base: str, *, out, weights: str = "imagenet", image_size: int | None = None,
+    similarity: str = "auto", strategy: str = "auto", recipe: str | None = None,
+    val_dir=None, seed: int = 0, resume: bool = False, cache_dir=None, use_cache: bool = True,
+    batch_size: int = 32, config: ScanConfig = SCAN, report: Report | None = None,
+) -> dict:
+    """Train a classifier on `root`'s class folders; returns metrics (also in RUN/metrics.json)."""
+    report = report or _quiet
+    clock = {"start": time.perf_counter()}
+    run = RunFolder(out, resume=resume)
+    if recipe is not None:
+        recipe_files.load(recipe)  # validate before any work
+    report("phase", {"name": "scanning"})
+    scan = scan_folder(root, labelled=True, config=config)
+    profile = profile_scan(scan, config)
+    val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
+    train_scan, val_scan = split(scan, val_scan, seed=seed)
+    ref = resolve(base, weights, image_size, seed)
+    report("phase", {"name": f"building {ref.label} ({ref.weights} weights, {ref.image_size} px)"})
+    backbone = build(ref)
+    n_stages = len(find_stages(backbone.model))
+    from finetune_cli.config import default_cache_dir
+
+    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir()) if use_cache else None
+    ctx = Context(run, scan, train_scan, val_scan, backbone, cache, config, report, seed, batch_size)
+    clock["prepared"] = time.perf_counter()
+
+    if resume:
+        saved = run.read_json("plan.json")
+        plan, evidence = Plan(**saved["plan"]), sim.Similarity(**saved["similarity"])
+        recipe_obj = recipe_files.parse(run.file("recipe.toml").read_text("utf-8"), "recipe.toml")
+        plan = dataclasses.replace(plan, train_stages=tuple(plan.train_stages), top_stages=tuple(plan.top_stages),
+                                   suggestions=tuple(plan.suggestions))
+    else:
+        if similarity == "auto":
+            report("phase", {"name": "measuring similarity to the pretraining data"})
+            evidence = measure_similarity(ctx, n_stages)
+        else:
+            evidence = sim.forced(similarity)
+        name = recipe or table_recipe(profile.size_category, evidence.verdict, strategy)
+        recipe_obj, recipe_text = recipe_files.load(name)
+        plan = decide(profile.size_category, evidence.verdict, n_stages, recipe_obj,
+                      overridden=recipe is not None or strategy != "auto")
+        run.write_json("plan.json", {"plan": plan.to_dict(), "similarity": evidence.to_dict(),
+                                     "base": ref.label, "weights": ref.weights, "image_size": ref.image_size})
+        run.write_text("recipe.toml", recipe_text)
+        run.write_json("labels.json", list(scan.classes))
+        skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
+        import pandas as pd
+
+        run.write_frame("skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"]))
+    report("plan", {"plan": plan, "similarity": evidence})
+    clock["planned"] = time.perf_counter()
+
+    balanced = profile.imbalance >= config.imbalance_warn_ratio
+    notes: list[str] = []
+    if plan.strategy == "linear":
+        model, history, probs, labels, extra = train_linear(ctx, plan, evidence, n_stages, balanced)
+    else:
+        model, history, probs, labels, extra, plan = train_finetune(ctx, plan, recipe_obj, balanced, resume, notes)
+    clock["trained"] = time.perf_counter()
+    return _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, notes, clock)
+
+
+def _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, notes, clock) -> dict:
+    """Write model, metrics, history and plots to the run folder."""
+    import pandas as pd
+    from sklearn.metrics import confusion_matrix
+
+    run = ctx.run
+    ctx.report("phase", {"name": f"saving to {run.path}"})
+    run.save_model(model)
+    matrix = confusion_matrix(labels, probs.argmax(1), labels=list(range(len(ctx.classes))))
+    run.write_frame("history.csv", pd.DataFrame(history))
+    run.save_figure("curves.png", curves_figure(history))
+    run.save_figure("confusion.png", confusion_figure(matrix, ctx.classes))
+    metrics = {
+        "strategy": plan.strategy,
+        "recipe": plan.recipe,
+        "similarity": evidence.verdict,
+        "size_category": profile.size_category,
+        "val_accuracy": float((probs.argmax(1) == labels).mean()),
+        **extra,
+        "n_train": len(ctx.train.images),
+        "n_val": len(ctx.val.images),
+        "n_skipped": len(ctx.scan.skipped),
+        "classes": ctx.classes,
+        "learning_rates": plan.learning_rates,
+        "notes": notes,
+        "timings_s": {
+            "prepare": round(clock["prepared"] - clock["start"], 3),
+            "plan": round(clock["planned"] - clock["prepared"], 3),
+            "train": round(clock["trained"] - clock["planned"], 3),
+            "total": round(time.perf_counter() - clock["start"], 3),
+        },
+    }
+    run.write_json("metrics.json", metrics)
+    return metrics
