@@ -27,4 +27,5 @@ def import_keras():
             os.close(devnull)
     keras = sys.modules["keras"]
     keras.config.disable_interactive_logging()
+    sys.modules["tensorflow"].get_logger().setLevel("ERROR")
     return keras

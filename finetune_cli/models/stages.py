@@ -1,7 +1,7 @@
 """Stage boundaries, found generically for any convolutional backbone.
 
 A stage ends at the last layer before the spatial resolution drops; the last
-stage ends at the model's last 4-D layer. Only stages holding trainable
+stage ends at the model's last 4-D layer. Only stages holding learned
 weights count, so a stem of preprocessing layers is not a stage. This works
 the same for registry backbones and users' own model files, and is what
 "features from stage k" and "unfreeze the top k stages" mean.
@@ -41,6 +41,11 @@ def _spatial(layer):
     return tuple(shape[1:]) if len(shape) == 4 else None
 
 
+def _learns(layer) -> bool:
+    """True for a layer with learned weights (frozen or not); input normalisation does not count."""
+    return bool(layer.weights) and not layer.name.startswith("preprocess_") and type(layer).__name__ != "Normalization"
+
+
 def find_stages(model) -> list[Stage]:
     """The stages of `model` (a functional Keras model with a fixed input size)."""
     spans, start, current, last_4d = [], 0, None, None
@@ -57,7 +62,7 @@ def find_stages(model) -> list[Stage]:
     spans.append((start, last_4d))
     stages = []
     for first, last in spans:
-        if any(l.trainable_weights for l in model.layers[first : last + 1]):
+        if any(_learns(l) for l in model.layers[first : last + 1]):
             layer = model.layers[last]
             stages.append(Stage(len(stages) + 1, layer.name, _spatial(layer), first, last))
     return stages
