@@ -31,6 +31,13 @@ def inspect(
     return profile_scan(scan_folder(root, labelled=True, config=config, progress=progress), config)
 
 
+def plan(root: str | os.PathLike, base: str, **options):
+    """What `train` would do with `base`: (Profile, Similarity, Plan); see `train.run.plan_for`."""
+    from finetune_cli.train.run import plan_for
+
+    return plan_for(root, base, **options)
+
+
 def bases() -> list[dict]:
     """The backbone registry: name, input size, parameters (millions), feature dim."""
     from finetune_cli.models import registry

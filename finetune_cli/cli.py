@@ -68,15 +68,28 @@ def cli() -> None:
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--base", default=None, help="Also measure similarity to this backbone's pretraining data and show the plan `train` would choose.")
+@click.option("--weights", default="imagenet", show_default=True, help="With --base: imagenet, none, or a weights file.")
+@click.option("--image-size", type=click.IntRange(16, 2048), default=None, help="With --base: input side in pixels.")
 @handle_errors
-def inspect(folder: str, as_json: bool) -> None:
-    """Report classes, image sizes and formats, skipped files, duplicates."""
+def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_size: int | None) -> None:
+    """Report classes, image sizes and formats, skipped files, duplicates (and, with --base, the plan)."""
     with report.progress_bar(err_console(), "scanning", "files") as progress:
         profile = api.inspect(folder, progress=progress)
+    evidence = plan = None
+    if base:
+        with report.progress_bar(err_console(), "probing features") as progress:
+            _, evidence, plan = api.plan(folder, base, weights=weights, image_size=image_size,
+                                         report=lambda e, i: progress(i["done"], i["total"]) if e == "progress" else None)
     if as_json:
-        click.echo(json.dumps(profile.to_dict(), indent=2, ensure_ascii=False))
+        info = profile.to_dict()
+        if plan:
+            info.update(similarity=evidence.to_dict(), plan=plan.to_dict())
+        click.echo(json.dumps(info, indent=2, ensure_ascii=False))
     else:
         report.profile_tables(profile, Console())
+        if plan:
+            report.plan_panel(Console(), plan, evidence)
 
 
 def base_options(command):

@@ -57,3 +57,13 @@ def test_python_m_and_version():
         [sys.executable, "-m", "finetune_cli", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("finetune, version ")
+
+
+def test_inspect_with_base_shows_similarity_and_plan(shapes, tiny_base):
+    result = run("inspect", str(shapes), "--json", "--base", str(tiny_base), "--image-size", "32")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["plan"]["strategy"] == "linear"  # 8 per class: small, either cell is linear
+    assert set(info["similarity"]["stage_accuracy"]) == {"1", "2", "3"}
+    text = run("inspect", str(shapes), "--base", str(tiny_base), "--image-size", "32")
+    assert "plan: linear" in " ".join(text.stdout.split())

@@ -290,3 +290,25 @@ def _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, 
     }
     run.write_json("metrics.json", metrics)
     return metrics
+
+
+def plan_for(
+    root, base: str, *, weights: str = "imagenet", image_size: int | None = None, similarity: str = "auto",
+    strategy: str = "auto", recipe: str | None = None, seed: int = 0, cache_dir=None, use_cache: bool = True,
+    config: ScanConfig = SCAN, report: Report | None = None,
+):
+    """What `train` would decide, without training: (profile, similarity, plan)."""
+    report = report or _quiet
+    scan = scan_folder(root, labelled=True, config=config)
+    profile = profile_scan(scan, config)
+    backbone = build(resolve(base, weights, image_size, seed))
+    n_stages = len(find_stages(backbone.model))
+    from finetune_cli.config import default_cache_dir
+
+    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir()) if use_cache else None
+    ctx = Context(None, scan, scan, scan, backbone, cache, config, report, seed)
+    evidence = measure_similarity(ctx, n_stages) if similarity == "auto" else sim.forced(similarity)
+    recipe_obj, _ = recipe_files.load(recipe or table_recipe(profile.size_category, evidence.verdict, strategy))
+    plan = decide(profile.size_category, evidence.verdict, n_stages, recipe_obj,
+                  overridden=recipe is not None or strategy != "auto")
+    return profile, evidence, plan
