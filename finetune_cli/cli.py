@@ -43,7 +43,7 @@ def handle_errors(command):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("Interrupted: anything already saved is intact.", err=True)
+            click.echo("Interrupted: anything already saved is intact; `finetune train ... --resume` continues a fine-tuning run.", err=True)
             sys.exit(130)
 
     return wrapper
