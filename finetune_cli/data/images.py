@@ -47,7 +47,7 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError:
         raise UnusableImage(f"too large: exceeds the cap of {max_pixels:,} pixels") from None
     except DECODE_ERRORS as exc:
-        raise UnusableImage(f"corrupt image header: {exc}") from None
+        raise UnusableImage(f"corrupt or truncated image: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise UnusableImage(
