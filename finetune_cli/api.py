@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune_cli.config import FEATURES, SCAN, ScanConfig, default_cache_dir
+from finetune_cli.config import FEATURES, SCAN, ScanConfig
 from finetune_cli.data.profile import Profile, profile_scan
 from finetune_cli.data.scan import Progress, scan_folder
 
@@ -104,7 +104,7 @@ def extract_features(
         out = check_table_path(Path(out))
     ref = resolve(base, weights, image_size, FEATURES.init_seed)
     scan = scan_folder(root, labelled=None, config=config, progress=scan_progress)
-    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir()) if use_cache else None
+    cache = FeatureCache.at(cache_dir) if use_cache else None
     table = extract(scan, ref, layer=layer, pooling=pooling, batch_size=batch_size, cache=cache,
                     config=config, progress=progress)
     if out is not None:
@@ -116,14 +116,14 @@ def cache_info(cache_dir: str | os.PathLike | None = None) -> dict:
     """What the feature cache holds (see `FeatureCache.info`)."""
     from finetune_cli.features import FeatureCache
 
-    return FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir()).info()
+    return FeatureCache.at(cache_dir).info()
 
 
 def cache_clear(cache_dir: str | os.PathLike | None = None) -> int:
     """Empty the feature cache; returns the number of entries removed."""
     from finetune_cli.features import FeatureCache
 
-    return FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir()).clear()
+    return FeatureCache.at(cache_dir).clear()
 
 
 def train(root, base: str, *, out, **options) -> dict:

@@ -125,6 +125,7 @@ def curves_figure(history: list[dict]):
 def confusion_figure(matrix, classes: list[str]):
     """A labelled confusion matrix (rows: true class, columns: predicted)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -135,7 +136,7 @@ def confusion_figure(matrix, classes: list[str]):
     axis.set_xticks(range(len(classes)), classes, rotation=90)
     axis.set_yticks(range(len(classes)), classes)
     axis.set(xlabel="predicted", ylabel="true", title="validation confusion matrix")
-    for (i, j), count in __import__("numpy").ndenumerate(matrix):
+    for (i, j), count in np.ndenumerate(matrix):
         axis.text(j, i, str(count), ha="center", va="center", fontsize=8)
     figure.tight_layout()
     return figure

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from finetune_cli.config import SCAN, ScanConfig
+from finetune_cli.config import SCAN, ScanConfig, default_cache_dir
 from finetune_cli.data.scan import ImageRecord, Scan, Skipped
 from finetune_cli.errors import OutputError
 from finetune_cli.models.backbones import BaseRef
@@ -46,6 +46,11 @@ class FeatureCache:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    @classmethod
+    def at(cls, cache_dir: str | os.PathLike | None = None) -> "FeatureCache":
+        """The cache in `cache_dir`, else in `config.default_cache_dir()`."""
+        return cls(Path(cache_dir) if cache_dir else default_cache_dir())
 
     def namespace(self, ref: BaseRef, layer: str, pooling: str, view: int = 0) -> str:
         """A folder name for one (backbone, weights, layer, pooling, size, view) combination."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -213,9 +212,7 @@ def train(
     report("phase", {"name": f"building {ref.label} ({ref.weights} weights, {ref.image_size} px)"})
     backbone = build(ref)
     n_stages = len(find_stages(backbone.model))
-    from finetune_cli.config import default_cache_dir
-
-    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir()) if use_cache else None
+    cache = FeatureCache.at(cache_dir) if use_cache else None
     ctx = Context(run, scan, train_scan, val_scan, backbone, cache, config, report, seed, batch_size)
     clock["prepared"] = time.perf_counter()
 
@@ -303,9 +300,7 @@ def plan_for(
     profile = profile_scan(scan, config)
     backbone = build(resolve(base, weights, image_size, seed))
     n_stages = len(find_stages(backbone.model))
-    from finetune_cli.config import default_cache_dir
-
-    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir()) if use_cache else None
+    cache = FeatureCache.at(cache_dir) if use_cache else None
     ctx = Context(None, scan, scan, scan, backbone, cache, config, report, seed)
     evidence = measure_similarity(ctx, n_stages) if similarity == "auto" else sim.forced(similarity)
     recipe_obj, _ = recipe_files.load(recipe or table_recipe(profile.size_category, evidence.verdict, strategy))
