@@ -126,8 +126,12 @@ def cache_clear(cache_dir: str | os.PathLike | None = None) -> int:
     return FeatureCache.at(cache_dir).clear()
 
 
-def train(root, base: str, *, out, **options) -> dict:
+def train(root, base: str | None, *, out, **options) -> dict:
     """Inspect, decide, train and write a run folder; see `train.run.train` for options.
+
+    `unlabeled=DIR` pretrains an encoder first (from `base`'s early stages
+    when base is given); `pretrain_settings={...}` sets `PretrainConfig`
+    fields for it, as `pretrain` takes them.
 
     Returns:
         The run's metrics (also written to `out/metrics.json`).
@@ -138,7 +142,53 @@ def train(root, base: str, *, out, **options) -> dict:
     """
     from finetune_cli.train.run import train as run_training
 
+    settings = options.pop("pretrain_settings", None)
+    if settings:
+        options["pretrain_config"] = pretrain_config(**settings)
     return run_training(root, base, out=out, **options)
+
+
+def pretrain(unlabeled, out, *, init_from: str | None = None, init_weights: str = "imagenet",
+             greedy: bool = False, seed: int = 0, report=None, **settings) -> dict:
+    """Pretrain a denoising autoencoder on unlabeled images; save its encoder as a backbone file.
+
+    Args:
+        settings: any `PretrainConfig` field (arch, noise, noise_type,
+            code_size, image_size, epochs, ...); None values keep the default.
+
+    Returns:
+        The summary also written to `<out stem>.pretrain.json`.
+
+    Raises:
+        FolderError, OutputError, BackboneError, WeightsUnavailableError.
+    """
+    from finetune_cli.train.pretrain import pretrain as run_pretraining
+
+    return run_pretraining(unlabeled, out, config=pretrain_config(**settings), init_from=init_from,
+                           init_weights=init_weights, greedy=greedy, seed=seed, report=report)
+
+
+def pretrain_config(**settings):
+    """`PretrainConfig` with the given fields changed (None keeps a default), validated.
+
+    Raises:
+        FinetuneError: an unknown field or a value out of range.
+    """
+    import dataclasses
+
+    from finetune_cli.config import PRETRAIN
+    from finetune_cli.errors import FinetuneError
+
+    names = {f.name for f in dataclasses.fields(PRETRAIN)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise FinetuneError(f"unknown pretraining setting(s) {unknown}; known: {sorted(names)}")
+    config = dataclasses.replace(PRETRAIN, **{k: v for k, v in settings.items() if v is not None})
+    if not 0 < config.noise < 1:
+        raise FinetuneError(f"--noise {config.noise} must be between 0 and 1 (e.g. 0.2)")
+    if config.arch not in ("conv", "mlp") or config.noise_type not in ("gaussian", "mask"):
+        raise FinetuneError("--arch must be conv or mlp, and --noise-type gaussian or mask")
+    return config
 
 
 def predict(inputs, model, *, top_k: int = 1):

@@ -72,23 +72,37 @@ class RunFolder:
         return self.write_text(name, frame.to_csv(index=False))
 
     def save_model(self, model, name: str = "model.keras") -> Path:
-        """Save a Keras model via a temp file and a rename: the old file stays loadable until then."""
-        target = self.file(name)
-        tmp = self.path / f".{target.stem}.tmp.keras"
-        try:
-            model.save(tmp)
-            os.replace(tmp, target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot save {target}: {exc.strerror or exc} (disk full?)") from None
-        return target
+        return save_model_atomic(model, self.file(name))
 
     def save_figure(self, name: str, figure) -> Path:
-        import io
+        return self.write_bytes(name, figure_png(figure))
 
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-        return self.write_bytes(name, buffer.getvalue())
+
+def save_model_atomic(model, target: Path) -> Path:
+    """Save a Keras model via a temp file and a rename: an old file stays loadable until then.
+
+    Raises:
+        OutputError: the folder cannot be written (read-only, disk full).
+    """
+    tmp = target.parent / f".{target.stem}.tmp.keras"
+    try:
+        model.save(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot save {target}: {exc.strerror or exc} (disk full?)") from None
+    return target
+
+
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import io
+
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def _jsonable(value):
@@ -101,11 +115,7 @@ def _jsonable(value):
 
 def curves_figure(history: list[dict]):
     """Loss and accuracy per epoch, or CV accuracy per C for a linear run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     if history and "C" in history[0]:
         axes[0].semilogx([h["C"] for h in history], [h["cv_accuracy"] for h in history], "o-")
@@ -124,12 +134,9 @@ def curves_figure(history: list[dict]):
 
 def confusion_figure(matrix, classes: list[str]):
     """A labelled confusion matrix (rows: true class, columns: predicted)."""
-    import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     side = min(12, 2 + 0.5 * len(classes))
     figure, axis = plt.subplots(figsize=(side, side))
     axis.imshow(matrix, cmap="Blues")
@@ -138,5 +145,52 @@ def confusion_figure(matrix, classes: list[str]):
     axis.set(xlabel="predicted", ylabel="true", title="validation confusion matrix")
     for (i, j), count in np.ndenumerate(matrix):
         axis.text(j, i, str(count), ha="center", va="center", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pretrain_curves_figure(history: list[dict]):
+    """Reconstruction loss per epoch (train and held-out), one panel per phase."""
+    plt = _pyplot()
+    phases = list(dict.fromkeys(h["phase"] for h in history))
+    figure, axes = plt.subplots(1, len(phases), figsize=(4.5 * len(phases), 3.5), squeeze=False)
+    for axis, phase in zip(axes[0], phases):
+        rows = [h for h in history if h["phase"] == phase]
+        epochs = [h["epoch"] for h in rows]
+        axis.plot(epochs, [h["loss"] for h in rows], "o-", label="train")
+        axis.plot(epochs, [h["val_loss"] for h in rows], "o-", label="held-out")
+        axis.set(xlabel="epoch", ylabel="mean squared error", title=phase)
+        axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def reconstructions_figure(clean, noisy, reconstructed):
+    """A grid: held-out inputs, their corrupted versions, and the reconstructions.
+
+    Args:
+        clean, noisy: (n, S, S, 3) in [0, 255]; reconstructed: (n, S, S, 3) in [0, 1].
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    n = len(clean)
+    figure, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
+    rows = (("input", np.asarray(clean) / 255.0), ("noisy input", np.asarray(noisy) / 255.0),
+            ("reconstruction", np.asarray(reconstructed)))
+    for r, (title, images) in enumerate(rows):
+        for c in range(n):
+            axes[r, c].imshow(np.clip(images[c], 0, 1))
+            axes[r, c].axis("off")
+        axes[r, 0].set_title(title, fontsize=9, loc="left")
     figure.tight_layout()
     return figure

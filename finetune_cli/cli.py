@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 
 from finetune_cli import __version__, api, report
-from finetune_cli.config import FEATURES
+from finetune_cli.config import FEATURES, PRETRAIN
 from finetune_cli.errors import FinetuneError
 
 EXAMPLES = """
@@ -27,6 +27,8 @@ Examples:
   finetune extract-features ./images --base model.keras --out feats.parquet
   finetune cache info                       what the feature cache holds
   finetune train ./images --base mobilenetv2 --out runs/first
+  finetune pretrain --unlabeled ./raw --out encoder.keras
+  finetune train ./images --unlabeled ./raw --out runs/pretrained
   finetune predict photo.jpg more/ --model runs/first --out preds.csv
   finetune evaluate ./test-images --model runs/first
 """
@@ -43,7 +45,8 @@ def handle_errors(command):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("Interrupted: anything already saved is intact; `finetune train ... --resume` continues a fine-tuning run.", err=True)
+            click.echo("Interrupted: files already saved are intact (`finetune train ... --resume` continues a "
+                       "fine-tuning run; `pretrain` keeps the last good encoder).", err=True)
             sys.exit(130)
 
     return wrapper
@@ -92,14 +95,35 @@ def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_si
             report.plan_panel(Console(), plan, evidence)
 
 
-def base_options(command):
+def base_options(command, required: bool = True):
     """--base, --weights, --image-size: shared by every command that builds a backbone."""
     command = click.option("--image-size", type=click.IntRange(16, 2048), default=None,
                            help="Input side in pixels (images are squashed to a square). Default: the base's native size.")(command)
     command = click.option("--weights", default="imagenet", show_default=True,
                            help="imagenet (pretrained; for a file base, its own weights), none (fresh init), or a weights file.")(command)
-    command = click.option("--base", required=True,
-                           help="A name from `finetune bases`, or a .keras model file taking raw RGB in [0, 255].")(command)
+    command = click.option("--base", required=required,
+                           help="A name from `finetune bases`, or a .keras model file taking raw RGB in [0, 255]."
+                           + ("" if required else " Optional with --unlabeled."))(command)
+    return command
+
+
+def pretrain_options(command, epochs_flag: str = "--epochs"):
+    """Autoencoder settings shared by `pretrain` and `train --unlabeled` (defaults: config.PretrainConfig)."""
+    options = [
+        click.option("--arch", type=click.Choice(["conv", "mlp"]), default=None,
+                     help=f"conv: convolutional autoencoder; mlp: dense, tied weights. [default: {PRETRAIN.arch}]"),
+        click.option("--noise", type=float, default=None,
+                     help=f"Corruption: Gaussian std on the [0, 1] pixel scale, or the masked fraction. [default: {PRETRAIN.noise}]"),
+        click.option("--noise-type", type=click.Choice(["gaussian", "mask"]), default=None,
+                     help=f"[default: {PRETRAIN.noise_type}]"),
+        click.option("--code-size", type=click.IntRange(1, 4096), default=None,
+                     help=f"Units of the code: the encoder's output features. [default: {PRETRAIN.code_size}]"),
+        click.option(epochs_flag, "pretrain_epochs", type=click.IntRange(1, 10_000), default=None,
+                     help=f"Most pretraining epochs; early stopping on held-out images ends sooner. [default: {PRETRAIN.epochs}]"),
+        click.option("--greedy", is_flag=True, help="mlp: train layer by layer first (stacked denoising autoencoder)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
     return command
 
 
@@ -188,7 +212,7 @@ def cache_clear(cache_dir):
 
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
-@base_options
+@functools.partial(base_options, required=False)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to create (model, plan, metrics, plots).")
 @click.option("--strategy", type=click.Choice(["auto", "linear", "partial", "full"]), default="auto", show_default=True,
               help="Override the decision table.")
@@ -201,18 +225,45 @@ def cache_clear(cache_dir):
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--no-cache", is_flag=True)
+@click.option("--unlabeled", type=click.Path(file_okay=False), default=None,
+              help="Pretrain a denoising autoencoder on these unlabeled images first (from --base's early stages when given), then train from its encoder.")
+@functools.partial(pretrain_options, epochs_flag="--pretrain-epochs")
 @handle_errors
-def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, seed, resume, batch_size, cache_dir, no_cache):
+def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, seed, resume, batch_size,
+          cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy):
     """Decide how to reuse the base, train, and write a run folder."""
+    settings = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
+    if unlabeled is None and (any(v is not None for v in settings.values()) or greedy):
+        raise click.UsageError("--arch, --noise, --noise-type, --code-size, --pretrain-epochs and --greedy set the "
+                               "pretraining of --unlabeled; give --unlabeled DIR or drop them")
     console = err_console()
     with report.progress_bar(console, "features") as progress:
         metrics = api.train(
             folder, base, out=out, weights=weights, image_size=image_size, strategy=strategy,
             similarity=similarity, recipe=recipe, val_dir=val_dir, seed=seed, resume=resume,
             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
+            unlabeled=unlabeled, pretrain_settings=settings, greedy=greedy,
             report=report.training_reporter(console, progress),
         )
     report.metrics_summary(Console(), metrics, out)
+
+
+@cli.command()
+@click.option("--unlabeled", required=True, type=click.Path(file_okay=False), help="Folder of unlabeled images (flat or nested).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Encoder file to create (.keras).")
+@pretrain_options
+@click.option("--image-size", type=click.IntRange(8, 1024), default=None, help=f"Input side in pixels. [default: {PRETRAIN.image_size}]")
+@click.option("--init-from", default=None, help="Start the encoder from the early stages of this backbone (name or .keras file).")
+@click.option("--weights", default="imagenet", show_default=True, help="With --init-from: imagenet, none, or a weights file.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs, greedy, image_size, init_from, weights, seed):
+    """Learn features from unlabeled images with a denoising autoencoder; save the encoder as a backbone."""
+    console = err_console()
+    summary = api.pretrain(unlabeled, out, arch=arch, noise=noise, noise_type=noise_type, code_size=code_size,
+                           epochs=pretrain_epochs, image_size=image_size, init_from=init_from, init_weights=weights,
+                           greedy=greedy, seed=seed, report=report.training_reporter(console, lambda d, t: None))
+    report.pretrain_summary(Console(), summary, out)
 
 
 @cli.command()

@@ -73,6 +73,50 @@ class FeatureConfig:
     init_seed: int = 0
 
 
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Denoising-autoencoder pretraining on unlabeled images (`finetune pretrain`).
+
+    Attributes:
+        arch: `conv` (convolutional encoder/decoder) or `mlp` (dense, tied weights).
+        noise: corruption strength in (0, 1): the standard deviation of Gaussian
+            noise on the [0, 1] pixel scale, or the fraction of pixels zeroed
+            for masking noise. 0.2 is a clear corruption that still leaves
+            the content recognisable.
+        noise_type: `gaussian` or `mask`.
+        code_size: units of the code, the encoder's (1, 1, code) output.
+        conv_filters: filters of the conv encoder's blocks; each block halves
+            the resolution (S/8 after three), then a dense layer makes the code.
+        mlp_hidden: units of the mlp encoder's hidden layers, before the code.
+        image_size: side in pixels the images are squashed to.
+        epochs: the most epochs; early stopping usually ends sooner.
+        patience: epochs without held-out improvement before stopping.
+        batch_size: images per step.
+        learning_rate: Adam rate for new layers; an `--init-from` encoder
+            adapts at 1/10 of it, like fine-tuned top stages.
+        holdout: fraction of the images held out for early stopping (at least 2).
+        min_images: fewer usable images than this is refused.
+        memory_cache_mb: decoded images are kept in memory when they fit in
+            this many MB (uint8); larger folders are decoded every epoch so
+            memory stays flat.
+    """
+
+    arch: str = "conv"
+    noise: float = 0.2
+    noise_type: str = "gaussian"
+    code_size: int = 64
+    conv_filters: tuple[int, ...] = (16, 32, 64)
+    mlp_hidden: tuple[int, ...] = (512, 256)
+    image_size: int = 32
+    epochs: int = 30
+    patience: int = 4
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    holdout: float = 0.1
+    min_images: int = 10
+    memory_cache_mb: int = 512
+
+
 def default_cache_dir() -> Path:
     """The feature cache folder: $FINETUNE_CACHE_DIR, else the user cache dir."""
     env = os.environ.get("FINETUNE_CACHE_DIR")
@@ -84,3 +128,4 @@ def default_cache_dir() -> Path:
 
 SCAN = ScanConfig()
 FEATURES = FeatureConfig()
+PRETRAIN = PretrainConfig()

@@ -108,10 +108,15 @@ def training_reporter(console: Console, progress):
             console.print(f"[yellow]note:[/yellow] {info['text']}", highlight=False)
         elif event == "plan":
             plan_panel(console, info["plan"], info["similarity"])
-        elif event == "epoch":
+        elif event == "epoch" and "accuracy" in info:
             console.print(
                 f"  epoch {info['epoch']}/{info['epochs']}: loss {info['loss']:.4f} acc {info['accuracy']:.1%}"
                 f"  val_loss {info['val_loss']:.4f} val_acc {info['val_accuracy']:.1%}", highlight=False)
+        elif event == "epoch":
+            console.print(
+                f"  epoch {info['epoch']}/{info['epochs']}: reconstruction loss {info['loss']:.5f}"
+                f"  held-out {info['val_loss']:.5f}  ({info['images'] / max(info['seconds'], 1e-9):,.0f} images/s)",
+                highlight=False)
 
     return report
 
@@ -147,3 +152,14 @@ def metrics_summary(console: Console, metrics: dict, out) -> None:
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(f"run folder: {out} (model.keras, plan.json, metrics.json, curves.png, confusion.png)", highlight=False)
+
+
+def pretrain_summary(console: Console, summary: dict, out) -> None:
+    """The end of a pretraining run: how much denoising improved, where the encoder is."""
+    start = f" from {summary['init_from']} stage {summary['init_stage']}" if "init_from" in summary else ""
+    console.print(
+        f"[bold green]done[/bold green]: {summary['arch']} encoder{start}, {summary['epochs_run']} epochs on "
+        f"{summary['n_train']} images ({summary['train_images_per_s']:,.0f} images/s); held-out loss "
+        f"[bold]{summary['best_val_loss']:.5f}[/bold] vs {summary['identity_val_loss']:.5f} for the noisy "
+        f"input itself, in {summary['seconds']:.1f} s", highlight=False)
+    console.print(f"encoder: {out} (output {tuple(summary['encoder_output'])}); use it as --base {out}", highlight=False)

@@ -119,3 +119,39 @@ def labelled_batches(
     if augment is not None:
         data = data.map(lambda x, y, w: (augment(x, training=True), y, w), num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
+
+
+def image_batches(
+    paths: Sequence[Path],
+    size: int,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    in_memory: bool = False,
+    config: ScanConfig = SCAN,
+) -> tf.data.Dataset:
+    """Batches of (images float32 (B, S, S, 3) in 0-255, weights float32 (B,)) for unlabeled training.
+
+    `in_memory` keeps the decoded uint8 images after the first pass (use it
+    only when they fit); otherwise files are decoded every epoch and memory
+    stays flat. Shuffled each epoch when `shuffle_seed` is given. A file that
+    fails to decode gets weight 0.
+    """
+    load = _loader(size, config)
+
+    def decode(path):
+        image, ok = tf.numpy_function(load, [path], [tf.uint8, tf.bool], stateful=False)
+        image.set_shape((size, size, 3))
+        ok.set_shape(())
+        return image, ok
+
+    data = tf.data.Dataset.from_tensor_slices(tf.constant([str(p) for p in paths]))
+    if shuffle_seed is not None and not in_memory:
+        data = data.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    data = data.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    if in_memory:
+        data = data.cache()
+        if shuffle_seed is not None:
+            data = data.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    data = data.map(lambda image, ok: (tf.cast(image, tf.float32), tf.cast(ok, tf.float32)))
+    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)

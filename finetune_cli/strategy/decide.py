@@ -23,15 +23,15 @@ TABLE = {
 }
 
 REASONS = {
-    ("small", "similar"): "few images per class and ImageNet-like content: the pretrained final "
+    ("small", "similar"): "few images per class and content like {source}: the pretrained final "
     "features already separate the classes, and fine-tuning would overfit; a linear classifier on "
     "frozen features is fast and safe",
     ("large", "similar"): "enough images per class to adapt the most specific (top) stages without "
-    "overfitting, and the content is ImageNet-like, so the lower stages are kept as they are",
-    ("large", "different"): "enough images per class, and the content differs from ImageNet, so "
+    "overfitting, and the content is like {source}, so the lower stages are kept as they are",
+    ("large", "different"): "enough images per class, and the content differs from {source}, so "
     "most of the network is worth adapting: top stages at 1/10 of the rate, lower ones at 1/100",
-    ("small", "different"): "you're in trouble: few images and content unlike ImageNet, so the final "
-    "features are too ImageNet-specific and fine-tuning would overfit; a linear classifier on the "
+    ("small", "different"): "you're in trouble: few images and content unlike {source}, so the final "
+    "features are too specific to it and fine-tuning would overfit; a linear classifier on the "
     "best earlier stage with augmented views is the safest bet",
 }
 
@@ -88,6 +88,7 @@ def decide(
     *,
     has_unlabeled: bool = False,
     overridden: bool = False,
+    source: str = "ImageNet",
 ) -> Plan:
     """Turn evidence and a recipe into a `Plan`.
 
@@ -98,19 +99,21 @@ def decide(
         recipe: the recipe chosen for the cell (or forced by the user).
         has_unlabeled: unlabeled images are available for pretraining.
         overridden: the user forced the strategy or recipe.
+        source: the base's pretraining data, in words, for the reason.
     """
     cell = (size_category, similarity)
     if cell not in TABLE:
         raise ValueError(f"Expected size in (small, large) and similarity in (similar, different). Received: {cell}")
     train, top = _stages(recipe, n_stages)
     rate = recipe.learning_rate
-    reason = REASONS[cell]
+    reason = REASONS[cell].format(source=source)
     if overridden:
         reason = f"recipe '{recipe.name}' chosen by you; the table would say: {reason}"
     suggestions = []
     if cell == ("small", "different"):
         suggestions.append(
-            "pretrain an encoder on unlabeled images of this kind: `finetune pretrain --unlabeled DIR`"
+            "pretrain an encoder on unlabeled images of this kind: "
+            "`finetune train DIR --unlabeled RAW --out RUN` (or `finetune pretrain --unlabeled RAW --out enc.keras`)"
             if not has_unlabeled else "unlabeled images given: pretraining on them first"
         )
     return Plan(

@@ -99,6 +99,6 @@ def judge(stage_accuracy: dict[int, float], head_confidence: float | None, n_sam
     return Similarity(verdict, accuracy, best, head_confidence, n_sample, reason)
 
 
-def forced(verdict: str) -> Similarity:
-    """A verdict the user gave with --similarity."""
-    return Similarity(verdict, {}, 0, None, 0, "set with --similarity", forced=True)
+def forced(verdict: str, reason: str = "set with --similarity") -> Similarity:
+    """A verdict given rather than measured (by --similarity, or known from how the base was made)."""
+    return Similarity(verdict, {}, 0, None, 0, reason, forced=True)

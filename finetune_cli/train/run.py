@@ -12,7 +12,7 @@ from finetune_cli.artifacts import RunFolder, confusion_figure, curves_figure
 from finetune_cli.config import SCAN, ScanConfig
 from finetune_cli.data.profile import profile_scan
 from finetune_cli.data.scan import Scan, scan_folder
-from finetune_cli.errors import FolderError, TrainingError
+from finetune_cli.errors import BackboneError, FolderError, TrainingError
 from finetune_cli.features import FeatureCache, extract_many
 from finetune_cli.models.backbones import Backbone, build, resolve
 from finetune_cli.models.stages import find_stages, select_layer
@@ -192,17 +192,33 @@ def train_finetune(ctx: Context, plan: Plan, recipe, balanced: bool, resume: boo
 
 
 def train(
-    root, base: str, *, out, weights: str = "imagenet", image_size: int | None = None,
+    root, base: str | None, *, out, weights: str = "imagenet", image_size: int | None = None,
     similarity: str = "auto", strategy: str = "auto", recipe: str | None = None,
     val_dir=None, seed: int = 0, resume: bool = False, cache_dir=None, use_cache: bool = True,
     batch_size: int = 32, config: ScanConfig = SCAN, report: Report | None = None,
+    unlabeled=None, pretrain_config=None, greedy: bool = False,
 ) -> dict:
-    """Train a classifier on `root`'s class folders; returns metrics (also in RUN/metrics.json)."""
+    """Train a classifier on `root`'s class folders; returns metrics (also in RUN/metrics.json).
+
+    With `unlabeled`, a denoising autoencoder is first pretrained on those
+    images into RUN/encoder.keras (starting from `base`'s early stages when
+    a base is given) and training starts from that encoder.
+    """
     report = report or _quiet
     clock = {"start": time.perf_counter()}
+    if base is None and unlabeled is None:
+        raise BackboneError("--base is required (a name from `finetune bases` or a .keras file), "
+                            "unless --unlabeled pretrains an encoder first")
     run = RunFolder(out, resume=resume)
     if recipe is not None:
         recipe_files.load(recipe)  # validate before any work
+    pretrained = None
+    if unlabeled is not None:
+        pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size, seed=seed,
+                                      config=pretrain_config, greedy=greedy, scan_config=config, report=report)
+        base, weights, image_size = str(run.file("encoder.keras")), "imagenet", pretrained["image_size"]
+        if similarity == "auto":
+            similarity = "similar"
     report("phase", {"name": "scanning"})
     scan = scan_folder(root, labelled=True, config=config)
     profile = profile_scan(scan, config)
@@ -223,17 +239,11 @@ def train(
         plan = dataclasses.replace(plan, train_stages=tuple(plan.train_stages), top_stages=tuple(plan.top_stages),
                                    suggestions=tuple(plan.suggestions))
     else:
-        if similarity == "auto":
-            report("phase", {"name": "measuring similarity to the pretraining data"})
-            evidence = measure_similarity(ctx, n_stages)
-        else:
-            evidence = sim.forced(similarity)
-        name = recipe or table_recipe(profile.size_category, evidence.verdict, strategy)
-        recipe_obj, recipe_text = recipe_files.load(name)
-        plan = decide(profile.size_category, evidence.verdict, n_stages, recipe_obj,
-                      overridden=recipe is not None or strategy != "auto")
+        evidence, plan, recipe_obj, recipe_text = choose(ctx, profile, n_stages, similarity, strategy, recipe,
+                                                         pretrained is not None)
         run.write_json("plan.json", {"plan": plan.to_dict(), "similarity": evidence.to_dict(),
-                                     "base": ref.label, "weights": ref.weights, "image_size": ref.image_size})
+                                     "base": ref.label, "weights": ref.weights, "image_size": ref.image_size,
+                                     "pretrained": pretrained})
         run.write_text("recipe.toml", recipe_text)
         run.write_json("labels.json", list(scan.classes))
         skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
@@ -250,6 +260,8 @@ def train(
     else:
         model, history, probs, labels, extra, plan = train_finetune(ctx, plan, recipe_obj, balanced, resume, notes)
     clock["trained"] = time.perf_counter()
+    if pretrained is not None:
+        extra["pretrained"] = pretrained
     return _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, notes, clock)
 
 
@@ -289,6 +301,53 @@ def _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, 
     return metrics
 
 
+def pretrain_encoder(run: RunFolder, unlabeled, *, base, weights, image_size, seed, config, greedy,
+                     scan_config: ScanConfig, report: Report) -> dict:
+    """Pretrain RUN/encoder.keras on the unlabeled images (or reuse it on --resume); returns its summary."""
+    from finetune_cli.config import PRETRAIN
+    from finetune_cli.train.pretrain import companion, pretrain
+
+    path = run.file("encoder.keras")
+    if path.exists() and companion(path, "pretrain.json").exists():
+        report("note", {"text": f"reusing the encoder pretrained earlier in {path}"})
+        return run.read_json(companion(path, "pretrain.json").name)
+    config = config or PRETRAIN
+    if image_size:
+        config = dataclasses.replace(config, image_size=image_size)
+    return pretrain(unlabeled, path, config=config, init_from=base, init_weights=weights, greedy=greedy,
+                    seed=seed, scan_config=scan_config, report=report)
+
+
+def choose(ctx: Context, profile, n_stages: int, similarity: str, strategy: str, recipe: str | None,
+           own_encoder: bool = False):
+    """Similarity evidence -> recipe -> plan: the decision `train` and `inspect --base` share.
+
+    A forced verdict skips the measurement unless the plan needs the best
+    earlier stage, which only the probe can tell. `own_encoder`: the base
+    was just pretrained on this domain's unlabeled images.
+
+    Returns:
+        (Similarity, Plan, Recipe, recipe text).
+    """
+    if similarity == "auto":
+        ctx.report("phase", {"name": "measuring similarity to the pretraining data"})
+        evidence = measure_similarity(ctx, n_stages)
+    elif own_encoder and similarity == "similar":
+        evidence = sim.forced(similarity, "the encoder was pretrained on unlabeled images of this domain")
+    else:
+        evidence = sim.forced(similarity)
+    recipe_obj, recipe_text = recipe_files.load(recipe or table_recipe(profile.size_category, evidence.verdict, strategy))
+    plan = decide(profile.size_category, evidence.verdict, n_stages, recipe_obj,
+                  overridden=recipe is not None or strategy != "auto",
+                  source="the encoder's own pretraining images" if own_encoder else "ImageNet")
+    if plan.feature_stage == "best" and not evidence.best_stage:
+        ctx.report("phase", {"name": "probing stages for the best features"})
+        probed = measure_similarity(ctx, n_stages)
+        evidence = dataclasses.replace(evidence, stage_accuracy=probed.stage_accuracy,
+                                       best_stage=probed.best_stage, n_sample=probed.n_sample)
+    return evidence, plan, recipe_obj, recipe_text
+
+
 def plan_for(
     root, base: str, *, weights: str = "imagenet", image_size: int | None = None, similarity: str = "auto",
     strategy: str = "auto", recipe: str | None = None, seed: int = 0, cache_dir=None, use_cache: bool = True,
@@ -302,8 +361,5 @@ def plan_for(
     n_stages = len(find_stages(backbone.model))
     cache = FeatureCache.at(cache_dir) if use_cache else None
     ctx = Context(None, scan, scan, scan, backbone, cache, config, report, seed)
-    evidence = measure_similarity(ctx, n_stages) if similarity == "auto" else sim.forced(similarity)
-    recipe_obj, _ = recipe_files.load(recipe or table_recipe(profile.size_category, evidence.verdict, strategy))
-    plan = decide(profile.size_category, evidence.verdict, n_stages, recipe_obj,
-                  overridden=recipe is not None or strategy != "auto")
+    evidence, plan, _, _ = choose(ctx, profile, n_stages, similarity, strategy, recipe)
     return profile, evidence, plan
