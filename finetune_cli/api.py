@@ -172,22 +172,22 @@ def pretrain_config(**settings):
     """`PretrainConfig` with the given fields changed (None keeps a default), validated.
 
     Raises:
-        FinetuneError: an unknown field or a value out of range.
+        SettingsError: an unknown field or a value out of range.
     """
     import dataclasses
 
     from finetune_cli.config import PRETRAIN
-    from finetune_cli.errors import FinetuneError
+    from finetune_cli.errors import SettingsError
 
     names = {f.name for f in dataclasses.fields(PRETRAIN)}
     unknown = sorted(set(settings) - names)
     if unknown:
-        raise FinetuneError(f"unknown pretraining setting(s) {unknown}; known: {sorted(names)}")
+        raise SettingsError(f"unknown pretraining setting(s) {unknown}; known: {sorted(names)}")
     config = dataclasses.replace(PRETRAIN, **{k: v for k, v in settings.items() if v is not None})
     if not 0 < config.noise < 1:
-        raise FinetuneError(f"--noise {config.noise} must be between 0 and 1 (e.g. 0.2)")
+        raise SettingsError(f"--noise {config.noise} must be between 0 and 1 (e.g. 0.2)")
     if config.arch not in ("conv", "mlp") or config.noise_type not in ("gaussian", "mask"):
-        raise FinetuneError("--arch must be conv or mlp, and --noise-type gaussian or mask")
+        raise SettingsError("--arch must be conv or mlp, and --noise-type gaussian or mask")
     return config
 
 

@@ -220,6 +220,8 @@ def cache_clear(cache_dir):
               help="Skip the measurement and state the similarity to ImageNet.")
 @click.option("--recipe", default=None, help="A shipped recipe name (linear, partial, full, trouble, classic-sgd) or a .toml file.")
 @click.option("--val-dir", type=click.Path(file_okay=False), default=None, help="Validation folder (same classes); default: a stratified 20 %% split.")
+@click.option("--test-dir", type=click.Path(file_okay=False), default=None,
+              help="Also evaluate the trained model on this labelled folder (same as `finetune evaluate`, without a second start-up).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
@@ -229,8 +231,8 @@ def cache_clear(cache_dir):
               help="Pretrain a denoising autoencoder on these unlabeled images first (from --base's early stages when given), then train from its encoder.")
 @functools.partial(pretrain_options, epochs_flag="--pretrain-epochs")
 @handle_errors
-def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, seed, resume, batch_size,
-          cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy):
+def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, seed, resume,
+          batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy):
     """Decide how to reuse the base, train, and write a run folder."""
     settings = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
     if unlabeled is None and (any(v is not None for v in settings.values()) or greedy):
@@ -240,7 +242,7 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
     with report.progress_bar(console, "features") as progress:
         metrics = api.train(
             folder, base, out=out, weights=weights, image_size=image_size, strategy=strategy,
-            similarity=similarity, recipe=recipe, val_dir=val_dir, seed=seed, resume=resume,
+            similarity=similarity, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed, resume=resume,
             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
             unlabeled=unlabeled, pretrain_settings=settings, greedy=greedy,
             report=report.training_reporter(console, progress),

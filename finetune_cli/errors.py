@@ -28,6 +28,10 @@ class RecipeError(FinetuneError):
     """A recipe file is missing, unparsable, or holds an invalid value."""
 
 
+class SettingsError(FinetuneError):
+    """An option value that is unknown or out of range (e.g. --noise 3)."""
+
+
 class OutputError(FinetuneError):
     """An output path cannot be written (exists, read-only, disk full, bad extension)."""
 

@@ -67,9 +67,9 @@ def probabilities(model, scan: Scan, size: int, batch_size: int = 32, config: Sc
     """(probabilities (n, k), ok (n,)) for the images of `scan`, in order."""
     import tensorflow as tf
 
-    from finetune_cli.data.pipeline import batched_images
+    from finetune_cli.data.pipeline import batched_images, image_spec
 
-    forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
+    forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), input_signature=[image_spec(size)])
     probs, oks = [], []
     for images, ok in batched_images(scan.paths(), size, batch_size, config):
         probs.append(forward(images).numpy())
@@ -106,14 +106,38 @@ def evaluate(root, run_dir, *, config: ScanConfig = SCAN) -> dict:
     Raises:
         FolderError: a class folder the model does not know.
     """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     model, classes, size = load_run(run_dir)
+    scan = labelled_test_scan(root, classes, config)
+    return evaluate_scan(model, classes, size, scan, config)
+
+
+def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> Scan:
+    """Scan a labelled test folder whose classes the model must know.
+
+    Raises:
+        FolderError: the folder is unusable or holds a class unknown to the model.
+    """
     scan = scan_folder(root, labelled=True, config=config)
     unknown = [c for c in scan.classes if c not in classes]
     if unknown:
         raise FolderError(f"class folder(s) {', '.join(unknown)} unknown to the model, which knows: {', '.join(classes)}")
+    return scan
+
+
+def evaluate_scan(model, classes: list[str], size: int, scan: Scan, config: ScanConfig = SCAN) -> dict:
+    """`evaluate`'s result for an in-memory model on a scanned labelled folder."""
     probs, ok = probabilities(model, scan, size, config=config)
+    return scores(probs, ok, scan, classes)
+
+
+def scores(probs: np.ndarray, ok: np.ndarray, scan: Scan, classes: list[str]) -> dict:
+    """Accuracy, per-class metrics and confusion from probabilities (n, k) of `scan.images`.
+
+    Args:
+        ok: bool (n,), False for an image that could not be read (left out).
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     truth = np.array([classes.index(r.label) for r in scan.images])[ok]
     guess = probs[ok].argmax(1)
     present = sorted(set(truth))

@@ -149,6 +149,9 @@ def metrics_summary(console: Console, metrics: dict, out) -> None:
         f"[bold green]done[/bold green]: {metrics['strategy']} on {metrics['n_train']} images, "
         f"validation accuracy [bold]{metrics['val_accuracy']:.1%}[/bold] on {metrics['n_val']} "
         f"in {metrics['timings_s']['total']:.1f} s", highlight=False)
+    if "test" in metrics:
+        console.print(f"test accuracy [bold]{metrics['test_accuracy']:.1%}[/bold] on {metrics['test']['n_images']} images",
+                      highlight=False)
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(f"run folder: {out} (model.keras, plan.json, metrics.json, curves.png, confusion.png)", highlight=False)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from finetune_cli import api
 from finetune_cli.cli import cli
-from finetune_cli.errors import FinetuneError, FolderError, OutputError
+from finetune_cli.errors import FolderError, OutputError, SettingsError
 from finetune_cli.models.autoencoder import mlp_autoencoder
 from finetune_cli.models.backbones import build, resolve
 from finetune_cli.synthetic import make_shapes_folder
@@ -157,7 +157,7 @@ def test_bad_pretraining_input_is_a_clear_error(unlabeled, tmp_path):
     assert taken.read_bytes() == b"precious"
     with pytest.raises(OutputError, match=".keras"):
         api.pretrain(unlabeled, tmp_path / "enc.h5", **TINY)
-    with pytest.raises(FinetuneError, match="between 0 and 1"):
+    with pytest.raises(SettingsError, match="between 0 and 1"):
         api.pretrain(unlabeled, tmp_path / "b.keras", noise=1.5)
     result = CliRunner().invoke(cli, ["train", str(unlabeled), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--base is required" in result.output

@@ -53,8 +53,23 @@ def test_linear_head_beats_chance_on_learnable_data(tmp_path, tiny_base):
     from finetune_cli.synthetic import make_shapes_folder
 
     data = make_shapes_folder(tmp_path / "d", classes=("circle", "cross"), per_class=20, size=32, seed=5)
-    metrics = api.train(data, str(tiny_base), out=tmp_path / "run", image_size=32, similarity="similar")
+    test = make_shapes_folder(tmp_path / "t", classes=("circle", "cross"), per_class=6, size=32, seed=9)
+    metrics = api.train(data, str(tiny_base), out=tmp_path / "run", image_size=32, similarity="similar", test_dir=test)
     assert metrics["train_accuracy"] >= 0.7  # chance is 0.5; the features are random but informative
+    # --test-dir evaluates the in-memory model exactly as `evaluate` does the saved one
+    separate = api.evaluate(test, tmp_path / "run")
+    assert metrics["test"]["n_images"] == separate["n_images"] == 12
+    assert metrics["test"]["confusion"] == separate["confusion"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"] == separate["accuracy"]
+
+
+def test_test_dir_with_unknown_class_is_refused_before_training(shapes, tiny_base, tmp_path):
+    from finetune_cli.synthetic import make_shapes_folder
+
+    test = make_shapes_folder(tmp_path / "t", classes=("circle", "ring"), per_class=3, size=32, seed=9)
+    with pytest.raises(FolderError, match="ring"):
+        api.train(shapes, str(tiny_base), out=tmp_path / "run", test_dir=test)
+    assert not (tmp_path / "run" / "plan.json").exists()
 
 
 def test_existing_run_folder_is_never_mixed(shapes, tiny_base, tmp_path):

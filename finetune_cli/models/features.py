@@ -43,13 +43,14 @@ def compute_features(
     keras = import_keras()
     import tensorflow as tf
 
-    from finetune_cli.data.pipeline import batched_images
+    from finetune_cli.data.pipeline import batched_images, image_spec
 
     backbone = backbone or build(ref)
     names = [select_layer(backbone.model, layer) for layer in layers]
     heads = [pooled_model(backbone.model, name, pooling).output for name in names]
     model = keras.Model(backbone.model.input, heads)
-    forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
+    forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False),
+                          input_signature=[image_spec(ref.image_size)])
     outputs, oks, done = [[] for _ in names], [], 0
     for images, ok in batched_images(paths, ref.image_size, batch_size, config, view):
         results = forward(images)

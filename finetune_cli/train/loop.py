@@ -129,7 +129,12 @@ def fit(
         spans.append((name, start, start + len(groups[name])))
         start += len(groups[name])
 
-    @tf.function(reduce_retracing=True)
+    from finetune_cli.data.pipeline import image_spec
+
+    signature = [image_spec(model.input_shape[1], tf.float32), tf.TensorSpec((None,), tf.int32),
+                 tf.TensorSpec((None,), tf.float32)]
+
+    @tf.function(input_signature=signature)
     def step(x, y, w):
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
@@ -194,7 +199,9 @@ def predict_batches(model, data) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (n, k), labels (n,)) over (x, y, w) batches."""
     import tensorflow as tf
 
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    from finetune_cli.data.pipeline import image_spec
+
+    forward = tf.function(lambda x: model(x, training=False), input_signature=[image_spec(model.input_shape[1], tf.float32)])
     probs, labels = [], []
     for x, y, _ in data:
         probs.append(forward(x).numpy())

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from finetune_cli.config import PRETRAIN, SCAN, PretrainConfig, ScanConfig
-from finetune_cli.errors import FolderError, OutputError
+from finetune_cli.errors import FolderError, OutputError, TrainingError
 from finetune_cli.tfquiet import import_keras
 
 #: report(event, info): "phase" {"name"}, "epoch" {"phase", "epoch", "epochs", "loss", "val_loss"}, "note" {"text"}.
@@ -158,7 +158,11 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
     generator = tf.random.Generator.from_seed(seed)
     val_generator = tf.random.Generator.from_seed(seed + 1)
 
-    @tf.function(reduce_retracing=True)
+    from finetune_cli.data.pipeline import image_spec
+
+    signature = [image_spec(config.image_size, tf.float32), tf.TensorSpec((None,), tf.float32)]
+
+    @tf.function(input_signature=signature)
     def step(x, w):
         noisy = corrupt(x, generator, config.noise, config.noise_type)
         with tf.GradientTape() as tape:
@@ -170,7 +174,7 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
             start += len(vs)
         return loss * tf.reduce_sum(w), tf.reduce_sum(w)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=signature)
     def held_out(x, w):
         noisy = corrupt(x, val_generator, config.noise, config.noise_type)
         return phase.loss(noisy, x, w, val_generator, False) * tf.reduce_sum(w), tf.reduce_sum(w)
@@ -190,7 +194,8 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
         val_generator.reset_from_seed(seed + 1)  # the same corruption every epoch: comparable losses
         val_loss, _ = mean_over(held_out, val_data)
         if not np.isfinite(loss):
-            raise FolderError("pretraining diverged (the loss became NaN): lower learning_rate or check the images")
+            raise TrainingError("pretraining diverged (the loss became NaN or infinite): try a smaller --noise "
+                                "or --code-size, or check the images with `finetune inspect`")
         history.append({"phase": phase.name, "epoch": epoch, "loss": loss, "val_loss": val_loss,
                         "seconds": seconds, "images": seen})
         report("epoch", {**history[-1], "epochs": config.epochs})

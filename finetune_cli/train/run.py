@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ from finetune_cli.errors import BackboneError, FolderError, TrainingError
 from finetune_cli.features import FeatureCache, extract_many
 from finetune_cli.models.backbones import Backbone, build, resolve
 from finetune_cli.models.stages import find_stages, select_layer
+from finetune_cli.predict import labelled_test_scan, probabilities, scores
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import Plan, decide, table_recipe
@@ -76,12 +78,35 @@ def split(scan: Scan, val_scan: Scan | None, fraction: float = VAL_FRACTION, see
     return pick(train_idx), pick(val_idx)
 
 
+def probe_layers(n_stages: int) -> list[int | None]:
+    """The stages the similarity probe compares: the two before the last, and the final output (None)."""
+    return [k for k in (n_stages - 2, n_stages - 1) if k >= 1] + [None]
+
+
+def prefetch(ctx: Context, scans: list[Scan], layers: list) -> None:
+    """Fill the feature cache for every image of `scans` in one backbone pass (one trace, one pipeline).
+
+    Later per-scan requests for these layers are then cache reads, so the
+    probe, the linear head and the test scores share one forward pass.
+    """
+    if ctx.cache is None:
+        return
+    seen, records = set(), []
+    for scan in scans:
+        for record in scan.images:
+            if record.digest not in seen:
+                seen.add(record.digest)
+                records.append(dataclasses.replace(record, path=str(scan.root / record.path)))
+    ctx.report("phase", {"name": f"features of {len(records)} images (stages {[k or 'final' for k in layers]})"})
+    ctx.features(Scan(Path("/"), False, (), tuple(records), ()), layers)
+
+
 def measure_similarity(ctx: Context, n_stages: int) -> sim.Similarity:
     """Probe the final stage and the two before it on a stratified sample (see `strategy.similarity`)."""
     labels = np.array(ctx.train.label_indices())
     keep = sim.sample_indices(labels, seed=ctx.seed)
     sample = dataclasses.replace(ctx.train, images=tuple(ctx.train.images[i] for i in keep))
-    stages = [k for k in (n_stages - 2, n_stages - 1) if k >= 1]
+    stages = probe_layers(n_stages)[:-1]
     tables = ctx.features(sample, stages + [None])
     y = np.array(sample.label_indices())
     accuracy = {k: sim.probe_accuracy(t.features, y, ctx.seed) for k, t in zip(stages + [n_stages], tables)}
@@ -126,7 +151,18 @@ def train_linear(ctx: Context, plan: Plan, similarity: sim.Similarity, n_stages:
     model = classifier(ctx.backbone.model, name, len(ctx.classes), kernel=head.kernel, bias=head.bias)
     val_labels = np.array([index[r.label] for r in val_table.records])
     train_acc = float((head.probabilities(x).argmax(1) == y).mean())
-    return model, head.scores, head.probabilities(val_table.features), val_labels, {"train_accuracy": train_acc, "C": head.C}
+
+    def score(scan: Scan):
+        """(probabilities, ok) for scan.images through cached features and the head: the model's own math."""
+        table = ctx.features(scan, [layer])[0]
+        rows = {r.path: i for i, r in enumerate(table.records)}
+        ok = np.array([r.path in rows for r in scan.images])
+        probs = np.zeros((len(scan.images), len(ctx.classes)), np.float32)
+        probs[ok] = head.probabilities(table.features)[[rows[r.path] for r in scan.images if r.path in rows]]
+        return probs, ok
+
+    extra = {"train_accuracy": train_acc, "C": head.C}
+    return model, head.scores, head.probabilities(val_table.features), val_labels, extra, score
 
 
 def train_finetune(ctx: Context, plan: Plan, recipe, balanced: bool, resume: bool, notes: list[str]):
@@ -196,13 +232,15 @@ def train(
     similarity: str = "auto", strategy: str = "auto", recipe: str | None = None,
     val_dir=None, seed: int = 0, resume: bool = False, cache_dir=None, use_cache: bool = True,
     batch_size: int = 32, config: ScanConfig = SCAN, report: Report | None = None,
-    unlabeled=None, pretrain_config=None, greedy: bool = False,
+    unlabeled=None, pretrain_config=None, greedy: bool = False, test_dir=None,
 ) -> dict:
     """Train a classifier on `root`'s class folders; returns metrics (also in RUN/metrics.json).
 
     With `unlabeled`, a denoising autoencoder is first pretrained on those
     images into RUN/encoder.keras (starting from `base`'s early stages when
-    a base is given) and training starts from that encoder.
+    a base is given) and training starts from that encoder. With
+    `test_dir`, the trained model is evaluated on that labelled folder in the
+    same process (metrics["test"], as `evaluate` returns it).
     """
     report = report or _quiet
     clock = {"start": time.perf_counter()}
@@ -223,6 +261,7 @@ def train(
     scan = scan_folder(root, labelled=True, config=config)
     profile = profile_scan(scan, config)
     val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
+    test_scan = labelled_test_scan(test_dir, list(scan.classes), config) if test_dir else None
     train_scan, val_scan = split(scan, val_scan, seed=seed)
     ref = resolve(base, weights, image_size, seed)
     report("phase", {"name": f"building {ref.label} ({ref.weights} weights, {ref.image_size} px)"})
@@ -239,6 +278,9 @@ def train(
         plan = dataclasses.replace(plan, train_stages=tuple(plan.train_stages), top_stages=tuple(plan.top_stages),
                                    suggestions=tuple(plan.suggestions))
     else:
+        if recipe is None and strategy in ("auto", "linear") and (strategy == "linear" or profile.size_category == "small"):
+            # A linear head is all but certain: one pass now serves the probe, the head, validation and test.
+            prefetch(ctx, [train_scan, val_scan] + ([test_scan] if test_scan else []), probe_layers(n_stages))
         evidence, plan, recipe_obj, recipe_text = choose(ctx, profile, n_stages, similarity, strategy, recipe,
                                                          pretrained is not None)
         run.write_json("plan.json", {"plan": plan.to_dict(), "similarity": evidence.to_dict(),
@@ -256,12 +298,17 @@ def train(
     balanced = profile.imbalance >= config.imbalance_warn_ratio
     notes: list[str] = []
     if plan.strategy == "linear":
-        model, history, probs, labels, extra = train_linear(ctx, plan, evidence, n_stages, balanced)
+        model, history, probs, labels, extra, score = train_linear(ctx, plan, evidence, n_stages, balanced)
     else:
         model, history, probs, labels, extra, plan = train_finetune(ctx, plan, recipe_obj, balanced, resume, notes)
+        score = lambda scan: probabilities(model, scan, backbone.ref.image_size, ctx.batch_size, config)
     clock["trained"] = time.perf_counter()
     if pretrained is not None:
         extra["pretrained"] = pretrained
+    if test_scan is not None:
+        report("phase", {"name": f"evaluating on {len(test_scan.images)} test images"})
+        extra["test"] = scores(*score(test_scan), test_scan, ctx.classes)
+        extra["test_accuracy"] = extra["test"]["accuracy"]
     return _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, notes, clock)
 
 
