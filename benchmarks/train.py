@@ -1,6 +1,6 @@
 """`finetune train` vs the Keras transfer-learning guide's recipe, same backbone and data.
 
-Usage: python benchmarks/train.py [--skip-whole]
+Usage: python benchmarks/train.py [--repeat N] [--skip-whole]
 
 Datasets (each split into a training folder and a held-out test folder):
   signs-20:    ../shared/datasets/sign_language_digits, 20 train + 20 test photos per class
@@ -15,6 +15,7 @@ as theirs); theirs = keras_guide_baseline.py. Also: a warm rerun of ours
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -59,34 +60,45 @@ def write_digits(root: Path, train_per_class: int, test_per_class: int, seed: in
     return root / "train", root / "test"
 
 
-def compare(name: str, train_dir: Path, test_dir: Path, tmp: Path, rerun: bool = True) -> None:
-    cache = tmp / f"cache-{name}"
-    run = tmp / f"run-{name}"
-    ours_train = measure(finetune_cmd("train", train_dir, "--base", BACKBONE, "--out", run, "--cache-dir", cache,
-                                      "--test-dir", test_dir))
-    metrics = json.loads((run / "metrics.json").read_text())
-    ours_acc, ours = metrics["test_accuracy"], ours_train["wall"]
-    warm = measure(finetune_cmd("train", train_dir, "--base", BACKBONE, "--out", tmp / f"warm-{name}", "--cache-dir", cache,
-                                "--test-dir", test_dir)) if rerun else {"wall": float("nan")}
-    theirs_run = measure([sys.executable, HERE / "keras_guide_baseline.py", train_dir, test_dir, BACKBONE])
-    theirs_acc = float(theirs_run["output"].split("TEST_ACCURACY")[-1])
-    theirs = theirs_run["wall"]
+def compare(name: str, train_dir: Path, test_dir: Path, tmp: Path, repeat: int = 1, rerun: bool = True) -> None:
+    """Ours and theirs in turn, `repeat` times; medians of the wall times and of the paired ratios."""
+    ours, theirs, ratios, warms = [], [], [], []
+    for i in range(repeat):
+        cache, run = tmp / f"cache-{name}-{i}", tmp / f"run-{name}-{i}"
+        cold = measure(finetune_cmd("train", train_dir, "--base", BACKBONE, "--out", run, "--cache-dir", cache,
+                                    "--test-dir", test_dir))
+        metrics = json.loads((run / "metrics.json").read_text())
+        if rerun:
+            warm = measure(finetune_cmd("train", train_dir, "--base", BACKBONE, "--out", tmp / f"warm-{name}-{i}",
+                                        "--cache-dir", cache, "--test-dir", test_dir))
+            warms.append(warm["wall"] / cold["wall"])
+        guide = measure([sys.executable, HERE / "keras_guide_baseline.py", train_dir, test_dir, BACKBONE])
+        guide_acc = float(guide["output"].split("TEST_ACCURACY")[-1])
+        ours.append((cold["wall"], metrics["test_accuracy"]))
+        theirs.append((guide["wall"], guide_acc))
+        ratios.append(cold["wall"] / guide["wall"])
+    med = lambda values: float(np.median(values))
     print(f"{name}: ours {metrics['strategy']} ({metrics['similarity']}, {metrics['size_category']}): "
-          f"{ours:.1f} s, test accuracy {ours_acc:.1%} | Keras guide: {theirs:.1f} s, test accuracy {theirs_acc:.1%} "
-          f"| time ratio ours/theirs {ours / theirs:.2f} (target <= 0.33) | warm rerun {warm['wall']:.1f} s = "
-          f"{warm['wall'] / ours_train['wall']:.2f} of cold (target <= 0.5) | our phases {metrics['timings_s']}")
+          f"{med([w for w, _ in ours]):.1f} s, test accuracy {med([a for _, a in ours]):.1%} | Keras guide: "
+          f"{med([w for w, _ in theirs]):.1f} s, test accuracy {med([a for _, a in theirs]):.1%} | time ratio "
+          f"ours/theirs {med(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}; target <= 0.33) | warm rerun "
+          f"{med(warms) if warms else float('nan'):.2f} of cold (target <= 0.5) | medians of {repeat} | "
+          f"our last phases {metrics['timings_s']}", flush=True)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3, help="alternate ours and theirs this many times")
+    parser.add_argument("--skip-whole", action="store_true", help="skip the whole signs dataset (~15 min)")
+    args = parser.parse_args()
     require(BACKBONE, SIGNS)
-    whole = "--skip-whole" not in sys.argv[1:]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        compare("signs-20", *split_signs(tmp / "signs", 20), tmp)
-        compare("digits-10", *write_digits(tmp / "digits", 10, 30), tmp)
-        if whole:
+        compare("signs-20", *split_signs(tmp / "signs", 20), tmp, args.repeat)
+        compare("digits-10", *write_digits(tmp / "digits", 10, 30), tmp, args.repeat)
+        if not args.skip_whole:
             # Fine-tuning recomputes every epoch, so a warm rerun saves only phase 1: not rerun here.
-            compare("signs-whole", *split_signs(tmp / "signs-whole", None), tmp, rerun=False)
+            compare("signs-whole", *split_signs(tmp / "signs-whole", None), tmp, repeat=1, rerun=False)
 
 
 if __name__ == "__main__":

@@ -247,6 +247,7 @@ def write_table(table: FeatureTable, path: Path) -> Path:
                 frame.to_csv(tmp, index=False)
             else:
                 frame.to_parquet(tmp, index=False)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -165,4 +165,7 @@ def pretrain_summary(console: Console, summary: dict, out) -> None:
         f"{summary['n_train']} images ({summary['train_images_per_s']:,.0f} images/s); held-out loss "
         f"[bold]{summary['best_val_loss']:.5f}[/bold] vs {summary['identity_val_loss']:.5f} for the noisy "
         f"input itself, in {summary['seconds']:.1f} s", highlight=False)
+    if summary["best_val_loss"] >= summary["identity_val_loss"]:
+        console.print("[yellow]note:[/yellow] the reconstructions are still worse than the noisy inputs themselves: "
+                      "the encoder has learned little; more unlabeled images or more --epochs would help", highlight=False)
     console.print(f"encoder: {out} (output {tuple(summary['encoder_output'])}); use it as --base {out}", highlight=False)

@@ -60,8 +60,6 @@ def fit_linear(
         balanced: weight classes inversely to their frequency.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     groups = np.arange(len(labels)) if groups is None else groups
@@ -70,17 +68,36 @@ def fit_linear(
     folds = int(min(FOLDS, per_class[per_class > 0].min()))
     scores = []
     if folds >= 2:
-        cv = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
-        for c in C_GRID:
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, tol=TOL, class_weight=weight))
-            accuracy = cross_val_score(model, features, labels, groups=groups, cv=cv).mean()
-            scores.append({"C": c, "cv_accuracy": float(accuracy)})
+        accuracy = _cv_path(features, labels, groups, folds, weight, seed)
+        scores = [{"C": c, "cv_accuracy": float(a)} for c, a in accuracy.items()]
         best = max(scores, key=lambda s: (round(s["cv_accuracy"], 6), -s["C"]))["C"]
     else:
         best = 0.1
     scaler = StandardScaler().fit(features)
     model = LogisticRegression(C=best, max_iter=1000, tol=TOL, class_weight=weight).fit(scaler.transform(features), labels)
     return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores)
+
+
+def _cv_path(features, labels, groups, folds: int, weight, seed: int) -> dict[float, float]:
+    """Mean grouped-CV accuracy for each C of C_GRID.
+
+    Each fold walks the grid from the strongest regularisation up, every fit
+    warm-started from the previous solution: the same optimum, about a third
+    of the time of fitting each C from zero.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.preprocessing import StandardScaler
+
+    hits = {c: [] for c in C_GRID}
+    for train, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(features, labels, groups):
+        scaler = StandardScaler().fit(features[train])
+        x_train, x_test = scaler.transform(features[train]), scaler.transform(features[test])
+        model = LogisticRegression(max_iter=1000, tol=TOL, class_weight=weight, warm_start=True)
+        for c in sorted(C_GRID):
+            model.set_params(C=c).fit(x_train, labels[train])
+            hits[c].append(float((model.predict(x_test) == labels[test]).mean()))
+    return {c: float(np.mean(v)) for c, v in hits.items()}
 
 
 def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
