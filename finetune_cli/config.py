@@ -94,6 +94,9 @@ class PretrainConfig:
         batch_size: images per step.
         learning_rate: Adam rate for new layers; an `--init-from` encoder
             adapts at 1/10 of it, like fine-tuned top stages.
+        min_steps: an epoch is at least this many batches: a small folder is
+            passed over several times per epoch, so that early stopping
+            judges real progress, not two or three updates.
         holdout: fraction of the images held out for early stopping (at least 2).
         min_images: fewer usable images than this is refused.
         memory_cache_mb: decoded images are kept in memory when they fit in
@@ -112,6 +115,7 @@ class PretrainConfig:
     patience: int = 4
     batch_size: int = 64
     learning_rate: float = 1e-3
+    min_steps: int = 20
     holdout: float = 0.1
     min_images: int = 10
     memory_cache_mb: int = 512

@@ -49,6 +49,9 @@ def test_round_trip_pretrain_then_train_through_the_encoder_file(unlabeled, shap
     out = tmp_path / "encoder.keras"
     summary = api.pretrain(unlabeled, out, **TINY)
     assert summary["best_val_loss"] < summary["identity_val_loss"] * 10  # a real number, not NaN
+    # 27 training images in batches of 8 is 4 batches a pass; an epoch is at least 20 batches: 5 passes
+    images = [float(line.split(",")[-1]) for line in (tmp_path / "encoder.history.csv").read_text().splitlines()[1:]]
+    assert summary["n_train"] == 27 and images == [5 * 27.0] * summary["epochs_run"]
     run = tmp_path / "run"
     metrics = api.train(shapes, str(out), out=run, similarity="similar")
     assert metrics["strategy"] == "linear"

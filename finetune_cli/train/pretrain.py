@@ -305,6 +305,8 @@ def _datasets(paths, train_idx, hold_idx, config: PretrainConfig, seed: int, sca
     pick = lambda idx: [paths[i] for i in idx]
     train_data = image_batches(pick(train_idx), config.image_size, config.batch_size, shuffle_seed=seed,
                                in_memory=in_memory, config=scan_config)
+    if -(-len(train_idx) // config.batch_size) < config.min_steps:
+        train_data = train_data.repeat().take(config.min_steps)
     val_data = image_batches(pick(hold_idx), config.image_size, config.batch_size, in_memory=in_memory,
                              config=scan_config)
     return train_data, val_data, in_memory
