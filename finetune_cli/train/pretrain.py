@@ -211,20 +211,20 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
     return history
 
 
-def build_autoencoder(config: PretrainConfig, init_from, seed: int, report: Report):
-    """(Autoencoder, phases, facts for the summary) for the options given."""
+def build_autoencoder(config: PretrainConfig, init_ref, seed: int, report: Report):
+    """(Autoencoder, phases, facts for the summary); `init_ref` is the resolved `--init-from` base or None."""
     from finetune_cli.models import autoencoder as models
 
     rate = config.learning_rate
-    if init_from is not None:
+    if init_ref is not None:
         from finetune_cli.models.backbones import build
 
-        report("phase", {"name": f"building {init_from.label} ({init_from.weights} weights) to adapt"})
-        ae, stage, n_stages = models.adapted_autoencoder(build(init_from).model, config.image_size,
+        report("phase", {"name": f"building {init_ref.label} ({init_ref.weights} weights) to adapt"})
+        ae, stage, n_stages = models.adapted_autoencoder(build(init_ref).model, config.image_size,
                                                          config.conv_filters, seed)
-        facts = {"init_from": init_from.label, "init_weights": init_from.weights,
+        facts = {"init_from": init_ref.label, "init_weights": init_ref.weights,
                  "init_stage": stage, "init_stages_total": n_stages}
-        groups = [(ae.encoder_variables, rate / 10), (ae.decoder_variables, rate)]
+        groups = [(ae.encoder_variables, rate * config.adapt_factor), (ae.decoder_variables, rate)]
         return ae, [Phase("end to end", whole_loss(ae), groups)], facts
     if config.arch == "mlp":
         ae = models.mlp_autoencoder(config.image_size, config.mlp_hidden, config.code_size, seed)
