@@ -41,6 +41,11 @@ class RunFolder:
                 "delete it, or pass --resume to continue it"
             )
         if resume and not (self.path / "plan.json").exists():
+            if (self.path / "encoder.keras").exists():
+                raise OutputError(
+                    f"pretraining in {self.path} was interrupted before training began: its last good encoder, "
+                    f"{self.path / 'encoder.keras'}, works as --base; to start over, move the folder away"
+                )
             raise OutputError(f"nothing to resume in {self.path}: it holds no plan.json from an earlier run")
         try:
             self.path.mkdir(parents=True, exist_ok=True)

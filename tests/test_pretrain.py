@@ -164,3 +164,19 @@ def test_bad_pretraining_input_is_a_clear_error(unlabeled, tmp_path):
         api.pretrain(unlabeled, tmp_path / "b.keras", noise=1.5)
     result = CliRunner().invoke(cli, ["train", str(unlabeled), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--base is required" in result.output
+
+
+def test_resume_after_interrupted_pretraining_points_to_the_encoder(unlabeled, shapes, tmp_path):
+    run = tmp_path / "run"
+
+    def stop_at_epoch_two(event, info):
+        if event == "epoch" and info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.train(shapes, None, out=run, unlabeled=unlabeled, report=stop_at_epoch_two,
+                  pretrain_settings={**TINY, "epochs": 5})
+    assert not (run / "plan.json").exists()
+    with pytest.raises(OutputError, match="encoder.keras, works as --base"):
+        api.train(shapes, None, out=run, unlabeled=unlabeled, resume=True)
+    assert build(resolve(str(run / "encoder.keras"))).model.output_shape == (None, 1, 1, 8)
