@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -11,10 +12,14 @@ from click.testing import CliRunner
 
 from finetune_cli import api
 from finetune_cli.cli import cli
+from finetune_cli.config import PRETRAIN
+from finetune_cli.data.pipeline import image_batches
+from finetune_cli.data.scan import scan_folder
 from finetune_cli.errors import FolderError, OutputError, SettingsError
 from finetune_cli.models.autoencoder import mlp_autoencoder
 from finetune_cli.models.backbones import build, resolve
 from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.train.pretrain import fit_phase, greedy_phases
 
 #: A tiny, fast configuration: 16-px images, two conv blocks, an 8-unit code.
 TINY = dict(image_size=16, conv_filters=(4, 8), mlp_hidden=(24,), code_size=8, epochs=2, batch_size=8)
@@ -93,12 +98,6 @@ def test_greedy_mlp_trains_layer_by_layer_then_whole(unlabeled, tmp_path):
 
 
 def test_a_greedy_phase_moves_only_its_own_layer(unlabeled):
-    from finetune_cli.config import PRETRAIN
-    from finetune_cli.train.pretrain import fit_phase, greedy_phases
-    from finetune_cli.data.pipeline import image_batches
-    from finetune_cli.data.scan import scan_folder
-    import dataclasses
-
     config = dataclasses.replace(PRETRAIN, **TINY)
     ae = mlp_autoencoder(16, (24,), 8)
     paths = scan_folder(unlabeled, labelled=False).paths()
