@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from finetune_cli.errors import OutputError
-from finetune_cli.features import atomic_write_bytes
+from finetune_cli.features import atomic_path, atomic_write_bytes
 
 
 class RunFolder:
@@ -89,12 +89,10 @@ def save_model_atomic(model, target: Path) -> Path:
     Raises:
         OutputError: the folder cannot be written (read-only, disk full).
     """
-    tmp = target.parent / f".{target.stem}.tmp.keras"
     try:
-        model.save(tmp)
-        os.replace(tmp, target)
+        with atomic_path(target, ".keras") as tmp:  # Keras picks the format by the ending
+            model.save(tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot save {target}: {exc.strerror or exc} (disk full?)") from None
     return target
 

@@ -119,7 +119,7 @@ def test_interrupt_keeps_the_last_good_encoder(unlabeled, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         api.pretrain(unlabeled, out, report=stop_at_epoch_two, **{**TINY, "epochs": 5})
     assert build(resolve(str(out))).model.output_shape == (None, 1, 1, 8)
-    assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
 def test_init_from_adapts_a_backbones_early_stages(unlabeled, tiny_base, tmp_path):
