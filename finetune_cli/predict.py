@@ -108,7 +108,8 @@ def evaluate(root, run_dir, *, config: ScanConfig = SCAN) -> dict:
     """
     model, classes, size = load_run(run_dir)
     scan = labelled_test_scan(root, classes, config)
-    return evaluate_scan(model, classes, size, scan, config)
+    probs, ok = probabilities(model, scan, size, config=config)
+    return scores(probs, ok, scan, classes)
 
 
 def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> Scan:
@@ -122,12 +123,6 @@ def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> S
     if unknown:
         raise FolderError(f"class folder(s) {', '.join(unknown)} unknown to the model, which knows: {', '.join(classes)}")
     return scan
-
-
-def evaluate_scan(model, classes: list[str], size: int, scan: Scan, config: ScanConfig = SCAN) -> dict:
-    """`evaluate`'s result for an in-memory model on a scanned labelled folder."""
-    probs, ok = probabilities(model, scan, size, config=config)
-    return scores(probs, ok, scan, classes)
 
 
 def scores(probs: np.ndarray, ok: np.ndarray, scan: Scan, classes: list[str]) -> dict:

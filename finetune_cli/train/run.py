@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from finetune_cli.artifacts import RunFolder, confusion_figure, curves_figure
-from finetune_cli.config import SCAN, ScanConfig
+from finetune_cli.config import PRETRAIN, SCAN, ScanConfig
 from finetune_cli.data.profile import profile_scan
 from finetune_cli.data.scan import Scan, scan_folder
 from finetune_cli.errors import BackboneError, FolderError, TrainingError
@@ -106,10 +106,10 @@ def measure_similarity(ctx: Context, n_stages: int) -> sim.Similarity:
     labels = np.array(ctx.train.label_indices())
     keep = sim.sample_indices(labels, seed=ctx.seed)
     sample = dataclasses.replace(ctx.train, images=tuple(ctx.train.images[i] for i in keep))
-    stages = probe_layers(n_stages)[:-1]
-    tables = ctx.features(sample, stages + [None])
+    layers = probe_layers(n_stages)
+    tables = ctx.features(sample, layers)
     y = np.array(sample.label_indices())
-    accuracy = {k: sim.probe_accuracy(t.features, y, ctx.seed) for k, t in zip(stages + [n_stages], tables)}
+    accuracy = {k or n_stages: sim.probe_accuracy(t.features, y, ctx.seed) for k, t in zip(layers, tables)}
     accuracy = {k: v for k, v in accuracy.items() if np.isfinite(v)} or {n_stages: 0.0}
     confidence = None
     if ctx.backbone.classifier is not None:
@@ -278,7 +278,7 @@ def train(
         plan = dataclasses.replace(plan, train_stages=tuple(plan.train_stages), top_stages=tuple(plan.top_stages),
                                    suggestions=tuple(plan.suggestions))
     else:
-        if recipe is None and strategy in ("auto", "linear") and (strategy == "linear" or profile.size_category == "small"):
+        if recipe is None and (strategy == "linear" or (strategy == "auto" and profile.size_category == "small")):
             # A linear head is all but certain: one pass now serves the probe, the head, validation and test.
             prefetch(ctx, [train_scan, val_scan] + ([test_scan] if test_scan else []), probe_layers(n_stages))
         evidence, plan, recipe_obj, recipe_text = choose(ctx, profile, n_stages, similarity, strategy, recipe,
@@ -351,7 +351,6 @@ def _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, 
 def pretrain_encoder(run: RunFolder, unlabeled, *, base, weights, image_size, seed, config, greedy,
                      scan_config: ScanConfig, report: Report) -> dict:
     """Pretrain RUN/encoder.keras on the unlabeled images (or reuse it on --resume); returns its summary."""
-    from finetune_cli.config import PRETRAIN
     from finetune_cli.train.pretrain import companion, pretrain
 
     path = run.file("encoder.keras")
