@@ -1,6 +1,7 @@
 """Recipes: the hyper-parameters of each strategy, in TOML files.
 
-Shipped recipes live in `recipes/` (installed as `finetune_cli.recipes`);
+Shipped recipes live in `finetune_cli/recipes/` (also reachable as `recipes/`
+at the top of a checkout);
 `--recipe` takes one of their names or a path to a user's file. Every field
 has its default here, in `Recipe`, and nowhere else.
 """
@@ -120,13 +121,22 @@ def load(name_or_path: str) -> tuple[Recipe, str]:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
-        text, origin = path.read_text(encoding="utf-8"), str(path)
+        text, origin = _read_recipe(path), str(path)
     elif name_or_path in shipped():
         text = resources.files("finetune_cli.recipes").joinpath(f"{name_or_path}.toml").read_text("utf-8")
         origin = name_or_path
     else:
         raise RecipeError(f"unknown recipe '{name_or_path}': use one of {', '.join(shipped())} or a .toml path")
     return parse(text, origin), text
+
+
+def _read_recipe(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
 
 
 def parse(text: str, origin: str = "recipe") -> Recipe:
