@@ -74,6 +74,7 @@ def extract_features(
     base: str,
     *,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     weights: str = "imagenet",
     layer: str | int | None = None,
     pooling: str = FEATURES.pooling,
@@ -88,7 +89,9 @@ def extract_features(
     """Frozen features for every usable image under `root` (labelled or flat).
 
     Args:
-        out: if given, the table is written there (.parquet, .csv or .npz).
+        out: if given, the table is written there (.parquet, .csv or .npz);
+            checked before any work, and an existing file is refused unless
+            `overwrite`.
         layer: None (final), a stage index, or a layer name.
 
     Returns:
@@ -101,10 +104,10 @@ def extract_features(
     from finetune_cli.models.backbones import resolve
 
     if out is not None:
-        out = check_table_path(Path(out))
+        out = check_table_path(Path(out), overwrite)
     ref = resolve(base, weights, image_size, FEATURES.init_seed)
-    scan = scan_folder(root, labelled=None, config=config, progress=scan_progress)
-    cache = FeatureCache.at(cache_dir) if use_cache else None
+    cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
+    scan = scan_folder(root, labelled=None, config=config, progress=scan_progress, for_training=False)
     table = extract(scan, ref, layer=layer, pooling=pooling, batch_size=batch_size, cache=cache,
                     config=config, progress=progress)
     if out is not None:
@@ -120,7 +123,14 @@ def cache_info(cache_dir: str | os.PathLike | None = None) -> dict:
 
 
 def cache_clear(cache_dir: str | os.PathLike | None = None) -> int:
-    """Empty the feature cache; returns the number of entries removed."""
+    """Empty the feature cache; returns the number of entries removed.
+
+    Only a folder marked as a feature cache is touched, and in it only the
+    entries the cache wrote.
+
+    Raises:
+        OutputError: the folder is not a feature cache.
+    """
     from finetune_cli.features import FeatureCache
 
     return FeatureCache.at(cache_dir).clear()
@@ -191,11 +201,14 @@ def pretrain_config(**settings):
     return config
 
 
-def predict(inputs, model, *, top_k: int = 1):
-    """(frame of predictions, skipped files) for image files and folders; see `predict.predict`."""
+def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False):
+    """(frame of predictions, skipped files) for image files and folders; see `predict.predict`.
+
+    `out`: also write the frame there as CSV (refused if it exists, unless `overwrite`).
+    """
     from finetune_cli import predict as predicting
 
-    return predicting.predict(inputs, model, top_k=top_k)
+    return predicting.predict(inputs, model, top_k=top_k, out=out, overwrite=overwrite)
 
 
 def evaluate(root, model) -> dict:

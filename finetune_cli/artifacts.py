@@ -10,17 +10,29 @@
     confusion.png    validation confusion matrix
     skipped.csv      files not used, with reasons
     checkpoint.keras, state.json   the last completed fine-tuning epoch (for --resume)
+    best.weights.h5  the weights of the best epoch so far (for --resume)
+
+The class names and input size also travel inside model.keras (`finetune.json`
+in its archive), so an edited labels.json cannot silently relabel a model.
+A run that fails before it has anything to resume removes what it wrote.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from finetune_cli.errors import OutputError
-from finetune_cli.features import atomic_path, atomic_write_bytes
+from finetune_cli.errors import OutputError, TrainingError
+from finetune_cli.files import atomic_path, atomic_write_bytes, check_writable_folder, remove_stale_temps
+
+#: The entry inside a saved model.keras archive that holds the run's facts.
+MODEL_FACTS = "finetune.json"
+#: Files whose presence makes an unfinished run worth keeping for --resume.
+RESUMABLE = ("checkpoint.keras", "encoder.keras")
 
 
 class RunFolder:
@@ -33,31 +45,81 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike, *, resume: bool = False):
         self.path = Path(path).expanduser().absolute()
+        self.written: set[str] = set()
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"--out {self.path} is a file: give a folder for the run")
-        if not resume and self.path.exists() and any(self.path.iterdir()):
+        if self.path.is_dir():
+            remove_stale_temps(self.path)
+        held = self.path.is_dir() and any(self.path.iterdir())
+        if not resume and held:
             raise OutputError(
                 f"run folder {self.path} already holds a run: choose a new --out, "
                 "delete it, or pass --resume to continue it"
             )
-        if resume and not (self.path / "plan.json").exists():
-            if (self.path / "encoder.keras").exists():
-                raise OutputError(
-                    f"pretraining in {self.path} was interrupted before training began: its last good encoder, "
-                    f"{self.path / 'encoder.keras'}, works as --base; to start over, move the folder away"
-                )
-            raise OutputError(f"nothing to resume in {self.path}: it holds no plan.json from an earlier run")
+        if resume:
+            self._check_resumable()
+        self.created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.path):
-                pass
         except OSError as exc:
-            raise OutputError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
+            raise OutputError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+        check_writable_folder(self.path)
+
+    def _check_resumable(self) -> None:
+        if (self.path / "plan.json").exists():
+            return
+        if (self.path / "encoder.keras").exists():
+            raise OutputError(
+                f"pretraining in {self.path} was interrupted before training began: its last good encoder, "
+                f"{self.path / 'encoder.keras'}, works as --base; to start over, move the folder away"
+            )
+        raise OutputError(f"nothing to resume in {self.path}: it holds no plan.json from an earlier run")
+
+    @property
+    def finished(self) -> bool:
+        """True once metrics.json, the last file a run writes, exists."""
+        return (self.path / "metrics.json").exists()
+
+    @contextmanager
+    def guarded(self) -> Iterator["RunFolder"]:
+        """Clean up after a failure inside the block (see `discard`), then re-raise.
+
+        A `TrainingError` (diverged, unusable result) discards even a
+        checkpoint: resuming it would fail the same way. Any other failure,
+        Ctrl-C included, keeps a run that can be resumed.
+        """
+        try:
+            yield self
+        except TrainingError:
+            self.discard(keep_resumable=False)
+            raise
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self, keep_resumable: bool = True) -> bool:
+        """Remove what this run wrote, unless (with `keep_resumable`) it left something to --resume.
+
+        Only files this object wrote are removed, and the folder itself only
+        when this run created it. Returns True when something was removed.
+        """
+        if keep_resumable and any((self.path / name).exists() for name in RESUMABLE):
+            return False
+        for name in self.written:
+            (self.path / name).unlink(missing_ok=True)
+        remove_stale_temps(self.path)
+        if self.created:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+        return bool(self.written)
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     def write_bytes(self, name: str, data: bytes) -> Path:
+        self.written.add(name)
         try:
             atomic_write_bytes(self.file(name), data)
         except OSError as exc:
@@ -76,15 +138,30 @@ class RunFolder:
     def write_frame(self, name: str, frame) -> Path:
         return self.write_text(name, frame.to_csv(index=False))
 
-    def save_model(self, model, name: str = "model.keras") -> Path:
-        return save_model_atomic(model, self.file(name))
+    def save_model(self, model, name: str = "model.keras", facts: dict | None = None) -> Path:
+        self.written.add(name)
+        return save_model_atomic(model, self.file(name), facts)
+
+    def save_weights(self, model, name: str) -> Path:
+        """Weights only (`.weights.h5`), atomically."""
+        self.written.add(name)
+        try:
+            with atomic_path(self.file(name), ".weights.h5") as tmp:
+                model.save_weights(tmp)
+        except OSError as exc:
+            raise OutputError(f"cannot save {self.file(name)}: {exc.strerror or exc} (disk full?)") from None
+        return self.file(name)
 
     def save_figure(self, name: str, figure) -> Path:
         return self.write_bytes(name, figure_png(figure))
 
 
-def save_model_atomic(model, target: Path) -> Path:
+def save_model_atomic(model, target: Path, facts: dict | None = None) -> Path:
     """Save a Keras model via a temp file and a rename: an old file stays loadable until then.
+
+    Args:
+        facts: JSON-able facts stored inside the archive as `finetune.json`
+            (class names, input size); Keras ignores the extra entry.
 
     Raises:
         OutputError: the folder cannot be written (read-only, disk full).
@@ -92,6 +169,9 @@ def save_model_atomic(model, target: Path) -> Path:
     try:
         with atomic_path(target, ".keras") as tmp:  # Keras picks the format by the ending
             model.save(tmp)
+            if facts is not None:
+                with zipfile.ZipFile(tmp, "a") as archive:
+                    archive.writestr(MODEL_FACTS, json.dumps(facts, ensure_ascii=False))
     except OSError as exc:
         raise OutputError(f"cannot save {target}: {exc.strerror or exc} (disk full?)") from None
     return target

@@ -8,13 +8,12 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from pathlib import Path
 
 import click
 from rich.console import Console
 
 from finetune_cli import __version__, api, report
-from finetune_cli.config import FEATURES, PRETRAIN
+from finetune_cli.config import FEATURES, IMAGE_SIZE_RANGE, PRETRAIN
 from finetune_cli.errors import FinetuneError
 
 EXAMPLES = """
@@ -73,7 +72,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--base", default=None, help="Also measure similarity to this backbone's pretraining data and show the plan `train` would choose.")
 @click.option("--weights", default="imagenet", show_default=True, help="With --base: imagenet, none, or a weights file.")
-@click.option("--image-size", type=click.IntRange(16, 2048), default=None, help="With --base: input side in pixels.")
+@click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None, help="With --base: input side in pixels.")
 @handle_errors
 def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_size: int | None) -> None:
     """Report classes, image sizes and formats, skipped files, duplicates (and, with --base, the plan)."""
@@ -97,7 +96,7 @@ def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_si
 
 def base_options(command, required: bool = True):
     """--base, --weights, --image-size: shared by every command that builds a backbone."""
-    command = click.option("--image-size", type=click.IntRange(16, 2048), default=None,
+    command = click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None,
                            help="Input side in pixels (images are squashed to a square). Default: the base's native size.")(command)
     command = click.option("--weights", default="imagenet", show_default=True,
                            help="imagenet (pretrained; for a file base, its own weights), none (fresh init), or a weights file.")(command)
@@ -157,19 +156,20 @@ def layers(base: str, weights: str, image_size: int | None, as_json: bool) -> No
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
 @base_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output table: .parquet, .csv or .npz.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--layer", default=None, help="Stage index (1 = earliest, -1 = last) or layer name. Default: final features.")
 @click.option("--pooling", type=click.Choice(["avg", "max"]), default=FEATURES.pooling, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder (default: $FINETUNE_CACHE_DIR or ~/.cache/finetune/features).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the feature cache.")
 @handle_errors
-def extract_features(folder, base, weights, image_size, out, layer, pooling, batch_size, cache_dir, no_cache):
+def extract_features(folder, base, weights, image_size, out, overwrite, layer, pooling, batch_size, cache_dir, no_cache):
     """Write one row of features per usable image: path, label, f0, f1, ..."""
     console = err_console()
     with report.progress_bar(console, "scanning", "files") as scan_progress, \
             report.progress_bar(console, "extracting") as progress:
         table, scan = api.extract_features(
-            folder, base, out=out, weights=weights, layer=layer, pooling=pooling, image_size=image_size,
+            folder, base, out=out, overwrite=overwrite, weights=weights, layer=layer, pooling=pooling, image_size=image_size,
             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
             progress=progress, scan_progress=scan_progress,
         )
@@ -206,7 +206,7 @@ def cache_info(cache_dir, as_json):
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @handle_errors
 def cache_clear(cache_dir):
-    """Delete every cached feature."""
+    """Delete every cached feature (only in a folder marked as a feature cache; nothing else is touched)."""
     click.echo(f"removed {api.cache_clear(cache_dir)} cached feature entries")
 
 
@@ -272,17 +272,17 @@ def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder from `finetune train`.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a CSV here instead of printing.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True)
 @handle_errors
-def predict(inputs, model_dir, out, top_k):
+def predict(inputs, model_dir, out, overwrite, top_k):
     """Predict the class of image files and folders."""
-    frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k)
-    for item in skipped:
-        click.echo(f"skipped {item.path}: {item.reason}", err=True)
-    if out:
-        from finetune_cli.features import atomic_write_bytes
+    from finetune_cli.files import shown
 
-        atomic_write_bytes(Path(out), frame.to_csv(index=False).encode())
+    frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite)
+    for item in skipped:
+        click.echo(f"skipped {shown(item.path)}: {shown(item.reason)}", err=True)
+    if out:
         click.echo(f"wrote {len(frame)} predictions to {out}")
     else:
         click.echo(frame.to_csv(index=False), nl=False)

@@ -16,6 +16,10 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 )
 
+#: Smallest and largest input side in pixels, for `--image-size` and for the
+#: size a model file declares alike (a 30000 px input would exhaust memory).
+IMAGE_SIZE_RANGE = (8, 2048)
+
 #: Names that are never images and never counted: OS and tool litter.
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX", ".ipynb_checkpoints"})
 
@@ -47,6 +51,11 @@ class ScanConfig:
     small_max_per_class: int = 100
     min_per_class: int = 2
     imbalance_warn_ratio: float = 3.0
+
+    @property
+    def max_bytes(self) -> int:
+        """Largest image file read: an uncompressed RGBA image at the pixel cap, plus headers."""
+        return self.max_pixels * 4 + (1 << 20)
 
     def n_workers(self) -> int:
         """The number of decode threads to use, >= 1."""

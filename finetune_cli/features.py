@@ -12,69 +12,87 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from finetune_cli.config import SCAN, ScanConfig, default_cache_dir
 from finetune_cli.data.scan import ImageRecord, Scan, Skipped
 from finetune_cli.errors import OutputError
+from finetune_cli.files import atomic_write_bytes, check_output_file, remove_stale_temps, shown, writing
 from finetune_cli.models.backbones import BaseRef
 
 CHECKSUM_BYTES = 16
-
-
-def _file_mode() -> int:
-    """The mode an ordinary new file gets under the process umask (mkstemp's 0600 is for secrets)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-FILE_MODE = _file_mode()
-
-
-@contextmanager
-def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary file beside `path` to write; it replaces `path` when the block ends well.
-
-    On any error (or Ctrl-C) the temporary file is removed and `path` keeps
-    its old content. The result gets an ordinary file's mode under the umask.
-    `suffix` is the temporary file's ending, for writers that go by it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+#: The file that marks a folder as a feature cache (the Cache Directory Tagging
+#: standard: backup tools skip such folders). `cache clear` refuses a folder without it.
+TAG_NAME = "CACHEDIR.TAG"
+TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by finetune (its feature cache).\n"
+    "# For information about cache directory tags see https://bford.info/cachedir/\n"
+)
+NAMESPACE = re.compile(r"^[0-9a-f]{24}$")
+ENTRY = re.compile(r"^[0-9a-f]{32}\.f32$")
+TMP_DIR = ".tmp"
 
 
 class FeatureCache:
-    """Feature vectors on disk: `root/<namespace>/<digest[:2]>/<digest>.f32`."""
+    """Feature vectors on disk: `root/<namespace>/<digest[:2]>/<digest>.f32`.
+
+    `root/CACHEDIR.TAG` marks the folder as ours; temporary files live in
+    `root/.tmp/` until renamed into place, and a later run removes those left
+    by a killed process. Only namespaces and entries of this layout are ever
+    deleted.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
     @classmethod
-    def at(cls, cache_dir: str | os.PathLike | None = None) -> "FeatureCache":
-        """The cache in `cache_dir`, else in `config.default_cache_dir()`."""
-        return cls(Path(cache_dir) if cache_dir else default_cache_dir())
+    def at(cls, cache_dir: str | os.PathLike | None = None, *, write: bool = False) -> "FeatureCache":
+        """The cache in `cache_dir`, else in `config.default_cache_dir()`.
+
+        With `write`, the folder is created (or checked) for writing now, so
+        a bad `--cache-dir` fails before any work.
+
+        Raises:
+            OutputError: (write) the folder cannot be created or written, or
+                it holds other files and is not a feature cache.
+        """
+        cache = cls(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+        return cache.prepare() if write else cache
+
+    def is_cache(self) -> bool:
+        """True when the folder carries our tag, or is an older untagged cache (namespaces only)."""
+        try:
+            if "finetune" in (self.root / TAG_NAME).read_text("utf-8", "replace"):
+                return True
+            children = [p for p in self.root.iterdir() if p.name != TMP_DIR]
+        except OSError:
+            return False
+        return bool(children) and all(NAMESPACE.match(p.name) and (p / "meta.json").exists() for p in children)
+
+    def prepare(self) -> "FeatureCache":
+        """Create or adopt the folder for writing; remove stale temporary files (see `at`)."""
+        where = f"feature cache {self.root}"
+        try:
+            if self.root.exists() and not self.root.is_dir():
+                raise OutputError(f"{where} is a file, not a folder: give another --cache-dir, or --no-cache")
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not self.is_cache():
+                if any(self.root.iterdir()):
+                    raise OutputError(f"{where} holds other files and is not a finetune feature cache: "
+                                      "give an empty or new --cache-dir, or --no-cache")
+                atomic_write_bytes(self.root / TAG_NAME, TAG_TEXT.encode())
+            (self.root / TMP_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot use {where}: {exc.strerror or exc}; give a writable --cache-dir, "
+                              "or --no-cache") from None
+        remove_stale_temps(self.root / TMP_DIR)
+        return self
 
     def namespace(self, ref: BaseRef, layer: str, pooling: str, view: int = 0) -> str:
         """A folder name for one (backbone, weights, layer, pooling, size, view) combination."""
@@ -83,11 +101,18 @@ class FeatureCache:
         name = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
         meta = self.root / name / "meta.json"
         if not meta.exists():
-            atomic_write_bytes(meta, json.dumps({"backbone": ref.label, "key": key}).encode())
+            self._write(meta, json.dumps({"backbone": ref.label, "key": key}).encode())
         return name
 
     def _path(self, namespace: str, digest: str) -> Path:
         return self.root / namespace / digest[:2] / f"{digest}.f32"
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            atomic_write_bytes(path, data, tmp_dir=self.root / TMP_DIR)
+        except OSError as exc:
+            raise OutputError(f"cannot write to the feature cache {self.root}: {exc.strerror or exc} "
+                              "(disk full?); give another --cache-dir, or --no-cache") from None
 
     def get(self, namespace: str, digest: str) -> np.ndarray | None:
         """The cached vector (float32, 1-D), or None if absent or corrupt."""
@@ -105,16 +130,30 @@ class FeatureCache:
     def put(self, namespace: str, digest: str, vector: np.ndarray) -> None:
         payload = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
         check = hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest()
-        atomic_write_bytes(self._path(namespace, digest), check + payload)
+        self._write(self._path(namespace, digest), check + payload)
+
+    def _namespaces(self) -> list[Path]:
+        try:
+            return sorted(p for p in self.root.iterdir() if NAMESPACE.match(p.name) and p.is_dir())
+        except OSError:
+            return []
+
+    @staticmethod
+    def _entries(space: Path) -> list[Path]:
+        return [p for p in space.glob("??/*.f32") if ENTRY.match(p.name)]
 
     def info(self) -> dict:
-        """Location, entry count and bytes, per namespace and in total."""
+        """Location, entry count and bytes, per namespace and in total (an unreadable meta.json is shown as such)."""
         spaces = []
-        for meta in sorted(self.root.glob("*/meta.json")):
-            files = list(meta.parent.glob("*/*.f32"))
-            described = json.loads(meta.read_text())
+        for space in self._namespaces():
+            files = self._entries(space)
+            try:
+                described = json.loads((space / "meta.json").read_text("utf-8"))
+                described = described if isinstance(described, dict) else {}
+            except (OSError, ValueError):
+                described = {"backbone": "? (unreadable meta.json)"}
             spaces.append({
-                "namespace": meta.parent.name,
+                "namespace": space.name,
                 "backbone": described.get("backbone"),
                 "key": described.get("key"),
                 "entries": len(files),
@@ -128,11 +167,33 @@ class FeatureCache:
         }
 
     def clear(self) -> int:
-        """Delete every entry; returns how many were removed."""
-        removed = self.info()["entries"]
-        if self.root.exists():
-            shutil.rmtree(self.root)
+        """Delete every entry this cache wrote; returns how many. Anything else stays.
+
+        Raises:
+            OutputError: the folder is not a feature cache (nothing is deleted).
+        """
+        if not self.root.exists():
+            return 0
+        if not self.is_cache():
+            raise OutputError(f"{self.root} is not a finetune feature cache (it has no {TAG_NAME}): nothing was "
+                              "deleted; give the folder `finetune cache info` shows")
+        removed = 0
+        for space in self._namespaces():
+            for entry in self._entries(space):
+                entry.unlink(missing_ok=True)
+                removed += 1
+            (space / "meta.json").unlink(missing_ok=True)
+            for folder in [*space.glob("??"), space]:
+                _remove_if_empty(folder)
+        remove_stale_temps(self.root / TMP_DIR)
         return removed
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 @dataclass
@@ -195,22 +256,17 @@ def extract_many(
     missing = [i for i in range(len(scan.images)) if any(grid[i] is None for grid in grids)]
     failed = set()
     if missing:
-        from finetune_cli.models.features import compute_features
+        from finetune_cli.models.features import feature_batches
 
-        records = [scan.images[i] for i in missing]
         done_before = len(scan.images) - len(missing)
-        computed, ok = compute_features(
-            ref, [scan.root / r.path for r in records], layers, pooling, batch_size, config, view, backbone,
-            lambda done, total: progress(done_before + done, len(scan.images)) if progress else None,
-        )
-        for grid, space, matrix in zip(grids, spaces, computed):
-            for row, (i, record) in enumerate(zip(missing, records)):
-                if not ok[row]:
-                    failed.add(i)
-                elif grid[i] is None:
-                    grid[i] = matrix[row]
-                    if cache:
-                        cache.put(space, record.digest, matrix[row])
+        batches = feature_batches(ref, [scan.root / scan.images[i].path for i in missing], layers, pooling,
+                                  batch_size, config, view, backbone)
+        for start, matrices, ok in batches:
+            rows = missing[start : start + len(ok)]
+            failed.update(i for i, good in zip(rows, ok) if not good)
+            _store(scan, cache, grids, spaces, matrices, rows, ok)
+            if progress:
+                progress(done_before + start + len(ok), len(scan.images))
     elif progress:
         progress(len(scan.images), len(scan.images))
     skipped = [Skipped(scan.images[i].path, "could not be read at extraction time") for i in sorted(failed)]
@@ -222,30 +278,38 @@ def extract_many(
     ]
 
 
+def _store(scan: Scan, cache, grids, spaces, matrices, rows: list[int], ok) -> None:
+    """Keep one computed batch, and cache it now: an interrupted pass keeps every finished batch."""
+    for grid, space, matrix in zip(grids, spaces, matrices):
+        for i, vector, good in zip(rows, matrix, ok):
+            if good and grid[i] is None:
+                grid[i] = vector
+                if cache:
+                    cache.put(space, scan.images[i].digest, vector)
+
+
 TABLE_FORMATS = (".parquet", ".csv", ".npz")
 
 
-def check_table_path(path: Path) -> Path:
-    """Validate an output path before any work: known extension, writable folder."""
-    path = Path(path).expanduser()
-    if path.suffix.lower() not in TABLE_FORMATS:
-        raise OutputError(f"cannot write {path}: the extension must be one of {', '.join(TABLE_FORMATS)}")
-    try:
-        path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the folder for {path}: {exc.strerror}") from None
-    if not os.access(path.absolute().parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: its folder is read-only")
-    return path
+def check_table_path(path: Path, overwrite: bool = False) -> Path:
+    """Validate a feature-table path before any work (see `files.check_output_file`)."""
+    return check_output_file(path, overwrite=overwrite, suffixes=TABLE_FORMATS)
 
 
 def write_table(table: FeatureTable, path: Path) -> Path:
-    """Write path, label, f0..f{d-1} in the format the extension names; atomically."""
-    path = check_table_path(path)
-    paths = [r.path for r in table.records]
+    """Write path, label, f0..f{d-1} in the format the extension names; atomically.
+
+    Paths are shown as text (`files.shown`). Call `check_table_path` before
+    the work; a failed write (disk full, file-size limit) replaces nothing.
+
+    Raises:
+        OutputError.
+    """
+    path = Path(path).expanduser().absolute()
+    paths = [shown(r.path) for r in table.records]
     labels = [r.label for r in table.records]
     suffix = path.suffix.lower()
-    with atomic_path(path.absolute(), suffix) as tmp:
+    with writing(path) as tmp:
         if suffix == ".npz":
             np.savez(tmp, path=np.array(paths), label=np.array(labels), features=table.features)
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,38 +9,20 @@ import numpy as np
 
 from finetune_cli.config import SCAN, ScanConfig
 from finetune_cli.data.scan import ImageRecord, Scan, Skipped, _probe, scan_folder
-from finetune_cli.errors import FolderError, ModelFileError
-
-
-def load_run(run_dir) -> tuple[object, list[str], int]:
-    """(model, class names, input side) from a run folder or a model.keras beside labels.json.
-
-    Raises:
-        ModelFileError: missing files, a model that will not load, or a class
-            list that does not match the model's outputs.
-    """
-    from finetune_cli.tfquiet import import_keras
-
-    path = Path(run_dir).expanduser()
-    folder = path.parent if path.suffix == ".keras" else path
-    model_file = path if path.suffix == ".keras" else path / "model.keras"
-    labels_file = folder / "labels.json"
-    for needed in (model_file, labels_file):
-        if not needed.is_file():
-            raise ModelFileError(f"{needed} not found: --model takes the --out folder of `finetune train`")
-    try:
-        classes = json.loads(labels_file.read_text("utf-8"))
-        model = import_keras().saving.load_model(model_file, safe_mode=True)
-    except Exception as exc:
-        raise ModelFileError(f"cannot load {model_file}: {str(exc).splitlines()[0][:300]}") from None
-    if model.output_shape[-1] != len(classes):
-        raise ModelFileError(f"{labels_file} lists {len(classes)} classes but the model has {model.output_shape[-1]} outputs")
-    size = model.input_shape[1] or 224
-    return model, classes, size
+from finetune_cli.errors import FolderError
+from finetune_cli.files import check_output_file, shown, writing
+from finetune_cli.run import Run
 
 
 def collect(inputs, config: ScanConfig = SCAN) -> Scan:
-    """Files and folders to predict on, as one unlabeled scan rooted at their common folder."""
+    """Files and folders to predict on, as one unlabeled scan rooted at "/".
+
+    A folder with no usable image is skipped with its reason, like a bad
+    file; only when no input holds a usable image is it an error.
+
+    Raises:
+        FolderError: an input does not exist, or nothing usable was found.
+    """
     records, skipped = [], []
     paths = [Path(p).expanduser().absolute() for p in inputs]
     missing = [str(p) for p in paths if not p.exists()]
@@ -49,7 +30,11 @@ def collect(inputs, config: ScanConfig = SCAN) -> Scan:
         raise FolderError(f"not found: {', '.join(missing)}")
     for path in paths:
         if path.is_dir():
-            scan = scan_folder(path, labelled=False, config=config)
+            try:
+                scan = scan_folder(path, labelled=False, config=config, for_training=False)
+            except FolderError as exc:
+                skipped.append(Skipped(str(path), str(exc)))
+                continue
             records += [replace(r, path=str(path / r.path)) for r in scan.images]
             skipped += [Skipped(str(path / s.path), s.reason) for s in scan.skipped]
         else:
@@ -59,7 +44,8 @@ def collect(inputs, config: ScanConfig = SCAN) -> Scan:
             else:
                 skipped.append(Skipped(str(path), result.reason))
     if not records:
-        raise FolderError("no usable images among the inputs" + (f" ({skipped[0].path}: {skipped[0].reason})" if skipped else ""))
+        first = f" ({shown(skipped[0].path)}: {skipped[0].reason})" if skipped else ""
+        raise FolderError("no usable images among the inputs" + first)
     return Scan(Path("/"), False, (), tuple(records), tuple(skipped))
 
 
@@ -77,19 +63,29 @@ def probabilities(model, scan: Scan, size: int, batch_size: int = 32, config: Sc
     return np.concatenate(probs), np.concatenate(oks)
 
 
-def predict(inputs, run_dir, *, top_k: int = 1, config: ScanConfig = SCAN):
+def predict(inputs, run_dir, *, top_k: int = 1, out=None, overwrite: bool = False, config: ScanConfig = SCAN):
     """A frame: path, predicted, probability, top-k labels, then one column per class.
+
+    Args:
+        out: if given, the frame is also written there as CSV, atomically;
+            the path is checked before any work, and an existing file is
+            refused unless `overwrite`.
 
     Returns:
         (pandas.DataFrame, skipped list).
+
+    Raises:
+        OutputError, ModelFileError, FolderError.
     """
     import pandas as pd
 
-    model, classes, size = load_run(run_dir)
+    out = check_output_file(out, overwrite=overwrite) if out is not None else None
+    run = Run.load(run_dir)
+    model, classes, size = run.model, run.classes, run.image_size
     scan = collect(inputs, config)
     probs, ok = probabilities(model, scan, size, config=config)
     order = np.argsort(-probs, axis=1)
-    frame = pd.DataFrame({"path": [r.path for r in scan.images]})
+    frame = pd.DataFrame({"path": [shown(r.path) for r in scan.images]})
     frame["predicted"] = [classes[i] for i in order[:, 0]]
     frame["probability"] = probs[np.arange(len(probs)), order[:, 0]].round(6)
     for k in range(1, min(top_k, len(classes))):
@@ -97,7 +93,11 @@ def predict(inputs, run_dir, *, top_k: int = 1, config: ScanConfig = SCAN):
     for j, name in enumerate(classes):
         frame[f"p_{name}"] = probs[:, j].round(6)
     late = [Skipped(r.path, "could not be read") for r, good in zip(scan.images, ok) if not good]
-    return frame[ok].reset_index(drop=True), list(scan.skipped) + late
+    frame = frame[ok].reset_index(drop=True)
+    if out is not None:
+        with writing(out) as tmp:
+            frame.to_csv(tmp, index=False)
+    return frame, list(scan.skipped) + late
 
 
 def evaluate(root, run_dir, *, config: ScanConfig = SCAN) -> dict:
@@ -106,19 +106,19 @@ def evaluate(root, run_dir, *, config: ScanConfig = SCAN) -> dict:
     Raises:
         FolderError: a class folder the model does not know.
     """
-    model, classes, size = load_run(run_dir)
-    scan = labelled_test_scan(root, classes, config)
-    probs, ok = probabilities(model, scan, size, config=config)
-    return scores(probs, ok, scan, classes)
+    run = Run.load(run_dir)
+    scan = labelled_test_scan(root, run.classes, config)
+    probs, ok = probabilities(run.model, scan, run.image_size, config=config)
+    return scores(probs, ok, scan, run.classes)
 
 
 def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> Scan:
-    """Scan a labelled test folder whose classes the model must know.
+    """Scan a labelled test folder whose classes the model must know (one class is enough).
 
     Raises:
         FolderError: the folder is unusable or holds a class unknown to the model.
     """
-    scan = scan_folder(root, labelled=True, config=config)
+    scan = scan_folder(root, labelled=True, config=config, for_training=False)
     unknown = [c for c in scan.classes if c not in classes]
     if unknown:
         raise FolderError(f"class folder(s) {', '.join(unknown)} unknown to the model, which knows: {', '.join(classes)}")
@@ -147,5 +147,5 @@ def scores(probs: np.ndarray, ok: np.ndarray, scan: Scan, classes: list[str]) ->
         ],
         "classes": classes,
         "confusion": confusion_matrix(truth, guess, labels=list(range(len(classes)))).tolist(),
-        "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+        "skipped": [{"path": shown(s.path), "reason": shown(s.reason)} for s in scan.skipped],
     }

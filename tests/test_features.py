@@ -97,11 +97,11 @@ def test_cli_extract_and_cache_commands(shapes, tiny_base, tmp_path):
     first = runner.invoke(cli, args)
     assert first.exit_code == 0, first.output
     assert "24 images x 16 features" in first.output and "24 computed" in first.output
-    assert "0 computed, 24 from cache" in runner.invoke(cli, args).output
+    assert "0 computed, 24 from cache" in runner.invoke(cli, args + ["--overwrite"]).output
     info = json.loads(runner.invoke(cli, ["cache", "info", "--cache-dir", cache, "--json"]).output)
     assert info["entries"] == 24
     assert "removed 24" in runner.invoke(cli, ["cache", "clear", "--cache-dir", cache]).output
-    bad = runner.invoke(cli, ["extract-features", str(shapes), "--base", "vgg61", "--out", str(out)])
+    bad = runner.invoke(cli, ["extract-features", str(shapes), "--base", "vgg61", "--out", str(tmp_path / "g.csv")])
     assert bad.exit_code == 2 and bad.output.startswith("Error: unknown backbone")
     layers = runner.invoke(cli, ["layers", "--base", str(tiny_base), "--image-size", "32", "--json"])
     assert [row["name"] for row in json.loads(layers.output)] == ["s1_conv", "s2_conv", "s3_conv"]

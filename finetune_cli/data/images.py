@@ -8,6 +8,8 @@ the same way at training time. No TensorFlow import here.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -23,6 +25,32 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 
 class UnusableImage(Exception):
     """A file that cannot be used as an image; str(exc) is the reason shown to users."""
+
+
+def read_image_file(path, max_bytes: int) -> bytes:
+    """The bytes of an image file, refusing what cannot be one before reading it.
+
+    Opened without blocking and checked on the open handle, so a FIFO named
+    `.jpg` cannot hang the read and a link to `/dev/zero` cannot fill memory.
+
+    Args:
+        path: str, bytes or Path; links are followed.
+        max_bytes: larger regular files are refused (see `ScanConfig.max_bytes`).
+
+    Raises:
+        UnusableImage: a FIFO, device, socket or folder, or a file over `max_bytes`.
+        OSError: the file cannot be opened or read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"))
+            kind = next((name for test, name in kinds if test(info.st_mode)), "a device")
+            raise UnusableImage(f"not a regular file ({kind})")
+        if info.st_size > max_bytes:
+            raise UnusableImage(f"too large: {info.st_size:,} bytes exceeds the cap of {max_bytes:,}")
+        return handle.read(max_bytes + 1)
 
 
 def open_checked(data: bytes, max_pixels: int) -> Image.Image:

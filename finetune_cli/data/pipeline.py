@@ -7,6 +7,7 @@ after the scan yields a black image and ok=False instead of killing the run.
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from finetune_cli.config import SCAN, ScanConfig
-from finetune_cli.data.images import UnusableImage, decode_rgb
+from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
 
 
 def image_spec(size: int, dtype=tf.uint8) -> tf.TensorSpec:
@@ -28,11 +29,16 @@ def image_spec(size: int, dtype=tf.uint8) -> tf.TensorSpec:
     return tf.TensorSpec((None, size, size, 3), dtype)
 
 
+def path_tensor(paths: Sequence[Path]) -> tf.Tensor:
+    """File paths as a string tensor of their raw bytes: names need not be UTF-8."""
+    return tf.constant([os.fsencode(p) for p in paths], dtype=tf.string)
+
+
 def _loader(size: int, config: ScanConfig, view: int = 0):
     def load(path: bytes):
         try:
-            with open(path, "rb") as handle:
-                pixels = decode_rgb(handle.read(), config.max_pixels, config.background, size)
+            data = read_image_file(path, config.max_bytes)
+            pixels = decode_rgb(data, config.max_pixels, config.background, size)
         except (OSError, UnusableImage):
             return np.zeros((size, size, 3), np.uint8), False
         return (augmented_view(pixels, view, zlib.crc32(path)) if view else pixels), True
@@ -66,8 +72,7 @@ def decode_dataset(paths: Sequence[Path], size: int, config: ScanConfig = SCAN, 
         ok.set_shape(())
         return image, ok
 
-    names = tf.constant([str(p) for p in paths], dtype=tf.string)
-    return tf.data.Dataset.from_tensor_slices(names).map(load_tf, num_parallel_calls=tf.data.AUTOTUNE)
+    return tf.data.Dataset.from_tensor_slices(path_tensor(paths)).map(load_tf, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def batched_images(
@@ -113,7 +118,7 @@ def labelled_batches(
     """
     load = _loader(size, config)
     data = tf.data.Dataset.from_tensor_slices((
-        tf.constant([str(p) for p in paths]), tf.constant(list(labels), tf.int32),
+        path_tensor(paths), tf.constant(list(labels), tf.int32),
         tf.constant(list(weights), tf.float32),
     ))
     if shuffle_seed is not None:
@@ -154,7 +159,7 @@ def image_batches(
         ok.set_shape(())
         return image, ok
 
-    data = tf.data.Dataset.from_tensor_slices(tf.constant([str(p) for p in paths]))
+    data = tf.data.Dataset.from_tensor_slices(path_tensor(paths))
     if shuffle_seed is not None and not in_memory:
         data = data.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     data = data.map(decode, num_parallel_calls=tf.data.AUTOTUNE)

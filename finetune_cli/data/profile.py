@@ -9,6 +9,7 @@ import pandas as pd
 
 from finetune_cli.config import SCAN, ScanConfig
 from finetune_cli.data.scan import Scan
+from finetune_cli.files import shown
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Profile:
                 {"name": name, "count": count, "share": round(count / max(self.n_images, 1), 4)}
                 for name, count in self.class_counts.items()
             ],
-            "skipped": [{"path": s.path, "reason": s.reason} for s in self.scan.skipped],
+            "skipped": [{"path": shown(s.path), "reason": shown(s.reason)} for s in self.scan.skipped],
             "duplicates": self.duplicates,
             "warnings": self.warnings,
             "size_category": self.size_category,
@@ -64,7 +65,7 @@ class Profile:
 
 def profile_scan(scan: Scan, config: ScanConfig = SCAN) -> Profile:
     """Compute a `Profile` from a `Scan` (labelled or not)."""
-    frame = pd.DataFrame([r.__dict__ for r in scan.images])
+    frame = pd.DataFrame([{**r.__dict__, "path": shown(r.path)} for r in scan.images])
     counts = {name: int((frame["label"] == name).sum()) for name in scan.classes}
     warnings = list(scan.warnings)
     duplicates = _duplicate_groups(scan, warnings)
@@ -91,7 +92,7 @@ def _duplicate_groups(scan: Scan, warnings: list[str]) -> list[list[str]]:
     for records in by_digest.values():
         if len(records) < 2:
             continue
-        paths = [r.path for r in records]
+        paths = [shown(r.path) for r in records]
         groups.append(paths)
         labels = sorted({r.label for r in records})
         if len(labels) > 1:

@@ -13,8 +13,13 @@ Rules (documented in the README, tested in tests/test_scan.py):
   and never counted or reported.
 - Links to files are followed. Links to folders are followed only when the
   link is a class folder itself; inside a class they are not (no cycles).
+- Only regular files (or links to them) are read: FIFOs, devices and sockets
+  are skipped with a reason, and so is a file larger than `ScanConfig.max_bytes`.
 - Every other file is decoded by content, never by its name, and is either
   kept or skipped with a reason.
+- File names need not be UTF-8 (old archives hold Latin-1 bytes); they are
+  shown with \\xNN escapes (`files.shown`). Class folder names must be UTF-8,
+  since they are saved with the model.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from finetune_cli.config import IGNORED_NAMES, IMAGE_SUFFIXES, SCAN, ScanConfig
-from finetune_cli.data.images import DECODE_ERRORS, UnusableImage, open_checked
+from finetune_cli.data.images import DECODE_ERRORS, UnusableImage, open_checked, read_image_file
 from finetune_cli.errors import FolderError
+from finetune_cli.files import shown
 
 #: progress(done, total): called from the calling thread as files finish.
 Progress = Callable[[int, int], None]
@@ -114,6 +120,7 @@ def scan_folder(
     labelled: bool | None = True,
     config: ScanConfig = SCAN,
     progress: Progress | None = None,
+    for_training: bool = True,
 ) -> Scan:
     """Scan a folder for usable images.
 
@@ -123,13 +130,17 @@ def scan_folder(
             under root unlabeled; None decides: class subfolders if any, else flat.
         config: pixel cap, background, thread count, per-class minimum.
         progress: optional callback, see `Progress`.
+        for_training: True requires two classes and `min_per_class` images in
+            each; False (evaluate, extract features) accepts one class and
+            classes of one image.
 
     Returns:
         A `Scan`.
 
     Raises:
         FolderError: missing folder, no class subfolders, loose root images,
-            a single class, a class with too few usable images, no usable images.
+            a class name that is not UTF-8, no usable images; for training
+            also a single class or a class with too few usable images.
     """
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
@@ -142,7 +153,7 @@ def scan_folder(
         labelled = bool(class_dirs)
     if not labelled:
         files = [(p, "") for p in _walk_files(root)]
-        return _finish(root, False, (), files, [], config, progress)
+        return _finish(root, False, (), files, [], config, progress, for_training)
 
     _check_layout(root, class_dirs)
     files, warnings, classes = [], [], []
@@ -151,10 +162,22 @@ def scan_folder(
         if not found:
             warnings.append(f"class folder '{class_dir.name}' is empty and was ignored")
             continue
-        classes.append(class_dir.name)
+        classes.append(_class_name(class_dir))
         files.extend((p, class_dir.name) for p in found)
-    _check_class_count(root, classes)
-    return _finish(root, True, tuple(classes), files, warnings, config, progress)
+    _check_class_count(root, classes, 2 if for_training else 1)
+    return _finish(root, True, tuple(classes), files, warnings, config, progress, for_training)
+
+
+def _class_name(class_dir: Path) -> str:
+    """The folder's name as a class name, which must be text (it is saved with the model)."""
+    try:
+        class_dir.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FolderError(
+            f"class folder '{shown(class_dir.name)}' has a name that is not valid UTF-8: rename it "
+            "(class names are saved with the model)"
+        ) from None
+    return class_dir.name
 
 
 def _check_layout(root: Path, class_dirs: list[Path]) -> None:
@@ -177,11 +200,12 @@ def _check_layout(root: Path, class_dirs: list[Path]) -> None:
         )
 
 
-def _check_class_count(root: Path, classes: list[str]) -> None:
-    if len(classes) < 2:
-        found = f"only '{classes[0]}'" if classes else "none with files"
+def _check_class_count(root: Path, classes: list[str], least: int) -> None:
+    if not classes:
+        raise FolderError(f"{root} has no class folder with files: put each class's images in a subfolder")
+    if len(classes) < least:
         raise FolderError(
-            f"{root} has fewer than two class folders ({found}): a classifier "
+            f"{root} has fewer than two class folders (only '{classes[0]}'): a classifier "
             "needs at least two, one subfolder per class"
         )
 
@@ -195,7 +219,7 @@ def _walk_files(top: Path) -> Iterable[Path]:
                 yield Path(dirpath, name)
 
 
-def _finish(root, labelled, classes, files, warnings, config, progress) -> Scan:
+def _finish(root, labelled, classes, files, warnings, config, progress, for_training=True) -> Scan:
     """Probe every file in parallel, then apply the per-class checks."""
     images, skipped = [], []
     total = len(files)
@@ -208,7 +232,7 @@ def _finish(root, labelled, classes, files, warnings, config, progress) -> Scan:
     images.sort(key=lambda r: natural_key(r.path))
     skipped.sort(key=lambda s: natural_key(s.path))
     scan = Scan(root, labelled, classes, tuple(images), tuple(skipped), tuple(warnings))
-    _check_usable(scan, config)
+    _check_usable(scan, config, for_training)
     return scan
 
 
@@ -216,7 +240,9 @@ def _probe(root: Path, path: Path, label: str, config: ScanConfig) -> ImageRecor
     """Read, hash and fully decode one file (truncation only shows on decode)."""
     rel = path.relative_to(root).as_posix()
     try:
-        data = path.read_bytes()
+        data = read_image_file(path, config.max_bytes)
+    except UnusableImage as exc:
+        return Skipped(rel, str(exc))
     except OSError as exc:
         return Skipped(rel, f"cannot read: {exc.strerror or exc}")
     try:
@@ -231,14 +257,14 @@ def _probe(root: Path, path: Path, label: str, config: ScanConfig) -> ImageRecor
     return ImageRecord(rel, label, digest, width, height, fmt, mode, len(data))
 
 
-def _check_usable(scan: Scan, config: ScanConfig) -> None:
-    """Refuse a scan with no usable image, or a class below the per-class minimum."""
+def _check_usable(scan: Scan, config: ScanConfig, for_training: bool = True) -> None:
+    """Refuse a scan with no usable image, or (for training) a class below the per-class minimum."""
     if not scan.images:
-        example = f", e.g. '{scan.skipped[0].path}': {scan.skipped[0].reason}" if scan.skipped else ""
+        example = f", e.g. '{shown(scan.skipped[0].path)}': {scan.skipped[0].reason}" if scan.skipped else ""
         raise FolderError(
             f"no usable images in {scan.root} ({len(scan.skipped)} files skipped{example})"
         )
-    if not scan.labelled:
+    if not scan.labelled or not for_training:
         return
     counts = {name: 0 for name in scan.classes}
     for record in scan.images:

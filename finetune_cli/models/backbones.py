@@ -12,15 +12,14 @@ for the feature cache. `build()` imports Keras and constructs the model.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from finetune_cli.errors import BackboneError, WeightsUnavailableError
 from finetune_cli.models import registry
+from finetune_cli.models.files import declared_input, input_side, load_model_file
 from finetune_cli.tfquiet import import_keras
 
 #: Layer-name prefix of the preprocessing layers we add; they never train.
@@ -97,7 +96,7 @@ def resolve(base: str, weights: str = "imagenet", image_size: int | None = None,
         weights_id += f":seed{seed}"
     if registry.is_registered(base):
         spec = registry.get(base)
-        size = image_size or spec.input_size
+        size = input_side(None, image_size, spec.name, spec.input_size)
         if size < spec.min_size:
             raise BackboneError(f"{spec.name} needs images of at least {spec.min_size} px; got --image-size {size}")
         identity = f"{spec.name}|{weights_id}|keras{keras_version}"
@@ -107,7 +106,7 @@ def resolve(base: str, weights: str = "imagenet", image_size: int | None = None,
         registry.get(base)  # raises with the valid names and the closest match
     if not path.is_file():
         raise BackboneError(f"model file {path} does not exist: give a .keras file or a name from `finetune bases`")
-    size = image_size or _file_input_size(path) or DEFAULT_FILE_SIZE
+    size = input_side(declared_input(path), image_size, path.name, DEFAULT_FILE_SIZE)
     identity = f"file:{file_digest(path)}|{weights_id}|keras{keras_version}"
     return BaseRef(path.name, None, path.absolute(), weights, size, seed, identity)
 
@@ -121,20 +120,6 @@ def _check_weights(weights: str) -> str:
             f"weights file {key} does not exist: give --weights imagenet, none, or the path of a weights file"
         )
     return str(Path(key).expanduser().absolute())
-
-
-def _file_input_size(path: Path) -> int | None:
-    """The fixed square input side declared in a .keras file's config, if any."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None  # build() reports the unreadable file properly
-    for layer in config.get("config", {}).get("layers", []):
-        if layer.get("class_name") == "InputLayer":
-            shape = layer.get("config", {}).get("batch_shape") or [None]
-            return shape[1] if len(shape) == 4 and shape[1] and shape[1] == shape[2] else None
-    return None
 
 
 def build(ref: BaseRef) -> Backbone:
@@ -247,13 +232,7 @@ def _build_file(keras, ref: BaseRef) -> Backbone:
 
 
 def _load_file(keras, path: Path):
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:
-        raise BackboneError(
-            f"cannot load model file {path}: {str(exc).splitlines()[0][:300]} "
-            "(files are loaded in Keras safe mode: Lambda layers and custom code are refused)"
-        ) from None
+    model = load_model_file(path)
     shape = getattr(model, "input_shape", None)
     if not isinstance(shape, tuple) or len(shape) != 4 or shape[-1] != 3:
         raise BackboneError(f"model file {path} must take images (batch, H, W, 3); its input is {shape}")

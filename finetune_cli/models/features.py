@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ def pooled_model(model, layer_name: str, pooling: str):
     return keras.Model(model.input, output, name=f"{model.name}_features")
 
 
-def compute_features(
+def feature_batches(
     ref: BaseRef,
     paths: Sequence[Path],
     layers: Sequence[str | int | None],
@@ -32,13 +32,12 @@ def compute_features(
     config: ScanConfig,
     view: int = 0,
     backbone=None,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Build the backbone and run it once over `paths`, batched and prefetched.
+) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
+    """Run the backbone once over `paths`, batched and prefetched; yield each batch as it is done.
 
-    Returns:
-        (one float32 (n, d_layer) array per layer, ok bool (n,)); rows with
-        ok=False are files that failed to decode and hold zeros.
+    Yields:
+        (first row, one float32 (b, d_layer) array per layer, ok bool (b,));
+        rows with ok=False are files that failed to decode and hold zeros.
     """
     keras = import_keras()
     import tensorflow as tf
@@ -51,13 +50,9 @@ def compute_features(
     model = keras.Model(backbone.model.input, heads)
     forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False),
                           input_signature=[image_spec(ref.image_size)])
-    outputs, oks, done = [[] for _ in names], [], 0
+    start = 0
     for images, ok in batched_images(paths, ref.image_size, batch_size, config, view):
         results = forward(images)
-        for store, result in zip(outputs, results if isinstance(results, (list, tuple)) else [results]):
-            store.append(result.numpy())
-        oks.append(ok.numpy())
-        done += len(oks[-1])
-        if progress:
-            progress(done, len(paths))
-    return [np.concatenate(o).astype(np.float32) for o in outputs], np.concatenate(oks)
+        results = results if isinstance(results, (list, tuple)) else [results]
+        yield start, [r.numpy().astype(np.float32) for r in results], ok.numpy()
+        start += len(ok)

@@ -2,8 +2,9 @@
 
 One optimizer per group (head, top stages, intermediate stages), each at its
 own rate; BatchNorm layers frozen (so they run in inference mode); early
-stopping on validation loss that restores the best weights; a checkpoint
-after every epoch; a NaN guard that raises `Diverged`.
+stopping on validation loss that restores the best weights (also after a
+--resume, from the best-weights file); a checkpoint after every epoch; a NaN
+guard on the training and the validation loss that raises `Diverged`.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def fit(
     val_data,
     *,
     state: LoopState | None = None,
-    checkpoint: Callable[[object, LoopState], None] | None = None,
+    checkpoint: Callable[[object, LoopState, bool], None] | None = None,
+    restore_best: Callable[[object], None] | None = None,
     progress: Callable[[LoopState, int], None] | None = None,
 ) -> LoopState:
     """Fine-tune `model` in place; on return it holds the best weights.
@@ -108,11 +110,14 @@ def fit(
         model: raw pixels -> probabilities, with a `classifier` Dense layer.
         train_data, val_data: datasets of (images, labels, weights) batches.
         state: a resumed state, or None to start at epoch 1.
-        checkpoint: called after each epoch with (model, state).
+        checkpoint: called after each epoch with (model, state, improved),
+            improved True when the epoch is the best so far.
+        restore_best: loads the best weights saved by `checkpoint` into the
+            model, for a best epoch from before a resume.
         progress: called after each epoch with (state, total epochs).
 
     Raises:
-        Diverged: a non-finite training loss.
+        Diverged: a non-finite training or validation loss.
     """
     import tensorflow as tf
 
@@ -151,10 +156,13 @@ def fit(
     for epoch in range(state.epoch + 1, plan.epochs + 1):
         loss, accuracy = _run_epoch(step, train_data, epoch)
         val_loss, val_accuracy = evaluate(model, val_data)
+        if not math.isfinite(val_loss):
+            raise Diverged(epoch)
         state.epoch = epoch
         state.history.append({"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
                               "val_accuracy": val_accuracy, "lr_head": rates["head"] * state.scale})
-        if val_loss < state.best_val_loss - 1e-4:
+        improved = val_loss < state.best_val_loss - 1e-4
+        if improved:
             state.best_val_loss, state.best_epoch, state.stale = val_loss, epoch, 0
             best_weights = model.get_weights()
         else:
@@ -164,13 +172,15 @@ def fit(
                 for name, optimizer in optimizers.items():
                     optimizer.learning_rate.assign(rates[name] * state.scale)
         if checkpoint:
-            checkpoint(model, state)
+            checkpoint(model, state, improved)
         if progress:
             progress(state, plan.epochs)
         if state.stale >= recipe.patience:
             break
     if best_weights is not None and state.best_epoch:
         model.set_weights(best_weights)
+    elif state.best_epoch and state.best_epoch != state.epoch and restore_best:
+        restore_best(model)
     return state
 
 

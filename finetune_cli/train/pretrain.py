@@ -22,6 +22,7 @@ import numpy as np
 
 from finetune_cli.config import PRETRAIN, SCAN, PretrainConfig, ScanConfig
 from finetune_cli.errors import FolderError, OutputError, TrainingError
+from finetune_cli.files import check_writable_folder, remove_stale_temps
 from finetune_cli.tfquiet import import_keras
 
 #: report(event, info): "phase" {"name"}, "epoch" {"phase", "epoch", "epochs", "loss", "val_loss"}, "note" {"text"}.
@@ -60,6 +61,9 @@ def check_output(out) -> Path:
             path.parent.mkdir(parents=True)
         except OSError as exc:
             raise OutputError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
+    check_writable_folder(path.parent)
+    for name in (path.name, *(companion(path, s).name for s in COMPANIONS)):
+        remove_stale_temps(path.parent, name)
     return path
 
 
@@ -193,7 +197,7 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
         seconds = time.perf_counter() - started
         val_generator.reset_from_seed(seed + 1)  # the same corruption every epoch: comparable losses
         val_loss, _ = mean_over(held_out, val_data)
-        if not np.isfinite(loss):
+        if not (np.isfinite(loss) and np.isfinite(val_loss)):
             raise TrainingError("pretraining diverged (the loss became NaN or infinite): try a smaller --noise "
                                 "or --code-size, or check the images with `finetune inspect`")
         history.append({"phase": phase.name, "epoch": epoch, "loss": loss, "val_loss": val_loss,
@@ -365,7 +369,7 @@ def _write_companions(path: Path, history: list[dict], summary: dict, examples) 
     import pandas as pd
 
     from finetune_cli.artifacts import figure_png, pretrain_curves_figure, reconstructions_figure
-    from finetune_cli.features import atomic_write_bytes
+    from finetune_cli.files import atomic_write_bytes
 
     files = {
         "history.csv": pd.DataFrame(history).to_csv(index=False).encode(),

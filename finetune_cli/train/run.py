@@ -15,6 +15,7 @@ from finetune_cli.data.profile import profile_scan
 from finetune_cli.data.scan import Scan, scan_folder
 from finetune_cli.errors import BackboneError, FolderError, TrainingError
 from finetune_cli.features import FeatureCache, extract_many
+from finetune_cli.files import shown
 from finetune_cli.models.backbones import Backbone, build, resolve
 from finetune_cli.models.stages import find_stages, select_layer
 from finetune_cli.predict import labelled_test_scan, probabilities, scores
@@ -22,6 +23,7 @@ from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import Plan, decide, table_recipe
 from finetune_cli.train.linear import fit_linear
+from finetune_cli.train.resume import already_finished, check_unchanged, load_checkpoint, read_saved
 
 #: report(event, info): "phase" {"name"}, "progress" {"done", "total"},
 #: "epoch" {"epoch", "epochs", "loss", "val_loss", "val_accuracy"}, "note" {"text"}.
@@ -29,6 +31,7 @@ Report = Callable[[str, dict], None]
 
 VAL_FRACTION = 0.2
 MAX_RETRIES = 2
+BEST_WEIGHTS = "best.weights.h5"
 
 
 def _quiet(event: str, info: dict) -> None:
@@ -169,16 +172,13 @@ def train_finetune(ctx: Context, plan: Plan, recipe, balanced: bool, resume: boo
     """Head on cached features, then the plan's stages, with NaN retries at lr / 10."""
     from finetune_cli.data.pipeline import augmenter, labelled_batches
     from finetune_cli.models.heads import classifier
-    from finetune_cli.tfquiet import import_keras
-    from finetune_cli.train.loop import Diverged, LoopState, fit, predict_batches
+    from finetune_cli.train.loop import Diverged, fit, predict_batches
 
-    keras = import_keras()
     index = {name: i for i, name in enumerate(ctx.classes)}
     y_train = np.array([index[r.label] for r in ctx.train.images])
     weights = class_weights(y_train, len(ctx.classes), balanced)
     if resume and ctx.run.file("checkpoint.keras").exists():
-        model = keras.saving.load_model(ctx.run.file("checkpoint.keras"), safe_mode=True)
-        state = LoopState(**ctx.run.read_json("state.json"))
+        model, state = load_checkpoint(ctx.run)
         ctx.report("note", {"text": f"resuming after epoch {state.epoch} (optimizer state starts afresh)"})
     else:
         ctx.report("phase", {"name": "phase 1: linear head on frozen final features"})
@@ -194,9 +194,15 @@ def train_finetune(ctx: Context, plan: Plan, recipe, balanced: bool, resume: boo
     y_val = np.array([index[r.label] for r in ctx.val.images])
     val_data = labelled_batches(ctx.val.paths(), y_val, np.ones(len(y_val)), size, recipe.batch_size, config=ctx.config)
 
-    def checkpoint(model, state):
+    def checkpoint(model, state, improved: bool):
+        if improved:
+            ctx.run.save_weights(model, BEST_WEIGHTS)
         ctx.run.save_model(model, "checkpoint.keras")
         ctx.run.write_json("state.json", dataclasses.asdict(state))
+
+    def restore_best(model):
+        ctx.report("note", {"text": f"restoring the best epoch's weights from {BEST_WEIGHTS}"})
+        model.load_weights(ctx.run.file(BEST_WEIGHTS))
 
     start_weights = model.get_weights()
     for attempt in range(MAX_RETRIES + 1):
@@ -205,7 +211,7 @@ def train_finetune(ctx: Context, plan: Plan, recipe, balanced: bool, resume: boo
                              f"intermediate {plan.learning_rates['intermediate']:.2g})"})
         try:
             state = fit(model, plan, recipe, train_data, val_data, state=state, checkpoint=checkpoint,
-                        progress=lambda s, total: ctx.report("epoch", {**s.history[-1], "epochs": total}))
+                        restore_best=restore_best, progress=lambda s, total: ctx.report("epoch", {**s.history[-1], "epochs": total}))
             break
         except Diverged as exc:
             if attempt == MAX_RETRIES:
@@ -240,73 +246,102 @@ def train(
     images into RUN/encoder.keras (starting from `base`'s early stages when
     a base is given) and training starts from that encoder. With
     `test_dir`, the trained model is evaluated on that labelled folder in the
-    same process (metrics["test"], as `evaluate` returns it).
+    same process (metrics["test"], as `evaluate` returns it). With `resume`,
+    see `train.resume` for what is checked; a finished run is left as it is.
+
+    If training fails before anything worth resuming exists, the files it
+    wrote (and the folder, if it made it) are removed.
     """
     report = report or _quiet
     clock = {"start": time.perf_counter()}
     if base is None and unlabeled is None:
         raise BackboneError("--base is required (a name from `finetune bases` or a .keras file), "
                             "unless --unlabeled pretrains an encoder first")
-    run = RunFolder(out, resume=resume)
     if recipe is not None:
         recipe_files.load(recipe)  # validate before any work
-    pretrained = None
-    if unlabeled is not None:
-        pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size, seed=seed,
-                                      config=pretrain_config, greedy=greedy, scan_config=config, report=report)
-        base, weights, image_size = str(run.file("encoder.keras")), "imagenet", pretrained["image_size"]
-        if similarity == "auto":
-            similarity = "similar"
-    report("phase", {"name": "scanning"})
-    scan = scan_folder(root, labelled=True, config=config)
-    profile = profile_scan(scan, config)
-    val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
-    test_scan = labelled_test_scan(test_dir, list(scan.classes), config) if test_dir else None
-    train_scan, val_scan = split(scan, val_scan, seed=seed)
-    ref = resolve(base, weights, image_size, seed)
-    report("phase", {"name": f"building {ref.label} ({ref.weights} weights, {ref.image_size} px)"})
-    backbone = build(ref)
-    n_stages = len(find_stages(backbone.model))
-    cache = FeatureCache.at(cache_dir) if use_cache else None
-    ctx = Context(run, scan, train_scan, val_scan, backbone, cache, config, report, seed, batch_size)
-    clock["prepared"] = time.perf_counter()
+    cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
+    run = RunFolder(out, resume=resume)
+    if resume and run.finished:
+        report("note", {"text": f"the run in {run.path} is finished: nothing to resume, nothing changed "
+                                "(to train again, choose a new --out)"})
+        return already_finished(run)
+    saved = read_saved(run) if resume else None
+    with run.guarded():
+        pretrained = None
+        if unlabeled is not None:
+            pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size,
+                                          seed=seed, config=pretrain_config, greedy=greedy, scan_config=config,
+                                          report=report)
+            base, weights, image_size = str(run.file("encoder.keras")), "imagenet", pretrained["image_size"]
+            similarity = "similar" if similarity == "auto" else similarity
+        report("phase", {"name": "scanning"})
+        scan = scan_folder(root, labelled=True, config=config)
+        profile = profile_scan(scan, config)
+        ref = resolve(base, weights, image_size or (saved.image_size if saved else None), seed)
+        if saved:
+            check_unchanged(saved, scan.classes, ref, recipe)
+        val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
+        test_scan = labelled_test_scan(test_dir, list(scan.classes), config) if test_dir else None
+        train_scan, val_scan = split(scan, val_scan, seed=seed)
+        report("phase", {"name": f"building {ref.label} ({ref.weights} weights, {ref.image_size} px)"})
+        backbone = build(ref)
+        n_stages = len(find_stages(backbone.model))
+        ctx = Context(run, scan, train_scan, val_scan, backbone, cache, config, report, seed, batch_size)
+        clock["prepared"] = time.perf_counter()
+        if saved:
+            plan, evidence, recipe_obj = saved.plan, saved.evidence, saved.recipe
+        else:
+            plan, evidence, recipe_obj = decide_and_record(ctx, profile, n_stages, similarity, strategy, recipe,
+                                                           pretrained, test_scan)
+        report("plan", {"plan": plan, "similarity": evidence})
+        clock["planned"] = time.perf_counter()
+        return fit_and_finish(ctx, profile, plan, evidence, recipe_obj, n_stages, resume, pretrained,
+                              test_scan, clock)
 
-    if resume:
-        saved = run.read_json("plan.json")
-        plan, evidence = Plan(**saved["plan"]), sim.Similarity(**saved["similarity"])
-        recipe_obj = recipe_files.parse(run.file("recipe.toml").read_text("utf-8"), "recipe.toml")
-        plan = dataclasses.replace(plan, train_stages=tuple(plan.train_stages), top_stages=tuple(plan.top_stages),
-                                   suggestions=tuple(plan.suggestions))
-    else:
-        if recipe is None and (strategy == "linear" or (strategy == "auto" and profile.size_category == "small")):
-            # A linear head is all but certain: one pass now serves the probe, the head, validation and test.
-            prefetch(ctx, [train_scan, val_scan] + ([test_scan] if test_scan else []), probe_layers(n_stages))
-        evidence, plan, recipe_obj, recipe_text = choose(ctx, profile, n_stages, similarity, strategy, recipe,
-                                                         pretrained is not None)
-        run.write_json("plan.json", {"plan": plan.to_dict(), "similarity": evidence.to_dict(),
-                                     "base": ref.label, "weights": ref.weights, "image_size": ref.image_size,
-                                     "pretrained": pretrained})
-        run.write_text("recipe.toml", recipe_text)
-        run.write_json("labels.json", list(scan.classes))
-        skipped = [{"path": s.path, "reason": s.reason} for s in scan.skipped]
-        import pandas as pd
 
-        run.write_frame("skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"]))
-    report("plan", {"plan": plan, "similarity": evidence})
-    clock["planned"] = time.perf_counter()
+def decide_and_record(ctx: Context, profile, n_stages: int, similarity: str, strategy: str, recipe: str | None,
+                      pretrained: dict | None, test_scan: Scan | None):
+    """Choose the plan (see `choose`) and write plan.json, recipe.toml, labels.json, skipped.csv.
 
-    balanced = profile.imbalance >= config.imbalance_warn_ratio
+    Returns:
+        (Plan, Similarity, Recipe).
+    """
+    import pandas as pd
+
+    if recipe is None and (strategy == "linear" or (strategy == "auto" and profile.size_category == "small")):
+        # A linear head is all but certain: one pass now serves the probe, the head, validation and test.
+        prefetch(ctx, [ctx.train, ctx.val] + ([test_scan] if test_scan else []), probe_layers(n_stages))
+    evidence, plan, recipe_obj, recipe_text = choose(ctx, profile, n_stages, similarity, strategy, recipe,
+                                                     pretrained is not None)
+    ref, run = ctx.backbone.ref, ctx.run
+    run.write_json("plan.json", {"plan": plan.to_dict(), "similarity": evidence.to_dict(),
+                                 "base": ref.label, "weights": ref.weights, "image_size": ref.image_size,
+                                 "pretrained": pretrained})
+    run.write_text("recipe.toml", recipe_text)
+    run.write_json("labels.json", ctx.classes)
+    skipped = [{"path": shown(s.path), "reason": shown(s.reason)} for s in ctx.scan.skipped]
+    run.write_frame("skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"]))
+    return plan, evidence, recipe_obj
+
+
+def fit_and_finish(ctx: Context, profile, plan, evidence, recipe_obj, n_stages: int, resume: bool,
+                   pretrained: dict | None, test_scan: Scan | None, clock: dict) -> dict:
+    """Train what the plan says, score the test folder if any, and write the results."""
+    balanced = profile.imbalance >= ctx.config.imbalance_warn_ratio
     notes: list[str] = []
     if plan.strategy == "linear":
         model, history, probs, labels, extra, score = train_linear(ctx, plan, evidence, n_stages, balanced)
     else:
         model, history, probs, labels, extra, plan = train_finetune(ctx, plan, recipe_obj, balanced, resume, notes)
-        score = lambda scan: probabilities(model, scan, backbone.ref.image_size, ctx.batch_size, config)
+        score = lambda scan: probabilities(model, scan, ctx.backbone.ref.image_size, ctx.batch_size, ctx.config)
     clock["trained"] = time.perf_counter()
+    if not np.isfinite(probs).all():
+        raise TrainingError("the trained model gives NaN or infinite outputs on the validation images: "
+                            "nothing was saved; lower learning_rate in a --recipe file")
     if pretrained is not None:
         extra["pretrained"] = pretrained
     if test_scan is not None:
-        report("phase", {"name": f"evaluating on {len(test_scan.images)} test images"})
+        ctx.report("phase", {"name": f"evaluating on {len(test_scan.images)} test images"})
         extra["test"] = scores(*score(test_scan), test_scan, ctx.classes)
         extra["test_accuracy"] = extra["test"]["accuracy"]
     return _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, notes, clock)
@@ -319,7 +354,7 @@ def _finish(ctx, plan, evidence, profile, model, history, probs, labels, extra, 
 
     run = ctx.run
     ctx.report("phase", {"name": f"saving to {run.path}"})
-    run.save_model(model)
+    run.save_model(model, facts={"classes": ctx.classes, "image_size": ctx.backbone.ref.image_size})
     matrix = confusion_matrix(labels, probs.argmax(1), labels=list(range(len(ctx.classes))))
     run.write_frame("history.csv", pd.DataFrame(history))
     run.save_figure("curves.png", curves_figure(history))
@@ -405,7 +440,7 @@ def plan_for(
     profile = profile_scan(scan, config)
     backbone = build(resolve(base, weights, image_size, seed))
     n_stages = len(find_stages(backbone.model))
-    cache = FeatureCache.at(cache_dir) if use_cache else None
+    cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
     ctx = Context(None, scan, scan, scan, backbone, cache, config, report, seed)
     evidence, plan, _, _ = choose(ctx, profile, n_stages, similarity, strategy, recipe)
     return profile, evidence, plan

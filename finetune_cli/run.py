@@ -1,0 +1,111 @@
+"""A trained run, loaded once and read by every later command (`predict`, `evaluate`).
+
+`Run.load` accepts the `--out` folder of `finetune train` or its `model.keras`.
+The class names come from inside the model file (`finetune.json` in its
+archive); a `labels.json` beside it must agree, so an edited or damaged list
+is refused instead of silently relabelling every prediction. Runs saved before
+the names travelled in the model fall back on a validated `labels.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune_cli.artifacts import MODEL_FACTS
+from finetune_cli.errors import ModelFileError
+from finetune_cli.models.files import archive_json, declared_input, input_side, load_model_file
+
+#: The input side assumed for a model whose input size is free.
+DEFAULT_SIDE = 224
+
+
+@dataclass(frozen=True)
+class Run:
+    """A loaded run.
+
+    Attributes:
+        path: the run folder.
+        model: Keras model, raw RGB (B, S, S, 3) in [0, 255] -> probabilities (B, k).
+        classes: the k class names, in output order.
+        image_size: S, the input side in pixels.
+        plan, metrics: the run's plan.json and metrics.json, or None if absent.
+        recipe: the run's recipe.toml text, or None.
+    """
+
+    path: Path
+    model: object
+    classes: list[str]
+    image_size: int
+    plan: dict | None = None
+    recipe: str | None = None
+    metrics: dict | None = None
+
+    @classmethod
+    def load(cls, path) -> "Run":
+        """Load a run folder (or a model.keras inside one).
+
+        Raises:
+            ModelFileError: not a run, a truncated or corrupt model, a model
+                that is not a classifier, or class names that disagree.
+        """
+        path = Path(path).expanduser().absolute()
+        folder = path.parent if path.suffix == ".keras" else path
+        model_file = path if path.suffix == ".keras" else path / "model.keras"
+        if not model_file.is_file():
+            raise ModelFileError(f"{model_file} not found: --model takes the --out folder of `finetune train`")
+        facts = archive_json(model_file, MODEL_FACTS, ModelFileError) or {}
+        classes = _classes(facts.get("classes"), folder / "labels.json")
+        side = input_side(declared_input(model_file, ModelFileError), None, model_file.name, DEFAULT_SIDE)
+        model = load_model_file(model_file, ModelFileError)
+        _check_classifier(model, model_file, classes)
+        return cls(folder, model, classes, side, _optional_json(folder / "plan.json"),
+                   _optional_text(folder / "recipe.toml"), _optional_json(folder / "metrics.json"))
+
+
+def _classes(inside: list | None, labels_file: Path) -> list[str]:
+    """The class names: the model's own, checked against labels.json when both exist."""
+    listed = _read_labels(labels_file) if labels_file.exists() else None
+    if inside is not None and listed is not None and listed != inside:
+        raise ModelFileError(f"{labels_file} lists {listed} but the model was trained on {inside}, in that "
+                             "order: restore labels.json, or delete it to use the model's own list")
+    if inside is None and listed is None:
+        raise ModelFileError(f"{labels_file} not found: --model takes the --out folder of `finetune train`")
+    return list(inside if inside is not None else listed)
+
+
+def _read_labels(labels_file: Path) -> list[str]:
+    """labels.json validated: a JSON list of distinct, non-empty class names."""
+    try:
+        value = json.loads(labels_file.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"{labels_file} is unreadable ({exc}): restore it from the run") from None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ModelFileError(f"{labels_file} must be a JSON list of class names; it holds {json.dumps(value)[:80]}")
+    if len(set(value)) != len(value):
+        raise ModelFileError(f"{labels_file} names a class twice: {value}")
+    return value
+
+
+def _check_classifier(model, model_file: Path, classes: list[str]) -> None:
+    shape = model.output_shape
+    if not isinstance(shape, tuple) or len(shape) != 2:
+        raise ModelFileError(f"{model_file} is not a classifier: its output is {shape}, not (batch, classes); "
+                             "--model takes the --out folder of `finetune train`")
+    if shape[-1] != len(classes):
+        raise ModelFileError(f"{model_file} has {shape[-1]} outputs but its class list names {len(classes)}")
+
+
+def _optional_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _optional_text(path: Path) -> str | None:
+    try:
+        return path.read_text("utf-8")
+    except (OSError, ValueError):
+        return None
