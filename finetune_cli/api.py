@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune_cli.config import FEATURES, SCAN, ScanConfig
+from finetune_cli.config import FEATURES, PRETRAIN, SCAN, PretrainConfig, ScanConfig
 from finetune_cli.data.profile import Profile, profile_scan
 from finetune_cli.data.scan import Progress, scan_folder
+from finetune_cli.reporter import QUIET, Reporter
 
 
 def inspect(
@@ -31,11 +32,31 @@ def inspect(
     return profile_scan(scan_folder(root, labelled=True, config=config, progress=progress), config)
 
 
-def plan(root: str | os.PathLike, base: str, **options):
-    """What `train` would do with `base`: (Profile, Similarity, Plan); see `train.run.plan_for`."""
+def plan(
+    root: str | os.PathLike,
+    base: str,
+    *,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    similarity: str = "auto",
+    strategy: str = "auto",
+    recipe: str | None = None,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    config: ScanConfig = SCAN,
+    reporter: Reporter = QUIET,
+):
+    """What `train` would do with `base`, without training: (Profile, Similarity, Plan).
+
+    Raises:
+        FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError.
+    """
     from finetune_cli.train.run import plan_for
 
-    return plan_for(root, base, **options)
+    return plan_for(root, base, weights=weights, image_size=image_size, similarity=similarity, strategy=strategy,
+                    recipe=recipe, seed=seed, cache_dir=cache_dir, use_cache=use_cache, config=config,
+                    reporter=reporter)
 
 
 def bases() -> list[dict]:
@@ -136,64 +157,109 @@ def cache_clear(cache_dir: str | os.PathLike | None = None) -> int:
     return FeatureCache.at(cache_dir).clear()
 
 
-def train(root, base: str | None, *, out, **options) -> dict:
-    """Inspect, decide, train and write a run folder; see `train.run.train` for options.
+def train(
+    root: str | os.PathLike,
+    base: str | None,
+    *,
+    out: str | os.PathLike,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    strategy: str = "auto",
+    similarity: str = "auto",
+    recipe: str | None = None,
+    val_dir: str | os.PathLike | None = None,
+    test_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    batch_size: int = FEATURES.batch_size,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    unlabeled: str | os.PathLike | None = None,
+    pretrain_settings: PretrainConfig | None = None,
+    greedy: bool = False,
+    config: ScanConfig = SCAN,
+    reporter: Reporter = QUIET,
+) -> dict:
+    """Inspect, decide, train and write a run folder (see `train.run` for the steps).
 
-    `unlabeled=DIR` pretrains an encoder first (from `base`'s early stages
-    when base is given); `pretrain_settings={...}` sets `PretrainConfig`
-    fields for it, as `pretrain` takes them.
+    Args:
+        base: a registry name or a .keras file; None only with `unlabeled`.
+        strategy: auto, linear, partial or full (overrides the decision table).
+        similarity: auto (measured), similar or different (stated).
+        recipe: a shipped recipe name or a .toml path.
+        unlabeled: pretrain an encoder on these images first (from `base`'s
+            early stages when base is given), with `pretrain_settings`
+            (see `pretrain_config`) and `greedy`.
+        resume: continue the run in `out` (see `train.resume`).
 
     Returns:
         The run's metrics (also written to `out/metrics.json`).
 
     Raises:
         FolderError, BackboneError, WeightsUnavailableError, RecipeError,
-        OutputError, TrainingError.
+        OutputError, SettingsError, ModelFileError, TrainingError.
     """
     from finetune_cli.train.run import train as run_training
 
-    settings = options.pop("pretrain_settings", None)
-    if settings:
-        options["pretrain_config"] = pretrain_config(**settings)
-    return run_training(root, base, out=out, **options)
+    return run_training(root, base, out=out, weights=weights, image_size=image_size, similarity=similarity,
+                        strategy=strategy, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
+                        resume=resume, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
+                        unlabeled=unlabeled, pretrain_config=pretrain_settings, greedy=greedy, config=config,
+                        reporter=reporter)
 
 
-def pretrain(unlabeled, out, *, init_from: str | None = None, init_weights: str = "imagenet",
-             greedy: bool = False, seed: int = 0, report=None, **settings) -> dict:
+def pretrain(
+    unlabeled: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    settings: PretrainConfig | None = None,
+    init_from: str | None = None,
+    init_weights: str = "imagenet",
+    greedy: bool = False,
+    seed: int = 0,
+    reporter: Reporter = QUIET,
+) -> dict:
     """Pretrain a denoising autoencoder on unlabeled images; save its encoder as a backbone file.
 
     Args:
-        settings: any `PretrainConfig` field (arch, noise, noise_type,
-            code_size, image_size, epochs, ...); None values keep the default.
+        settings: from `pretrain_config(...)`; None for the defaults.
+        init_from: a backbone whose early stages start the encoder.
 
     Returns:
         The summary also written to `<out stem>.pretrain.json`.
 
     Raises:
-        FolderError, OutputError, BackboneError, WeightsUnavailableError.
+        FolderError, OutputError, BackboneError, WeightsUnavailableError, TrainingError.
     """
     from finetune_cli.train.pretrain import pretrain as run_pretraining
 
-    return run_pretraining(unlabeled, out, config=pretrain_config(**settings), init_from=init_from,
-                           init_weights=init_weights, greedy=greedy, seed=seed, report=report)
+    return run_pretraining(unlabeled, out, config=checked_pretrain_config(settings or PRETRAIN), init_from=init_from,
+                           init_weights=init_weights, greedy=greedy, seed=seed, reporter=reporter)
 
 
-def pretrain_config(**settings):
+def pretrain_config(arch: str | None = None, noise: float | None = None, noise_type: str | None = None,
+                    code_size: int | None = None, image_size: int | None = None,
+                    epochs: int | None = None) -> PretrainConfig:
     """`PretrainConfig` with the given fields changed (None keeps a default), validated.
 
     Raises:
-        SettingsError: an unknown field or a value out of range.
+        SettingsError: a value out of range.
     """
     import dataclasses
 
-    from finetune_cli.config import PRETRAIN
+    given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, image_size=image_size,
+                 epochs=epochs)
+    return checked_pretrain_config(dataclasses.replace(PRETRAIN, **{k: v for k, v in given.items() if v is not None}))
+
+
+def checked_pretrain_config(config: PretrainConfig) -> PretrainConfig:
+    """`config` if its values are in range.
+
+    Raises:
+        SettingsError: saying which value is wrong.
+    """
     from finetune_cli.errors import SettingsError
 
-    names = {f.name for f in dataclasses.fields(PRETRAIN)}
-    unknown = sorted(set(settings) - names)
-    if unknown:
-        raise SettingsError(f"unknown pretraining setting(s) {unknown}; known: {sorted(names)}")
-    config = dataclasses.replace(PRETRAIN, **{k: v for k, v in settings.items() if v is not None})
     if not 0 < config.noise < 1:
         raise SettingsError(f"--noise {config.noise} must be between 0 and 1 (e.g. 0.2)")
     if config.arch not in ("conv", "mlp") or config.noise_type not in ("gaussian", "mask"):

@@ -156,6 +156,33 @@ class RunFolder:
         return self.write_bytes(name, figure_png(figure))
 
 
+def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts: dict, timings) -> dict:
+    """Write a fitted result into the run folder: model, history, plots, then metrics.json (last).
+
+    Args:
+        result: a `train.context.TrainResult`.
+        facts: metrics known before writing (strategy, similarity, counts, test scores).
+        timings: () -> {step: seconds}, read after the model is saved.
+
+    Returns:
+        The metrics, as written to metrics.json.
+    """
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import confusion_matrix
+
+    probs, labels = result.val_probs, result.val_labels
+    run.save_model(result.model, facts={"classes": classes, "image_size": image_size})
+    matrix = confusion_matrix(labels, probs.argmax(1), labels=list(range(len(classes))))
+    run.write_frame("history.csv", pd.DataFrame(result.history))
+    run.save_figure("curves.png", curves_figure(result.history))
+    run.save_figure("confusion.png", confusion_figure(matrix, classes))
+    metrics = {**facts, "val_accuracy": float(np.mean(probs.argmax(1) == labels)), "classes": classes,
+               "learning_rates": result.plan.learning_rates, "notes": result.notes, "timings_s": timings()}
+    run.write_json("metrics.json", metrics)
+    return metrics
+
+
 def save_model_atomic(model, target: Path, facts: dict | None = None) -> Path:
     """Save a Keras model via a temp file and a rename: an old file stays loadable until then.
 

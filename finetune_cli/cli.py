@@ -6,6 +6,7 @@ Every `FinetuneError` becomes `Error: <message>` on stderr and exit code 2.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import sys
 
@@ -81,8 +82,8 @@ def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_si
     evidence = plan = None
     if base:
         with report.progress_bar(err_console(), "probing features") as progress:
-            _, evidence, plan = api.plan(folder, base, weights=weights, image_size=image_size,
-                                         report=lambda e, i: progress(i["done"], i["total"]) if e == "progress" else None)
+            reporter = report.RichReporter(Console(file=io.StringIO()), progress)  # the bar alone
+            _, evidence, plan = api.plan(folder, base, weights=weights, image_size=image_size, reporter=reporter)
     if as_json:
         info = profile.to_dict()
         if plan:
@@ -234,8 +235,8 @@ def cache_clear(cache_dir):
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, seed, resume,
           batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy):
     """Decide how to reuse the base, train, and write a run folder."""
-    settings = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
-    if unlabeled is None and (any(v is not None for v in settings.values()) or greedy):
+    given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
+    if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
         raise click.UsageError("--arch, --noise, --noise-type, --code-size, --pretrain-epochs and --greedy set the "
                                "pretraining of --unlabeled; give --unlabeled DIR or drop them")
     console = err_console()
@@ -244,8 +245,8 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
             folder, base, out=out, weights=weights, image_size=image_size, strategy=strategy,
             similarity=similarity, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed, resume=resume,
             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
-            unlabeled=unlabeled, pretrain_settings=settings, greedy=greedy,
-            report=report.training_reporter(console, progress),
+            unlabeled=unlabeled, pretrain_settings=api.pretrain_config(**given) if unlabeled else None,
+            greedy=greedy, reporter=report.RichReporter(console, progress),
         )
     report.metrics_summary(Console(), metrics, out)
 
@@ -262,9 +263,10 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
 def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs, greedy, image_size, init_from, weights, seed):
     """Learn features from unlabeled images with a denoising autoencoder; save the encoder as a backbone."""
     console = err_console()
-    summary = api.pretrain(unlabeled, out, arch=arch, noise=noise, noise_type=noise_type, code_size=code_size,
-                           epochs=pretrain_epochs, image_size=image_size, init_from=init_from, init_weights=weights,
-                           greedy=greedy, seed=seed, report=report.training_reporter(console, lambda d, t: None))
+    settings = api.pretrain_config(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size,
+                                   epochs=pretrain_epochs, image_size=image_size)
+    summary = api.pretrain(unlabeled, out, settings=settings, init_from=init_from, init_weights=weights,
+                           greedy=greedy, seed=seed, reporter=report.RichReporter(console))
     report.pretrain_summary(Console(), summary, out)
 
 

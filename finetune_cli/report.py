@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from finetune_cli.data.profile import Profile
+from finetune_cli.reporter import Reporter
 
 
 def profile_tables(profile: Profile, console: Console, max_rows: int = 20) -> None:
@@ -96,29 +97,39 @@ def progress_bar(console: Console, description: str, unit: str = "images") -> It
         yield callback
 
 
-def training_reporter(console: Console, progress):
-    """A `train.run.Report` that prints phases, the plan and epochs to `console`."""
+class RichReporter(Reporter):
+    """The `Reporter` of the CLI: phases, the plan, notes and epochs on `console`.
 
-    def report(event: str, info: dict) -> None:
-        if event == "progress":
-            progress(info["done"], info["total"])
-        elif event == "phase":
-            console.print(f"[dim]-[/dim] {info['name']}", highlight=False)
-        elif event == "note":
-            console.print(f"[yellow]note:[/yellow] {info['text']}", highlight=False)
-        elif event == "plan":
-            plan_panel(console, info["plan"], info["similarity"])
-        elif event == "epoch" and "accuracy" in info:
-            console.print(
-                f"  epoch {info['epoch']}/{info['epochs']}: loss {info['loss']:.4f} acc {info['accuracy']:.1%}"
-                f"  val_loss {info['val_loss']:.4f} val_acc {info['val_accuracy']:.1%}", highlight=False)
-        elif event == "epoch":
-            console.print(
-                f"  epoch {info['epoch']}/{info['epochs']}: reconstruction loss {info['loss']:.5f}"
-                f"  held-out {info['val_loss']:.5f}  ({info['images'] / max(info['seconds'], 1e-9):,.0f} images/s)",
-                highlight=False)
+    Args:
+        progress: callback(done, total) drawing the current step's bar (see
+            `progress_bar`), or None.
+    """
 
-    return report
+    def __init__(self, console: Console, progress=None):
+        self.console, self.progress = console, progress
+
+    def on_progress(self, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(done, total)
+
+    def on_phase(self, name: str) -> None:
+        self.console.print(f"[dim]-[/dim] {name}", highlight=False)
+
+    def on_note(self, text: str) -> None:
+        self.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)
+
+    def on_plan(self, plan, similarity) -> None:
+        plan_panel(self.console, plan, similarity)
+
+    def on_epoch(self, logs: dict, epochs: int) -> None:
+        head = f"  epoch {logs['epoch']}/{epochs}: "
+        if "accuracy" in logs:
+            line = (f"loss {logs['loss']:.4f} acc {logs['accuracy']:.1%}  val_loss {logs['val_loss']:.4f} "
+                    f"val_acc {logs['val_accuracy']:.1%}")
+        else:
+            line = (f"reconstruction loss {logs['loss']:.5f}  held-out {logs['val_loss']:.5f}  "
+                    f"({logs['images'] / max(logs['seconds'], 1e-9):,.0f} images/s)")
+        self.console.print(head + line, highlight=False)
 
 
 def plan_panel(console: Console, plan, similarity) -> None:

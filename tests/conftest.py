@@ -11,7 +11,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from finetune_cli.reporter import Reporter
 from finetune_cli.synthetic import make_shapes_folder
+
+
+class Recorder(Reporter):
+    """A reporter that records what it is told, and can interrupt at an epoch (like Ctrl-C)."""
+
+    def __init__(self, stop_at_epoch: int | None = None):
+        self.stop_at_epoch, self.notes, self.phases, self.epochs = stop_at_epoch, [], [], []
+
+    def on_note(self, text):
+        self.notes.append(text)
+
+    def on_phase(self, name):
+        self.phases.append(name)
+
+    def on_epoch(self, logs, epochs):
+        self.epochs.append(dict(logs))
+        if logs["epoch"] == self.stop_at_epoch:
+            raise KeyboardInterrupt
 
 
 def jpeg_bytes(size=(40, 30), colour=(200, 30, 30), **save) -> bytes:

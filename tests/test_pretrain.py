@@ -20,9 +20,15 @@ from finetune_cli.models.autoencoder import mlp_autoencoder
 from finetune_cli.models.backbones import build, resolve
 from finetune_cli.synthetic import make_shapes_folder
 from finetune_cli.train.pretrain import fit_phase, greedy_phases
+from tests.conftest import Recorder
 
 #: A tiny, fast configuration: 16-px images, two conv blocks, an 8-unit code.
 TINY = dict(image_size=16, conv_filters=(4, 8), mlp_hidden=(24,), code_size=8, epochs=2, batch_size=8)
+
+
+def tiny(**changes):
+    """The pretraining settings of these tests: tiny networks, two epochs."""
+    return dataclasses.replace(PRETRAIN, **{**TINY, **changes})
 
 
 @pytest.fixture
@@ -52,7 +58,7 @@ def test_pretrain_cli_writes_a_loadable_backbone(unlabeled, tmp_path):
 
 def test_round_trip_pretrain_then_train_through_the_encoder_file(unlabeled, shapes, tmp_path):
     out = tmp_path / "encoder.keras"
-    summary = api.pretrain(unlabeled, out, **TINY)
+    summary = api.pretrain(unlabeled, out, settings=tiny())
     assert summary["best_val_loss"] < summary["identity_val_loss"] * 10  # a real number, not NaN
     # 27 training images in batches of 8 is 4 batches a pass; an epoch is at least 20 batches: 5 passes
     images = [float(line.split(",")[-1]) for line in (tmp_path / "encoder.history.csv").read_text().splitlines()[1:]]
@@ -66,7 +72,7 @@ def test_round_trip_pretrain_then_train_through_the_encoder_file(unlabeled, shap
 
 def test_weights_none_keeps_the_architecture_and_changes_the_weights(unlabeled, tmp_path):
     out = tmp_path / "encoder.keras"
-    api.pretrain(unlabeled, out, **TINY)
+    api.pretrain(unlabeled, out, settings=tiny())
     learned, fresh = build(resolve(str(out))).model, build(resolve(str(out), "none")).model
     assert [type(l).__name__ for l in learned.layers] == [type(l).__name__ for l in fresh.layers]
     assert [w.shape for w in learned.get_weights()] == [w.shape for w in fresh.get_weights()]
@@ -90,7 +96,7 @@ def test_tied_decoder_shares_the_encoder_kernel():
 
 def test_greedy_mlp_trains_layer_by_layer_then_whole(unlabeled, tmp_path):
     out = tmp_path / "sda.keras"
-    summary = api.pretrain(unlabeled, out, arch="mlp", greedy=True, **TINY)
+    summary = api.pretrain(unlabeled, out, settings=tiny(arch="mlp"), greedy=True)
     history = (tmp_path / "sda.history.csv").read_text().splitlines()
     phases = list(dict.fromkeys(line.split(",")[0] for line in history[1:]))
     assert phases == ["layer 1 (dense1)", "layer 2 (code)", "end to end"]
@@ -104,7 +110,7 @@ def test_a_greedy_phase_moves_only_its_own_layer(unlabeled):
     data = image_batches(paths, 16, 8)
     code_before = [np.asarray(v).copy() for v in ae.layers[1][0].weights]
     first_before = np.asarray(ae.layers[0][0].kernel).copy()
-    fit_phase(ae, greedy_phases(ae, config)[0], data, data, config, 0, lambda: None, lambda e, i: None)
+    fit_phase(ae, greedy_phases(ae, config)[0], data, data, config, 0, lambda: None)
     assert not np.allclose(first_before, np.asarray(ae.layers[0][0].kernel))
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(code_before, ae.layers[1][0].weights))
 
@@ -112,19 +118,15 @@ def test_a_greedy_phase_moves_only_its_own_layer(unlabeled):
 def test_interrupt_keeps_the_last_good_encoder(unlabeled, tmp_path):
     out = tmp_path / "encoder.keras"
 
-    def stop_at_epoch_two(event, info):
-        if event == "epoch" and info["epoch"] == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        api.pretrain(unlabeled, out, report=stop_at_epoch_two, **{**TINY, "epochs": 5})
+        api.pretrain(unlabeled, out, reporter=Recorder(stop_at_epoch=2), settings=tiny(epochs=5))
     assert build(resolve(str(out))).model.output_shape == (None, 1, 1, 8)
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
 def test_init_from_adapts_a_backbones_early_stages(unlabeled, tiny_base, tmp_path):
     out = tmp_path / "adapted.keras"
-    summary = api.pretrain(unlabeled, out, init_from=str(tiny_base), **TINY)
+    summary = api.pretrain(unlabeled, out, init_from=str(tiny_base), settings=tiny())
     assert summary["arch"] == "adapted" and summary["init_stage"] >= 1
     original = build(resolve(str(tiny_base), "imagenet", 16)).model
     adapted = build(resolve(str(out))).model
@@ -151,16 +153,16 @@ def test_bad_pretraining_input_is_a_clear_error(unlabeled, tmp_path):
     for path in sorted(unlabeled.rglob("*.jpg"))[:3]:
         shutil.copy(path, few / path.name)
     with pytest.raises(FolderError, match="at least 10"):
-        api.pretrain(few, tmp_path / "a.keras", **TINY)
+        api.pretrain(few, tmp_path / "a.keras", settings=tiny())
     taken = tmp_path / "taken.keras"
     taken.write_bytes(b"precious")
     with pytest.raises(OutputError, match="already exists"):
-        api.pretrain(unlabeled, taken, **TINY)
+        api.pretrain(unlabeled, taken, settings=tiny())
     assert taken.read_bytes() == b"precious"
     with pytest.raises(OutputError, match=".keras"):
-        api.pretrain(unlabeled, tmp_path / "enc.h5", **TINY)
+        api.pretrain(unlabeled, tmp_path / "enc.h5", settings=tiny())
     with pytest.raises(SettingsError, match="between 0 and 1"):
-        api.pretrain(unlabeled, tmp_path / "b.keras", noise=1.5)
+        api.pretrain(unlabeled, tmp_path / "b.keras", settings=tiny(noise=1.5))
     result = CliRunner().invoke(cli, ["train", str(unlabeled), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--base is required" in result.output
 
@@ -168,13 +170,9 @@ def test_bad_pretraining_input_is_a_clear_error(unlabeled, tmp_path):
 def test_resume_after_interrupted_pretraining_points_to_the_encoder(unlabeled, shapes, tmp_path):
     run = tmp_path / "run"
 
-    def stop_at_epoch_two(event, info):
-        if event == "epoch" and info["epoch"] == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        api.train(shapes, None, out=run, unlabeled=unlabeled, report=stop_at_epoch_two,
-                  pretrain_settings={**TINY, "epochs": 5})
+        api.train(shapes, None, out=run, unlabeled=unlabeled, reporter=Recorder(stop_at_epoch=2),
+                  pretrain_settings=tiny(epochs=5))
     assert not (run / "plan.json").exists()
     with pytest.raises(OutputError, match="encoder.keras, works as --base"):
         api.train(shapes, None, out=run, unlabeled=unlabeled, resume=True)

@@ -13,6 +13,7 @@ from finetune_cli import api
 from finetune_cli.cli import cli
 from finetune_cli.errors import FolderError, OutputError, TrainingError
 from finetune_cli.tfquiet import import_keras
+from tests.conftest import Recorder
 
 RUN_FILES = {"model.keras", "labels.json", "plan.json", "recipe.toml", "history.csv", "metrics.json",
              "curves.png", "confusion.png", "skipped.csv"}
@@ -101,26 +102,21 @@ def test_finetune_trains_only_planned_stages(shapes, tiny_base, tmp_path):
 
 
 def test_nan_loss_retries_at_lower_rate_then_gives_up(shapes, tiny_base, tmp_path):
-    notes = []
-    report = lambda event, info: notes.append(info["text"]) if event == "note" else None
+    recorder = Recorder()
     with pytest.raises(TrainingError, match="learning rate"):
         api.train(shapes, str(tiny_base), out=tmp_path / "run", image_size=32, similarity="similar",
                   recipe=recipe_file(tmp_path, optimizer="sgd", learning_rate=1e30, strategy="full", unfreeze_stages=0),
-                  report=report)
-    assert len([n for n in notes if "retrying at lr/10" in n]) == 2
+                  reporter=recorder)
+    assert len([n for n in recorder.notes if "retrying at lr/10" in n]) == 2
 
 
 def test_interrupt_then_resume(shapes, tiny_base, tmp_path):
     out = tmp_path / "run"
     recipe = recipe_file(tmp_path, epochs=4)
 
-    def interrupt_at_epoch_2(event, info):
-        if event == "epoch" and info["epoch"] == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         api.train(shapes, str(tiny_base), out=out, image_size=32, recipe=recipe, similarity="similar",
-                  report=interrupt_at_epoch_2)
+                  reporter=Recorder(stop_at_epoch=2))
     assert json.loads((out / "state.json").read_text())["epoch"] == 2
     import_keras().saving.load_model(out / "checkpoint.keras")  # the checkpoint is loadable
     with pytest.raises(OutputError, match="--resume"):

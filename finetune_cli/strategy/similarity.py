@@ -16,7 +16,8 @@ Otherwise `similar`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -102,3 +103,27 @@ def judge(stage_accuracy: dict[int, float], head_confidence: float | None, n_sam
 def forced(verdict: str, reason: str = "set with --similarity") -> Similarity:
     """A verdict given rather than measured (by --similarity, or known from how the base was made)."""
     return Similarity(verdict, {}, 0, None, 0, reason, forced=True)
+
+
+def probe_layers(n_stages: int) -> list[int | None]:
+    """The stages the probe compares: the two before the last, and the final output (None)."""
+    return [k for k in (n_stages - 2, n_stages - 1) if k >= 1] + [None]
+
+
+def measure(train, n_stages: int, features: Callable, top1: Callable | None = None, seed: int = 0) -> Similarity:
+    """Measure the evidence on a stratified sample of the training images, then `judge` it.
+
+    Args:
+        train: the training `Scan` (labelled).
+        n_stages: the backbone's stage count.
+        features: (scan, layers) -> one `FeatureTable` per layer (cached features).
+        top1: (scan) -> the pretrained classifier's mean top-1 probability, or None.
+    """
+    labels = np.array(train.label_indices())
+    keep = sample_indices(labels, seed=seed)
+    sample = replace(train, images=tuple(train.images[i] for i in keep))
+    layers = probe_layers(n_stages)
+    y = np.array(sample.label_indices())
+    accuracy = {k or n_stages: probe_accuracy(t.features, y, seed) for k, t in zip(layers, features(sample, layers))}
+    accuracy = {k: v for k, v in accuracy.items() if np.isfinite(v)} or {n_stages: 0.0}
+    return judge(accuracy, top1(sample) if top1 else None, len(keep))

@@ -114,3 +114,46 @@ def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     kernel = (full_coef / scale).T
     bias = full_bias - (scaler.mean_ / scale) @ full_coef.T
     return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool):
+    """Logistic regression on cached features of the plan's stage, folded into a Keras model.
+
+    Args:
+        ctx: the run's `train.context.Context`.
+        similarity: the evidence (its `best_stage` serves `feature_stage = "best"`).
+
+    Returns:
+        A `TrainResult`; history is one row per C tried.
+    """
+    from finetune_cli.models.heads import classifier
+    from finetune_cli.models.stages import select_layer
+    from finetune_cli.train.context import TrainResult
+
+    stage = plan.feature_stage
+    layer = None if stage == "final" else (similarity.best_stage if stage == "best" else int(stage))
+    layer = None if layer == n_stages else layer
+    ctx.reporter.on_phase(f"features from {'the final stage' if layer is None else f'stage {layer}'}")
+    tables = [ctx.features(ctx.train, [layer], view)[0] for view in range(plan.feature_views + 1)]
+    val_table = ctx.features(ctx.val, [layer])[0]
+    x = np.concatenate([t.features for t in tables])
+    y = np.concatenate([ctx.labels(t.records) for t in tables])
+    groups = np.concatenate([[r.digest for r in t.records] for t in tables])
+    ctx.reporter.on_phase("fitting the linear head (cross-validated C)")
+    head = fit_linear(x, y, len(ctx.classes), groups=np.unique(groups, return_inverse=True)[1],
+                      balanced=balanced, seed=ctx.seed)
+    model = classifier(ctx.backbone.model, select_layer(ctx.backbone.model, layer), len(ctx.classes),
+                       kernel=head.kernel, bias=head.bias)
+
+    def score(scan):
+        """(probabilities, ok) for scan.images through cached features and the head: the model's own math."""
+        table = ctx.features(scan, [layer])[0]
+        rows = {r.path: i for i, r in enumerate(table.records)}
+        ok = np.array([r.path in rows for r in scan.images])
+        probs = np.zeros((len(scan.images), len(ctx.classes)), np.float32)
+        probs[ok] = head.probabilities(table.features)[[rows[r.path] for r in scan.images if r.path in rows]]
+        return probs, ok
+
+    metrics = {"train_accuracy": float((head.probabilities(x).argmax(1) == y).mean()), "C": head.C}
+    return TrainResult(model, plan, head.scores, head.probabilities(val_table.features), ctx.labels(val_table.records),
+                       metrics, score)

@@ -23,10 +23,9 @@ import numpy as np
 from finetune_cli.config import PRETRAIN, SCAN, PretrainConfig, ScanConfig
 from finetune_cli.errors import FolderError, OutputError, TrainingError
 from finetune_cli.files import check_writable_folder, remove_stale_temps
+from finetune_cli.reporter import QUIET, Reporter
 from finetune_cli.tfquiet import import_keras
 
-#: report(event, info): "phase" {"name"}, "epoch" {"phase", "epoch", "epochs", "loss", "val_loss"}, "note" {"text"}.
-Report = Callable[[str, dict], None]
 
 #: Held-out images are capped so the validation pass stays cheap on big folders.
 MAX_HOLDOUT = 512
@@ -145,77 +144,56 @@ class Phase:
 
 
 def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, seed: int,
-              on_best: Callable[[], None], report: Report) -> list[dict]:
-    """Train one phase with early stopping; the autoencoder ends holding the best weights.
+              on_best: Callable[[], None], reporter: Reporter = QUIET) -> list[dict]:
+    """Train one phase with the engine and early stopping; the autoencoder ends holding the best weights.
 
     Returns:
         One dict per epoch: phase, epoch, loss, val_loss, seconds, images.
+
+    Raises:
+        TrainingError: a loss became NaN or infinite.
     """
     import tensorflow as tf
 
-    keras = import_keras()
-    groups = [(list(vs), rate) for vs, rate in phase.groups if vs]
-    optimizers = [keras.optimizers.Adam(rate) for _, rate in groups]
-    for optimizer, (variables, _) in zip(optimizers, groups):
-        optimizer.build(variables)
-    variables = [v for vs, _ in groups for v in vs]
+    from finetune_cli.data.pipeline import image_spec
+    from finetune_cli.train.engine import Diverged, EarlyStopping, Each, Group, NanGuard, Trainer
+
     generator = tf.random.Generator.from_seed(seed)
     val_generator = tf.random.Generator.from_seed(seed + 1)
 
-    from finetune_cli.data.pipeline import image_spec
-
-    signature = [image_spec(config.image_size, tf.float32), tf.TensorSpec((None,), tf.float32)]
-
-    @tf.function(input_signature=signature)
-    def step(x, w):
+    def loss(x, w):
         noisy = corrupt(x, generator, config.noise, config.noise_type)
-        with tf.GradientTape() as tape:
-            loss = phase.loss(noisy, x, w, generator, True)
-        grads = tape.gradient(loss, variables)
-        start = 0
-        for optimizer, (vs, _) in zip(optimizers, groups):
-            optimizer.apply_gradients(zip(grads[start : start + len(vs)], vs))
-            start += len(vs)
-        return loss * tf.reduce_sum(w), tf.reduce_sum(w)
+        return phase.loss(noisy, x, w, generator, True), tf.reduce_sum(w), {}
 
-    @tf.function(input_signature=signature)
+    @tf.function(input_signature=[image_spec(config.image_size, tf.float32), tf.TensorSpec((None,), tf.float32)])
     def held_out(x, w):
         noisy = corrupt(x, val_generator, config.noise, config.noise_type)
         return phase.loss(noisy, x, w, val_generator, False) * tf.reduce_sum(w), tf.reduce_sum(w)
 
-    def mean_over(fn, data):
-        total, seen = 0.0, 0.0
-        for x, w in data:
-            loss, weight = fn(x, w)
-            total, seen = total + float(loss), seen + float(weight)
-        return total / max(seen, 1.0), seen
-
-    history, best, stale, best_weights = [], np.inf, 0, None
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        loss, seen = mean_over(step, train_data)
-        seconds = time.perf_counter() - started
+    def validate() -> dict:
         val_generator.reset_from_seed(seed + 1)  # the same corruption every epoch: comparable losses
-        val_loss, _ = mean_over(held_out, val_data)
-        if not (np.isfinite(loss) and np.isfinite(val_loss)):
-            raise TrainingError("pretraining diverged (the loss became NaN or infinite): try a smaller --noise "
-                                "or --code-size, or check the images with `finetune inspect`")
-        history.append({"phase": phase.name, "epoch": epoch, "loss": loss, "val_loss": val_loss,
-                        "seconds": seconds, "images": seen})
-        report("epoch", {**history[-1], "epochs": config.epochs})
-        if val_loss < best * (1 - MIN_IMPROVEMENT):
-            best, stale, best_weights = val_loss, 0, ae.model.get_weights()
-            on_best()
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    if best_weights is not None:
-        ae.model.set_weights(best_weights)
-    return history
+        sums = [held_out(x, w) for x, w in val_data]
+        return {"val_loss": sum(float(a) for a, _ in sums) / max(sum(float(b) for _, b in sums), 1.0)}
+
+    def record(trainer, state, logs):
+        logs["phase"] = phase.name
+        reporter.on_epoch(logs, config.epochs)
+
+    callbacks = [NanGuard(), EarlyStopping(config.patience, MIN_IMPROVEMENT, relative=True,
+                                           on_improve=lambda trainer: on_best()), Each(record)]
+    groups = [Group(f"group{i}", list(vs), rate) for i, (vs, rate) in enumerate(phase.groups)]
+    signature = [image_spec(config.image_size, tf.float32), tf.TensorSpec((None,), tf.float32)]
+    trainer = Trainer(ae.model, loss, groups, signature, callbacks=callbacks)
+    try:
+        state = trainer.fit(train_data, validate, config.epochs)
+    except Diverged:
+        raise TrainingError("pretraining diverged (the loss became NaN or infinite): try a smaller --noise "
+                            "or --code-size, or check the images with `finetune inspect`") from None
+    keep = ("phase", "epoch", "loss", "val_loss", "seconds", "images")
+    return [{k: row[k] for k in keep} for row in state.history]
 
 
-def build_autoencoder(config: PretrainConfig, init_ref, seed: int, report: Report):
+def build_autoencoder(config: PretrainConfig, init_ref, seed: int, reporter: Reporter):
     """(Autoencoder, phases, facts for the summary); `init_ref` is the resolved `--init-from` base or None."""
     from finetune_cli.models import autoencoder as models
 
@@ -223,7 +201,7 @@ def build_autoencoder(config: PretrainConfig, init_ref, seed: int, report: Repor
     if init_ref is not None:
         from finetune_cli.models.backbones import build
 
-        report("phase", {"name": f"building {init_ref.label} ({init_ref.weights} weights) to adapt"})
+        reporter.on_phase(f"building {init_ref.label} ({init_ref.weights} weights) to adapt")
         ae, stage, n_stages = models.adapted_autoencoder(build(init_ref).model, config.image_size,
                                                          config.conv_filters, seed)
         facts = {"init_from": init_ref.label, "init_weights": init_ref.weights,
@@ -249,7 +227,7 @@ def greedy_phases(ae, config: PretrainConfig) -> list[Phase]:
 def pretrain(
     unlabeled, out, *, config: PretrainConfig = PRETRAIN, init_from: str | None = None,
     init_weights: str = "imagenet", greedy: bool = False, seed: int = 0,
-    scan_config: ScanConfig = SCAN, report: Report | None = None,
+    scan_config: ScanConfig = SCAN, reporter: Reporter = QUIET,
 ) -> dict:
     """Pretrain a denoising autoencoder on the images under `unlabeled`; save its encoder at `out`.
 
@@ -268,7 +246,6 @@ def pretrain(
     """
     from finetune_cli.data.scan import scan_folder
 
-    report = report or (lambda event, info: None)
     started = time.perf_counter()
     path = check_output(out)
     ref = None
@@ -276,25 +253,25 @@ def pretrain(
         from finetune_cli.models.backbones import resolve
 
         ref = resolve(init_from, init_weights, config.image_size, seed)
-    report("phase", {"name": "scanning the unlabeled images"})
+    reporter.on_phase("scanning the unlabeled images")
     scan = scan_folder(unlabeled, labelled=False, config=scan_config)
     if len(scan.images) < config.min_images:
         raise FolderError(f"{scan.root} has {len(scan.images)} usable images; pretraining needs at least "
                           f"{config.min_images} (more is better: hundreds to thousands)")
     paths = scan.paths()
     train_idx, hold_idx = split_holdout(len(paths), config.holdout, seed)
-    ae, phases, facts = build_autoencoder(config, ref, seed, report)
+    ae, phases, facts = build_autoencoder(config, ref, seed, reporter)
     if greedy and ae.arch == "mlp":
         phases = greedy_phases(ae, config) + phases
     elif greedy:
-        report("note", {"text": "--greedy applies to --arch mlp only; training the whole autoencoder at once"})
+        reporter.on_note("--greedy applies to --arch mlp only; training the whole autoencoder at once")
     train_data, val_data, in_memory = _datasets(paths, train_idx, hold_idx, config, seed, scan_config)
     history = []
     save = lambda: _save_encoder(ae.encoder, path)
     for phase in phases:
-        report("phase", {"name": f"pretraining {ae.arch} autoencoder: {phase.name} on {len(train_idx)} images, "
-                                 f"{len(hold_idx)} held out"})
-        history += fit_phase(ae, phase, train_data, val_data, config, seed, save, report)
+        reporter.on_phase(f"pretraining {ae.arch} autoencoder: {phase.name} on {len(train_idx)} images, "
+                          f"{len(hold_idx)} held out")
+        history += fit_phase(ae, phase, train_data, val_data, config, seed, save, reporter)
     save()
     summary = _summary(ae, config, scan, train_idx, hold_idx, history, facts, greedy, in_memory, started)
     summary["identity_val_loss"], examples = _examples(ae, val_data, config, seed)

@@ -1,0 +1,128 @@
+"""Fitting a fine-tuning plan: the head from the linear solution, then the plan's stages.
+
+    phase 1: logistic regression on cached final features -> the head's starting weights
+    phase 2: the engine (`train.engine`) trains the head and the plan's stages
+             at their own rates, on
+             - cached activations of the frozen prefix, when the plan leaves the
+               lower stages frozen (`train.prefix`): the prefix runs once per
+               image and view, never per epoch;
+             - or images end to end, when every stage trains (or no cache).
+
+`model.keras` is always the whole network, raw pixels in: the prefix model and
+the trained top share their layers with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from finetune_cli.errors import TrainingError
+from finetune_cli.train.context import Context, TrainResult, class_weights
+
+BEST_WEIGHTS = "best.weights.h5"
+
+
+def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, settings) -> TrainResult:
+    """Fine-tune as the plan says (see the module docstring); retries at lr/10 when it diverges.
+
+    Args:
+        settings: a `config.TrainConfig` (retries, activation cache).
+
+    Raises:
+        TrainingError: still diverging after `settings.max_retries` retries.
+    """
+    from finetune_cli.predict import probabilities
+    from finetune_cli.train.loop import predict_batches
+
+    model, state = _start(ctx, recipe, balanced, resume)
+    trainable, train_data, val_data = _datasets(ctx, model, plan, recipe, balanced)
+    state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries)
+    probs, labels = predict_batches(trainable, val_data)
+    size = ctx.backbone.ref.image_size
+    score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)
+    metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch}
+    return TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
+
+
+def _start(ctx: Context, recipe, balanced: bool, resume: bool):
+    """(whole model, LoopState or None): from the checkpoint, or a head from the linear solution."""
+    from finetune_cli.models.heads import classifier
+    from finetune_cli.train.linear import fit_linear
+    from finetune_cli.train.resume import load_checkpoint
+
+    if resume and ctx.run.file("checkpoint.keras").exists():
+        model, state = load_checkpoint(ctx.run)
+        ctx.reporter.on_note(f"resuming after epoch {state.epoch} (optimizer state starts afresh)")
+        return model, state
+    ctx.reporter.on_phase("phase 1: linear head on frozen final features")
+    table = ctx.features(ctx.train, [None])[0]
+    head = fit_linear(table.features, ctx.labels(table.records), len(ctx.classes), balanced=balanced, seed=ctx.seed)
+    model = classifier(ctx.backbone.model, ctx.backbone.model.layers[-1].name, len(ctx.classes),
+                       dropout=recipe.dropout, l2=recipe.l2, kernel=head.kernel, bias=head.bias)
+    return model, None
+
+
+def _datasets(ctx: Context, model, plan, recipe, balanced: bool):
+    """(the model the engine trains, train batches, validation batches): on cached activations or images."""
+    from finetune_cli.data.pipeline import augmenter, labelled_batches
+
+    y_train, y_val = ctx.labels(ctx.train.images), ctx.labels(ctx.val.images)
+    weights = class_weights(y_train, len(ctx.classes), balanced)[y_train]
+    size = ctx.backbone.ref.image_size
+    train_data = labelled_batches(ctx.train.paths(), y_train, weights, size, recipe.batch_size,
+                                  shuffle_seed=ctx.seed, augment=augmenter(plan.augmentation), config=ctx.config)
+    val_data = labelled_batches(ctx.val.paths(), y_val, np.ones(len(y_val)), size, recipe.batch_size,
+                                config=ctx.config)
+    return model, train_data, val_data
+
+
+def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, state, retries: int):
+    """Run the engine with checkpoints and the NaN policy; returns (state, plan as run, notes)."""
+    from finetune_cli.train.engine import Diverged, fit_with_retries
+    from finetune_cli.train.loop import finetuner
+
+    notes: list[str] = []
+
+    def checkpoint(_, state, improved: bool):
+        if improved:
+            ctx.run.save_weights(model, BEST_WEIGHTS)
+        ctx.run.save_model(model, "checkpoint.keras")
+        ctx.run.write_json("state.json", dataclasses.asdict(state))
+
+    def restore_best(_):
+        ctx.reporter.on_note(f"restoring the best epoch's weights from {BEST_WEIGHTS}")
+        model.load_weights(ctx.run.file(BEST_WEIGHTS))
+
+    def retry(exc, factor):
+        nonlocal plan
+        plan = dataclasses.replace(plan, learning_rates={k: v * 0.1 for k, v in plan.learning_rates.items()})
+        notes.append(f"{exc}: learning rate too high; retrying at lr/10 (head {plan.learning_rates['head']:.2g})")
+        ctx.reporter.on_note(notes[-1])
+        _announce(ctx, plan)
+
+    trainer, validate = finetuner(trainable, plan, recipe, val_data, checkpoint=checkpoint, restore_best=restore_best,
+                                  progress=lambda s, total: ctx.reporter.on_epoch(s.history[-1], total))
+    _announce(ctx, plan)
+    try:
+        state = fit_with_retries(trainer, train_data, validate, plan.epochs, state, retries=retries, on_retry=retry)
+    except Diverged as exc:
+        raise TrainingError(f"{exc} even at head lr {plan.learning_rates['head']:.2g}: the learning rate "
+                            "is too high or the data is broken; lower learning_rate in a --recipe file") from None
+    return state, plan, notes
+
+
+def _announce(ctx: Context, plan) -> None:
+    rates = plan.learning_rates
+    ctx.reporter.on_phase(f"phase 2: fine-tuning stages {list(plan.train_stages)} (head lr {rates['head']:.2g}, "
+                          f"top {rates['top']:.2g}, intermediate {rates['intermediate']:.2g})")
+
+
+def _slow_note(history: list[dict]) -> list[str]:
+    """A note when the validation loss barely moved (the rate may be too low)."""
+    if len(history) >= 2 and history[0]["val_loss"] > 0:
+        moved = (history[0]["val_loss"] - min(h["val_loss"] for h in history)) / history[0]["val_loss"]
+        if abs(moved) < 0.01 and history[-1]["accuracy"] < 0.9:
+            return ["validation loss barely moved: the learning rate may be too low for this data"]
+    return []
