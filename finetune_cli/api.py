@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune_cli.config import FEATURES, PRETRAIN, SCAN, PretrainConfig, ScanConfig
+from finetune_cli.config import FEATURES, PRETRAIN, SCAN, TRAIN, PretrainConfig, ScanConfig, TrainConfig
 from finetune_cli.data.profile import Profile, profile_scan
 from finetune_cli.data.scan import Progress, scan_folder
 from finetune_cli.reporter import QUIET, Reporter
@@ -178,6 +178,7 @@ def train(
     pretrain_settings: PretrainConfig | None = None,
     greedy: bool = False,
     config: ScanConfig = SCAN,
+    settings: TrainConfig = TRAIN,
     reporter: Reporter = QUIET,
 ) -> dict:
     """Inspect, decide, train and write a run folder (see `train.run` for the steps).
@@ -191,6 +192,7 @@ def train(
             early stages when base is given), with `pretrain_settings`
             (see `pretrain_config`) and `greedy`.
         resume: continue the run in `out` (see `train.resume`).
+        settings: how training runs beyond the recipe (`config.TrainConfig`).
 
     Returns:
         The run's metrics (also written to `out/metrics.json`).
@@ -205,7 +207,7 @@ def train(
                         strategy=strategy, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
                         resume=resume, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
                         unlabeled=unlabeled, pretrain_config=pretrain_settings, greedy=greedy, config=config,
-                        reporter=reporter)
+                        settings=settings, reporter=reporter)
 
 
 def pretrain(

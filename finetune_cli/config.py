@@ -148,12 +148,16 @@ class TrainConfig:
             on disk, so memory stays flat.
         activation_dtype: `float16` (half the disk and memory, and no
             measurable change in accuracy, see the README) or `float32`.
+        cache_prefix: train the top stages on cached frozen-prefix
+            activations (`train.prefix`); False runs the frozen stages every
+            epoch, end to end, with on-line augmentation.
     """
 
     val_fraction: float = 0.2
     max_retries: int = 2
     activation_budget_mb: int = 2048
     activation_dtype: str = "float16"
+    cache_prefix: bool = True
 
 
 def default_cache_dir() -> Path:

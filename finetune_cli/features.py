@@ -35,12 +35,14 @@ TAG_TEXT = (
     "# For information about cache directory tags see https://bford.info/cachedir/\n"
 )
 NAMESPACE = re.compile(r"^[0-9a-f]{24}$")
-ENTRY = re.compile(r"^[0-9a-f]{32}\.f32$")
+ENTRY = re.compile(r"^[0-9a-f]{32}\.f(32|16)$")
+#: Entry file endings by dtype: float32 features, float16 activation maps.
+SUFFIX = {"float32": ".f32", "float16": ".f16"}
 TMP_DIR = ".tmp"
 
 
 class FeatureCache:
-    """Feature vectors on disk: `root/<namespace>/<digest[:2]>/<digest>.f32`.
+    """Feature vectors on disk: `root/<namespace>/<digest[:2]>/<digest>.f32` (or `.f16`).
 
     `root/CACHEDIR.TAG` marks the folder as ours; temporary files live in
     `root/.tmp/` until renamed into place, and a later run removes those left
@@ -94,18 +96,18 @@ class FeatureCache:
         remove_stale_temps(self.root / TMP_DIR)
         return self
 
-    def namespace(self, ref: BaseRef, layer: str, pooling: str, view: int = 0) -> str:
-        """A folder name for one (backbone, weights, layer, pooling, size, view) combination."""
+    def namespace(self, ref: BaseRef, layer: str, pooling: str, view: int = 0, dtype: str = "float32") -> str:
+        """A folder name for one (backbone, weights, layer, pooling, size, view, dtype) combination."""
         key = f"{ref.identity}|layer={layer}|pool={pooling}|size={ref.image_size}"
-        key += f"|view={view}" if view else ""
+        key += (f"|view={view}" if view else "") + ("" if dtype == "float32" else f"|dtype={dtype}")
         name = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
         meta = self.root / name / "meta.json"
         if not meta.exists():
             self._write(meta, json.dumps({"backbone": ref.label, "key": key}).encode())
         return name
 
-    def _path(self, namespace: str, digest: str) -> Path:
-        return self.root / namespace / digest[:2] / f"{digest}.f32"
+    def _path(self, namespace: str, digest: str, dtype: str = "float32") -> Path:
+        return self.root / namespace / digest[:2] / f"{digest}{SUFFIX[dtype]}"
 
     def _write(self, path: Path, data: bytes) -> None:
         try:
@@ -114,23 +116,24 @@ class FeatureCache:
             raise OutputError(f"cannot write to the feature cache {self.root}: {exc.strerror or exc} "
                               "(disk full?); give another --cache-dir, or --no-cache") from None
 
-    def get(self, namespace: str, digest: str) -> np.ndarray | None:
-        """The cached vector (float32, 1-D), or None if absent or corrupt."""
-        path = self._path(namespace, digest)
+    def get(self, namespace: str, digest: str, dtype: str = "float32") -> np.ndarray | None:
+        """The cached vector (1-D, of `dtype`), or None if absent or corrupt."""
+        path = self._path(namespace, digest, dtype)
         try:
             blob = path.read_bytes()
         except OSError:
             return None
         check, payload = blob[:CHECKSUM_BYTES], blob[CHECKSUM_BYTES:]
-        if hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest() != check or len(payload) % 4:
+        width = np.dtype(dtype).itemsize
+        if hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest() != check or len(payload) % width:
             path.unlink(missing_ok=True)
             return None
-        return np.frombuffer(payload, dtype=np.float32)
+        return np.frombuffer(payload, dtype=dtype)
 
-    def put(self, namespace: str, digest: str, vector: np.ndarray) -> None:
-        payload = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+    def put(self, namespace: str, digest: str, vector: np.ndarray, dtype: str = "float32") -> None:
+        payload = np.ascontiguousarray(vector, dtype=dtype).tobytes()
         check = hashlib.blake2b(payload, digest_size=CHECKSUM_BYTES).digest()
-        self._write(self._path(namespace, digest), check + payload)
+        self._write(self._path(namespace, digest, dtype), check + payload)
 
     def _namespaces(self) -> list[Path]:
         try:
@@ -140,7 +143,7 @@ class FeatureCache:
 
     @staticmethod
     def _entries(space: Path) -> list[Path]:
-        return [p for p in space.glob("??/*.f32") if ENTRY.match(p.name)]
+        return [p for p in space.glob("??/*.f*") if ENTRY.match(p.name)]
 
     def info(self) -> dict:
         """Location, entry count and bytes, per namespace and in total (an unreadable meta.json is shown as such)."""
@@ -202,14 +205,14 @@ class FeatureTable:
 
     Attributes:
         records: the images, in row order.
-        features: float32 (n, d).
+        features: float32 (n, d); None when only the cache was filled (`keep=False`).
         layer: the layer the features come from.
         skipped: files that failed at decode time (after the scan), if any.
         computed: how many rows were computed (the rest came from the cache).
     """
 
     records: list[ImageRecord]
-    features: np.ndarray
+    features: np.ndarray | None
     layer: str
     skipped: list[Skipped]
     computed: int
@@ -232,15 +235,22 @@ def extract_many(
     config: ScanConfig = SCAN,
     progress: Callable[[int, int], None] | None = None,
     backbone=None,
+    dtype: str = "float32",
+    keep: bool = True,
 ) -> list[FeatureTable]:
     """Features of every usable image in `scan`, from the cache where possible.
 
     Images missing from the cache for any layer go through the backbone once,
-    with every requested layer computed in that one pass.
+    with every requested layer computed in that one pass; each finished batch
+    is cached at once.
 
     Args:
         layers: each None (final features), a stage index, or a layer name.
-        pooling: `avg` or `max` over the spatial axes of a 4-D map.
+        pooling: `avg` or `max` over the spatial axes of a 4-D map, or `none`
+            to keep the whole map (flattened per image: activations).
+        dtype: what the cache stores, `float32` or `float16`.
+        keep: False fills the cache and returns tables without features, so
+            memory stays flat however large the maps (needs a cache).
         view: 0 for the image as is; k >= 1 for the k-th deterministic
             augmented view (flip, crop), cached separately.
         backbone: an already built `Backbone` for `ref`, to avoid rebuilding.
@@ -248,11 +258,15 @@ def extract_many(
     Returns:
         One `FeatureTable` per layer, rows following `scan.images` (minus late failures).
     """
-    if pooling not in ("avg", "max"):
-        raise ValueError(f"Expected pooling 'avg' or 'max'. Received: pooling={pooling!r}")
+    if pooling not in ("avg", "max", "none"):
+        raise ValueError(f"Expected pooling 'avg', 'max' or 'none'. Received: pooling={pooling!r}")
+    if not keep and cache is None:
+        raise ValueError("keep=False needs a cache to fill")
     keys = ["final" if layer in (None, "") else str(layer) for layer in layers]
-    spaces = [cache.namespace(ref, key, pooling, view) if cache else "" for key in keys]
-    grids = [[cache.get(space, r.digest) if cache else None for r in scan.images] for space in spaces]
+    spaces = [cache.namespace(ref, key, pooling, view, dtype) if cache else "" for key in keys]
+    cached = lambda space, r: cache.get(space, r.digest, dtype) if cache else None
+    grids = [[(cached(space, r) if keep else (cached(space, r) is not None or None)) for r in scan.images]
+             for space in spaces]
     missing = [i for i in range(len(scan.images)) if any(grid[i] is None for grid in grids)]
     failed = set()
     if missing:
@@ -264,28 +278,29 @@ def extract_many(
         for start, matrices, ok in batches:
             rows = missing[start : start + len(ok)]
             failed.update(i for i, good in zip(rows, ok) if not good)
-            _store(scan, cache, grids, spaces, matrices, rows, ok)
+            _store(scan, cache, grids, spaces, matrices, rows, ok, dtype, keep)
             if progress:
                 progress(done_before + start + len(ok), len(scan.images))
     elif progress:
         progress(len(scan.images), len(scan.images))
     skipped = [Skipped(scan.images[i].path, "could not be read at extraction time") for i in sorted(failed)]
-    keep = [i for i in range(len(scan.images)) if i not in failed]
-    records = [scan.images[i] for i in keep]
+    rows = [i for i in range(len(scan.images)) if i not in failed]
+    records = [scan.images[i] for i in rows]
     return [
-        FeatureTable(records, np.stack([grid[i] for i in keep]).astype(np.float32), key, skipped, len(missing))
+        FeatureTable(records, np.stack([grid[i] for i in rows]).astype(np.float32) if keep else None, key,
+                     skipped, len(missing))
         for grid, key in zip(grids, keys)
     ]
 
 
-def _store(scan: Scan, cache, grids, spaces, matrices, rows: list[int], ok) -> None:
+def _store(scan: Scan, cache, grids, spaces, matrices, rows: list[int], ok, dtype: str, keep: bool) -> None:
     """Keep one computed batch, and cache it now: an interrupted pass keeps every finished batch."""
     for grid, space, matrix in zip(grids, spaces, matrices):
         for i, vector, good in zip(rows, matrix, ok):
             if good and grid[i] is None:
-                grid[i] = vector
+                grid[i] = vector if keep else True
                 if cache:
-                    cache.put(space, scan.images[i].digest, vector)
+                    cache.put(space, scan.images[i].digest, vector, dtype)
 
 
 TABLE_FORMATS = (".parquet", ".csv", ".npz")

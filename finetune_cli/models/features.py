@@ -14,10 +14,10 @@ from finetune_cli.tfquiet import import_keras
 
 
 def pooled_model(model, layer_name: str, pooling: str):
-    """Sub-model: raw images -> pooled features (B, C) of `layer_name`."""
+    """Sub-model: raw images -> pooled features (B, C) of `layer_name`; with pooling `none`, its map as is."""
     keras = import_keras()
     output = model.get_layer(layer_name).output
-    if len(output.shape) == 4:
+    if len(output.shape) == 4 and pooling != "none":
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
         output = pool(name=f"pool_{layer_name}")(output)
     return keras.Model(model.input, output, name=f"{model.name}_features")
@@ -54,5 +54,5 @@ def feature_batches(
     for images, ok in batched_images(paths, ref.image_size, batch_size, config, view):
         results = forward(images)
         results = results if isinstance(results, (list, tuple)) else [results]
-        yield start, [r.numpy().astype(np.float32) for r in results], ok.numpy()
+        yield start, [r.numpy().reshape(len(ok), -1).astype(np.float32) for r in results], ok.numpy()
         start += len(ok)

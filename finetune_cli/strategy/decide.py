@@ -48,8 +48,11 @@ class Plan:
         train_stages: stage indices (1-based) that fine-tune; () for linear.
         top_stages: the subset of train_stages trained at the `top` rate.
         learning_rates: {"head", "top", "intermediate"} -> rate (fine-tuning).
-        augmentation: `none`, `light` or `strong`.
-        feature_views: augmented views per image (linear).
+        augmentation: `none`, `light` or `strong`: on-line augmentation of
+            end-to-end fine-tuning (every stage trains, or no cache).
+        feature_views: cached augmented views per training image: of its
+            frozen features (linear) or of its frozen-prefix activations
+            (fine-tuning with frozen lower stages).
         epochs: fine-tuning epochs at most (0 for linear).
         reason: why, in words.
         suggestions: what the user could do next.
@@ -130,7 +133,7 @@ def decide(
             "intermediate": rate * recipe.intermediate_lr_factor,
         },
         augmentation=recipe.augmentation,
-        feature_views=recipe.feature_views if recipe.strategy == "linear" else 0,
+        feature_views=recipe.feature_views,
         epochs=0 if recipe.strategy == "linear" else recipe.epochs,
         reason=reason,
         suggestions=tuple(suggestions),

@@ -36,9 +36,13 @@ class Recipe:
         description: one line for users.
         feature_stage: linear only: `final`, `best` (cross-validated over
             stages) or a stage index (1 = earliest).
-        feature_views: linear only: augmented views per training image, 0-16.
-        augmentation: `none`, `light` (flip, small shifts) or `strong` (also
-            zoom, rotation, contrast).
+        feature_views: augmented views (flip, crop 70-100 %) per training
+            image, 0-16, cached once: of its frozen features (linear) or of
+            its frozen-prefix activations (fine-tuning that leaves the lower
+            stages frozen; each epoch draws one view per image slot).
+        augmentation: on-line augmentation when fine-tuning end to end (every
+            stage trains): `none`, `light` (flip, small shifts) or `strong`
+            (also zoom, rotation, contrast).
         unfreeze_stages: fine-tuning: how many top stages train (0 = all).
         top_stages: of the unfrozen stages, how many count as "top".
         learning_rate: the new head's rate, > 0 (the NaN guard retries at /10 when too high).

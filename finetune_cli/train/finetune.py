@@ -37,7 +37,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     from finetune_cli.train.loop import predict_batches
 
     model, state = _start(ctx, recipe, balanced, resume)
-    trainable, train_data, val_data = _datasets(ctx, model, plan, recipe, balanced)
+    trainable, train_data, val_data = _datasets(ctx, model, plan, recipe, balanced, settings)
     state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries)
     probs, labels = predict_batches(trainable, val_data)
     size = ctx.backbone.ref.image_size
@@ -64,12 +64,21 @@ def _start(ctx: Context, recipe, balanced: bool, resume: bool):
     return model, None
 
 
-def _datasets(ctx: Context, model, plan, recipe, balanced: bool):
+def _datasets(ctx: Context, model, plan, recipe, balanced: bool, settings):
     """(the model the engine trains, train batches, validation batches): on cached activations or images."""
     from finetune_cli.data.pipeline import augmenter, labelled_batches
+    from finetune_cli.train import prefix
 
     y_train, y_val = ctx.labels(ctx.train.images), ctx.labels(ctx.val.images)
     weights = class_weights(y_train, len(ctx.classes), balanced)[y_train]
+    cut = prefix.split(model, plan) if ctx.cache is not None and settings.cache_prefix else None
+    if cut is not None:
+        train_data, val_data = prefix.datasets(ctx, cut, plan.feature_views, y_train, weights, recipe.batch_size,
+                                               settings.activation_dtype, settings.activation_budget_mb)
+        return cut.top, train_data, val_data
+    if plan.train_stages and min(plan.train_stages) > 1:
+        ctx.reporter.on_note("the frozen stages run every epoch (" + ("--no-cache" if ctx.cache is None else
+                             "no clean cut below the trained stages") + ")")
     size = ctx.backbone.ref.image_size
     train_data = labelled_batches(ctx.train.paths(), y_train, weights, size, recipe.batch_size,
                                   shuffle_seed=ctx.seed, augment=augmenter(plan.augmentation), config=ctx.config)

@@ -1,0 +1,156 @@
+"""The frozen prefix: run the stages that do not train once per image and view, not once per epoch.
+
+When a fine-tuning plan leaves the lower stages frozen (their weights and their
+BatchNorm statistics never change), their output for a given image never
+changes either. So:
+
+1. the model is cut where the frozen part ends, at its narrowest single tensor
+   (`split`): `prefix` (raw pixels -> activations) and `top` (activations ->
+   probabilities), both sharing their layers with the whole model, so training
+   `top` trains the whole model and `model.keras` stays raw pixels in;
+2. the prefix runs once over every training image and each of its cached
+   augmented views (`Plan.feature_views`: flip and crop, `augmented_view`),
+   and over the validation images; the activations go into the feature cache
+   under the images' content keys, as float16 by default (`TrainConfig`);
+3. each epoch draws one (image, view) pair per image slot from the pool,
+   shuffled, and the top trains on the cached activations: held in memory when
+   they fit `TrainConfig.activation_budget_mb`, else read from the cache on
+   disk batch by batch, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from finetune_cli.models.stages import find_stages
+from finetune_cli.tfquiet import import_keras
+
+#: How far back from a stage's end the cut may move to find a narrower tensor.
+MAX_STEPS_BACK = 8
+
+
+@dataclass
+class Split:
+    """A model cut in two at `layer`'s output: activations of shape `shape` feed `top`."""
+
+    layer: str
+    shape: tuple
+    top: object
+
+
+def split(model, plan) -> Split | None:
+    """Cut `model` below the first stage that trains, or None when every stage trains or no cut is clean.
+
+    Candidates are the outputs of the frozen prefix's last layers, walking back
+    along a single-input chain; the smallest one that alone connects the two
+    parts wins (a skip connection across a cut makes it unclean).
+    """
+    if not plan.train_stages or min(plan.train_stages) <= 1:
+        return None
+    keras = import_keras()
+    end = find_stages(model)[min(plan.train_stages) - 2].name
+    for layer in sorted(_chain(model, end), key=lambda l: int(np.prod(l.output.shape[1:]))):
+        try:
+            top = keras.Model(layer.output, model.output, name="finetune_top")
+        except Exception:  # a graph that needs another tensor from below the cut
+            continue
+        return Split(layer.name, tuple(layer.output.shape[1:]), top)
+    return None
+
+
+def _chain(model, name: str) -> list:
+    """`name`'s layer and the layers feeding it one by one (single input), at most `MAX_STEPS_BACK`."""
+    layer, chain = model.get_layer(name), []
+    for _ in range(MAX_STEPS_BACK):
+        chain.append(layer)
+        source = layer.input
+        if isinstance(source, (list, tuple)) or not hasattr(source, "_keras_history"):
+            break
+        layer = source._keras_history.operation
+        if type(layer).__name__ == "InputLayer":
+            break
+    return chain
+
+
+def fill(ctx, cut: Split, views: int, dtype: str) -> None:
+    """Cache the prefix's activations for the training images (views 0..`views`) and the validation images."""
+    for view in range(views + 1):
+        ctx.reporter.on_phase(f"frozen stages: activations at '{cut.layer}' {cut.shape}, "
+                              f"view {view} of {views} ({len(ctx.train.images)} images)")
+        ctx.features(ctx.train, [cut.layer], view, pooling="none", dtype=dtype, keep=False)
+    ctx.reporter.on_phase(f"frozen stages: activations of {len(ctx.val.images)} validation images")
+    ctx.features(ctx.val, [cut.layer], 0, pooling="none", dtype=dtype, keep=False)
+
+
+def datasets(ctx, cut: Split, views: int, labels: np.ndarray, weights: np.ndarray, batch_size: int,
+             dtype: str, budget_mb: int):
+    """(train batches, validation batches) of (activations float32 (B, *shape), labels int32, weights float32).
+
+    Training: each epoch, `len(train)` (image, view) pairs drawn from the
+    pool of all pairs without replacement, reshuffled each epoch with the
+    run's seed; with `views` = 0 that is a plain shuffle, in the same order as
+    the end-to-end image pipeline. Validation: view 0, in order.
+    """
+    fill(ctx, cut, views, dtype)
+    size = int(np.prod(cut.shape)) * np.dtype(dtype).itemsize
+    total_mb = size * (len(ctx.train.images) * (views + 1) + len(ctx.val.images)) / 1e6
+    in_memory = total_mb <= budget_mb
+    ctx.reporter.on_note(f"training the top stages on cached activations ({total_mb:,.0f} MB, "
+                         + ("held in memory)" if in_memory else f"over the {budget_mb} MB budget: read from disk)"))
+    train = _source(ctx, ctx.train, cut, views, dtype, in_memory)
+    val = _source(ctx, ctx.val, cut, 0, dtype, in_memory)
+    y_val = ctx.labels(ctx.val.images)
+    n_train, n_val = len(ctx.train.images), len(ctx.val.images)
+    return (_batches(train, cut.shape, labels, weights, n_train, views, batch_size, ctx.seed),
+            _batches(val, cut.shape, y_val, np.ones(n_val), n_val, 0, batch_size, None))
+
+
+def _source(ctx, scan, cut: Split, views: int, dtype: str, in_memory: bool):
+    """pair index (view * n + i) -> (activation (*shape) float32, found bool)."""
+    from finetune_cli.features import FeatureCache
+
+    cache: FeatureCache = ctx.cache
+    ref, n = ctx.backbone.ref, len(scan.images)
+    spaces = [cache.namespace(ref, cut.layer, "none", v, dtype) for v in range(views + 1)]
+    zeros = np.zeros(cut.shape, np.float32)
+
+    def read(pair: int):
+        vector = cache.get(spaces[pair // n], scan.images[pair % n].digest, dtype)
+        return (zeros, False) if vector is None else (vector.reshape(cut.shape).astype(np.float32), True)
+
+    if not in_memory:
+        return read
+    held = [read(pair) for pair in range(n * (views + 1))]
+    stacked = np.stack([a.astype(dtype) for a, _ in held]) if held else np.zeros((0, *cut.shape), dtype)
+    found = np.array([ok for _, ok in held])
+    return lambda pair: (stacked[pair].astype(np.float32), bool(found[pair]))
+
+
+def _batches(source, shape: tuple, labels: np.ndarray, weights: np.ndarray, n: int, views: int, batch_size: int,
+             seed: int | None):
+    import tensorflow as tf
+
+    pool = n * (views + 1)
+
+    def load(pairs):
+        loaded = [source(int(p)) for p in pairs]
+        x = np.stack([a for a, _ in loaded]).astype(np.float32)
+        ok = np.array([found for _, found in loaded], np.float32)
+        i = pairs % n
+        return x, labels[i].astype(np.int32), (weights[i] * ok).astype(np.float32)
+
+    data = tf.data.Dataset.range(pool)
+    if seed is not None:
+        data = data.shuffle(pool, seed=seed, reshuffle_each_iteration=True)
+    data = data.take(n).batch(batch_size)
+
+    def mapped(pairs):
+        x, y, w = tf.numpy_function(load, [pairs], [tf.float32, tf.int32, tf.float32], stateful=False)
+        x.set_shape((None, *shape))
+        y.set_shape((None,))
+        w.set_shape((None,))
+        return x, y, w
+
+    return data.map(mapped, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

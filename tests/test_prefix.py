@@ -1,0 +1,65 @@
+"""The frozen-prefix activation cache: same training as end to end, memory cap, float16, views."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from finetune_cli import api
+from finetune_cli.config import TRAIN
+from finetune_cli.tfquiet import import_keras
+from tests.conftest import Recorder
+
+
+def recipe(tmp_path, **fields):
+    body = {"strategy": "partial", "unfreeze_stages": 2, "epochs": 1, "batch_size": 8, "patience": 5,
+            "augmentation": "none", "feature_views": 0, "dropout": 0.0, "l2": 0.0, "optimizer": "sgd",
+            "momentum": 0.0, "learning_rate": 0.05, **fields}
+    path = tmp_path / "r.toml"
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in body.items()))
+    return str(path)
+
+
+def trained_weights(shapes, base, out, recipe_path, **settings):
+    recorder = Recorder()
+    api.train(shapes, str(base), out=out, image_size=32, similarity="similar", recipe=recipe_path,
+              settings=dataclasses.replace(TRAIN, **settings), reporter=recorder)
+    model = import_keras().saving.load_model(out / "model.keras")
+    return model.get_weights(), recorder
+
+
+def test_one_epoch_on_cached_activations_equals_end_to_end(shapes, tiny_base, tmp_path):
+    r = recipe(tmp_path)
+    before = import_keras().saving.load_model(tiny_base).get_weights()
+    cached, notes = trained_weights(shapes, tiny_base, tmp_path / "cached", r, activation_dtype="float32")
+    plain, _ = trained_weights(shapes, tiny_base, tmp_path / "plain", r, cache_prefix=False)
+    assert any("cached activations" in n for n in notes.notes)
+    assert len(cached) == len(plain)
+    for a, b in zip(cached, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # and training moved the trained stage (s3) but not the frozen first conv
+    moved = [not np.allclose(a, b) for a, b in zip(cached[:6], before)]
+    assert moved[:2] == [False, False] and any(moved[2:])
+
+
+def test_over_the_memory_budget_activations_stream_from_disk_with_the_same_result(shapes, tiny_base, tmp_path):
+    r = recipe(tmp_path)
+    held, _ = trained_weights(shapes, tiny_base, tmp_path / "held", r, activation_dtype="float32")
+    streamed, recorder = trained_weights(shapes, tiny_base, tmp_path / "streamed", r, activation_dtype="float32",
+                                         activation_budget_mb=0)
+    assert any("read from disk" in n for n in recorder.notes)
+    for a, b in zip(held, streamed):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_float16_activations_and_cached_views_train(shapes, tiny_base, tmp_path):
+    r = recipe(tmp_path, feature_views=2, epochs=2)
+    half, recorder = trained_weights(shapes, tiny_base, tmp_path / "half", r)
+    full, _ = trained_weights(shapes, tiny_base, tmp_path / "full", recipe(tmp_path, epochs=2),
+                              activation_dtype="float32")
+    assert all(np.isfinite(w).all() for w in half)
+    assert [p for p in recorder.phases if "view 2 of 2" in p]
+    # views change what the top sees: the weights differ from the run without views
+    assert any(not np.allclose(a, b) for a, b in zip(half, full))
