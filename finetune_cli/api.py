@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 from finetune_cli.config import FEATURES, PRETRAIN, SCAN, TRAIN, PretrainConfig, ScanConfig, TrainConfig
-from finetune_cli.data.profile import Profile, profile_scan
 from finetune_cli.data.scan import Progress, scan_folder
 from finetune_cli.reporter import QUIET, Reporter
 
@@ -20,15 +19,17 @@ def inspect(
     *,
     config: ScanConfig = SCAN,
     progress: Progress | None = None,
-) -> Profile:
+):
     """Scan and profile a class-per-subfolder image folder.
 
     Returns:
-        A `Profile`; `profile.to_dict()` is the `inspect --json` contract.
+        A `data.profile.Profile`; `profile.to_dict()` is the `inspect --json` contract.
 
     Raises:
         FolderError: the folder is unusable (see `scan_folder`).
     """
+    from finetune_cli.data.profile import profile_scan
+
     return profile_scan(scan_folder(root, labelled=True, config=config, progress=progress), config)
 
 
@@ -161,7 +162,7 @@ def train(
     root: str | os.PathLike,
     base: str | None,
     *,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None = None,
     weights: str = "imagenet",
     image_size: int | None = None,
     strategy: str = "auto",
@@ -185,6 +186,7 @@ def train(
 
     Args:
         base: a registry name or a .keras file; None only with `unlabeled`.
+        out: the run folder to create; None: a new `runs/<folder name>-<N>`.
         strategy: auto, linear, partial or full (overrides the decision table).
         similarity: auto (measured), similar or different (stated).
         recipe: a shipped recipe name or a .toml path.
@@ -212,7 +214,7 @@ def train(
 
 def pretrain(
     unlabeled: str | os.PathLike,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None = None,
     *,
     settings: PretrainConfig | None = None,
     init_from: str | None = None,
@@ -224,17 +226,22 @@ def pretrain(
     """Pretrain a denoising autoencoder on unlabeled images; save its encoder as a backbone file.
 
     Args:
+        out: the encoder file to create; None: `runs/<folder name>-encoder-<N>.keras`.
         settings: from `pretrain_config(...)`; None for the defaults.
         init_from: a backbone whose early stages start the encoder.
 
     Returns:
-        The summary also written to `<out stem>.pretrain.json`.
+        The summary also written to `<out stem>.pretrain.json` (its "encoder" is the path).
 
     Raises:
         FolderError, OutputError, BackboneError, WeightsUnavailableError, TrainingError.
     """
     from finetune_cli.train.pretrain import pretrain as run_pretraining
 
+    if out is None:
+        from finetune_cli.run import numbered
+
+        out = numbered(f"{Path(unlabeled).resolve().name}-encoder", ".keras")
     return run_pretraining(unlabeled, out, config=checked_pretrain_config(settings or PRETRAIN), init_from=init_from,
                            init_weights=init_weights, greedy=greedy, seed=seed, reporter=reporter)
 

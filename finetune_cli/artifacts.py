@@ -65,6 +65,28 @@ class RunFolder:
             raise OutputError(f"cannot create {self.path}: {exc.strerror or exc}") from None
         check_writable_folder(self.path)
 
+    @classmethod
+    def new(cls, stem: str) -> "RunFolder":
+        """A new numbered folder `runs/<stem>-<N>`, created exclusively (never an existing one).
+
+        Raises:
+            OutputError: ./runs cannot be written.
+        """
+        from finetune_cli.run import numbered
+
+        for _ in range(100):
+            path = numbered(stem)
+            try:
+                path.mkdir(parents=True)
+            except FileExistsError:
+                continue  # another run took it a moment ago
+            except OSError as exc:
+                raise OutputError(f"cannot create {path}: {exc.strerror or exc}; give --out") from None
+            folder = cls(path)
+            folder.created = True
+            return folder
+        raise OutputError(f"cannot find a free run folder name for {stem} under runs/: give --out")
+
     def _check_resumable(self) -> None:
         if (self.path / "plan.json").exists():
             return

@@ -1,6 +1,9 @@
 """The `finetune` command: parse options, make one library call, render the result.
 
 Every `FinetuneError` becomes `Error: <message>` on stderr and exit code 2.
+Option defaults and choices come from `config`, the recipe files and the
+backbone registry; nothing here holds a default of its own. Importing this
+module imports neither TensorFlow nor scikit-learn nor pandas.
 """
 
 from __future__ import annotations
@@ -14,23 +17,23 @@ import click
 from rich.console import Console
 
 from finetune_cli import __version__, api, report
-from finetune_cli.config import FEATURES, IMAGE_SIZE_RANGE, PRETRAIN
+from finetune_cli.config import DEFAULT_BASE, FEATURES, IMAGE_SIZE_RANGE, PRETRAIN, RUNS_DIR
 from finetune_cli.errors import FinetuneError
+from finetune_cli.models import registry
+from finetune_cli.strategy import recipes
 
-EXAMPLES = """
+EXAMPLES = f"""
 \b
 Examples:
   finetune inspect ./images                 what is in the folder, what is broken
-  finetune inspect ./images --json          the same as one JSON object
-  finetune bases                            backbones you can name with --base
-  finetune layers --base mobilenetv2        a backbone's stages (for --layer)
-  finetune extract-features ./images --base model.keras --out feats.parquet
-  finetune cache info                       what the feature cache holds
-  finetune train ./images --base mobilenetv2 --out runs/first
-  finetune pretrain --unlabeled ./raw --out encoder.keras
-  finetune train ./images --unlabeled ./raw --out runs/pretrained
-  finetune predict photo.jpg more/ --model runs/first --out preds.csv
+  finetune train ./images                   decide, train, write {RUNS_DIR}/images-1/ (base: {DEFAULT_BASE})
+  finetune train ./images --base model.keras --out runs/first
+  finetune predict photo.jpg more/ --model last --out preds.csv
   finetune evaluate ./test-images --model runs/first
+  finetune extract-features ./images --base model.keras --out feats.parquet
+  finetune pretrain --unlabeled ./raw       an encoder for --base, in {RUNS_DIR}/raw-encoder-1.keras
+  finetune train ./images --unlabeled ./raw
+  finetune bases | layers --base B | cache info
 """
 
 
@@ -57,6 +60,59 @@ def err_console() -> Console:
     return Console(stderr=True)
 
 
+def options(*decorators):
+    """Apply option decorators in reading order."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+cache_options = options(
+    click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                 help="Feature cache folder (default: $FINETUNE_CACHE_DIR or ~/.cache/finetune/features)."),
+    click.option("--no-cache", is_flag=True, help="Neither read nor write the feature cache."),
+)
+weights_option = click.option("--weights", default="imagenet", show_default=True,
+                              help="imagenet (pretrained; for a file base, its own weights), none (fresh init), "
+                                   "or a weights file.")
+size_option = click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None,
+                           help="Input side in pixels (images are squashed to a square). Default: the base's "
+                                "native size; a model file with a fixed input needs that size.")
+model_option = click.option("--model", "model_dir", required=True, type=str,
+                            help=f"A run folder from `finetune train`, or `last` (the newest under {RUNS_DIR}/).")
+
+
+def base_options(default: str | None):
+    """--base, --weights, --image-size: shared by every command that builds a backbone."""
+    names = ", ".join(registry.names())
+    base = click.option("--base", default=default, show_default=bool(default),
+                        help=f"A registry name ({names}) or a .keras model file taking raw RGB in [0, 255].")
+    return options(base, weights_option, size_option)
+
+
+def pretrain_options(epochs_flag: str = "--epochs"):
+    """Autoencoder settings shared by `pretrain` and `train --unlabeled` (defaults: config.PretrainConfig)."""
+    return options(
+        click.option("--arch", type=click.Choice(["conv", "mlp"]), default=None,
+                     help=f"conv: convolutional autoencoder; mlp: dense, tied weights. [default: {PRETRAIN.arch}]"),
+        click.option("--noise", type=float, default=None,
+                     help=f"Corruption: Gaussian std on the [0, 1] pixel scale, or the masked fraction. "
+                          f"[default: {PRETRAIN.noise}]"),
+        click.option("--noise-type", type=click.Choice(["gaussian", "mask"]), default=None,
+                     help=f"[default: {PRETRAIN.noise_type}]"),
+        click.option("--code-size", type=click.IntRange(1, 4096), default=None,
+                     help=f"Units of the code: the encoder's output features. [default: {PRETRAIN.code_size}]"),
+        click.option(epochs_flag, "pretrain_epochs", type=click.IntRange(1, 10_000), default=None,
+                     help=f"Most pretraining epochs; early stopping on held-out images ends sooner. "
+                          f"[default: {PRETRAIN.epochs}]"),
+        click.option("--greedy", is_flag=True, help="mlp: train layer by layer first (stacked denoising autoencoder)."),
+    )
+
+
 @click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="finetune")
 def cli() -> None:
@@ -70,10 +126,11 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--base", default=None, help="Also measure similarity to this backbone's pretraining data and show the plan `train` would choose.")
-@click.option("--weights", default="imagenet", show_default=True, help="With --base: imagenet, none, or a weights file.")
-@click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None, help="With --base: input side in pixels.")
+@json_option
+@click.option("--base", default=None, help="Also measure similarity to this backbone's pretraining data and show "
+                                           "the plan `train` would choose.")
+@weights_option
+@size_option
 @handle_errors
 def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_size: int | None) -> None:
     """Report classes, image sizes and formats, skipped files, duplicates (and, with --base, the plan)."""
@@ -95,40 +152,8 @@ def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_si
             report.plan_panel(Console(), plan, evidence)
 
 
-def base_options(command, required: bool = True):
-    """--base, --weights, --image-size: shared by every command that builds a backbone."""
-    command = click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None,
-                           help="Input side in pixels (images are squashed to a square). Default: the base's native size.")(command)
-    command = click.option("--weights", default="imagenet", show_default=True,
-                           help="imagenet (pretrained; for a file base, its own weights), none (fresh init), or a weights file.")(command)
-    command = click.option("--base", required=required,
-                           help="A name from `finetune bases`, or a .keras model file taking raw RGB in [0, 255]."
-                           + ("" if required else " Optional with --unlabeled."))(command)
-    return command
-
-
-def pretrain_options(command, epochs_flag: str = "--epochs"):
-    """Autoencoder settings shared by `pretrain` and `train --unlabeled` (defaults: config.PretrainConfig)."""
-    options = [
-        click.option("--arch", type=click.Choice(["conv", "mlp"]), default=None,
-                     help=f"conv: convolutional autoencoder; mlp: dense, tied weights. [default: {PRETRAIN.arch}]"),
-        click.option("--noise", type=float, default=None,
-                     help=f"Corruption: Gaussian std on the [0, 1] pixel scale, or the masked fraction. [default: {PRETRAIN.noise}]"),
-        click.option("--noise-type", type=click.Choice(["gaussian", "mask"]), default=None,
-                     help=f"[default: {PRETRAIN.noise_type}]"),
-        click.option("--code-size", type=click.IntRange(1, 4096), default=None,
-                     help=f"Units of the code: the encoder's output features. [default: {PRETRAIN.code_size}]"),
-        click.option(epochs_flag, "pretrain_epochs", type=click.IntRange(1, 10_000), default=None,
-                     help=f"Most pretraining epochs; early stopping on held-out images ends sooner. [default: {PRETRAIN.epochs}]"),
-        click.option("--greedy", is_flag=True, help="mlp: train layer by layer first (stacked denoising autoencoder)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@json_option
 @handle_errors
 def bases(as_json: bool) -> None:
     """List the backbones --base accepts by name."""
@@ -141,8 +166,8 @@ def bases(as_json: bool) -> None:
 
 
 @cli.command()
-@base_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@base_options(DEFAULT_BASE)
+@json_option
 @handle_errors
 def layers(base: str, weights: str, image_size: int | None, as_json: bool) -> None:
     """List a backbone's stage outputs: what --layer accepts (index or name)."""
@@ -155,32 +180,33 @@ def layers(base: str, weights: str, image_size: int | None, as_json: bool) -> No
 
 @cli.command("extract-features")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
-@base_options
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output table: .parquet, .csv or .npz.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@base_options(DEFAULT_BASE)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help=f"Output table: .parquet, .csv or .npz. [default: a new {RUNS_DIR}/FOLDER-features-N.parquet]")
+@overwrite_option
 @click.option("--layer", default=None, help="Stage index (1 = earliest, -1 = last) or layer name. Default: final features.")
 @click.option("--pooling", type=click.Choice(["avg", "max"]), default=FEATURES.pooling, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder (default: $FINETUNE_CACHE_DIR or ~/.cache/finetune/features).")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the feature cache.")
+@cache_options
 @handle_errors
 def extract_features(folder, base, weights, image_size, out, overwrite, layer, pooling, batch_size, cache_dir, no_cache):
     """Write one row of features per usable image: path, label, f0, f1, ..."""
+    from pathlib import Path
+
+    from finetune_cli.run import numbered
+
+    if out is None:
+        out = numbered(f"{Path(folder).resolve().name}-features", ".parquet")
+        out.parent.mkdir(parents=True, exist_ok=True)
     console = err_console()
     with report.progress_bar(console, "scanning", "files") as scan_progress, \
             report.progress_bar(console, "extracting") as progress:
         table, scan = api.extract_features(
-            folder, base, out=out, overwrite=overwrite, weights=weights, layer=layer, pooling=pooling, image_size=image_size,
-            batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
+            folder, base, out=out, overwrite=overwrite, weights=weights, layer=layer, pooling=pooling,
+            image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
             progress=progress, scan_progress=scan_progress,
         )
-    skipped = len(scan.skipped) + len(table.skipped)
-    cached = len(table.records) - table.computed
-    click.echo(
-        f"wrote {out}: {len(table.records)} images x {table.features.shape[1]} features "
-        f"from layer '{table.layer}' ({table.computed} computed, {cached} from cache"
-        + (f", {skipped} files skipped: see `finetune inspect`" if skipped else "") + ")"
-    )
+    report.extraction_summary(table, scan, out)
 
 
 @cli.group()
@@ -190,7 +216,7 @@ def cache() -> None:
 
 @cache.command("info")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def cache_info(cache_dir, as_json):
     """Where the cache is, and how much it holds."""
@@ -213,24 +239,26 @@ def cache_clear(cache_dir):
 
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
-@functools.partial(base_options, required=False)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to create (model, plan, metrics, plots).")
-@click.option("--strategy", type=click.Choice(["auto", "linear", "partial", "full"]), default="auto", show_default=True,
+@base_options(DEFAULT_BASE)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Run folder to create (model, plan, metrics, plots). [default: a new {RUNS_DIR}/FOLDER-N]")
+@click.option("--strategy", type=click.Choice(["auto", *recipes.STRATEGIES]), default="auto", show_default=True,
               help="Override the decision table.")
 @click.option("--similarity", type=click.Choice(["auto", "similar", "different"]), default="auto", show_default=True,
               help="Skip the measurement and state the similarity to ImageNet.")
-@click.option("--recipe", default=None, help="A shipped recipe name (linear, partial, full, trouble, classic-sgd) or a .toml file.")
-@click.option("--val-dir", type=click.Path(file_okay=False), default=None, help="Validation folder (same classes); default: a stratified 20 %% split.")
+@click.option("--recipe", default=None, help=f"A shipped recipe ({', '.join(recipes.shipped())}) or a .toml file.")
+@click.option("--val-dir", type=click.Path(file_okay=False), default=None,
+              help="Validation folder (same classes); default: a stratified 20 %% split.")
 @click.option("--test-dir", type=click.Path(file_okay=False), default=None,
-              help="Also evaluate the trained model on this labelled folder (same as `finetune evaluate`, without a second start-up).")
+              help="Also evaluate the trained model on this labelled folder (as `finetune evaluate`, in one start-up).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--no-cache", is_flag=True)
+@cache_options
 @click.option("--unlabeled", type=click.Path(file_okay=False), default=None,
-              help="Pretrain a denoising autoencoder on these unlabeled images first (from --base's early stages when given), then train from its encoder.")
-@functools.partial(pretrain_options, epochs_flag="--pretrain-epochs")
+              help="Pretrain a denoising autoencoder on these unlabeled images first (from --base's early stages "
+                   "when given), then train from its encoder.")
+@pretrain_options(epochs_flag="--pretrain-epochs")
 @handle_errors
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, seed, resume,
           batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy):
@@ -239,6 +267,9 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
     if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
         raise click.UsageError("--arch, --noise, --noise-type, --code-size, --pretrain-epochs and --greedy set the "
                                "pretraining of --unlabeled; give --unlabeled DIR or drop them")
+    source = click.get_current_context().get_parameter_source("base")
+    if unlabeled is not None and source == click.core.ParameterSource.DEFAULT:
+        base = None  # pretrain from scratch unless a base was named
     console = err_console()
     with report.progress_bar(console, "features") as progress:
         metrics = api.train(
@@ -248,16 +279,18 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
             unlabeled=unlabeled, pretrain_settings=api.pretrain_config(**given) if unlabeled else None,
             greedy=greedy, reporter=report.RichReporter(console, progress),
         )
-    report.metrics_summary(Console(), metrics, out)
+    report.metrics_summary(Console(), metrics, metrics.get("run_folder", out))
 
 
 @cli.command()
 @click.option("--unlabeled", required=True, type=click.Path(file_okay=False), help="Folder of unlabeled images (flat or nested).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Encoder file to create (.keras).")
-@pretrain_options
-@click.option("--image-size", type=click.IntRange(8, 1024), default=None, help=f"Input side in pixels. [default: {PRETRAIN.image_size}]")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help=f"Encoder file to create (.keras). [default: a new {RUNS_DIR}/FOLDER-encoder-N.keras]")
+@pretrain_options()
+@click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None,
+              help=f"Input side in pixels. [default: {PRETRAIN.image_size}]")
 @click.option("--init-from", default=None, help="Start the encoder from the early stages of this backbone (name or .keras file).")
-@click.option("--weights", default="imagenet", show_default=True, help="With --init-from: imagenet, none, or a weights file.")
+@weights_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
 def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs, greedy, image_size, init_from, weights, seed):
@@ -267,14 +300,14 @@ def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs
                                    epochs=pretrain_epochs, image_size=image_size)
     summary = api.pretrain(unlabeled, out, settings=settings, init_from=init_from, init_weights=weights,
                            greedy=greedy, seed=seed, reporter=report.RichReporter(console))
-    report.pretrain_summary(Console(), summary, out)
+    report.pretrain_summary(Console(), summary, summary["encoder"])
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder from `finetune train`.")
+@model_option
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a CSV here instead of printing.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@overwrite_option
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True)
 @handle_errors
 def predict(inputs, model_dir, out, overwrite, top_k):
@@ -292,8 +325,8 @@ def predict(inputs, model_dir, out, overwrite, top_k):
 
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder from `finetune train`.")
-@click.option("--json", "as_json", is_flag=True)
+@model_option
+@json_option
 @handle_errors
 def evaluate(folder, model_dir, as_json):
     """Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder."""

@@ -20,6 +20,12 @@ IMAGE_SUFFIXES = frozenset(
 #: size a model file declares alike (a 30000 px input would exhaust memory).
 IMAGE_SIZE_RANGE = (8, 2048)
 
+#: Where runs, feature tables and encoders go when no --out is given (runs/NAME-N).
+RUNS_DIR = Path("runs")
+
+#: The backbone `train` and `extract-features` use when no --base is given.
+DEFAULT_BASE = "mobilenetv2"
+
 #: Names that are never images and never counted: OS and tool litter.
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX", ".ipynb_checkpoints"})
 

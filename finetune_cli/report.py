@@ -18,11 +18,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from finetune_cli.data.profile import Profile
 from finetune_cli.reporter import Reporter
 
 
-def profile_tables(profile: Profile, console: Console, max_rows: int = 20) -> None:
+def profile_tables(profile, console: Console, max_rows: int = 20) -> None:
     """Print the `inspect` report: classes, images, skipped files, warnings."""
     info = profile.to_dict()
     console.print(
@@ -146,7 +145,8 @@ def plan_panel(console: Console, plan, similarity) -> None:
     if plan.train_stages:
         rates = plan.learning_rates
         lines.append(f"  stages trained: {list(plan.train_stages)}; learning rates head {rates['head']:.2g}, "
-                     f"top {rates['top']:.2g}, intermediate {rates['intermediate']:.2g}; augmentation {plan.augmentation}")
+                     f"top {rates['top']:.2g}, intermediate {rates['intermediate']:.2g}; cached views per image "
+                     f"{plan.feature_views} (when lower stages stay frozen), else on-line augmentation {plan.augmentation}")
     else:
         lines.append(f"  features: {plan.feature_stage} stage; augmented views per image: {plan.feature_views}")
     lines += [f"[bold]suggestion[/bold]: {s}" for s in plan.suggestions]
@@ -166,6 +166,19 @@ def metrics_summary(console: Console, metrics: dict, out) -> None:
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(f"run folder: {out} (model.keras, plan.json, metrics.json, curves.png, confusion.png)", highlight=False)
+
+
+def extraction_summary(table, scan, out) -> None:
+    """One line on stdout: what `extract-features` wrote, computed or cached, skipped."""
+    import click
+
+    skipped = len(scan.skipped) + len(table.skipped)
+    cached = len(table.records) - table.computed
+    click.echo(
+        f"wrote {out}: {len(table.records)} images x {table.features.shape[1]} features "
+        f"from layer '{table.layer}' ({table.computed} computed, {cached} from cache"
+        + (f", {skipped} files skipped: see `finetune inspect`" if skipped else "") + ")"
+    )
 
 
 def pretrain_summary(console: Console, summary: dict, out) -> None:

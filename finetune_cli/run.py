@@ -10,10 +10,12 @@ the names travelled in the model fall back on a validated `labels.json`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_cli.artifacts import MODEL_FACTS
+from finetune_cli.config import RUNS_DIR
 from finetune_cli.errors import ModelFileError
 from finetune_cli.models.files import archive_json, declared_input, input_side, load_model_file
 
@@ -44,13 +46,13 @@ class Run:
 
     @classmethod
     def load(cls, path) -> "Run":
-        """Load a run folder (or a model.keras inside one).
+        """Load a run folder (or a model.keras inside one); `last` is the newest run under ./runs.
 
         Raises:
             ModelFileError: not a run, a truncated or corrupt model, a model
                 that is not a classifier, or class names that disagree.
         """
-        path = Path(path).expanduser().absolute()
+        path = last_run() if str(path) == "last" else Path(path).expanduser().absolute()
         folder = path.parent if path.suffix == ".keras" else path
         model_file = path if path.suffix == ".keras" else path / "model.keras"
         if not model_file.is_file():
@@ -109,3 +111,26 @@ def _optional_text(path: Path) -> str | None:
         return path.read_text("utf-8")
     except (OSError, ValueError):
         return None
+
+
+def numbered(stem: str, suffix: str = "", root: Path = RUNS_DIR) -> Path:
+    """The next free `root/<stem>-<N><suffix>`, N one more than the highest taken (from 1).
+
+    The caller creates it (exclusively, so two runs never share one).
+    """
+    stem = re.sub(r"[^\w.-]+", "_", stem).strip("._") or "run"
+    pattern = re.compile(rf"^{re.escape(stem)}-(\d+){re.escape(suffix)}$")
+    taken = [int(m[1]) for p in (root.iterdir() if root.is_dir() else ()) if (m := pattern.match(p.name))]
+    return root / f"{stem}-{max(taken, default=0) + 1}{suffix}"
+
+
+def last_run(root: Path = RUNS_DIR) -> Path:
+    """The run folder under `root` whose model.keras is newest.
+
+    Raises:
+        ModelFileError: there is none.
+    """
+    models = sorted(root.glob("*/model.keras"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not models:
+        raise ModelFileError(f"--model last: no finished run under {root.absolute()}; give a run folder")
+    return models[-1].parent.absolute()

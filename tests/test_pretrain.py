@@ -15,7 +15,7 @@ from finetune_cli.cli import cli
 from finetune_cli.config import PRETRAIN
 from finetune_cli.data.pipeline import image_batches
 from finetune_cli.data.scan import scan_folder
-from finetune_cli.errors import FolderError, OutputError, SettingsError
+from finetune_cli.errors import BackboneError, FolderError, OutputError, SettingsError
 from finetune_cli.models.autoencoder import mlp_autoencoder
 from finetune_cli.models.backbones import build, resolve
 from finetune_cli.synthetic import make_shapes_folder
@@ -163,8 +163,9 @@ def test_bad_pretraining_input_is_a_clear_error(unlabeled, tmp_path):
         api.pretrain(unlabeled, tmp_path / "enc.h5", settings=tiny())
     with pytest.raises(SettingsError, match="between 0 and 1"):
         api.pretrain(unlabeled, tmp_path / "b.keras", settings=tiny(noise=1.5))
-    result = CliRunner().invoke(cli, ["train", str(unlabeled), "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "--base is required" in result.output
+    with pytest.raises(BackboneError, match="--base is required"):
+        api.train(unlabeled, None, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_resume_after_interrupted_pretraining_points_to_the_encoder(unlabeled, shapes, tmp_path):

@@ -275,6 +275,7 @@ def pretrain(
     save()
     summary = _summary(ae, config, scan, train_idx, hold_idx, history, facts, greedy, in_memory, started)
     summary["identity_val_loss"], examples = _examples(ae, val_data, config, seed)
+    summary["encoder"] = str(path)
     _write_companions(path, history, summary, examples)
     return summary
 

@@ -19,7 +19,7 @@ from finetune_cli.artifacts import RunFolder, write_run
 from finetune_cli.config import PRETRAIN, SCAN, TRAIN, ScanConfig, TrainConfig
 from finetune_cli.data.profile import profile_scan
 from finetune_cli.data.scan import Scan, scan_folder
-from finetune_cli.errors import BackboneError, TrainingError
+from finetune_cli.errors import BackboneError, SettingsError, TrainingError
 from finetune_cli.features import FeatureCache
 from finetune_cli.files import shown
 from finetune_cli.models.backbones import build, resolve
@@ -42,6 +42,9 @@ def train(
 ) -> dict:
     """Train a classifier on `root`'s class folders; returns metrics (also in RUN/metrics.json).
 
+    `out` None makes a new numbered folder `runs/<root name>-<N>`
+    (metrics["run_folder"] says which).
+
     With `unlabeled`, a denoising autoencoder is first pretrained on those
     images into RUN/encoder.keras (starting from `base`'s early stages when
     a base is given) and training starts from that encoder. With
@@ -59,7 +62,10 @@ def train(
     if recipe is not None:
         recipe_files.load(recipe)  # validate before any work
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
-    run = RunFolder(out, resume=resume)
+    if out is None and resume:
+        raise SettingsError("--resume continues the run in --out: give --out")
+    run = RunFolder(out, resume=resume) if out is not None else RunFolder.new(Path(root).resolve().name)
+    reporter.on_phase(f"run folder: {run.path}")
     if resume and run.finished:
         reporter.on_note(f"the run in {run.path} is finished: nothing to resume, nothing changed "
                          "(to train again, choose a new --out)")
@@ -174,8 +180,8 @@ def finish(ctx: Context, result: TrainResult, profile, evidence, pretrained: dic
         ctx.reporter.on_phase(f"evaluating on {len(test_scan.images)} test images")
         extra["test"] = scores(*result.score(test_scan), test_scan, ctx.classes)
         extra["test_accuracy"] = extra["test"]["accuracy"]
-    header = {"strategy": result.plan.strategy, "recipe": result.plan.recipe, "similarity": evidence.verdict,
-              "size_category": profile.size_category}
+    header = {"run_folder": str(ctx.run.path), "strategy": result.plan.strategy, "recipe": result.plan.recipe,
+              "similarity": evidence.verdict, "size_category": profile.size_category}
     counts = {"n_train": len(ctx.train.images), "n_val": len(ctx.val.images), "n_skipped": len(ctx.scan.skipped)}
     ctx.reporter.on_phase(f"saving to {ctx.run.path}")
     timings = lambda: {**{k: round(v, 3) for k, v in clock.items()},
