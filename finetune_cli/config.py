@@ -20,6 +20,9 @@ IMAGE_SUFFIXES = frozenset(
 #: size a model file declares alike (a 30000 px input would exhaust memory).
 IMAGE_SIZE_RANGE = (8, 2048)
 
+#: Input side in pixels for a model file whose input size is free (ImageNet's usual size).
+DEFAULT_IMAGE_SIZE = 224
+
 #: Where runs, feature tables and encoders go when no --out is given (runs/NAME-N).
 RUNS_DIR = Path("runs")
 
@@ -120,6 +123,11 @@ class PretrainConfig:
         memory_cache_mb: decoded images are kept in memory when they fit in
             this many MB (uint8); larger folders are decoded every epoch so
             memory stays flat.
+        max_holdout: held-out images are capped so the validation pass stays
+            cheap on big folders.
+        min_improvement: an epoch must lower the held-out loss by this
+            fraction to count as better.
+        n_examples: reconstruction examples shown in ENCODER.reconstructions.png.
     """
 
     arch: str = "conv"
@@ -138,6 +146,9 @@ class PretrainConfig:
     holdout: float = 0.1
     min_images: int = 10
     memory_cache_mb: int = 512
+    max_holdout: int = 512
+    min_improvement: float = 1e-3
+    n_examples: int = 8
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,8 @@ class TrainConfig:
         cache_prefix: train the top stages on cached frozen-prefix
             activations (`train.prefix`); False runs the frozen stages every
             epoch, end to end, with on-line augmentation.
+        max_steps_back: how far back from a stage's end the prefix cut may
+            move (single-input layers) to find a narrower tensor to cache.
     """
 
     val_fraction: float = 0.2
@@ -164,6 +177,40 @@ class TrainConfig:
     activation_budget_mb: int = 2048
     activation_dtype: str = "float16"
     cache_prefix: bool = True
+    max_steps_back: int = 8
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """The linear head: L2-regularised logistic regression, C by grouped cross-validation.
+
+    Attributes:
+        c_grid: inverse regularisation strengths tried (features standardised).
+        folds: cross-validation folds at most (fewer when a class is smaller).
+        tol: L-BFGS tolerance; on standardised features tighter tolerances
+            change no decision but cost seconds.
+    """
+
+    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    folds: int = 3
+    tol: float = 1e-3
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    """How similarity to the pretraining data is measured (see `strategy.similarity`).
+
+    Attributes:
+        sample: training images probed at most (stratified).
+        margin: an earlier stage must probe this much better (0-1) than the
+            final one for the data to count as `different`.
+        low_confidence: below this mean top-1 probability of the pretrained
+            classifier, a tied probe counts as `different`.
+    """
+
+    sample: int = 200
+    margin: float = 0.03
+    low_confidence: float = 0.15
 
 
 def default_cache_dir() -> Path:
@@ -179,3 +226,5 @@ SCAN = ScanConfig()
 FEATURES = FeatureConfig()
 PRETRAIN = PretrainConfig()
 TRAIN = TrainConfig()
+LINEAR = LinearConfig()
+SIMILARITY = SimilarityConfig()

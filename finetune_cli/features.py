@@ -268,20 +268,20 @@ def extract_many(
     grids = [[(cached(space, r) if keep else (cached(space, r) is not None or None)) for r in scan.images]
              for space in spaces]
     missing = [i for i in range(len(scan.images)) if any(grid[i] is None for grid in grids)]
-    failed = set()
+    batches = ()
     if missing:
         from finetune_cli.models.features import feature_batches
 
-        done_before = len(scan.images) - len(missing)
-        batches = feature_batches(ref, [scan.root / scan.images[i].path for i in missing], layers, pooling,
-                                  batch_size, config, view, backbone)
-        for start, matrices, ok in batches:
-            rows = missing[start : start + len(ok)]
-            failed.update(i for i, good in zip(rows, ok) if not good)
-            _store(scan, cache, grids, spaces, matrices, rows, ok, dtype, keep)
-            if progress:
-                progress(done_before + start + len(ok), len(scan.images))
-    elif progress:
+        paths = [scan.root / scan.images[i].path for i in missing]
+        batches = feature_batches(ref, paths, layers, pooling, batch_size, config, view, backbone)
+    failed = set()
+    for start, matrices, ok in batches:
+        rows = missing[start : start + len(ok)]
+        failed.update(i for i, good in zip(rows, ok) if not good)
+        _store(scan, cache, grids, spaces, matrices, rows, ok, dtype, keep)
+        if progress:
+            progress(len(scan.images) - len(missing) + start + len(ok), len(scan.images))
+    if progress and not missing:
         progress(len(scan.images), len(scan.images))
     skipped = [Skipped(scan.images[i].path, "could not be read at extraction time") for i in sorted(failed)]
     rows = [i for i in range(len(scan.images)) if i not in failed]

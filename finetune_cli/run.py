@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_cli.artifacts import MODEL_FACTS
-from finetune_cli.config import RUNS_DIR
+from finetune_cli.config import DEFAULT_IMAGE_SIZE, RUNS_DIR
 from finetune_cli.errors import ModelFileError
 from finetune_cli.models.files import archive_json, declared_input, input_side, load_model_file
-
-#: The input side assumed for a model whose input size is free.
-DEFAULT_SIDE = 224
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ class Run:
             raise ModelFileError(f"{model_file} not found: --model takes the --out folder of `finetune train`")
         facts = archive_json(model_file, MODEL_FACTS, ModelFileError) or {}
         classes = _classes(facts.get("classes"), folder / "labels.json")
-        side = input_side(declared_input(model_file, ModelFileError), None, model_file.name, DEFAULT_SIDE)
+        side = input_side(declared_input(model_file, ModelFileError), None, model_file.name, DEFAULT_IMAGE_SIZE)
         model = load_model_file(model_file, ModelFileError)
         _check_classifier(model, model_file, classes)
         return cls(folder, model, classes, side, _optional_json(folder / "plan.json"),

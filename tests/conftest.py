@@ -138,8 +138,9 @@ def _huge_png_header() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
 
 
-def save_tiny_backbone(path, size=None, lam=False):
-    """A real 3-stage conv backbone file on raw [0, 255] pixels: (B, S, S, 3) -> (B, S/4, S/4, 16)."""
+def save_tiny_backbone(path, size=None, lam=False, stages=3):
+    """A real conv backbone file on raw [0, 255] pixels: (B, S, S, 3) -> (B, S/4, S/4, 16) with 3 stages,
+    (B, S/8, S/8, 16) with 4."""
     from finetune_cli.tfquiet import import_keras
 
     keras = import_keras()
@@ -151,6 +152,8 @@ def save_tiny_backbone(path, size=None, lam=False):
     x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="s1_conv")(x)
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s2_conv")(x)
     x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="s3_conv")(x)
+    if stages == 4:
+        x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="s4_conv")(x)
     model = keras.Model(inputs, x, name="tiny")
     model.save(path)
     return path

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from finetune_cli.config import DEFAULT_IMAGE_SIZE
 from finetune_cli.errors import BackboneError, WeightsUnavailableError
 from finetune_cli.models import registry
 from finetune_cli.models.files import declared_input, input_side, load_model_file
@@ -24,7 +25,6 @@ from finetune_cli.tfquiet import import_keras
 
 #: Layer-name prefix of the preprocessing layers we add; they never train.
 PREPROCESS_PREFIX = "preprocess_"
-DEFAULT_FILE_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def resolve(base: str, weights: str = "imagenet", image_size: int | None = None,
         registry.get(base)  # raises with the valid names and the closest match
     if not path.is_file():
         raise BackboneError(f"model file {path} does not exist: give a .keras file or a name from `finetune bases`")
-    size = input_side(declared_input(path), image_size, path.name, DEFAULT_FILE_SIZE)
+    size = input_side(declared_input(path), image_size, path.name, DEFAULT_IMAGE_SIZE)
     identity = f"file:{file_digest(path)}|{weights_id}|keras{keras_version}"
     return BaseRef(path.name, None, path.absolute(), weights, size, seed, identity)
 

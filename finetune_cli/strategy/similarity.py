@@ -2,14 +2,14 @@
 
 Method (documented in the README; evidence returned and shown to the user):
 
-1. Linear probe: on a stratified sample (at most `SAMPLE` images), the
+1. Linear probe: on a stratified sample (at most `config.sample` images), the
    cross-validated accuracy of a logistic regression on pooled features of
    the final stage and of the two stages before it. When an earlier stage
-   probes better than the final one by at least `MARGIN`, the final layers
+   probes better than the final one by at least `config.margin`, the final layers
    are too specific to the pretraining data: `different`.
 2. Head confidence, where the base file carries its ImageNet classifier: the
    mean top-1 probability on the sample. Only a tie-breaker: when the probe is
-   within `MARGIN` either way and the confidence is below `LOW_CONFIDENCE`,
+   within the margin either way and the confidence is below `config.low_confidence`,
    the data counts as `different`.
 Otherwise `similar`.
 """
@@ -21,9 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-SAMPLE = 200
-MARGIN = 0.03
-LOW_CONFIDENCE = 0.15
+from finetune_cli.config import SIMILARITY, SimilarityConfig
+
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> f
     return float(cross_val_score(model, features, labels, cv=cv).mean())
 
 
-def sample_indices(labels: np.ndarray, size: int = SAMPLE, seed: int = 0) -> np.ndarray:
+def sample_indices(labels: np.ndarray, size: int = SIMILARITY.sample, seed: int = 0) -> np.ndarray:
     """A stratified random sample of row indices, sorted, at most `size` rows."""
     if len(labels) <= size:
         return np.arange(len(labels))
@@ -78,20 +77,21 @@ def sample_indices(labels: np.ndarray, size: int = SAMPLE, seed: int = 0) -> np.
     return np.sort(keep)
 
 
-def judge(stage_accuracy: dict[int, float], head_confidence: float | None, n_sample: int) -> Similarity:
+def judge(stage_accuracy: dict[int, float], head_confidence: float | None, n_sample: int,
+          config: SimilarityConfig = SIMILARITY) -> Similarity:
     """Apply the rule above to measured evidence (pure)."""
     final = max(stage_accuracy)
     best = max(stage_accuracy, key=lambda k: (stage_accuracy[k], k))
     gain = stage_accuracy[best] - stage_accuracy[final]
     accuracy = {str(k): round(v, 4) for k, v in sorted(stage_accuracy.items())}
-    if gain >= MARGIN:
+    if gain >= config.margin:
         verdict = "different"
         reason = (f"stage {best} probes better than the final stage ({stage_accuracy[best]:.0%} vs "
                   f"{stage_accuracy[final]:.0%}): the last layers are specific to the pretraining data")
-    elif head_confidence is not None and head_confidence < LOW_CONFIDENCE:
+    elif head_confidence is not None and head_confidence < config.low_confidence:
         verdict = "different"
         reason = (f"the probe is a tie, and the pretrained classifier is unsure on these images "
-                  f"(mean top-1 probability {head_confidence:.0%} < {LOW_CONFIDENCE:.0%})")
+                  f"(mean top-1 probability {head_confidence:.0%} < {config.low_confidence:.0%})")
     else:
         verdict = "similar"
         reason = (f"the final stage probes best or as well ({stage_accuracy[final]:.0%}"
@@ -110,7 +110,8 @@ def probe_layers(n_stages: int) -> list[int | None]:
     return [k for k in (n_stages - 2, n_stages - 1) if k >= 1] + [None]
 
 
-def measure(train, n_stages: int, features: Callable, top1: Callable | None = None, seed: int = 0) -> Similarity:
+def measure(train, n_stages: int, features: Callable, top1: Callable | None = None, seed: int = 0,
+            config: SimilarityConfig = SIMILARITY) -> Similarity:
     """Measure the evidence on a stratified sample of the training images, then `judge` it.
 
     Args:
@@ -120,10 +121,10 @@ def measure(train, n_stages: int, features: Callable, top1: Callable | None = No
         top1: (scan) -> the pretrained classifier's mean top-1 probability, or None.
     """
     labels = np.array(train.label_indices())
-    keep = sample_indices(labels, seed=seed)
+    keep = sample_indices(labels, config.sample, seed=seed)
     sample = replace(train, images=tuple(train.images[i] for i in keep))
     layers = probe_layers(n_stages)
     y = np.array(sample.label_indices())
     accuracy = {k or n_stages: probe_accuracy(t.features, y, seed) for k, t in zip(layers, features(sample, layers))}
     accuracy = {k: v for k, v in accuracy.items() if np.isfinite(v)} or {n_stages: 0.0}
-    return judge(accuracy, top1(sample) if top1 else None, len(keep))
+    return judge(accuracy, top1(sample) if top1 else None, len(keep), config)

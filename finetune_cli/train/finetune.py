@@ -71,7 +71,7 @@ def _datasets(ctx: Context, model, plan, recipe, balanced: bool, settings):
 
     y_train, y_val = ctx.labels(ctx.train.images), ctx.labels(ctx.val.images)
     weights = class_weights(y_train, len(ctx.classes), balanced)[y_train]
-    cut = prefix.split(model, plan) if ctx.cache is not None and settings.cache_prefix else None
+    cut = prefix.split(model, plan, settings.max_steps_back) if ctx.cache is not None and settings.cache_prefix else None
     if cut is not None:
         train_data, val_data = prefix.datasets(ctx, cut, plan.feature_views, y_train, weights, recipe.batch_size,
                                                settings.activation_dtype, settings.activation_budget_mb)
@@ -112,7 +112,7 @@ def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, sta
         _announce(ctx, plan)
 
     trainer, validate = finetuner(trainable, plan, recipe, val_data, checkpoint=checkpoint, restore_best=restore_best,
-                                  progress=lambda s, total: ctx.reporter.on_epoch(s.history[-1], total))
+                                  progress=lambda s, total: ctx.reporter.on_epoch(s.history[-1], total), whole=model)
     _announce(ctx, plan)
     try:
         state = fit_with_retries(trainer, train_data, validate, plan.epochs, state, retries=retries, on_retry=retry)

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-C_GRID = (0.01, 0.1, 1.0)
-FOLDS = 3
-TOL = 1e-3  # features are standardised; tighter tolerances change no decision but cost seconds
+from finetune_cli.config import LINEAR, LinearConfig
+
 
 
 @dataclass
@@ -49,6 +48,7 @@ def fit_linear(
     groups: np.ndarray | None = None,
     balanced: bool = False,
     seed: int = 0,
+    config: LinearConfig = LINEAR,
 ) -> LinearHead:
     """Fit a multinomial logistic regression, C chosen by grouped cross-validation.
 
@@ -65,21 +65,21 @@ def fit_linear(
     groups = np.arange(len(labels)) if groups is None else groups
     weight = "balanced" if balanced else None
     per_class = np.bincount(labels, minlength=n_classes)
-    folds = int(min(FOLDS, per_class[per_class > 0].min()))
+    folds = int(min(config.folds, per_class[per_class > 0].min()))
     scores = []
     if folds >= 2:
-        accuracy = _cv_path(features, labels, groups, folds, weight, seed)
+        accuracy = _cv_path(features, labels, groups, folds, weight, seed, config)
         scores = [{"C": c, "cv_accuracy": float(a)} for c, a in accuracy.items()]
         best = max(scores, key=lambda s: (round(s["cv_accuracy"], 6), -s["C"]))["C"]
     else:
         best = 0.1
     scaler = StandardScaler().fit(features)
-    model = LogisticRegression(C=best, max_iter=1000, tol=TOL, class_weight=weight).fit(scaler.transform(features), labels)
+    model = LogisticRegression(C=best, max_iter=1000, tol=config.tol, class_weight=weight).fit(scaler.transform(features), labels)
     return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores)
 
 
-def _cv_path(features, labels, groups, folds: int, weight, seed: int) -> dict[float, float]:
-    """Mean grouped-CV accuracy for each C of C_GRID.
+def _cv_path(features, labels, groups, folds: int, weight, seed: int, config: LinearConfig) -> dict[float, float]:
+    """Mean grouped-CV accuracy for each C of `config.c_grid`.
 
     Each fold walks the grid from the strongest regularisation up, every fit
     warm-started from the previous solution: the same optimum, about a third
@@ -89,12 +89,12 @@ def _cv_path(features, labels, groups, folds: int, weight, seed: int) -> dict[fl
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.preprocessing import StandardScaler
 
-    hits = {c: [] for c in C_GRID}
+    hits = {c: [] for c in config.c_grid}
     for train, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(features, labels, groups):
         scaler = StandardScaler().fit(features[train])
         x_train, x_test = scaler.transform(features[train]), scaler.transform(features[test])
-        model = LogisticRegression(max_iter=1000, tol=TOL, class_weight=weight, warm_start=True)
-        for c in sorted(C_GRID):
+        model = LogisticRegression(max_iter=1000, tol=config.tol, class_weight=weight, warm_start=True)
+        for c in sorted(config.c_grid):
             model.set_params(C=c).fit(x_train, labels[train])
             hits[c].append(float((model.predict(x_test) == labels[test]).mean()))
     return {c: float(np.mean(v)) for c, v in hits.items()}

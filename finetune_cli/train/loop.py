@@ -26,19 +26,25 @@ HEAD_LAYERS = ("classifier",)
 __all__ = ["Diverged", "LoopState", "finetuner", "set_trainable", "evaluate", "predict_batches"]
 
 
-def set_trainable(model, plan: Plan) -> dict[str, list]:
+def set_trainable(model, plan: Plan, whole=None) -> dict[str, list]:
     """Freeze all but the plan's stages and the head; return variables per group.
+
+    Args:
+        model: the model to train.
+        whole: the whole network when `model` is a part of it (the top above
+            a cached prefix): stage indices count in the whole network.
 
     Returns:
         {"head": [...], "top": [...], "intermediate": [...]} trainable variables.
     """
     keras = import_keras()
-    stages = {s.index: s for s in find_stages(model)}
+    whole = whole if whole is not None else model
+    stages = {s.index: s for s in find_stages(whole)}
     group_of_layer = {}
     for index in plan.train_stages:
         stage = stages[index]
         group = "top" if index in plan.top_stages else "intermediate"
-        for layer in model.layers[stage.first : stage.last + 1]:
+        for layer in whole.layers[stage.first : stage.last + 1]:
             group_of_layer[layer.name] = group
     groups = {"head": [], "top": [], "intermediate": []}
     for layer in model.layers:
@@ -92,6 +98,7 @@ def finetuner(
     checkpoint: Callable[[object, LoopState, bool], None] | None = None,
     restore_best: Callable[[object], None] | None = None,
     progress: Callable[[LoopState, int], None] | None = None,
+    whole=None,
 ) -> tuple[Trainer, Callable[[], dict]]:
     """(trainer, validate): fine-tuning `model` as the plan says, for `engine.fit_with_retries`.
 
@@ -103,10 +110,11 @@ def finetuner(
         restore_best: loads the best weights saved by `checkpoint` into the
             model, for a best epoch from before a resume.
         progress: called after each epoch with (state, total epochs).
+        whole: the whole network when `model` is its top (see `set_trainable`).
     """
     import tensorflow as tf
 
-    groups = set_trainable(model, plan)
+    groups = set_trainable(model, plan, whole)
     rates = plan.learning_rates
     callbacks = [
         NanGuard(),

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from finetune_cli.config import TRAIN
 from finetune_cli.models.stages import find_stages
 from finetune_cli.tfquiet import import_keras
 
-#: How far back from a stage's end the cut may move to find a narrower tensor.
-MAX_STEPS_BACK = 8
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Split:
     top: object
 
 
-def split(model, plan) -> Split | None:
+def split(model, plan, steps_back: int = TRAIN.max_steps_back) -> Split | None:
     """Cut `model` below the first stage that trains, or None when every stage trains or no cut is clean.
 
     Candidates are the outputs of the frozen prefix's last layers, walking back
@@ -51,7 +50,7 @@ def split(model, plan) -> Split | None:
         return None
     keras = import_keras()
     end = find_stages(model)[min(plan.train_stages) - 2].name
-    for layer in sorted(_chain(model, end), key=lambda l: int(np.prod(l.output.shape[1:]))):
+    for layer in sorted(_chain(model, end, steps_back), key=lambda l: int(np.prod(l.output.shape[1:]))):
         try:
             top = keras.Model(layer.output, model.output, name="finetune_top")
         except Exception:  # a graph that needs another tensor from below the cut
@@ -60,10 +59,10 @@ def split(model, plan) -> Split | None:
     return None
 
 
-def _chain(model, name: str) -> list:
-    """`name`'s layer and the layers feeding it one by one (single input), at most `MAX_STEPS_BACK`."""
+def _chain(model, name: str, steps: int) -> list:
+    """`name`'s layer and the layers feeding it one by one (single input), at most `steps`."""
     layer, chain = model.get_layer(name), []
-    for _ in range(MAX_STEPS_BACK):
+    for _ in range(steps):
         chain.append(layer)
         source = layer.input
         if isinstance(source, (list, tuple)) or not hasattr(source, "_keras_history"):

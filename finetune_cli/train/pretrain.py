@@ -27,12 +27,6 @@ from finetune_cli.reporter import QUIET, Reporter
 from finetune_cli.tfquiet import import_keras
 
 
-#: Held-out images are capped so the validation pass stays cheap on big folders.
-MAX_HOLDOUT = 512
-#: An epoch must lower the held-out loss by this fraction to count as better.
-MIN_IMPROVEMENT = 1e-3
-#: Reconstruction examples shown in ENCODER.reconstructions.png.
-N_EXAMPLES = 8
 
 
 def companion(encoder_path: Path, suffix: str) -> Path:
@@ -66,10 +60,10 @@ def check_output(out) -> Path:
     return path
 
 
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices): a seeded shuffle, at least 2 and at most MAX_HOLDOUT held out."""
+def split_holdout(n: int, fraction: float, seed: int, most: int = PRETRAIN.max_holdout) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices): a seeded shuffle, at least 2 and at most `most` held out."""
     order = np.random.default_rng(seed).permutation(n)
-    n_hold = int(min(MAX_HOLDOUT, max(2, round(n * fraction))))
+    n_hold = int(min(most, max(2, round(n * fraction))))
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
@@ -179,7 +173,7 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
         logs["phase"] = phase.name
         reporter.on_epoch(logs, config.epochs)
 
-    callbacks = [NanGuard(), EarlyStopping(config.patience, MIN_IMPROVEMENT, relative=True,
+    callbacks = [NanGuard(), EarlyStopping(config.patience, config.min_improvement, relative=True,
                                            on_improve=lambda trainer: on_best()), Each(record)]
     groups = [Group(f"group{i}", list(vs), rate) for i, (vs, rate) in enumerate(phase.groups)]
     signature = [image_spec(config.image_size, tf.float32), tf.TensorSpec((None,), tf.float32)]
@@ -311,7 +305,7 @@ def _examples(ae, val_data, config: PretrainConfig, seed: int):
         per_sample = tf.reduce_mean(tf.square(noisy / 255.0 - x / 255.0), axis=[1, 2, 3])
         total, seen = total + float(tf.reduce_sum(per_sample * w)), seen + float(tf.reduce_sum(w))
         if shown is None:
-            k = min(N_EXAMPLES, len(x))
+            k = min(config.n_examples, len(x))
             shown = (x[:k].numpy(), noisy[:k].numpy(), ae.model(noisy[:k], training=False).numpy())
     return total / max(seen, 1.0), shown
 

@@ -62,24 +62,18 @@ def train(
     if recipe is not None:
         recipe_files.load(recipe)  # validate before any work
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
-    if out is None and resume:
-        raise SettingsError("--resume continues the run in --out: give --out")
-    run = RunFolder(out, resume=resume) if out is not None else RunFolder.new(Path(root).resolve().name)
-    reporter.on_phase(f"run folder: {run.path}")
+    run = open_run(out, root, resume, reporter)
     if resume and run.finished:
-        reporter.on_note(f"the run in {run.path} is finished: nothing to resume, nothing changed "
-                         "(to train again, choose a new --out)")
         return already_finished(run)
     saved = read_saved(run) if resume else None
     with run.guarded():
+        pretrained = None
         if unlabeled is not None:
             pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size,
                                           seed=seed, config=pretrain_config, greedy=greedy, scan_config=config,
                                           reporter=reporter)
             base, weights, image_size = str(run.file("encoder.keras")), "imagenet", pretrained["image_size"]
             similarity = "similar" if similarity == "auto" else similarity
-        else:
-            pretrained = None
         ctx, profile, test_scan = prepare(run, root, base, weights=weights, image_size=image_size, saved=saved,
                                           recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
                                           cache=cache, batch_size=batch_size, config=config,
@@ -95,6 +89,22 @@ def train(
         result = fit(ctx, profile, plan, evidence, recipe_obj, resume, settings)
         clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
         return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
+
+
+def open_run(out, root, resume: bool, reporter: Reporter) -> RunFolder:
+    """The run folder: `out`, or a new numbered one; says which, and whether a resumed run is finished.
+
+    Raises:
+        OutputError, SettingsError.
+    """
+    if out is None and resume:
+        raise SettingsError("--resume continues the run in --out: give --out")
+    run = RunFolder(out, resume=resume) if out is not None else RunFolder.new(Path(root).resolve().name)
+    reporter.on_phase(f"run folder: {run.path}")
+    if resume and run.finished:
+        reporter.on_note(f"the run in {run.path} is finished: nothing to resume, nothing changed "
+                         "(to train again, choose a new --out)")
+    return run
 
 
 def prepare(run: RunFolder, root, base: str, *, weights: str, image_size: int | None, saved, recipe: str | None,
