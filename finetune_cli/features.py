@@ -228,15 +228,15 @@ def extract_many(
     ref: BaseRef,
     *,
     layers: list[str | int | None],
-    pooling: str = "avg",
+    pooling: str | tuple[str, ...] = "avg",
     batch_size: int = 32,
     view: int = 0,
     cache: FeatureCache | None = None,
     config: ScanConfig = SCAN,
     progress: Callable[[int, int], None] | None = None,
     backbone=None,
-    dtype: str = "float32",
-    keep: bool = True,
+    dtype: str | tuple[str, ...] = "float32",
+    keep: bool | tuple[bool, ...] = True,
 ) -> list[FeatureTable]:
     """Features of every usable image in `scan`, from the cache where possible.
 
@@ -247,10 +247,12 @@ def extract_many(
     Args:
         layers: each None (final features), a stage index, or a layer name.
         pooling: `avg` or `max` over the spatial axes of a 4-D map, or `none`
-            to keep the whole map (flattened per image: activations).
-        dtype: what the cache stores, `float32` or `float16`.
-        keep: False fills the cache and returns tables without features, so
-            memory stays flat however large the maps (needs a cache).
+            to keep the whole map (flattened per image: activations); one
+            value, or one per layer.
+        dtype: what the cache stores, `float32` or `float16` (one, or one per layer).
+        keep: False fills the cache and returns a table without features, so
+            memory stays flat however large the maps (needs a cache); one,
+            or one per layer.
         view: 0 for the image as is; k >= 1 for the k-th deterministic
             augmented view (flip, crop), cached separately.
         backbone: an already built `Backbone` for `ref`, to avoid rebuilding.
@@ -258,27 +260,28 @@ def extract_many(
     Returns:
         One `FeatureTable` per layer, rows following `scan.images` (minus late failures).
     """
-    if pooling not in ("avg", "max", "none"):
+    poolings, dtypes, keeps = (_each(v, len(layers)) for v in (pooling, dtype, keep))
+    if not set(poolings) <= {"avg", "max", "none"}:
         raise ValueError(f"Expected pooling 'avg', 'max' or 'none'. Received: pooling={pooling!r}")
-    if not keep and cache is None:
+    if not all(keeps) and cache is None:
         raise ValueError("keep=False needs a cache to fill")
     keys = ["final" if layer in (None, "") else str(layer) for layer in layers]
-    spaces = [cache.namespace(ref, key, pooling, view, dtype) if cache else "" for key in keys]
-    cached = lambda space, r: cache.get(space, r.digest, dtype) if cache else None
-    grids = [[(cached(space, r) if keep else (cached(space, r) is not None or None)) for r in scan.images]
-             for space in spaces]
+    spaces = [cache.namespace(ref, *k) if cache else "" for k in zip(keys, poolings, [view] * len(keys), dtypes)]
+    cached = lambda space, r, dt: cache.get(space, r.digest, dt) if cache else None
+    grids = [[(cached(space, r, dt) if kept else (cached(space, r, dt) is not None or None)) for r in scan.images]
+             for space, dt, kept in zip(spaces, dtypes, keeps)]
     missing = [i for i in range(len(scan.images)) if any(grid[i] is None for grid in grids)]
     batches = ()
     if missing:
         from finetune_cli.models.features import feature_batches
 
         paths = [scan.root / scan.images[i].path for i in missing]
-        batches = feature_batches(ref, paths, layers, pooling, batch_size, config, view, backbone)
+        batches = feature_batches(ref, paths, layers, poolings, batch_size, config, view, backbone)
     failed = set()
     for start, matrices, ok in batches:
         rows = missing[start : start + len(ok)]
         failed.update(i for i, good in zip(rows, ok) if not good)
-        _store(scan, cache, grids, spaces, matrices, rows, ok, dtype, keep)
+        _store(scan, cache, grids, spaces, matrices, rows, ok, dtypes, keeps)
         if progress:
             progress(len(scan.images) - len(missing) + start + len(ok), len(scan.images))
     if progress and not missing:
@@ -287,18 +290,23 @@ def extract_many(
     rows = [i for i in range(len(scan.images)) if i not in failed]
     records = [scan.images[i] for i in rows]
     return [
-        FeatureTable(records, np.stack([grid[i] for i in rows]).astype(np.float32) if keep else None, key,
+        FeatureTable(records, np.stack([grid[i] for i in rows]).astype(np.float32) if kept else None, key,
                      skipped, len(missing))
-        for grid, key in zip(grids, keys)
+        for grid, key, kept in zip(grids, keys, keeps)
     ]
 
 
-def _store(scan: Scan, cache, grids, spaces, matrices, rows: list[int], ok, dtype: str, keep: bool) -> None:
+def _each(value, n: int) -> tuple:
+    """A per-layer tuple from one value or a sequence of n."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+def _store(scan: Scan, cache, grids, spaces, matrices, rows: list[int], ok, dtypes, keeps) -> None:
     """Keep one computed batch, and cache it now: an interrupted pass keeps every finished batch."""
-    for grid, space, matrix in zip(grids, spaces, matrices):
+    for grid, space, matrix, dtype, kept in zip(grids, spaces, matrices, dtypes, keeps):
         for i, vector, good in zip(rows, matrix, ok):
             if good and grid[i] is None:
-                grid[i] = vector if keep else True
+                grid[i] = vector if kept else True
                 if cache:
                     cache.put(space, scan.images[i].digest, vector, dtype)
 

@@ -27,13 +27,13 @@ def feature_batches(
     ref: BaseRef,
     paths: Sequence[Path],
     layers: Sequence[str | int | None],
-    pooling: str,
+    pooling: Sequence[str],
     batch_size: int,
     config: ScanConfig,
     view: int = 0,
     backbone=None,
 ) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
-    """Run the backbone once over `paths`, batched and prefetched; yield each batch as it is done.
+    """Run the backbone once over `paths` (one pooling per layer), batched and prefetched; yield each batch.
 
     Yields:
         (first row, one float32 (b, d_layer) array per layer, ok bool (b,));
@@ -46,7 +46,7 @@ def feature_batches(
 
     backbone = backbone or build(ref)
     names = [select_layer(backbone.model, layer) for layer in layers]
-    heads = [pooled_model(backbone.model, name, pooling).output for name in names]
+    heads = [pooled_model(backbone.model, name, pool).output for name, pool in zip(names, pooling)]
     model = keras.Model(backbone.model.input, heads)
     forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False),
                           input_signature=[image_spec(ref.image_size)])

@@ -15,6 +15,7 @@ the trained top share their layers with it.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -36,42 +37,68 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     from finetune_cli.predict import probabilities
     from finetune_cli.train.loop import predict_batches
 
-    model, state = _start(ctx, recipe, balanced, resume)
-    trainable, train_data, val_data = _datasets(ctx, model, plan, recipe, balanced, settings)
+    from finetune_cli.train import prefix
+
+    clock = [time.perf_counter()]
+    model, state = _start(ctx, recipe, resume)
+    cut = prefix.split(model, plan, settings.max_steps_back) if ctx.cache is not None and settings.cache_prefix else None
+    if state is None:
+        _fit_head(ctx, model, cut, balanced, settings)
+    clock.append(time.perf_counter())
+    trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
+    clock.append(time.perf_counter())
     state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries)
+    clock.append(time.perf_counter())
     probs, labels = predict_batches(trainable, val_data)
     size = ctx.backbone.ref.image_size
     score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)
-    metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch}
+    epochs = sum(h["seconds"] for h in state.history)
+    steps = {"linear_head": clock[1] - clock[0], "inputs": clock[2] - clock[1], "epochs": epochs,
+             "validation_and_checkpoints": clock[3] - clock[2] - epochs}
+    metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch,
+               "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}}
     return TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
 
 
-def _start(ctx: Context, recipe, balanced: bool, resume: bool):
-    """(whole model, LoopState or None): from the checkpoint, or a head from the linear solution."""
+def _start(ctx: Context, recipe, resume: bool):
+    """(whole model, LoopState): from the checkpoint, or (with a head still to fit, None) a new one."""
     from finetune_cli.models.heads import classifier
-    from finetune_cli.train.linear import fit_linear
     from finetune_cli.train.resume import load_checkpoint
 
     if resume and ctx.run.file("checkpoint.keras").exists():
         model, state = load_checkpoint(ctx.run)
         ctx.reporter.on_note(f"resuming after epoch {state.epoch} (optimizer state starts afresh)")
         return model, state
-    ctx.reporter.on_phase("phase 1: linear head on frozen final features")
-    table = ctx.features(ctx.train, [None])[0]
-    head = fit_linear(table.features, ctx.labels(table.records), len(ctx.classes), balanced=balanced, seed=ctx.seed)
     model = classifier(ctx.backbone.model, ctx.backbone.model.layers[-1].name, len(ctx.classes),
-                       dropout=recipe.dropout, l2=recipe.l2, kernel=head.kernel, bias=head.bias)
+                       dropout=recipe.dropout, l2=recipe.l2)
     return model, None
 
 
-def _datasets(ctx: Context, model, plan, recipe, balanced: bool, settings):
+def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> None:
+    """Phase 1: the head's weights from logistic regression on frozen final features.
+
+    With a prefix cut, the same backbone pass also caches the cut's activations
+    of view 0, so the frozen stages run once for both.
+    """
+    from finetune_cli.train.linear import fit_linear
+
+    ctx.reporter.on_phase("phase 1: linear head on frozen final features")
+    if cut is None:
+        table = ctx.features(ctx.train, [None])[0]
+    else:
+        table = ctx.features(ctx.train, [None, cut.layer], pooling=("avg", "none"),
+                             dtype=("float32", settings.activation_dtype), keep=(True, False))[0]
+    head = fit_linear(table.features, ctx.labels(table.records), len(ctx.classes), balanced=balanced, seed=ctx.seed)
+    model.get_layer("classifier").set_weights([head.kernel, head.bias])
+
+
+def _datasets(ctx: Context, model, cut, plan, recipe, balanced: bool, settings):
     """(the model the engine trains, train batches, validation batches): on cached activations or images."""
     from finetune_cli.data.pipeline import augmenter, labelled_batches
     from finetune_cli.train import prefix
 
     y_train, y_val = ctx.labels(ctx.train.images), ctx.labels(ctx.val.images)
     weights = class_weights(y_train, len(ctx.classes), balanced)[y_train]
-    cut = prefix.split(model, plan, settings.max_steps_back) if ctx.cache is not None and settings.cache_prefix else None
     if cut is not None:
         train_data, val_data = prefix.datasets(ctx, cut, plan.feature_views, y_train, weights, recipe.batch_size,
                                                settings.activation_dtype, settings.activation_budget_mb)

@@ -130,23 +130,33 @@ def finetuner(
                  tf.TensorSpec((None,), tf.float32)]
     trainer = Trainer(model, cross_entropy(model), [Group(k, v, rates[k]) for k, v in groups.items()], signature,
                       optimizer=optimizer_for(recipe), callbacks=callbacks)
-    return trainer, lambda: dict(zip(("val_loss", "val_accuracy"), evaluate(model, val_data)))
+    forward = predictor(model)
+    return trainer, lambda: dict(zip(("val_loss", "val_accuracy"), evaluate(model, val_data, forward)))
 
 
-def evaluate(model, data) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` over (x, y, w) batches, inference mode."""
-    probs, labels = predict_batches(model, data)
+def evaluate(model, data, forward=None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` over (x, y, w) batches, inference mode.
+
+    `forward`: a traced `predictor(model)` to reuse, so that validating every
+    epoch does not trace the model every epoch.
+    """
+    probs, labels = predict_batches(model, data, forward)
     picked = probs[np.arange(len(labels)), labels]
     loss = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
     return loss, float((probs.argmax(1) == labels).mean())
 
 
-def predict_batches(model, data) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities (n, k), labels (n,)) over (x, y, w) batches."""
+def predictor(model):
+    """`model` in inference mode as a tf.function traced once for any batch size."""
     import tensorflow as tf
 
     shape = tuple(model.input_shape[1:])
-    forward = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, *shape), tf.float32)])
+    return tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, *shape), tf.float32)])
+
+
+def predict_batches(model, data, forward=None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (n, k), labels (n,)) over (x, y, w) batches."""
+    forward = forward or predictor(model)
     probs, labels = [], []
     for x, y, _ in data:
         probs.append(forward(x).numpy())

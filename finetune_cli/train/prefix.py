@@ -102,8 +102,8 @@ def datasets(ctx, cut: Split, views: int, labels: np.ndarray, weights: np.ndarra
     val = _source(ctx, ctx.val, cut, 0, dtype, in_memory)
     y_val = ctx.labels(ctx.val.images)
     n_train, n_val = len(ctx.train.images), len(ctx.val.images)
-    return (_batches(train, cut.shape, labels, weights, n_train, views, batch_size, ctx.seed),
-            _batches(val, cut.shape, y_val, np.ones(n_val), n_val, 0, batch_size, None))
+    return (_Batches(train, labels, weights, n_train, views, batch_size, ctx.seed),
+            _Batches(val, y_val, np.ones(n_val), n_val, 0, batch_size, None))
 
 
 def _source(ctx, scan, cut: Split, views: int, dtype: str, in_memory: bool):
@@ -127,29 +127,43 @@ def _source(ctx, scan, cut: Split, views: int, dtype: str, in_memory: bool):
     return lambda pair: (stacked[pair].astype(np.float32), bool(found[pair]))
 
 
-def _batches(source, shape: tuple, labels: np.ndarray, weights: np.ndarray, n: int, views: int, batch_size: int,
-             seed: int | None):
-    import tensorflow as tf
+class _Batches:
+    """An iterable of (activations, labels, weights) batches, re-drawn each time it is iterated.
 
-    pool = n * (views + 1)
+    A plain Python iterable, not tf.data: batches are gathers from memory or
+    small cache reads, and tf.data's py-function threads stalled whole epochs
+    here (16-19 s out of 40, in every other epoch, with the step itself 22 s).
+    The order comes from tf.data's own seeded shuffle, so it is the image
+    pipeline's order; a reader thread fetches the next batch during a step.
+    """
 
-    def load(pairs):
-        loaded = [source(int(p)) for p in pairs]
-        x = np.stack([a for a, _ in loaded]).astype(np.float32)
+    def __init__(self, source, labels, weights, n: int, views: int, batch_size: int, seed: int | None):
+        import tensorflow as tf
+
+        self.source, self.labels, self.weights, self.n, self.batch_size = source, labels, weights, n, batch_size
+        pool = n * (views + 1)
+        order = tf.data.Dataset.range(pool)
+        if seed is not None:
+            order = order.shuffle(pool, seed=seed, reshuffle_each_iteration=True)
+        self.order = order.take(n)
+
+    def _load(self, pairs: np.ndarray):
+        import tensorflow as tf
+
+        loaded = [self.source(int(p)) for p in pairs]
         ok = np.array([found for _, found in loaded], np.float32)
-        i = pairs % n
-        return x, labels[i].astype(np.int32), (weights[i] * ok).astype(np.float32)
+        i = pairs % self.n
+        return (tf.constant(np.stack([a for a, _ in loaded])), tf.constant(self.labels[i].astype(np.int32)),
+                tf.constant((self.weights[i] * ok).astype(np.float32)))
 
-    data = tf.data.Dataset.range(pool)
-    if seed is not None:
-        data = data.shuffle(pool, seed=seed, reshuffle_each_iteration=True)
-    data = data.take(n).batch(batch_size)
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
 
-    def mapped(pairs):
-        x, y, w = tf.numpy_function(load, [pairs], [tf.float32, tf.int32, tf.float32], stateful=False)
-        x.set_shape((None, *shape))
-        y.set_shape((None,))
-        w.set_shape((None,))
-        return x, y, w
-
-    return data.map(mapped, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        pairs = np.fromiter(self.order.as_numpy_iterator(), np.int64, count=self.n)
+        chunks = [pairs[s : s + self.batch_size] for s in range(0, len(pairs), self.batch_size)]
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(self._load, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                batch = pending.result()
+                pending = reader.submit(self._load, chunks[k + 1]) if k + 1 < len(chunks) else None
+                yield batch
