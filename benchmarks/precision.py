@@ -1,7 +1,7 @@
-"""float32 vs mixed bfloat16 on this machine: the forward pass and a fine-tuning step.
+"""float32 vs mixed precision on this machine: the forward pass and a fine-tuning step.
 
-Usage: python benchmarks/precision.py [--rounds N] [--batch B] [--size S]
-       python benchmarks/precision.py --one float32|mixed_bfloat16 forward|step   (one measurement, internal)
+Usage: python benchmarks/precision.py [--rounds N] [--batch B] [--size S] [--policies float32,mixed_bfloat16]
+       python benchmarks/precision.py --one POLICY forward|step   (one measurement, internal)
 
 EfficientNet-Lite0 from ../shared/backbones (or a Keras MobileNetV2 with random
 weights when that file is absent). Each measurement is a fresh process that
@@ -11,7 +11,8 @@ the saved config), warms up, then times `--steps` batches of random pixels:
 - step: forward + backward + Adam on the top two stages (the rest frozen,
   BatchNorm in inference mode), images/s, and the mean absolute difference of
   the outputs against float32 on the same batch.
-The two policies alternate, `--rounds` times; medians and paired ratios.
+The policies alternate, `--rounds` times; medians, and ratios against float32
+paired round by round. On a GPU, add mixed_float16 (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pathlib import Path
 
 from common import BACKBONE
 
-POLICIES = ("float32", "mixed_bfloat16")
 
 
 def build(policy: str):
@@ -83,28 +83,32 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--policies", default="float32,mixed_bfloat16")
     parser.add_argument("--one", nargs=2, metavar=("POLICY", "WHAT"))
     args = parser.parse_args()
+    policies = args.policies.split(",")
     if args.one:
         print("RESULT", json.dumps(one(*args.one, args.batch, args.size, args.steps)))
         return
     for what in ("forward", "step"):
-        rates = {p: [] for p in POLICIES}
-        diffs = []
+        rates = {p: [] for p in policies}
+        diffs = {p: [] for p in policies}
         for _ in range(args.rounds):
-            for policy in POLICIES:
+            for policy in policies:
                 cmd = [sys.executable, str(Path(__file__)), "--one", policy, what, "--batch", str(args.batch),
                        "--size", str(args.size), "--steps", str(args.steps)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 result = json.loads(out.split("RESULT", 1)[1])
                 rates[policy].append(result["images_per_s"])
                 if policy != "float32" and result["mean_abs_diff"] is not None:
-                    diffs.append(result["mean_abs_diff"])
-        ratios = [b / f for f, b in zip(rates["float32"], rates["mixed_bfloat16"])]
-        print(f"{what}: float32 {statistics.median(rates['float32']):.1f} images/s, mixed_bfloat16 "
-              f"{statistics.median(rates['mixed_bfloat16']):.1f} images/s; bf16/f32 speed median "
-              f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}) over {args.rounds} pairs"
-              + (f"; mean |bf16 - f32| of the features {statistics.median(diffs):.4f}" if diffs else ""), flush=True)
+                    diffs[policy].append(result["mean_abs_diff"])
+        print(f"{what}: float32 {statistics.median(rates['float32']):.1f} images/s", flush=True)
+        for policy in policies[1:]:
+            ratios = [b / f for f, b in zip(rates["float32"], rates[policy])]
+            print(f"  {policy}: {statistics.median(rates[policy]):.1f} images/s; speed vs float32 median "
+                  f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}) over "
+                  f"{args.rounds} pairs" + (f"; mean |difference| of the features {statistics.median(diffs[policy]):.4f}"
+                                            if diffs[policy] else ""), flush=True)
 
 
 if __name__ == "__main__":

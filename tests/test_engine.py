@@ -1,0 +1,78 @@
+"""The training engine alone: early stopping, the NaN guard, plateau decay, retries (a tiny real Keras model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from finetune_cli.tfquiet import import_keras
+from finetune_cli.train.engine import (Diverged, EarlyStopping, Each, Group, NanGuard, PlateauDecay, Trainer,
+                                       fit_with_retries)
+
+
+def tiny_trainer(callbacks, rate=0.1):
+    import tensorflow as tf
+
+    keras = import_keras()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+
+    def loss(x, y):
+        error = tf.reduce_mean(tf.square(model(x, training=True)[:, 0] - y))
+        return error, tf.cast(tf.shape(x)[0], tf.float32), {}
+
+    signature = [tf.TensorSpec((None, 4), tf.float32), tf.TensorSpec((None,), tf.float32)]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    data = [(x[i:i + 16], x[i:i + 16].sum(1)) for i in range(0, 64, 16)]
+    trainer = Trainer(model, loss, [Group("all", model.trainable_variables, rate)], signature,
+                      optimizer=lambda r: keras.optimizers.SGD(r), callbacks=callbacks)
+    return trainer, model, data
+
+
+def scripted(losses):
+    """A validate() that returns the given validation losses in turn."""
+    it = iter(losses)
+    return lambda: {"val_loss": next(it)}
+
+
+def test_early_stopping_stops_and_ends_on_the_best_epochs_weights():
+    seen = {}
+    trainer, model, data = tiny_trainer([])
+    trainer.callbacks = [EarlyStopping(patience=2), Each(lambda t, s, logs: seen.update({s.epoch: model.get_weights()}))]
+    state = trainer.fit(data, scripted([1.0, 0.5, 0.8, 0.9, 0.1]), epochs=5)
+    assert state.epoch == 4 and state.best_epoch == 2 and state.stop  # stopped after 2 stale epochs
+    for got, best in zip(model.get_weights(), seen[2]):
+        np.testing.assert_array_equal(got, best)
+    assert [row["improved"] for row in state.history] == [True, True, False, False]
+
+
+def test_the_nan_guard_watches_the_validation_loss_too():
+    trainer, _, data = tiny_trainer([NanGuard(), EarlyStopping(patience=5)])
+    with pytest.raises(Diverged, match="validation loss became NaN or infinite at epoch 2"):
+        trainer.fit(data, scripted([1.0, math.nan]), epochs=3)
+
+
+def test_plateau_decay_lowers_every_rate_after_stale_epochs():
+    trainer, _, data = tiny_trainer([EarlyStopping(patience=10), PlateauDecay(0.1, 2)], rate=0.01)
+    state = trainer.fit(data, scripted([1.0, 1.0, 1.0, 1.0, 1.0]), epochs=5)
+    rates = [row["lr_all"] for row in state.history]
+    assert rates == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001])
+    assert float(trainer.optimizers[0].learning_rate) == pytest.approx(1e-4)
+
+
+def test_retries_restart_from_the_starting_weights_at_a_tenth_of_the_rate():
+    trainer, model, data = tiny_trainer([NanGuard()], rate=1e30)
+    start = model.get_weights()
+    factors = []
+    with pytest.raises(Diverged):
+        fit_with_retries(trainer, data, lambda: {"val_loss": 1.0}, 2, retries=2,
+                         on_retry=lambda exc, factor: factors.append(factor))
+    assert factors == pytest.approx([0.1, 0.01]) and trainer.groups[0].rate == pytest.approx(1e28)
+    trainer.callbacks = []
+    trainer.groups[0].rate = 0.01
+    model.set_weights(start)
+    state = fit_with_retries(trainer, data, lambda: {"val_loss": 1.0}, 3, retries=2)
+    assert state.epoch == 3 and state.history[-1]["loss"] < state.history[0]["loss"]
