@@ -242,6 +242,7 @@ def pretrain(
 
     started = time.perf_counter()
     path = check_output(out)
+    reporter.on_phase(f"encoder: {path}")
     ref = None
     if init_from is not None:
         from finetune_cli.models.backbones import resolve
