@@ -14,7 +14,7 @@ from finetune_cli.strategy.similarity import judge
     "size, similarity, recipe, strategy, stages, top, feature_stage, views",
     [
         ("small", "similar", "linear", "linear", (), (), "final", 0),
-        ("large", "similar", "partial", "partial", (4, 5), (4, 5), "final", 2),
+        ("large", "similar", "partial", "partial", (5,), (5,), "final", 2),
         ("large", "different", "full", "full", (1, 2, 3, 4, 5), (4, 5), "final", 0),
         ("small", "different", "trouble", "linear", (), (), "best", 4),
     ],
