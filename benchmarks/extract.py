@@ -30,7 +30,8 @@ def main(per_class: int = 30) -> None:
         tmp = Path(tmp)
         data = subset(SIGNS, tmp / "signs", per_class)
         n = sum(1 for _ in data.rglob("*.JPG"))
-        ours_cmd = finetune_cmd("extract-features", data, "--base", BACKBONE, "--out", tmp / "ours.parquet", "--no-cache")
+        ours_cmd = finetune_cmd("extract-features", data, "--base", BACKBONE, "--out", tmp / "ours.parquet", "--no-cache",
+                                "--overwrite")
         theirs_cmd = [sys.executable, str(Path(__file__).parent / "handwritten_extract.py"), data, BACKBONE, tmp / "theirs.parquet"]
         ours, theirs = [], []
         for _ in range(ROUNDS):
@@ -45,7 +46,8 @@ def main(per_class: int = 30) -> None:
         print(f"ratio ours/hand-written wall time: {o / t:.2f}  (target <= 1.0, goal 0.8)")
 
         cache = tmp / "cache"
-        cached_cmd = finetune_cmd("extract-features", data, "--base", BACKBONE, "--out", tmp / "c.parquet", "--cache-dir", cache)
+        cached_cmd = finetune_cmd("extract-features", data, "--base", BACKBONE, "--out", tmp / "c.parquet", "--cache-dir", cache,
+                                  "--overwrite")
         cold = measure(cached_cmd)["wall"]
         warm = statistics.median(measure(cached_cmd)["wall"] for _ in range(ROUNDS))
         print(f"cache: cold {cold:.2f} s, warm {warm:.2f} s, speed-up {cold / warm:.1f}x (target >= 10x)")
