@@ -35,9 +35,8 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
         TrainingError: still diverging after `settings.max_retries` retries.
     """
     from finetune_cli.predict import probabilities
-    from finetune_cli.train.loop import predict_batches
-
     from finetune_cli.train import prefix
+    from finetune_cli.train.loop import predict_batches
 
     clock = [time.perf_counter()]
     model, state = _start(ctx, recipe, resume)
