@@ -68,14 +68,19 @@ class FeatureCache:
         return cache.prepare() if write else cache
 
     def is_cache(self) -> bool:
-        """True when the folder carries our tag, or is an older untagged cache (namespaces only)."""
+        """True when the folder carries our tag, or is an older untagged cache: namespace folders only.
+
+        (A folder that holds anything else is never adopted: its tag would make
+        backup tools skip the user's files.)
+        """
+        tag = self.root / TAG_NAME
         try:
-            if "finetune" in (self.root / TAG_NAME).read_text("utf-8", "replace"):
+            if tag.is_file() and "finetune" in tag.read_text("utf-8", "replace"):
                 return True
             children = [p for p in self.root.iterdir() if p.name != TMP_DIR]
         except OSError:
             return False
-        return bool(children) and all(NAMESPACE.match(p.name) and (p / "meta.json").exists() for p in children)
+        return bool(children) and all(NAMESPACE.match(p.name) and p.is_dir() for p in children)
 
     def prepare(self) -> "FeatureCache":
         """Create or adopt the folder for writing; remove stale temporary files (see `at`)."""
@@ -84,10 +89,10 @@ class FeatureCache:
             if self.root.exists() and not self.root.is_dir():
                 raise OutputError(f"{where} is a file, not a folder: give another --cache-dir, or --no-cache")
             self.root.mkdir(parents=True, exist_ok=True)
-            if not self.is_cache():
-                if any(self.root.iterdir()):
-                    raise OutputError(f"{where} holds other files and is not a finetune feature cache: "
-                                      "give an empty or new --cache-dir, or --no-cache")
+            if not self.is_cache() and any(self.root.iterdir()):
+                raise OutputError(f"{where} holds other files and is not a finetune feature cache: "
+                                  "give an empty or new --cache-dir, or --no-cache")
+            if not (self.root / TAG_NAME).is_file():  # a new folder, or an older cache: tag it
                 atomic_write_bytes(self.root / TAG_NAME, TAG_TEXT.encode())
             (self.root / TMP_DIR).mkdir(exist_ok=True)
         except OSError as exc:

@@ -105,3 +105,20 @@ def test_cli_extract_and_cache_commands(shapes, tiny_base, tmp_path):
     assert bad.exit_code == 2 and bad.output.startswith("Error: unknown backbone")
     layers = runner.invoke(cli, ["layers", "--base", str(tiny_base), "--image-size", "32", "--json"])
     assert [row["name"] for row in json.loads(layers.output)] == ["s1_conv", "s2_conv", "s3_conv"]
+
+
+def test_an_older_untagged_cache_is_adopted_and_a_mixed_folder_is_not(shapes, tiny_base, tmp_path):
+    from finetune_cli.errors import OutputError
+
+    old = tmp_path / "old-cache"
+    api.extract_features(shapes, str(tiny_base), image_size=32, cache_dir=old)
+    (old / "CACHEDIR.TAG").unlink()  # as a cache from before the tag existed
+    next(old.glob("*/meta.json")).unlink()  # and with a namespace that lost its meta.json
+    table, _ = api.extract_features(shapes, str(tiny_base), image_size=32, cache_dir=old)
+    assert table.computed == 0 and (old / "CACHEDIR.TAG").is_file()
+    mixed = tmp_path / "mixed"
+    (mixed / "0123456789abcdef01234567").mkdir(parents=True)
+    (mixed / "thesis.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a finetune feature cache"):
+        api.extract_features(shapes, str(tiny_base), image_size=32, cache_dir=mixed)
+    assert not (mixed / "CACHEDIR.TAG").exists() and (mixed / "thesis.txt").read_text() == "mine"
