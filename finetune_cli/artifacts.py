@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from finetune_cli.errors import OutputError, TrainingError
-from finetune_cli.files import atomic_path, atomic_write_bytes, check_writable_folder, remove_stale_temps
+from finetune_cli.files import check_writable_folder, remove_stale_temps, writing
 
 #: The entry inside a saved model.keras archive that holds the run's facts.
 MODEL_FACTS = "finetune.json"
@@ -142,10 +142,8 @@ class RunFolder:
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         self.written.add(name)
-        try:
-            atomic_write_bytes(self.file(name), data)
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.file(name)}: {exc.strerror or exc} (disk full?)") from None
+        with writing(self.file(name)) as tmp:
+            tmp.write_bytes(data)
         return self.file(name)
 
     def write_text(self, name: str, text: str) -> Path:
@@ -167,11 +165,8 @@ class RunFolder:
     def save_weights(self, model, name: str) -> Path:
         """Weights only (`.weights.h5`), atomically."""
         self.written.add(name)
-        try:
-            with atomic_path(self.file(name), ".weights.h5") as tmp:
-                model.save_weights(tmp)
-        except OSError as exc:
-            raise OutputError(f"cannot save {self.file(name)}: {exc.strerror or exc} (disk full?)") from None
+        with writing(self.file(name), ".weights.h5") as tmp:  # Keras goes by the ending
+            model.save_weights(tmp)
         return self.file(name)
 
     def save_figure(self, name: str, figure) -> Path:
@@ -215,14 +210,11 @@ def save_model_atomic(model, target: Path, facts: dict | None = None) -> Path:
     Raises:
         OutputError: the folder cannot be written (read-only, disk full).
     """
-    try:
-        with atomic_path(target, ".keras") as tmp:  # Keras picks the format by the ending
-            model.save(tmp)
-            if facts is not None:
-                with zipfile.ZipFile(tmp, "a") as archive:
-                    archive.writestr(MODEL_FACTS, json.dumps(facts, ensure_ascii=False))
-    except OSError as exc:
-        raise OutputError(f"cannot save {target}: {exc.strerror or exc} (disk full?)") from None
+    with writing(target, ".keras") as tmp:  # Keras picks the format by the ending
+        model.save(tmp)
+        if facts is not None:
+            with zipfile.ZipFile(tmp, "a") as archive:
+                archive.writestr(MODEL_FACTS, json.dumps(facts, ensure_ascii=False))
     return target
 
 

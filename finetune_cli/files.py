@@ -177,10 +177,15 @@ def _kind(path: Path) -> str:
 
 
 @contextmanager
-def writing(path: Path) -> Iterator[Path]:
-    """`atomic_path` that turns a failed write (disk full, file-size limit, read-only) into OutputError."""
+def writing(path: Path, suffix: str | None = None) -> Iterator[Path]:
+    """`atomic_path` that turns a failed write (disk full, file-size limit, read-only) into OutputError.
+
+    Args:
+        suffix: the temporary file's ending, for writers that go by it
+            (`.keras`, `.weights.h5`); default: the target's own.
+    """
     try:
-        with atomic_path(path, path.suffix or ".tmp") as tmp:
+        with atomic_path(path, suffix or path.suffix or ".tmp") as tmp:
             yield tmp
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc} (disk full or a file-size limit?); "

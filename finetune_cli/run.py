@@ -17,7 +17,7 @@ from pathlib import Path
 from finetune_cli.artifacts import MODEL_FACTS
 from finetune_cli.config import DEFAULT_IMAGE_SIZE, RUNS_DIR
 from finetune_cli.errors import ModelFileError
-from finetune_cli.models.files import archive_json, declared_input, input_side, load_model_file
+from finetune_cli.models.files import archive_entries, input_of, input_side, load_model_file
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,10 @@ class Run:
         model_file = path if path.suffix == ".keras" else path / "model.keras"
         if not model_file.is_file():
             raise ModelFileError(f"{model_file} not found: --model takes the --out folder of `finetune train`")
-        facts = archive_json(model_file, MODEL_FACTS, ModelFileError) or {}
-        classes = _classes(facts.get("classes"), folder / "labels.json")
-        side = input_side(declared_input(model_file, ModelFileError), None, model_file.name, DEFAULT_IMAGE_SIZE)
+        facts, config = archive_entries(model_file, (MODEL_FACTS, "config.json"), ModelFileError)
+        classes = _classes((facts or {}).get("classes"), folder / "labels.json")
+        declared = input_of(config, model_file, ModelFileError)
+        side = input_side(declared, None, model_file.name, DEFAULT_IMAGE_SIZE)
         model = load_model_file(model_file, ModelFileError)
         _check_classifier(model, model_file, classes)
         return cls(folder, model, classes, side, _optional_json(folder / "plan.json"),

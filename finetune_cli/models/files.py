@@ -18,7 +18,12 @@ from finetune_cli.errors import BackboneError, FinetuneError
 
 
 def archive_json(path: Path, name: str, error: type[FinetuneError] = BackboneError) -> dict | None:
-    """A JSON entry of a `.keras` archive, or None when the archive has no such entry.
+    """A JSON entry of a `.keras` archive, or None when the archive has no such entry (see `archive_entries`)."""
+    return archive_entries(path, (name,), error)[0]
+
+
+def archive_entries(path: Path, names: tuple[str, ...], error: type[FinetuneError] = BackboneError) -> list:
+    """JSON entries of a `.keras` archive, each None when absent; the archive is checked once.
 
     Raises:
         `error`: the file is missing, truncated or corrupt (the zip's CRCs are checked).
@@ -28,9 +33,8 @@ def archive_json(path: Path, name: str, error: type[FinetuneError] = BackboneErr
             broken = archive.testzip()
             if broken is not None:
                 raise zipfile.BadZipFile(f"bad CRC in {broken}")
-            if name not in archive.namelist():
-                return None
-            return json.loads(archive.read(name))
+            present = set(archive.namelist())
+            return [json.loads(archive.read(name)) if name in present else None for name in names]
     except FileNotFoundError:
         raise error(f"{path} does not exist") from None
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
@@ -40,7 +44,11 @@ def archive_json(path: Path, name: str, error: type[FinetuneError] = BackboneErr
 
 def declared_input(path: Path, error: type[FinetuneError] = BackboneError) -> tuple | None:
     """The (height, width) fixed by the model's input layer, None where free; None if nothing is declared."""
-    config = archive_json(path, "config.json", error)
+    return input_of(archive_json(path, "config.json", error), path, error)
+
+
+def input_of(config: dict | None, path: Path, error: type[FinetuneError] = BackboneError) -> tuple | None:
+    """`declared_input` from an archive's already read `config.json`."""
     if config is None:
         raise error(f"{path} is not a Keras model file (its archive has no config.json)")
     for layer in config.get("config", {}).get("layers", []):

@@ -119,6 +119,7 @@ def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, sta
     from finetune_cli.train.loop import finetuner
 
     notes: list[str] = []
+    base_rates = dict(plan.learning_rates)
 
     def checkpoint(_, state, improved: bool):
         if improved:
@@ -132,7 +133,7 @@ def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, sta
 
     def retry(exc, factor):
         nonlocal plan
-        plan = dataclasses.replace(plan, learning_rates={k: v * 0.1 for k, v in plan.learning_rates.items()})
+        plan = dataclasses.replace(plan, learning_rates={k: v * factor for k, v in base_rates.items()})
         notes.append(f"{exc}: learning rate too high; retrying at lr/10 (head {plan.learning_rates['head']:.2g})")
         ctx.reporter.on_note(notes[-1])
         _announce(ctx, plan)

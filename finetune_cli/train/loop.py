@@ -19,11 +19,9 @@ from finetune_cli.models.stages import find_stages
 from finetune_cli.strategy.decide import Plan
 from finetune_cli.strategy.recipes import Recipe
 from finetune_cli.tfquiet import import_keras
-from finetune_cli.train.engine import (Diverged, EarlyStopping, Each, Group, LoopState, NanGuard, PlateauDecay,
-                                       Trainer)
+from finetune_cli.train.engine import EarlyStopping, Each, Group, LoopState, NanGuard, PlateauDecay, Trainer
 
 HEAD_LAYERS = ("classifier",)
-__all__ = ["Diverged", "LoopState", "finetuner", "set_trainable", "evaluate", "predict_batches"]
 
 
 def set_trainable(model, plan: Plan, whole=None) -> dict[str, list]:
@@ -94,7 +92,6 @@ def finetuner(
     recipe: Recipe,
     val_data,
     *,
-    state: LoopState | None = None,
     checkpoint: Callable[[object, LoopState, bool], None] | None = None,
     restore_best: Callable[[object], None] | None = None,
     progress: Callable[[LoopState, int], None] | None = None,

@@ -342,7 +342,7 @@ def _write_companions(path: Path, history: list[dict], summary: dict, examples) 
     import pandas as pd
 
     from finetune_cli.artifacts import figure_png, pretrain_curves_figure, reconstructions_figure
-    from finetune_cli.files import atomic_write_bytes
+    from finetune_cli.files import writing
 
     files = {
         "history.csv": pd.DataFrame(history).to_csv(index=False).encode(),
@@ -351,7 +351,5 @@ def _write_companions(path: Path, history: list[dict], summary: dict, examples) 
         "pretrain.json": (json.dumps(summary, indent=2) + "\n").encode(),
     }
     for suffix, data in files.items():
-        try:
-            atomic_write_bytes(companion(path, suffix), data)
-        except OSError as exc:
-            raise OutputError(f"cannot write {companion(path, suffix)}: {exc.strerror or exc}") from None
+        with writing(companion(path, suffix)) as tmp:
+            tmp.write_bytes(data)

@@ -78,7 +78,7 @@ def read_state(run: RunFolder):
     Raises:
         ModelFileError: state.json is missing or malformed.
     """
-    from finetune_cli.train.loop import LoopState
+    from finetune_cli.train.engine import LoopState
 
     try:
         state = LoopState(**run.read_json("state.json"))
