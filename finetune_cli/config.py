@@ -27,7 +27,7 @@ DEFAULT_IMAGE_SIZE = 224
 RUNS_DIR = Path("runs")
 
 #: The backbone `train` and `extract-features` use when no --base is given.
-DEFAULT_BASE = "mobilenetv2"
+DEFAULT_BASE = "efficientnet_lite0"
 
 #: Names that are never images and never counted: OS and tool litter.
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX", ".ipynb_checkpoints"})
@@ -220,6 +220,16 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "finetune" / "features"
+
+
+def default_models_dir() -> Path:
+    """Where converted backbones (the embedded default's `.keras` files) live: $FINETUNE_MODELS_DIR, else
+    the user cache dir."""
+    env = os.environ.get("FINETUNE_MODELS_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "finetune" / "backbones"
 
 
 SCAN = ScanConfig()

@@ -24,6 +24,10 @@ class WeightsUnavailableError(BackboneError):
     """Pretrained weights were asked for but cannot be downloaded or read."""
 
 
+class UnsafeFileError(BackboneError):
+    """A weights file would run code when loaded (a pickle naming globals outside the allowlist)."""
+
+
 class RecipeError(FinetuneError):
     """A recipe file is missing, unparsable, or holds an invalid value."""
 

@@ -45,10 +45,17 @@ def shapes(tmp_path):
     return make_shapes_folder(tmp_path / "shapes", per_class=8, size=32, seed=1)
 
 
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """One converted-backbone folder for the session: the embedded default is converted at most once."""
+    return tmp_path_factory.mktemp("converted-backbones")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own feature cache folder."""
+def _isolated_cache(tmp_path, monkeypatch, models_dir):
+    """Every test gets its own feature cache folder; converted backbones stay out of the user's cache."""
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "feature-cache"))
+    monkeypatch.setenv("FINETUNE_MODELS_DIR", str(models_dir))
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from finetune_cli.config import DEFAULT_IMAGE_SIZE
+from finetune_cli.config import DEFAULT_IMAGE_SIZE, default_models_dir
 from finetune_cli.errors import BackboneError, WeightsUnavailableError
-from finetune_cli.models import registry
+from finetune_cli.models import efficientnet_lite, registry
 from finetune_cli.models.files import declared_input, input_side, load_model_file
 from finetune_cli.tfquiet import import_keras
 
@@ -34,7 +34,8 @@ class BaseRef:
     Attributes:
         label: what users see (`vgg16`, `encoder.keras`).
         spec: the registry spec, or None for a file base.
-        path: the model file, or None for a registry base.
+        path: the model file; for an embedded registry base with ImageNet
+            weights, the packaged source weights; else None.
         weights: `imagenet` (pretrained; for a file: the file's own weights),
             `none` (fresh, seeded initialisation) or a weights-file path.
         image_size: input side in pixels.
@@ -99,8 +100,12 @@ def resolve(base: str, weights: str = "imagenet", image_size: int | None = None,
         size = input_side(None, image_size, spec.name, spec.input_size)
         if size < spec.min_size:
             raise BackboneError(f"{spec.name} needs images of at least {spec.min_size} px; got --image-size {size}")
+        source = None
+        if spec.embedded and weights == "imagenet":
+            source = efficientnet_lite.source_file()
+            weights_id = f"embedded:{file_digest(source)}"
         identity = f"{spec.name}|{weights_id}|keras{keras_version}"
-        return BaseRef(spec.name, spec, None, weights, size, seed, identity)
+        return BaseRef(spec.name, spec, source, weights, size, seed, identity)
     path = Path(base).expanduser()
     if path.suffix != ".keras" and not path.exists():
         registry.get(base)  # raises with the valid names and the closest match
@@ -131,9 +136,37 @@ def build(ref: BaseRef) -> Backbone:
     """
     keras = import_keras()
     keras.utils.set_random_seed(ref.seed)
+    if ref.spec is not None and ref.spec.embedded:
+        return _build_embedded(keras, ref)
     if ref.spec is not None:
         return Backbone(ref, _build_registered(keras, ref))
     return _build_file(keras, ref)
+
+
+def _build_embedded(keras, ref: BaseRef) -> Backbone:
+    """EfficientNet-Lite0 at the run's size; ImageNet weights from the converted package file."""
+    full = efficientnet_lite.build(keras, ref.image_size, include_top=True)
+    trunk = keras.Model(full.input, full.get_layer(efficientnet_lite.FEATURE_LAYER).output, name=ref.spec.name)
+    if ref.weights == "imagenet":
+        _load_converted(full, ref.path)
+        return Backbone(ref, trunk, full)
+    if ref.weights != "none":
+        try:
+            trunk.load_weights(ref.weights)
+        except Exception as exc:
+            raise WeightsUnavailableError(f"cannot load weights {ref.weights} into {ref.label}: {exc}") from None
+    return Backbone(ref, trunk)
+
+
+def _load_converted(model, source: Path) -> None:
+    """Load the converted weights into `model`, converting on first use and again if the file is damaged."""
+    models_dir, digest = default_models_dir(), file_digest(source)
+    converted = efficientnet_lite.ensure_converted(models_dir, source, digest)
+    try:
+        model.load_weights(converted.path)
+    except Exception:  # damaged since (a full disk, a hand edit): convert again, once
+        converted = efficientnet_lite.ensure_converted(models_dir, source, digest, again=True)
+        model.load_weights(converted.path)
 
 
 def _build_registered(keras, ref: BaseRef):

@@ -29,6 +29,9 @@ class BackboneSpec:
         params_m: parameters without the classifier, in millions.
         min_size: smallest input side the architecture accepts.
         kwargs: extra constructor arguments.
+        embedded: True for a backbone built in `models/` whose ImageNet
+            weights ship in an installed package (no download); `constructor`
+            then names nothing in keras.applications.
     """
 
     name: str
@@ -39,6 +42,7 @@ class BackboneSpec:
     params_m: float
     min_size: int = 32
     kwargs: dict = field(default_factory=dict)
+    embedded: bool = False
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -81,6 +85,7 @@ def is_registered(name: str) -> bool:
 
 
 for _spec in (
+    BackboneSpec("efficientnet_lite0", "EfficientNetLite0", 224, "none", 1280, 3.4, embedded=True),
     BackboneSpec("vgg16", "VGG16", 224, "caffe", 512, 14.7),
     BackboneSpec("vgg19", "VGG19", 224, "caffe", 512, 20.0),
     BackboneSpec("resnet50", "ResNet50", 224, "caffe", 2048, 23.6),
