@@ -61,7 +61,8 @@ def plan(
 
 
 def bases() -> list[dict]:
-    """The backbone registry: name, input size, parameters (millions), feature dim."""
+    """The backbone registry: name, input size, parameters (millions), feature dim, where the ImageNet
+    weights come from (`installed`: a package, no download; `download`: keras.applications fetches them)."""
     from finetune_cli.models import registry
 
     return [
@@ -71,6 +72,7 @@ def bases() -> list[dict]:
             "params_m": s.params_m,
             "feature_dim": s.feature_dim,
             "preprocess": s.preprocess,
+            "weights": "installed" if s.embedded else "download",
         }
         for s in map(registry.get, registry.names())
     ]

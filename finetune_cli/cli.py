@@ -161,7 +161,7 @@ def bases(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    report.rows_table(Console(), rows, ["name", "input_size", "params_m", "feature_dim", "preprocess"],
+    report.rows_table(Console(), rows, ["name", "input_size", "params_m", "feature_dim", "preprocess", "weights"],
                       title="Backbones (or pass --base PATH/TO/model.keras)")
 
 

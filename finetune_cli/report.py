@@ -59,10 +59,10 @@ def profile_tables(profile, console: Console, max_rows: int = 20) -> None:
 
 
 def rows_table(console: Console, rows: list[dict], columns: list[str], title: str = "") -> None:
-    """Print a list of dicts as a table with the given columns."""
+    """Print a list of dicts as a table with the given columns; the first (a name) never wraps."""
     table = Table(title=title or None)
-    for column in columns:
-        table.add_column(column)
+    for i, column in enumerate(columns):
+        table.add_column(column, no_wrap=i == 0)
     for row in rows:
         table.add_row(*(str(row[c]) for c in columns))
     console.print(table)

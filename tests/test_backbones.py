@@ -37,7 +37,7 @@ def test_caffe_preprocessing_matches_keras():
 
 
 def test_unknown_name_lists_valid_and_closest():
-    with pytest.raises(BackboneError, match="Did you mean 'mobilenetv2'.*Valid names: vgg16, vgg19"):
+    with pytest.raises(BackboneError, match="Did you mean 'mobilenetv2'.*Valid names: efficientnet_lite0, vgg16, vgg19"):
         resolve("MobileNet_V2")
 
 

@@ -166,7 +166,11 @@ def _load_converted(model, source: Path) -> None:
         model.load_weights(converted.path)
     except Exception:  # damaged since (a full disk, a hand edit): convert again, once
         converted = efficientnet_lite.ensure_converted(models_dir, source, digest, again=True)
-        model.load_weights(converted.path)
+        try:
+            model.load_weights(converted.path)
+        except Exception as exc:
+            raise WeightsUnavailableError(f"cannot load the converted backbone {converted.path}: {exc}; "
+                                          "delete it, or set $FINETUNE_MODELS_DIR to another folder") from None
 
 
 def _build_registered(keras, ref: BaseRef):

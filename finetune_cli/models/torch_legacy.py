@@ -60,7 +60,17 @@ class _Tensor:
     stride: tuple
 
     def array(self) -> np.ndarray:
+        """The elements, copied; a view that reaches outside its storage raises ValueError."""
         flat = self.storage.data
+        numbers = (self.offset, *self.size, *self.stride)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+            raise ValueError(f"a tensor has a negative or non-integer offset, size or stride: {numbers!r:.80}")
+        if len(self.size) != len(self.stride):
+            raise ValueError("a tensor's size and stride differ in length")
+        if 0 not in self.size:
+            last = self.offset + sum((n - 1) * step for n, step in zip(self.size, self.stride))
+            if last >= len(flat):
+                raise ValueError(f"a tensor reaches element {last} of a storage of {len(flat)}")
         if self.storage.kind == "BFloat16Storage":
             flat = (flat.astype(np.uint32) << 16).view(np.float32)
         if not self.size:
@@ -127,7 +137,10 @@ class _StateDictUnpickler(_PlainUnpickler):
             raise UnsafeFileError(f"{self.source} names an unknown storage type {kind!r:.60}")
         if view is not None:
             raise UnsafeFileError(f"{self.source} uses storage views, which this reader does not support")
-        return self.storages.setdefault(str(key), _Storage(kind.kind, int(numel)))
+        storage = self.storages.setdefault(str(key), _Storage(kind.kind, int(numel)))
+        if (storage.kind, storage.numel) != (kind.kind, int(numel)):
+            raise UnsafeFileError(f"{self.source} names storage {key} twice with different types or sizes")
+        return storage
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -149,11 +162,11 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             unpickler = _StateDictUnpickler(handle, path.name)
             state = unpickler.load()
             _read_storages(handle, _PlainUnpickler(handle, path.name).load(), unpickler.storages)
-        except (pickle.UnpicklingError, EOFError, struct.error, ValueError, TypeError) as exc:
+            if not isinstance(state, dict):
+                raise BackboneError(f"{path} holds a {type(state).__name__}, not a state dict")
+            return {str(name): value.array() for name, value in state.items() if isinstance(value, _Tensor)}
+        except (pickle.UnpicklingError, EOFError, struct.error, ValueError, TypeError, IndexError) as exc:
             raise BackboneError(f"{path} is damaged or not a PyTorch state dict: {exc}") from None
-    if not isinstance(state, dict):
-        raise BackboneError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return {str(name): value.array() for name, value in state.items() if isinstance(value, _Tensor)}
 
 
 def _read_storages(handle, keys, storages: dict[str, _Storage]) -> None:

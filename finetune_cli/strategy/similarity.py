@@ -118,13 +118,16 @@ def measure(train, n_stages: int, features: Callable, top1: Callable | None = No
         train: the training `Scan` (labelled).
         n_stages: the backbone's stage count.
         features: (scan, layers) -> one `FeatureTable` per layer (cached features).
-        top1: (scan) -> the pretrained classifier's mean top-1 probability, or None.
+        top1: (scan, final) -> the pretrained classifier's mean top-1
+            probability on `scan`, given its final-stage pooled features
+            `final` (n, C); or None.
     """
     labels = np.array(train.label_indices())
     keep = sample_indices(labels, config.sample, seed=seed)
     sample = replace(train, images=tuple(train.images[i] for i in keep))
     layers = probe_layers(n_stages)
     y = np.array(sample.label_indices())
-    accuracy = {k or n_stages: probe_accuracy(t.features, y, seed) for k, t in zip(layers, features(sample, layers))}
+    tables = features(sample, layers)
+    accuracy = {k or n_stages: probe_accuracy(t.features, y, seed) for k, t in zip(layers, tables)}
     accuracy = {k: v for k, v in accuracy.items() if np.isfinite(v)} or {n_stages: 0.0}
-    return judge(accuracy, top1(sample) if top1 else None, len(keep), config)
+    return judge(accuracy, top1(sample, tables[-1].features) if top1 else None, len(keep), config)

@@ -24,7 +24,6 @@ from finetune_cli.config import PRETRAIN, SCAN, PretrainConfig, ScanConfig
 from finetune_cli.errors import FolderError, OutputError, TrainingError
 from finetune_cli.files import check_writable_folder, remove_stale_temps
 from finetune_cli.reporter import QUIET, Reporter
-from finetune_cli.tfquiet import import_keras
 
 
 

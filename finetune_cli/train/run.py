@@ -220,15 +220,32 @@ def prefetch(ctx: Context, scans: list[Scan], layers: list) -> None:
 
 def measure_similarity(ctx: Context) -> sim.Similarity:
     """The probe of `strategy.similarity.measure` on the run's training images and cached features."""
-    def top1(sample: Scan) -> float:
+    classifier = ctx.backbone.classifier
+    head = pooled_head(classifier, ctx.backbone.model) if classifier is not None else None
+
+    def top1(sample: Scan, final: np.ndarray) -> float:
+        if head is not None:  # the classifier is average pooling + softmax on the final stage: reuse its features
+            logits = final @ head[0] + head[1]
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            return float((probs.max(1) / probs.sum(1)).mean())
         from finetune_cli.data.pipeline import batched_images
 
-        probs = [ctx.backbone.classifier(x, training=False).numpy().max(1) for x, _ in
+        probs = [classifier(x, training=False).numpy().max(1) for x, _ in
                  batched_images(sample.paths(), ctx.backbone.ref.image_size, ctx.batch_size, ctx.config)]
         return float(np.concatenate(probs).mean())
 
-    has_head = ctx.backbone.classifier is not None
-    return sim.measure(ctx.train, n_stages(ctx), ctx.features, top1 if has_head else None, ctx.seed)
+    return sim.measure(ctx.train, n_stages(ctx), ctx.features, top1 if classifier is not None else None, ctx.seed)
+
+
+def pooled_head(classifier, trunk) -> tuple | None:
+    """(kernel (C, 1000), bias) when `classifier` is `trunk` -> global average pool -> Dense softmax; else None."""
+    pool, dense = classifier.layers[-2:]
+    same_input = getattr(pool.input, "shape", None) == getattr(trunk.output, "shape", None)
+    if (type(pool).__name__ == "GlobalAveragePooling2D" and same_input
+            and dense.get_config().get("activation") == "softmax" and dense.input.shape[-1] == trunk.output.shape[-1]):
+        kernel, bias = dense.get_weights()
+        return kernel.astype("float64"), bias.astype("float64")
+    return None
 
 
 def choose(ctx: Context, profile, similarity: str, strategy: str, recipe: str | None, own_encoder: bool = False):
