@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 from finetune_cli.config import FEATURES, PRETRAIN, SCAN, TRAIN, PretrainConfig, ScanConfig, TrainConfig
+from finetune_cli.config import TUNE, TuneConfig
+from finetune_cli.config import LR_FIND, LrFindConfig
 from finetune_cli.data.scan import Progress, scan_folder
 from finetune_cli.reporter import QUIET, Reporter
 
@@ -183,6 +185,7 @@ def train(
     config: ScanConfig = SCAN,
     settings: TrainConfig = TRAIN,
     reporter: Reporter = QUIET,
+    lr: float | str | None = None,
 ) -> dict:
     """Inspect, decide, train and write a run folder (see `train.run` for the steps).
 
@@ -197,6 +200,12 @@ def train(
             (see `pretrain_config`) and `greedy`.
         resume: continue the run in `out` (see `train.resume`).
         settings: how training runs beyond the recipe (`config.TrainConfig`).
+        lr: the head's learning rate (> 0, or its text), or "auto": the sweep
+            of `lr_find` on the plan's model first, its valley suggestion; the
+            other groups keep their ratio to the head. Fine-tuning plans only
+            (a linear plan ignores it, with a note); None: the recipe's rate.
+            Recorded under "lr" in plan.json and metrics.json (auto: with
+            RUN/lr.csv, lr.png, lr.json).
 
     Returns:
         The run's metrics (also written to `out/metrics.json`).
@@ -205,13 +214,59 @@ def train(
         FolderError, BackboneError, WeightsUnavailableError, RecipeError,
         OutputError, SettingsError, ModelFileError, TrainingError.
     """
+    from finetune_cli.train.lr_find import checked_rate
     from finetune_cli.train.run import train as run_training
 
     return run_training(root, base, out=out, weights=weights, image_size=image_size, similarity=similarity,
                         strategy=strategy, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
                         resume=resume, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
                         unlabeled=unlabeled, pretrain_config=pretrain_settings, greedy=greedy, config=config,
-                        settings=settings, reporter=reporter)
+                        settings=settings, reporter=reporter, lr=checked_rate(lr))
+
+
+def lr_find(
+    root: str | os.PathLike,
+    base: str,
+    *,
+    out: str | os.PathLike | None = None,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    strategy: str = "partial",
+    recipe: str | None = None,
+    seed: int = 0,
+    batch_size: int = FEATURES.batch_size,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    config: ScanConfig = SCAN,
+    settings: TrainConfig = TRAIN,
+    sweep: LrFindConfig = LR_FIND,
+    reporter: Reporter = QUIET,
+):
+    """Sweep the head's learning rate exponentially on a fine-tuning plan's model (fastai's `lr_find`).
+
+    The model and training batches are those `train` would fine-tune for
+    `strategy` (partial or full; a `recipe` overrides it); the weights are
+    restored afterwards. See `train.lr_find` for the sweep and the suggestions.
+
+    Args:
+        out: the folder to create for lr.csv (step, lr, loss, smoothed),
+            lr.png and lr.json; None: a new `runs/<folder name>-lr-<N>`.
+        sweep: the sweep's range, length and stopping rule (`config.LrFindConfig`).
+
+    Returns:
+        A `train.lr_find.LrFinding`: `.suggestions` (valley, steepest,
+        minimum, spread, disagree), `.sweep` (rates, losses, smoothed),
+        `.folder`; `.to_dict()` is JSON-able.
+
+    Raises:
+        FolderError, BackboneError, WeightsUnavailableError, RecipeError,
+        OutputError, SettingsError, TrainingError.
+    """
+    from finetune_cli.train.lr_find import lr_find as run_sweep
+
+    return run_sweep(root, base, out=out, weights=weights, image_size=image_size, strategy=strategy, recipe=recipe,
+                     seed=seed, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size, config=config,
+                     settings=settings, sweep_config=sweep, reporter=reporter)
 
 
 def pretrain(
@@ -293,3 +348,76 @@ def evaluate(root, model) -> dict:
     from finetune_cli import predict as predicting
 
     return predicting.evaluate(root, model)
+
+
+def diagnose(run: str | os.PathLike) -> dict:
+    """A verdict on a finished run's training history, and the next step to take.
+
+    Args:
+        run: a run folder (the --out of `train`), its model.keras, or `last`.
+
+    Returns:
+        {"run", "verdict", "reason", "next_step", "evidence"}; verdict is one of `diagnose.VERDICTS`.
+
+    Raises:
+        ModelFileError: not a run, or a missing, empty or garbled history.csv.
+    """
+    from finetune_cli.diagnose import diagnose_run
+
+    return diagnose_run(run).to_dict()
+
+
+def tune(
+    root: str | os.PathLike,
+    base: str,
+    *,
+    out: str | os.PathLike | None = None,
+    method: str = TUNE.method,
+    budget: int | None = None,
+    time_limit: float | None = None,
+    cv: int = TUNE.cv,
+    seed: int = 0,
+    recipe: str | None = None,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    batch_size: int = FEATURES.batch_size,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    config: ScanConfig = SCAN,
+    settings: TuneConfig = TUNE,
+    train_settings: TrainConfig = TRAIN,
+    reporter: Reporter = QUIET,
+) -> dict:
+    """Search a linear plan's hyper-parameters (C, feature stage, pooling, augmented views) on cached features.
+
+    Trials are scored by one stratified cross-validation (repeated for tiny
+    classes) on the training split; the best is refitted and scored once on
+    the held-out split the search never saw (the images `train --seed seed`
+    validates on): summary["estimate"]. Methods: `train.search`; steps: `train.tune`.
+
+    Args:
+        out: a new search folder, or an earlier search's to continue (only new
+            trials run); None: a new `runs/<folder name>-tune-<N>`.
+        method: auto (grid for 1-2 varying parameters, random from 3), grid, random or halving.
+        budget: trials at most (halving: first-rung candidates); None: `settings.budget`,
+            or with `time_limit` alone `settings.max_trials`.
+        time_limit: seconds after which no new trial starts.
+        cv: folds (2-100; fewer when a class has fewer images).
+        recipe: the linear recipe to start from; None: `linear` for a small
+            folder. Fine-tuning plans are refused: only linear plans are searched yet.
+        settings: the space and defaults (`config.TuneConfig`); train_settings: its val_fraction.
+
+    Returns:
+        The summary (also out/summary.json): best, estimate (held-out accuracy,
+        n_images, interval95), leaderboard, warnings (edge values), notes,
+        trials, files; beside it trials.csv, best.toml (for `train --recipe`), search.png.
+
+    Raises:
+        SettingsError, FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError.
+    """
+    from finetune_cli.train.tune import tune as run_search
+
+    return run_search(root, base, out=out, method=method, budget=budget, time_limit=time_limit, cv=cv, seed=seed,
+                      recipe=recipe, weights=weights, image_size=image_size, batch_size=batch_size,
+                      cache_dir=cache_dir, use_cache=use_cache, config=config, settings=settings,
+                      train_settings=train_settings, reporter=reporter)

@@ -11,6 +11,7 @@
     skipped.csv      files not used, with reasons
     checkpoint.keras, state.json   the last completed fine-tuning epoch (for --resume)
     best.weights.h5  the weights of the best epoch so far (for --resume)
+    lr.csv, lr.png, lr.json   the learning-rate sweep of `train --lr auto` (and of `finetune lr-find`)
 
 The class names and input size also travel inside model.keras (`finetune.json`
 in its archive), so an edited labels.json cannot silently relabel a model.
@@ -252,6 +253,34 @@ def curves_figure(history: list[dict]):
             axis.plot(epochs, [h["val_" + key] for h in history], "o-", label="validation")
             axis.set(xlabel="epoch", title=key)
             axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def lr_figure(rates, losses, smoothed, marks: dict, spread: float | None = None):
+    """Loss against learning rate (log x): each step's loss, its smoothed curve, and the suggestions.
+
+    Args:
+        rates, losses, smoothed: (n,) the sweep (`train.lr_find.LrSweep`).
+        marks: suggestion name -> (suggested rate, the step it was read at):
+            a marker on the curve at that step and a dashed line at the rate.
+        spread: the suggestions' largest / smallest when they disagree (said in the title).
+    """
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    axis.semilogx(rates, losses, color="0.75", linewidth=1, label="loss per step")
+    axis.semilogx(rates, smoothed, color="C0", label="smoothed")
+    for k, (name, (rate, step)) in enumerate(marks.items()):
+        colour = f"C{k + 1}"
+        axis.plot(rates[step], smoothed[step], "o", color=colour)
+        axis.axvline(rate, color=colour, linestyle="--", linewidth=1,
+                     label=f"{'minimum/10' if name == 'minimum' else name} {rate:.1e}")
+    low, high = min(smoothed), max(smoothed)
+    pad = max(high - low, 0.05 * abs(high), 1e-3) * 0.25
+    axis.set_ylim(low - pad, high + pad)  # the smoothed curve decides; single noisy steps may leave the frame
+    title = "learning-rate sweep" + (f": suggestions disagree by {spread:.0f}x" if spread else "")
+    axis.set(xlabel="learning rate (head)", ylabel="training loss", title=title)
+    axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
 

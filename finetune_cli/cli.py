@@ -17,7 +17,8 @@ import click
 from rich.console import Console
 
 from finetune_cli import __version__, api, report
-from finetune_cli.config import DEFAULT_BASE, FEATURES, IMAGE_SIZE_RANGE, PRETRAIN, RUNS_DIR
+from finetune_cli.config import DEFAULT_BASE, FEATURES, IMAGE_SIZE_RANGE, LR_FIND, PRETRAIN, RUNS_DIR
+from finetune_cli.config import TUNE
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import registry
 from finetune_cli.strategy import recipes
@@ -33,6 +34,9 @@ Examples:
   finetune extract-features ./images --base model.keras --out feats.parquet
   finetune pretrain --unlabeled ./raw       an encoder for --base, in {RUNS_DIR}/raw-encoder-1.keras
   finetune train ./images --unlabeled ./raw
+  finetune lr-find ./images --strategy full a learning-rate sweep: lr.csv, lr.png, suggestions
+  finetune train ./images --lr auto         fine-tune at the sweep's suggested rate
+  finetune tune ./images --budget 40        search the linear head's settings: runs/images-tune-1/best.toml
   finetune bases | layers --base B | cache info
 """
 
@@ -253,6 +257,9 @@ def cache_clear(cache_dir):
               help="Also evaluate the trained model on this labelled folder (as `finetune evaluate`, in one start-up).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--lr", default=None, metavar="auto|FLOAT",
+              help="Fine-tuning: the head's learning rate, or auto (the `lr-find` sweep first, its valley "
+                   "suggestion); the other stages keep their ratio to it. [default: the recipe's]")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @cache_options
 @click.option("--unlabeled", type=click.Path(file_okay=False), default=None,
@@ -261,7 +268,8 @@ def cache_clear(cache_dir):
 @pretrain_options(epochs_flag="--pretrain-epochs")
 @handle_errors
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, seed, resume,
-          batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy):
+          batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy,
+          lr):
     """Decide how to reuse the base, train, and write a run folder."""
     given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
     if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
@@ -277,9 +285,36 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
             similarity=similarity, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed, resume=resume,
             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
             unlabeled=unlabeled, pretrain_settings=api.pretrain_config(**given) if unlabeled else None,
-            greedy=greedy, reporter=report.RichReporter(console, progress),
+            greedy=greedy, reporter=report.RichReporter(console, progress), lr=lr,
         )
     report.metrics_summary(Console(), metrics, metrics.get("run_folder", out))
+
+
+@cli.command("lr-find", help=f"Sweep the head's learning rate from {LR_FIND.start_lr:g} to {LR_FIND.end_lr:g} "
+             f"(exponential, {LR_FIND.steps} steps at most, stopping when the smoothed loss passes "
+             f"{LR_FIND.diverge_factor:g}x its best) on the model `train` would fine-tune; print the suggestions "
+             "(valley, steepest, minimum/10) and write lr.csv and lr.png. The weights are not kept.")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@base_options(DEFAULT_BASE)
+@click.option("--strategy", type=click.Choice([s for s in recipes.STRATEGIES if s != "linear"]), default="partial",
+              show_default=True, help="The fine-tuning plan to sweep (what `train --strategy` would train).")
+@click.option("--recipe", default=None, help="A fine-tuning recipe (shipped name or .toml file); overrides --strategy.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Folder to create for lr.csv, lr.png, lr.json. [default: a new {RUNS_DIR}/FOLDER-lr-N]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@cache_options
+@json_option
+@handle_errors
+def lr_find(folder, base, weights, image_size, strategy, recipe, out, seed, cache_dir, no_cache, as_json):
+    console = err_console()
+    with report.progress_bar(console, "working", "steps") as progress:
+        finding = api.lr_find(folder, base, out=out, weights=weights, image_size=image_size, strategy=strategy,
+                              recipe=recipe, seed=seed, cache_dir=cache_dir, use_cache=not no_cache,
+                              reporter=report.RichReporter(console, progress))
+    if as_json:
+        click.echo(json.dumps(finding.to_dict(), indent=2))
+        return
+    report.lr_summary(Console(), finding)
 
 
 @cli.command()
@@ -337,6 +372,63 @@ def evaluate(folder, model_dir, as_json):
     console = Console()
     console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] on {result['n_images']} images")
     report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
+
+
+@cli.command()
+@click.argument("run", type=str)
+@json_option
+@handle_errors
+def diagnose(run: str, as_json: bool) -> None:
+    """Read a run's training history: a verdict and the next step to take. RUN: a run folder, or `last`."""
+    result = api.diagnose(run)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    report.diagnosis(Console(), result)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@base_options(DEFAULT_BASE)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Search folder: new, or an earlier search's to continue it (done trials are skipped). "
+                   f"[default: a new {RUNS_DIR}/FOLDER-tune-N]")
+@click.option("--method", default=TUNE.method, show_default=True,
+              help="auto (grid for 1-2 varying parameters, random from 3), grid, random, or halving "
+                   "(successive halving over images).")
+@click.option("--budget", default=None, metavar="N",
+              help=f"Trials at most (halving: candidates of the first rung). [default: {TUNE.budget}, or with "
+                   f"--time alone {TUNE.max_trials}]")
+@click.option("--time", "time_limit", default=None, metavar="DURATION",
+              help="Start no trial after this long, e.g. 90s, 5m, 1h (rerun with the same --out to continue).")
+@click.option("--cv", type=int, default=TUNE.cv, show_default=True,
+              help="Cross-validation folds (stratified; repeated when a class has under "
+                   f"{TUNE.repeat_below} searched images).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the held-out split (that of `train --seed`), the folds and the sampling.")
+@click.option("--recipe", default=None, help="The linear recipe to start from (linear, trouble or a .toml file). "
+                                             "[default: linear; fine-tuning plans are not searched yet]")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@cache_options
+@json_option
+@handle_errors
+def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv, seed, recipe, batch_size, cache_dir,
+         no_cache, as_json):
+    """Search a linear head's C, feature stage, pooling and augmented views on cached features, cross-validated;
+    score the best once on held-out images; write trials.csv, best.toml (for train --recipe), search.png."""
+    from finetune_cli.train.search import parse_budget, parse_duration
+
+    budget = parse_budget(budget) if budget is not None else None
+    seconds = parse_duration(time_limit) if time_limit is not None else None
+    console = err_console()
+    with report.progress_bar(console, "tune", "steps") as progress:
+        summary = api.tune(folder, base, out=out, method=method, budget=budget, time_limit=seconds, cv=cv, seed=seed,
+                           recipe=recipe, weights=weights, image_size=image_size, batch_size=batch_size,
+                           cache_dir=cache_dir, use_cache=not no_cache, reporter=report.RichReporter(console, progress))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    report.tune_summary(Console(), summary)
 
 
 def main() -> None:

@@ -170,6 +170,14 @@ class TrainConfig:
             epoch, end to end, with on-line augmentation.
         max_steps_back: how far back from a stage's end the prefix cut may
             move (single-input layers) to find a narrower tensor to cache.
+        keep_better: after fine-tuning, keep the linear head of phase 1
+            instead when the fine-tuned model does not beat it on validation
+            (`train.compare`); False always keeps the fine-tuned model.
+        compare_resamples: paired bootstrap resamples of the validation images
+            when the fine-tuned model is compared with the linear head.
+        compare_interval: the two-sided interval (0-1) of that accuracy
+            difference; when it spans 0 the accuracies are within noise and
+            the validation cross-entropy decides.
     """
 
     val_fraction: float = 0.2
@@ -178,6 +186,9 @@ class TrainConfig:
     activation_dtype: str = "float16"
     cache_prefix: bool = True
     max_steps_back: int = 8
+    keep_better: bool = True
+    compare_resamples: int = 2000
+    compare_interval: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -189,11 +200,16 @@ class LinearConfig:
         folds: cross-validation folds at most (fewer when a class is smaller).
         tol: L-BFGS tolerance; on standardised features tighter tolerances
             change no decision but cost seconds.
+        pixel_side: for a plan that takes the best features (`feature_stage =
+            "best"`, small data unlike the pretraining data), the raw-pixel
+            candidate: images resized to this side, RGB, flattened
+            (3 * side**2 features).
     """
 
     c_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
     folds: int = 3
     tol: float = 1e-3
+    pixel_side: int = 16
 
 
 @dataclass(frozen=True)
@@ -211,6 +227,92 @@ class SimilarityConfig:
     sample: int = 200
     margin: float = 0.03
     low_confidence: float = 0.15
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Hyper-parameter search of a linear plan (`finetune tune`), on cached frozen features.
+
+    The held-out images of the honest estimate are those `train` validates on
+    with the same --seed: a stratified `TrainConfig.val_fraction` of the folder.
+
+    Attributes:
+        method: `auto` (a log-grid when one or two parameters vary, random
+            search from three up), `grid`, `random` or `halving`.
+        budget: trials when neither --budget nor --time is given; with
+            `halving`, the candidates of the first rung.
+        max_trials: trials at most when only --time is given.
+        cv: cross-validation folds (fewer when a class has fewer images).
+        repeat_below: when the smallest class of the searched images has
+            fewer than this many, the cross-validation is repeated with new
+            folds (`repeats` times) so the score is not one lucky split.
+        repeats: repetitions of the cross-validation for tiny data.
+        c_range: (low, high) inverse regularisation strengths searched, on a
+            log scale (features are standardised).
+        max_grid_points: C values of the finest log-grid (2^k + 1 points, so
+            a finer grid holds every point of a coarser one and a resumed
+            grid search reuses them).
+        stages: how many of the backbone's last stages are searched (the last
+            one is its final output, `final`); 3 is what the similarity probe compares.
+        poolings: spatial poolings searched, of `avg` and `max`.
+        max_views: augmented views per training image searched, 0 to this
+            (0-16); each view costs one backbone pass over the searched images, once.
+        halving_factor: successive halving keeps 1/factor of the candidates per
+            rung and gives the survivors factor x the images.
+        edge_fraction: a best value within this fraction (0-0.5) of either end
+            of its range (log scale for C) is reported as lying on the edge.
+        top: trials shown in the leaderboard.
+    """
+
+    method: str = "auto"
+    budget: int = 20
+    max_trials: int = 1000
+    cv: int = 5
+    repeat_below: int = 10
+    repeats: int = 3
+    c_range: tuple[float, float] = (1e-3, 1e2)
+    max_grid_points: int = 17
+    stages: int = 3
+    poolings: tuple[str, ...] = ("avg", "max")
+    max_views: int = 4
+    halving_factor: int = 3
+    edge_fraction: float = 0.1
+    top: int = 10
+
+
+@dataclass(frozen=True)
+class LrFindConfig:
+    """The learning-rate sweep of `finetune lr-find` and `train --lr auto` (fastai's `lr_find`).
+
+    One optimizer step per training batch (batches cycled), the head's rate
+    growing exponentially; the other groups keep their ratio to it.
+
+    Attributes:
+        start_lr: the head's rate at the first step, > 0.
+        end_lr: the head's rate at the last step, > start_lr. Step i of n
+            (0-based) runs at start_lr * (end_lr / start_lr) ** (i / (n - 1)).
+        steps: optimizer steps at most (>= 2).
+        beta: weight of the past in the exponential moving average of the
+            loss, [0, 1); the average is bias-corrected (divided by 1 - beta**t
+            after t steps), so the first steps are not pulled towards 0.
+        diverge_factor: the sweep stops once the smoothed loss exceeds this
+            multiple of its lowest value so far (or a loss is NaN or infinite).
+        skip_start: steps left out at the start when suggesting (the curve is
+            flat and noisy there), as fastai does (steps // 10 of 100).
+        skip_end: steps left out at the end when suggesting (diverging there).
+            Both skips are dropped when fewer than 3 steps would remain.
+        disagree_factor: the suggestions disagree when the largest is more
+            than this multiple of the smallest; the sweep then says so.
+    """
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    steps: int = 100
+    beta: float = 0.98
+    diverge_factor: float = 4.0
+    skip_start: int = 10
+    skip_end: int = 5
+    disagree_factor: float = 10.0
 
 
 def default_cache_dir() -> Path:
@@ -232,9 +334,58 @@ def default_models_dir() -> Path:
     return Path(base) / "finetune" / "backbones"
 
 
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    """Thresholds of the verdict rules (see the module docstring for the order they apply in).
+
+    Attributes:
+        min_epochs: trend rules (too-low, overfitting) need at least this many
+            epochs; with fewer, only levels are judged (diverged, underfitting).
+        blowup: a training loss above this many times the chance level ln(k)
+            is a divergence. A head started from the linear solution begins
+            below ln(k); ten times it means the weights were thrown far off.
+        end_rise: a last training loss above this many times the first is a
+            divergence (the loss grew instead of falling).
+        min_progress: too-low when the training loss fell by less than this
+            fraction of its first value (to its lowest), 0-1.
+        too_low_accuracy: ... and the last training accuracy (0-1) is below
+            this: far from its ceiling of 1, so there was room to learn.
+        overfit_rise: overfitting needs the last validation loss at least this
+            fraction above its minimum (which came at an earlier epoch), 0-1.
+        overfit_gap: ... and the last training accuracy minus the last
+            validation accuracy at least this (0-1).
+        underfit_loss: underfitting when the last training loss and the lowest
+            validation loss are both at least this fraction of ln(k): the
+            model kept most of a uniform guess's uncertainty on both sets.
+        linear_edge_margin: a linear head's best C counts as "on the edge"
+            when its cross-validated accuracy (0-1) beats the adjacent C's by
+            at least this; a flat curve says nothing about the grid.
+        linear_underfit_skill: a linear head underfits when its best
+            cross-validated accuracy is below chance + this x (1 - chance),
+            i.e. it covers less than this share of the way from chance to 100%.
+        max_estimated_classes: upper bound on k when it is estimated from
+            the loss scale (no metrics.json or labels.json).
+    """
+
+    min_epochs: int = 3
+    blowup: float = 10.0
+    end_rise: float = 2.0
+    min_progress: float = 0.05
+    too_low_accuracy: float = 0.9
+    overfit_rise: float = 0.1
+    overfit_gap: float = 0.1
+    underfit_loss: float = 0.6
+    linear_edge_margin: float = 0.01
+    linear_underfit_skill: float = 0.5
+    max_estimated_classes: int = 1000
+
+
 SCAN = ScanConfig()
 FEATURES = FeatureConfig()
 PRETRAIN = PretrainConfig()
 TRAIN = TrainConfig()
 LINEAR = LinearConfig()
 SIMILARITY = SimilarityConfig()
+TUNE = TuneConfig()
+LR_FIND = LrFindConfig()
+DIAGNOSE = DiagnoseConfig()

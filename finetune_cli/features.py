@@ -246,20 +246,16 @@ def extract_many(
     """Features of every usable image in `scan`, from the cache where possible.
 
     Images missing from the cache for any layer go through the backbone once,
-    with every requested layer computed in that one pass; each finished batch
-    is cached at once.
+    every requested layer computed in that pass; each batch is cached at once.
 
     Args:
         layers: each None (final features), a stage index, or a layer name.
-        pooling: `avg` or `max` over the spatial axes of a 4-D map, or `none`
-            to keep the whole map (flattened per image: activations); one
-            value, or one per layer.
+        pooling: `avg` or `max` over a 4-D map's spatial axes, or `none` (the
+            whole map, flattened: activations); one, or one per layer.
         dtype: what the cache stores, `float32` or `float16` (one, or one per layer).
-        keep: False fills the cache and returns a table without features, so
-            memory stays flat however large the maps (needs a cache); one,
-            or one per layer.
-        view: 0 for the image as is; k >= 1 for the k-th deterministic
-            augmented view (flip, crop), cached separately.
+        keep: False fills the cache and returns no features, so memory stays
+            flat however large the maps (needs a cache); one, or one per layer.
+        view: 0 for the image as is; k >= 1 the k-th deterministic augmented view (flip, crop).
         backbone: an already built `Backbone` for `ref`, to avoid rebuilding.
 
     Returns:
@@ -272,33 +268,33 @@ def extract_many(
         raise ValueError("keep=False needs a cache to fill")
     keys = ["final" if layer in (None, "") else str(layer) for layer in layers]
     spaces = [cache.namespace(ref, *k) if cache else "" for k in zip(keys, poolings, [view] * len(keys), dtypes)]
-    cached = lambda space, r, dt: cache.get(space, r.digest, dt) if cache else None
-    grids = [[(cached(space, r, dt) if kept else (cached(space, r, dt) is not None or None)) for r in scan.images]
-             for space, dt, kept in zip(spaces, dtypes, keeps)]
-    missing = [i for i in range(len(scan.images)) if any(grid[i] is None for grid in grids)]
-    batches = ()
+    grids, missing = _lookup(scan, cache, spaces, dtypes, keeps)
+    failed = set()
     if missing:
         from finetune_cli.models.features import feature_batches
 
         paths = [scan.root / scan.images[i].path for i in missing]
-        batches = feature_batches(ref, paths, layers, poolings, batch_size, config, view, backbone)
-    failed = set()
-    for start, matrices, ok in batches:
-        rows = missing[start : start + len(ok)]
-        failed.update(i for i, good in zip(rows, ok) if not good)
-        _store(scan, cache, grids, spaces, matrices, rows, ok, dtypes, keeps)
-        if progress:
-            progress(len(scan.images) - len(missing) + start + len(ok), len(scan.images))
-    if progress and not missing:
+        for start, matrices, ok in feature_batches(ref, paths, layers, poolings, batch_size, config, view, backbone):
+            rows = missing[start : start + len(ok)]
+            failed.update(i for i, good in zip(rows, ok) if not good)
+            _store(scan, cache, grids, spaces, matrices, rows, ok, dtypes, keeps)
+            if progress:
+                progress(len(scan.images) - len(missing) + start + len(ok), len(scan.images))
+    elif progress:
         progress(len(scan.images), len(scan.images))
     skipped = [Skipped(scan.images[i].path, "could not be read at extraction time") for i in sorted(failed)]
     rows = [i for i in range(len(scan.images)) if i not in failed]
     records = [scan.images[i] for i in rows]
-    return [
-        FeatureTable(records, np.stack([grid[i] for i in rows]).astype(np.float32) if kept else None, key,
-                     skipped, len(missing))
-        for grid, key, kept in zip(grids, keys, keeps)
-    ]
+    return [FeatureTable(records, np.stack([grid[i] for i in rows]).astype(np.float32) if kept else None, key,
+                         skipped, len(missing)) for grid, key, kept in zip(grids, keys, keeps)]
+
+
+def _lookup(scan: Scan, cache, spaces, dtypes, keeps) -> tuple[list[list], list[int]]:
+    """(per layer: per image the cached vector, True (cached, not kept) or None; images missing any layer)."""
+    cached = lambda space, r, dt: cache.get(space, r.digest, dt) if cache else None  # noqa: E731
+    grids = [[(cached(space, r, dt) if kept else (cached(space, r, dt) is not None or None)) for r in scan.images]
+             for space, dt, kept in zip(spaces, dtypes, keeps)]
+    return grids, [i for i in range(len(scan.images)) if any(grid[i] is None for grid in grids)]
 
 
 def _each(value, n: int) -> tuple:

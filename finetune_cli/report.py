@@ -157,7 +157,9 @@ def plan_panel(console: Console, plan, similarity) -> None:
 def metrics_summary(console: Console, metrics: dict, out) -> None:
     """The end of a training run: accuracy, where things are, notes."""
     console.print(
-        f"[bold green]done[/bold green]: {metrics['strategy']} on {metrics['n_train']} images, "
+        f"[bold green]done[/bold green]: {metrics['strategy']}"
+        f"{' (kept the linear head: fine-tuning did not beat it)' if metrics.get('kept') == 'linear-head' else ''}"
+        f" on {metrics['n_train']} images, "
         f"validation accuracy [bold]{metrics['val_accuracy']:.1%}[/bold] on {metrics['n_val']} "
         f"in {metrics['timings_s']['total']:.1f} s", highlight=False)
     if "test" in metrics:
@@ -166,6 +168,36 @@ def metrics_summary(console: Console, metrics: dict, out) -> None:
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(f"run folder: {out} (model.keras, plan.json, metrics.json, curves.png, confusion.png)", highlight=False)
+
+
+def lr_summary(console: Console, finding) -> None:
+    """The end of `lr-find`: the sweep, the suggestions (valley is what `train --lr auto` uses), where it is."""
+    from finetune_cli.train.lr_find import notes
+
+    summary, *warnings = notes(finding)
+    console.print(f"[bold green]done[/bold green]: {summary.removeprefix('lr-find: ')} ({finding.strategy} plan, "
+                  f"recipe '{finding.recipe}')",
+                  highlight=False)
+    s = finding.suggestions
+    table = Table()
+    for column in ("suggestion", "head lr", ""):
+        table.add_column(column)
+    table.add_row("valley", f"{s.valley:.2e}", "`train --lr auto` uses this")
+    table.add_row("steepest", f"{s.steepest:.2e}", "fastest fall of the smoothed loss")
+    table.add_row("minimum/10", f"{s.minimum:.2e}", "a tenth of the rate with the lowest loss")
+    console.print(table)
+    for line in warnings:
+        console.print(f"[yellow]note:[/yellow] {line}", highlight=False)
+    console.print(f"wrote {finding.folder}: lr.csv, lr.png, lr.json", highlight=False)
+
+
+def diagnosis(console: Console, result: dict) -> None:
+    """`finetune diagnose`: the verdict, the evidence and the next step (reasons hold [..] lists: no markup)."""
+    colour = {"healthy": "green", "linear": "cyan"}.get(result["verdict"], "yellow")
+    console.print(f"[bold {colour}]{result['verdict']}[/]  ", end="")
+    console.print(result["run"], markup=False, highlight=False)
+    console.print("why:  " + result["reason"], markup=False, highlight=False)
+    console.print("next: " + result["next_step"], markup=False, highlight=False)
 
 
 def extraction_summary(table, scan, out) -> None:
@@ -193,3 +225,31 @@ def pretrain_summary(console: Console, summary: dict, out) -> None:
         console.print("[yellow]note:[/yellow] the reconstructions are still worse than the noisy inputs themselves: "
                       "the encoder has learned little; more unlabeled images or more --epochs would help", highlight=False)
     console.print(f"encoder: {out} (output {tuple(summary['encoder_output'])}); use it as --base {out}", highlight=False)
+
+
+def tune_summary(console: Console, summary: dict) -> None:
+    """The end of `tune`: the leaderboard, the best trial, the honest estimate (labelled), warnings, files."""
+    table = Table(title=f"{summary['method']} search: best of {summary['trials']['total']} trials "
+                        f"({summary['trials']['new']} new); {summary['cv']} CV on {summary['n_searched']} images")
+    for column in ("#", "trial", "C", "stage", "pooling", "views", "cv accuracy", "seconds"):
+        table.add_column(column, justify="left" if column in ("stage", "pooling") else "right")
+    for rank, row in enumerate(summary["leaderboard"], 1):
+        table.add_row(str(rank), str(row["trial"]), f"{row['C']:.3g}", str(row["stage"]), row["pooling"],
+                      str(row["views"]), f"{row['mean_accuracy']:.1%} ± {row['std_accuracy']:.1%}",
+                      f"{row['seconds']:.2f}", style="bold" if row["trial"] == summary["best"]["trial"] else None)
+    console.print(table)
+    best, estimate = summary["best"], summary["estimate"]
+    console.print(f"[bold green]best[/bold green]: C {best['C']:.3g}, stage {best['stage']}, {best['pooling']} pooling, "
+                  f"{best['views']} augmented views: cross-validated accuracy {best['mean_accuracy']:.1%} "
+                  f"± {best['std_accuracy']:.1%} (chosen on these scores, so optimistic)", highlight=False)
+    low, high = estimate["interval95"]
+    console.print(f"[bold]honest estimate[/bold] ({estimate['kind']}): accuracy [bold]{estimate['accuracy']:.1%}[/bold] "
+                  f"({estimate['n_correct']}/{estimate['n_images']}; 95 % interval {low:.0%}-{high:.0%}); "
+                  f"{estimate['label']}", highlight=False)
+    for line in summary["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    for line in summary["notes"]:
+        console.print(f"[yellow]note:[/yellow] {line}", highlight=False)
+    folder = summary["tune_folder"]
+    console.print(f"tune folder: {folder} (trials.csv, best.toml, search.png, summary.json); train with it: "
+                  f"{summary['train_command']}", highlight=False)

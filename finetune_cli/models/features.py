@@ -19,7 +19,7 @@ def pooled_model(model, layer_name: str, pooling: str):
     output = model.get_layer(layer_name).output
     if len(output.shape) == 4 and pooling != "none":
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        output = pool(name=f"pool_{layer_name}")(output)
+        output = pool(name=f"{pooling}pool_{layer_name}")(output)  # unique: one pass may pool a layer both ways
     return keras.Model(model.input, output, name=f"{model.name}_features")
 
 

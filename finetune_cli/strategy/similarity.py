@@ -62,9 +62,12 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> f
     folds = int(min(3, np.bincount(labels).min()))
     if folds < 2:
         return float("nan")
+    from finetune_cli.threads import one_blas_thread
+
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000, tol=1e-3))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(model, features, labels, cv=cv).mean())
+    with one_blas_thread():
+        return float(cross_val_score(model, features, labels, cv=cv).mean())
 
 
 def sample_indices(labels: np.ndarray, size: int = SIMILARITY.sample, seed: int = 0) -> np.ndarray:

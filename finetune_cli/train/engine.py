@@ -101,11 +101,31 @@ class Trainer:
         self.model, self.loss, self.signature = model, loss, signature
         self.groups = [g for g in groups if g.variables]
         self.optimizer, self.callbacks = optimizer, list(callbacks)
+        self.optimizers, self.compiled = [], None
 
     def set_scale(self, scale: float) -> None:
         """Set every group's rate to its base rate times `scale`."""
         for group, optimizer in zip(self.groups, self.optimizers):
             optimizer.learning_rate.assign(group.rate * scale)
+
+    def begin(self, scale: float = 1.0) -> None:
+        """Make fresh optimizers (every group at its base rate x `scale`) and trace the step; `fit` starts here."""
+        self.optimizers = [self.optimizer(g.rate * scale) for g in self.groups]
+        self.compiled = self._step()
+
+    def train_step(self, batch, scale: float) -> float:
+        """One optimizer step on one batch with every group at its base rate x `scale`; returns its mean loss.
+
+        The compiled step of `fit` (traced on first use, see `begin`), for
+        callers that drive the rates step by step (the learning-rate sweep).
+        The loss is the batch's weighted mean, without regularisation, as
+        `fit`'s history reports it; NaN or infinite when training diverged.
+        """
+        if self.compiled is None:
+            self.begin(scale)
+        self.set_scale(scale)
+        loss_sum, weight, _ = self.compiled(*batch)
+        return float(loss_sum) / max(float(weight), 1e-8)
 
     def fit(self, train_data, validate: Callable[[], dict], epochs: int, state: LoopState | None = None) -> LoopState:
         """Train from `state` (default: epoch 1) to `epochs`, or until a callback stops it.
@@ -119,8 +139,8 @@ class Trainer:
         """
         state = state or LoopState()
         state.stop = False
-        self.optimizers = [self.optimizer(g.rate * state.scale) for g in self.groups]
-        step = self._step()
+        self.begin(state.scale)
+        step = self.compiled
         for callback in self.callbacks:
             callback.on_train_begin(self, state)
         for epoch in range(state.epoch + 1, epochs + 1):

@@ -35,14 +35,12 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
         TrainingError: still diverging after `settings.max_retries` retries.
     """
     from finetune_cli.predict import probabilities
-    from finetune_cli.train import prefix
     from finetune_cli.train.loop import predict_batches
 
     clock = [time.perf_counter()]
     model, state = _start(ctx, recipe, resume)
-    cut = prefix.split(model, plan, settings.max_steps_back) if ctx.cache is not None and settings.cache_prefix else None
-    if state is None:
-        _fit_head(ctx, model, cut, balanced, settings)
+    cut = _cut(ctx, model, plan, settings)
+    baseline = _fit_head(ctx, model, cut, balanced, settings) if state is None else None
     clock.append(time.perf_counter())
     trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
     clock.append(time.perf_counter())
@@ -56,7 +54,12 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
              "validation_and_checkpoints": clock[3] - clock[2] - epochs}
     metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch,
                "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}}
-    return TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
+    result = TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
+    if baseline is None or not settings.keep_better:
+        if baseline is None:
+            ctx.reporter.on_note("resumed: the linear head of the first start is not kept, so no comparison with it")
+        return result
+    return keep_better(ctx, result, baseline)
 
 
 def _start(ctx: Context, recipe, resume: bool):
@@ -73,22 +76,80 @@ def _start(ctx: Context, recipe, resume: bool):
     return model, None
 
 
-def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> None:
+@dataclasses.dataclass
+class Baseline:
+    """The linear head of phase 1, kept to compare the fine-tuned model against.
+
+    Attributes:
+        head: the `train.linear.LinearHead` on frozen final features.
+        val_probs: (n_val, k) its validation probabilities; val_labels: (n_val,).
+        frozen: the backbone's weights before fine-tuning (`model.get_weights()` order).
+    """
+
+    head: object
+    val_probs: np.ndarray
+    val_labels: np.ndarray
+    frozen: list
+
+
+def _cut(ctx: Context, model, plan, settings):
+    """Where the frozen prefix ends (`train.prefix.split`), or None: no cache, or caching turned off."""
+    from finetune_cli.train import prefix
+
+    return prefix.split(model, plan, settings.max_steps_back) if ctx.cache is not None and settings.cache_prefix else None
+
+
+def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> Baseline:
     """Phase 1: the head's weights from logistic regression on frozen final features.
 
     With a prefix cut, the same backbone pass also caches the cut's activations
-    of view 0, so the frozen stages run once for both.
+    of view 0 (training and validation images), so the frozen stages run once
+    for the head, the comparison and fine-tuning.
     """
     from finetune_cli.train.linear import fit_linear
 
     ctx.reporter.on_phase("phase 1: linear head on frozen final features")
     if cut is None:
-        table = ctx.features(ctx.train, [None])[0]
+        table, val_table = (ctx.features(scan, [None])[0] for scan in (ctx.train, ctx.val))
     else:
-        table = ctx.features(ctx.train, [None, cut.layer], pooling=("avg", "none"),
-                             dtype=("float32", settings.activation_dtype), keep=(True, False))[0]
+        table, val_table = (ctx.features(scan, [None, cut.layer], pooling=("avg", "none"),
+                                         dtype=("float32", settings.activation_dtype), keep=(True, False))[0]
+                            for scan in (ctx.train, ctx.val))
     head = fit_linear(table.features, ctx.labels(table.records), len(ctx.classes), balanced=balanced, seed=ctx.seed)
     model.get_layer("classifier").set_weights([head.kernel, head.bias])
+    return Baseline(head, head.probabilities(val_table.features), ctx.labels(val_table.records),
+                    ctx.backbone.model.get_weights())
+
+
+def keep_better(ctx: Context, result: TrainResult, baseline: Baseline) -> TrainResult:
+    """Keep the fine-tuned model only if it beats the linear head on the same validation images.
+
+    Better means higher validation accuracy, or the same accuracy and a lower
+    cross-entropy; otherwise the linear head on the original frozen features
+    is kept (it is simpler, and fine-tuning that does not win is noise or
+    overfitting). Both scores, the paired bootstrap interval of the accuracy
+    difference and the choice go into metrics["comparison"] and a note.
+    """
+    from finetune_cli.models.heads import classifier
+    from finetune_cli.predict import probabilities
+    from finetune_cli.train.compare import compare_on_validation
+
+    comparison = compare_on_validation(result.val_probs, result.val_labels, baseline.val_probs,
+                                       baseline.val_labels, seed=ctx.seed)
+    ctx.reporter.on_note(comparison["note"])
+    metrics = {**result.metrics, "comparison": comparison, "kept": comparison["kept"]}
+    notes = result.notes + [comparison["note"]]
+    if comparison["kept"] == "fine-tuned":
+        return dataclasses.replace(result, metrics=metrics, notes=notes)
+    ctx.backbone.model.set_weights(baseline.frozen)  # the fine-tuned model shares these layers; it is dropped
+    head = baseline.head
+    model = classifier(ctx.backbone.model, ctx.backbone.model.layers[-1].name, len(ctx.classes),
+                       kernel=head.kernel, bias=head.bias)
+    size = ctx.backbone.ref.image_size
+    score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)  # noqa: E731
+    metrics.update(C=head.C, train_accuracy_fine_tuned=metrics.pop("train_accuracy"))
+    return dataclasses.replace(result, model=model, val_probs=baseline.val_probs, val_labels=baseline.val_labels,
+                               metrics=metrics, score=score, notes=notes)
 
 
 def _datasets(ctx: Context, model, cut, plan, recipe, balanced: bool, settings):
@@ -162,3 +223,21 @@ def _slow_note(history: list[dict]) -> list[str]:
         if abs(moved) < 0.01 and history[-1]["accuracy"] < 0.9:
             return ["validation loss barely moved: the learning rate may be too low for this data"]
     return []
+
+
+def start_fine_tuning(ctx: Context, plan, recipe, balanced: bool, settings):
+    """What `fit_finetune_plan` trains in a new run, built the same way, for the learning-rate sweep.
+
+    The head from the linear solution (phase 1), then the engine's inputs:
+    cached frozen-prefix activations or images end to end (`_datasets`).
+
+    Returns:
+        (whole model: raw pixels -> probabilities, the model the engine trains
+        (the whole one or its top above the cut), train batches, validation
+        batches), batches of (inputs float32, labels int32 (B,), weights float32 (B,)).
+    """
+    model, _ = _start(ctx, recipe, resume=False)
+    cut = _cut(ctx, model, plan, settings)
+    _fit_head(ctx, model, cut, balanced, settings)
+    trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
+    return model, trainable, train_data, val_data

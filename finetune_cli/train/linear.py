@@ -32,6 +32,11 @@ class LinearHead:
     C: float
     scores: list = field(default_factory=list)
 
+    @property
+    def best_cv(self) -> float:
+        """The best cross-validated accuracy over C (0-1); NaN when there were too few images to fold."""
+        return max((s["cv_accuracy"] for s in self.scores), default=float("nan"))
+
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """Softmax probabilities (n, k) for features (n, d)."""
         logits = features @ self.kernel + self.bias
@@ -59,6 +64,13 @@ def fit_linear(
             both sides of a fold; None when each row is its own image.
         balanced: weight classes inversely to their frequency.
     """
+    from finetune_cli.threads import one_blas_thread
+
+    with one_blas_thread():
+        return _fit_linear(features, labels, n_classes, groups, balanced, seed, config)
+
+
+def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: int, config: LinearConfig):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -119,41 +131,96 @@ def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool):
     """Logistic regression on cached features of the plan's stage, folded into a Keras model.
 
+    With `feature_stage = "best"` (small data unlike the pretraining data),
+    the candidates of `candidate_sources` are compared by cross-validated
+    accuracy on the training images and the best is kept; the comparison goes
+    into metrics["candidates"] and plan.json.
+
     Args:
         ctx: the run's `train.context.Context`.
-        similarity: the evidence (its `best_stage` serves `feature_stage = "best"`).
+        similarity: the evidence (its `best_stage` is a candidate).
 
     Returns:
         A `TrainResult`; history is one row per C tried.
     """
-    from finetune_cli.models.heads import classifier
-    from finetune_cli.models.stages import select_layer
     from finetune_cli.train.context import TrainResult
 
-    stage = plan.feature_stage
-    layer = None if stage == "final" else (similarity.best_stage if stage == "best" else int(stage))
-    layer = None if layer == n_stages else layer
-    ctx.reporter.on_phase(f"features from {'the final stage' if layer is None else f'stage {layer}'}")
-    tables = [ctx.features(ctx.train, [layer], view)[0] for view in range(plan.feature_views + 1)]
-    val_table = ctx.features(ctx.val, [layer])[0]
-    x = np.concatenate([t.features for t in tables])
-    y = np.concatenate([ctx.labels(t.records) for t in tables])
-    groups = np.concatenate([[r.digest for r in t.records] for t in tables])
-    ctx.reporter.on_phase("fitting the linear head (cross-validated C)")
-    head = fit_linear(x, y, len(ctx.classes), groups=np.unique(groups, return_inverse=True)[1],
-                      balanced=balanced, seed=ctx.seed)
-    model = classifier(ctx.backbone.model, select_layer(ctx.backbone.model, layer), len(ctx.classes),
-                       kernel=head.kernel, bias=head.bias)
+    sources = candidate_sources(plan, similarity, n_stages, ctx.config)
+    if len(sources) > 1:  # one backbone pass per view fills the cache for every stage candidate
+        stages = sorted({k for s in sources for k in getattr(s, "layers", ())}, key=lambda k: k or n_stages + 1)
+        for view in range(plan.feature_views + 1):
+            ctx.features(ctx.train, stages, view)
+    fits = [_fit_source(ctx, source, plan.feature_views, balanced) for source in sources]
+    cv = [f[1].best_cv if np.isfinite(f[1].best_cv) else -1.0 for f in fits]
+    best = max(range(len(fits)), key=lambda i: (round(cv[i], 6), -i))
+    source, head, (x, y) = sources[best], fits[best][1], fits[best][2]
+    extra = {}
+    if len(sources) > 1:
+        extra["candidates"] = _record_candidates(ctx, sources, [f[1] for f in fits], best)
+    val = source.rows(ctx, ctx.val)
+    model = source.model(ctx, head.kernel, head.bias)
 
     def score(scan):
-        """(probabilities, ok) for scan.images through cached features and the head: the model's own math."""
-        table = ctx.features(scan, [layer])[0]
-        rows = {r.path: i for i, r in enumerate(table.records)}
-        ok = np.array([r.path in rows for r in scan.images])
+        """(probabilities, ok) for scan.images through the source's features and the head: the model's own math."""
+        rows = source.rows(ctx, scan)
+        index = {r.path: i for i, r in enumerate(rows.records)}
+        ok = np.array([r.path in index for r in scan.images])
         probs = np.zeros((len(scan.images), len(ctx.classes)), np.float32)
-        probs[ok] = head.probabilities(table.features)[[rows[r.path] for r in scan.images if r.path in rows]]
+        probs[ok] = head.probabilities(rows.features)[[index[r.path] for r in scan.images if r.path in index]]
         return probs, ok
 
-    metrics = {"train_accuracy": float((head.probabilities(x).argmax(1) == y).mean()), "C": head.C}
-    return TrainResult(model, plan, head.scores, head.probabilities(val_table.features), ctx.labels(val_table.records),
+    metrics = {"train_accuracy": float((head.probabilities(x).argmax(1) == y).mean()), "C": head.C,
+               "features": source.name, **extra}
+    return TrainResult(model, plan, head.scores, head.probabilities(val.features), ctx.labels(val.records),
                        metrics, score)
+
+
+def candidate_sources(plan, similarity, n_stages: int, config=None) -> list:
+    """The feature sources a plan considers: its one stage, or (feature_stage "best") the stage the
+    similarity probe found best (every probed stage when the verdict was forced and nothing was probed),
+    the probed stages concatenated, and raw pixels."""
+    from finetune_cli.config import LINEAR
+    from finetune_cli.strategy.similarity import probe_layers
+    from finetune_cli.train.sources import PixelSource, StageSource
+
+    stage = plan.feature_stage
+    if stage != "best":
+        layer = None if stage == "final" or int(stage) == n_stages else int(stage)
+        return [StageSource((layer,))]
+    probed = tuple(probe_layers(n_stages))
+    best = None if similarity.best_stage in (None, n_stages) else similarity.best_stage
+    measured = bool(similarity.stage_accuracy) and best in probed
+    # the probe already compared the single stages; without its evidence (a forced verdict), compare them here
+    ordered = (best,) if measured else probed
+    sources = [StageSource((k,)) for k in ordered]
+    if len(probed) > 1:
+        sources.append(StageSource(probed))
+    return sources + [PixelSource(LINEAR.pixel_side)]
+
+
+def _fit_source(ctx, source, views: int, balanced: bool):
+    """(source, fitted head, (x, y)) on the training images' features of `source`, views included."""
+    ctx.reporter.on_phase(f"features: {source.name}" + (f", {views} augmented views" if views and source.views_apply
+                                                          else ""))
+    parts = [source.rows(ctx, ctx.train, view) for view in range(views + 1 if source.views_apply else 1)]
+    x = np.concatenate([p.features for p in parts])
+    y = np.concatenate([ctx.labels(p.records) for p in parts])
+    groups = np.concatenate([[r.digest for r in p.records] for p in parts])
+    ctx.reporter.on_phase(f"fitting the linear head on {source.name} features (cross-validated C)")
+    head = fit_linear(x, y, len(ctx.classes), groups=np.unique(groups, return_inverse=True)[1],
+                      balanced=balanced, seed=ctx.seed)
+    return source, head, (x, y)
+
+
+def _record_candidates(ctx, sources, heads, best: int) -> list[dict]:
+    """The candidates' cross-validated accuracies, as a note, in metrics and in plan.json."""
+    import json
+
+    table = [{"features": s.name, "cv_accuracy": round(h.best_cv, 4), "C": h.C, "dims": int(h.kernel.shape[0]),
+              "chosen": i == best} for i, (s, h) in enumerate(zip(sources, heads))]
+    ctx.reporter.on_note("features compared by cross-validated accuracy on the training images: " + "; ".join(
+        f"{row['features']} {row['cv_accuracy']:.1%}" for row in table) + f"; kept {sources[best].name}")
+    path = ctx.run.file("plan.json")
+    if path.exists():
+        ctx.run.write_json("plan.json", {**json.loads(path.read_text()), "candidates": table})
+    return table

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune_cli.artifacts import RunFolder, write_run
-from finetune_cli.config import PRETRAIN, SCAN, TRAIN, ScanConfig, TrainConfig
+from finetune_cli.config import LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, ScanConfig, TrainConfig
 from finetune_cli.data.profile import profile_scan
 from finetune_cli.data.scan import Scan, scan_folder
 from finetune_cli.errors import BackboneError, SettingsError, TrainingError
@@ -39,6 +39,7 @@ def train(
     val_dir=None, test_dir=None, seed: int = 0, resume: bool = False, cache_dir=None, use_cache: bool = True,
     batch_size: int = 32, unlabeled=None, pretrain_config=None, greedy: bool = False,
     config: ScanConfig = SCAN, settings: TrainConfig = TRAIN, reporter: Reporter = QUIET,
+    lr: float | str | None = None, lr_config: LrFindConfig = LR_FIND,
 ) -> dict:
     """Train a classifier on `root`'s class folders; returns metrics (also in RUN/metrics.json).
 
@@ -51,6 +52,7 @@ def train(
     `test_dir`, the trained model is evaluated on that labelled folder in the
     same process (metrics["test"], as `evaluate` returns it). With `resume`,
     see `train.resume` for what is checked; a finished run is left as it is.
+    With `lr` (a rate, or "auto": swept first), see `set_rate`.
 
     If training fails before anything worth resuming exists, the files it
     wrote (and the folder, if it made it) are removed.
@@ -85,8 +87,10 @@ def train(
             plan, evidence, recipe_obj = decide_and_record(ctx, profile, similarity, strategy, recipe, pretrained,
                                                            test_scan)
         reporter.on_plan(plan, evidence)
+        plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
         clock["plan"] = time.perf_counter() - started - clock["prepare"]
         result = fit(ctx, profile, plan, evidence, recipe_obj, resume, settings)
+        result.metrics.update(lr_record)
         clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
         return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
 
@@ -167,10 +171,33 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
     from finetune_cli.train.finetune import fit_finetune_plan
     from finetune_cli.train.linear import fit_linear_plan
 
-    balanced = profile.imbalance >= ctx.config.imbalance_warn_ratio
+    balanced = is_balanced(ctx, profile)
     if plan.strategy == "linear":
         return fit_linear_plan(ctx, plan, evidence, n_stages(ctx), balanced)
     return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings)
+
+
+def is_balanced(ctx: Context, profile) -> bool:
+    """Whether training weights the classes (the largest is `imbalance_warn_ratio` x the smallest or more)."""
+    return profile.imbalance >= ctx.config.imbalance_warn_ratio
+
+
+def set_rate(ctx: Context, profile, plan, recipe, lr, saved, settings: TrainConfig, lr_config: LrFindConfig):
+    """`--lr`: (plan, {"lr": record} for metrics.json, or {}), by `train.lr_find.apply_rate`.
+
+    `lr` is a head rate, or "auto" (the sweep first, its valley suggestion);
+    the other groups keep their ratio to the head. Nothing changes without
+    `lr`, for a linear plan (a note says so), or on a resume (its saved rates).
+    """
+    if lr is None:
+        return plan, {}
+    if saved:
+        ctx.reporter.on_note(f"--lr {lr} is ignored on --resume: the saved plan's rates are kept")
+        return plan, {}
+    from finetune_cli.train.lr_find import apply_rate
+
+    plan, record = apply_rate(ctx, plan, recipe, lr, is_balanced(ctx, profile), settings, lr_config)
+    return plan, {"lr": record} if record else {}
 
 
 def finish(ctx: Context, result: TrainResult, profile, evidence, pretrained: dict | None, test_scan: Scan | None,
@@ -193,11 +220,28 @@ def finish(ctx: Context, result: TrainResult, profile, evidence, pretrained: dic
     header = {"run_folder": str(ctx.run.path), "strategy": result.plan.strategy, "recipe": result.plan.recipe,
               "similarity": evidence.verdict, "size_category": profile.size_category}
     counts = {"n_train": len(ctx.train.images), "n_val": len(ctx.val.images), "n_skipped": len(ctx.scan.skipped)}
+    result = with_diagnosis(ctx, result, extra)
     ctx.reporter.on_phase(f"saving to {ctx.run.path}")
     timings = lambda: {**{k: round(v, 3) for k, v in clock.items()},
                        "total": round(time.perf_counter() - started, 3)}
     return write_run(ctx.run, result, ctx.classes, ctx.backbone.ref.image_size, {**header, **extra, **counts},
                      timings)
+
+
+def with_diagnosis(ctx: Context, result: TrainResult, extra: dict) -> TrainResult:
+    """Judge the training history (`diagnose`) into extra["diagnosis"]; a verdict other than healthy
+    becomes a note with the next step."""
+    from finetune_cli.diagnose import diagnose_history
+
+    if not result.history:
+        return result
+    verdict = diagnose_history(result.history, classes=len(ctx.classes)).to_dict()
+    extra["diagnosis"] = {k: verdict[k] for k in ("verdict", "reason", "next_step")}
+    if verdict["verdict"] == "healthy":
+        return result
+    note = f"diagnosis: {verdict['verdict']}: {verdict['reason']}; next: {verdict['next_step']}"
+    ctx.reporter.on_note(note)
+    return dataclasses.replace(result, notes=result.notes + [note])
 
 
 def prefetch(ctx: Context, scans: list[Scan], layers: list) -> None:

@@ -1,0 +1,404 @@
+"""A finished run's training history read back into a verdict and the next step to take.
+
+Fine-tuning runs (history.csv: one row per epoch with epoch, loss, accuracy,
+val_loss, val_accuracy, and lr_head when the engine wrote it) are judged by
+the first rule that matches, thresholds from `DiagnoseConfig`; k is the number
+of classes and ln(k) the cross-entropy of a uniform guess (chance level):
+
+    verdict       evidence
+    diverged      a loss is NaN or infinite; or the NaN guard lowered the rate
+                  (plan.json's head rate above the one the history ran at); or a
+                  training loss above `blowup` x ln(k); or a last training loss
+                  above `end_rise` x the first
+    too-low       (>= `min_epochs` epochs) the training loss fell by less than
+                  `min_progress` of its first value, and the last training
+                  accuracy is below `too_low_accuracy`
+    overfitting   (>= `min_epochs` epochs) the last validation loss is
+                  `overfit_rise` above its minimum at an earlier epoch, the
+                  training loss fell since that epoch, and training accuracy
+                  beats validation accuracy by `overfit_gap` at the end
+    underfitting  the last training loss and the lowest validation loss are
+                  both at least `underfit_loss` x ln(k)
+    healthy       none of these
+
+Linear-head runs (history.csv: one row per C tried, with C and cv_accuracy):
+
+    underfitting  the best cross-validated accuracy is below
+                  chance + `linear_underfit_skill` x (1 - chance), chance = 1/k
+    linear        the best C is on an edge of the grid, beating its neighbour
+                  by `linear_edge_margin`: the grid's end decided, so say which
+                  end and what it means
+    healthy       otherwise
+
+k comes from metrics.json (`classes`) or labels.json; without either it is
+estimated from the loss scale as exp(first validation loss), rounded, within
+[2, `max_estimated_classes`], and the evidence says so (`classes_estimated`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from finetune_cli.config import DIAGNOSE, DiagnoseConfig
+from finetune_cli.errors import ModelFileError
+
+#: Every verdict `Diagnosis.verdict` can hold.
+VERDICTS = ("healthy", "diverged", "too-low", "overfitting", "underfitting", "linear")
+#: Columns of a fine-tuning history (per epoch), and of a linear-head one (per C).
+EPOCH_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+LINEAR_COLUMNS = ("C", "cv_accuracy")
+#: Files of which a run folder holds at least one.
+RUN_FILES = ("history.csv", "plan.json", "metrics.json", "model.keras", "state.json", "labels.json")
+
+
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A verdict on a run's history.
+
+    Attributes:
+        verdict: one of `VERDICTS`.
+        reason: the evidence in words, with numbers.
+        next_step: what to change next, naming the option or recipe field.
+        evidence: the numbers the rules used (JSON-able; None where unknown).
+        run: the run folder diagnosed (None for `diagnose_history`).
+    """
+
+    verdict: str
+    reason: str
+    next_step: str
+    evidence: dict = field(default_factory=dict)
+    run: str | None = None
+
+    def to_dict(self) -> dict:
+        """{run, verdict, reason, next_step, evidence}: the `diagnose --json` contract."""
+        return {"run": self.run, **{k: v for k, v in asdict(self).items() if k != "run"}}
+
+
+def diagnose_history(history: list[dict], *, classes: int | None = None, planned_lr: float | None = None,
+                     used_lr: float | None = None, config: DiagnoseConfig = DIAGNOSE) -> Diagnosis:
+    """Judge a training history (see the module docstring for the rules).
+
+    Args:
+        history: one dict per epoch (keys `EPOCH_COLUMNS`, optionally lr_head)
+            or per C (keys `LINEAR_COLUMNS`), as history.csv holds; numbers,
+            NaN or inf allowed in losses.
+        classes: k, the number of classes (>= 2); None estimates it.
+        planned_lr: the head's learning rate the plan asked for (plan.json).
+        used_lr: the head's rate the history ran at; None: its first lr_head.
+
+    Raises:
+        ValueError: an empty history, or rows with neither set of columns.
+    """
+    if not history:
+        raise ValueError("Expected at least one history row. Received: history=[]")
+    if all(key in history[0] for key in LINEAR_COLUMNS):
+        return _linear(history, classes, config)
+    missing = [key for key in EPOCH_COLUMNS if key not in history[0]]
+    if missing:
+        raise ValueError(f"Expected history rows with {EPOCH_COLUMNS} or {LINEAR_COLUMNS}. "
+                         f"Received: keys={sorted(history[0])}")
+    if used_lr is None and _finite(history[0].get("lr_head")):
+        used_lr = float(history[0]["lr_head"])
+    facts = _epoch_facts(history, classes, planned_lr, used_lr, config)
+    for rule in (_diverged, _too_low, _overfitting, _underfitting):
+        found = rule(facts, config)
+        if found is not None:
+            return found
+    return _healthy(facts)
+
+
+def diagnose_run(path, *, config: DiagnoseConfig = DIAGNOSE) -> Diagnosis:
+    """Diagnose a run folder from RUN/history.csv, with RUN/metrics.json, labels.json and plan.json if present.
+
+    Args:
+        path: a run folder (the --out of `finetune train`), its model.keras,
+            or "last" for the newest run under ./runs.
+
+    Returns:
+        The `Diagnosis`, its `run` the folder read and evidence["kept"]
+        metrics.json's `kept` (None when absent).
+
+    Raises:
+        ModelFileError: no such run, not a run folder, or a missing, empty
+            or garbled history.csv; one line saying what to do.
+    """
+    from finetune_cli.run import last_run
+
+    folder = last_run() if str(path) == "last" else Path(path).expanduser().absolute()
+    folder = folder.parent if folder.suffix == ".keras" and folder.is_file() else folder
+    history = _read_history(_check_run(folder))
+    metrics = _optional_json(folder / "metrics.json") or {}
+    plan = (_optional_json(folder / "plan.json") or {}).get("plan")
+    diagnosis = diagnose_history(history, classes=_n_classes(folder, metrics), planned_lr=_head_rate(plan),
+                                 used_lr=_head_rate(metrics), config=config)
+    if metrics.get("kept") == "linear-head" and diagnosis.verdict != "linear":
+        diagnosis = replace(diagnosis, reason=diagnosis.reason + "; the run kept its linear head instead "
+                            "(fine-tuning did not beat it on validation)")
+    return replace(diagnosis, run=str(folder), evidence={**diagnosis.evidence, "kept": metrics.get("kept")})
+
+
+# ---------------------------------------------------------------- reading a run folder
+
+
+def _check_run(folder: Path) -> Path:
+    """`folder` if it is a run folder holding history.csv; else ModelFileError saying what to do."""
+    if not folder.exists():
+        raise ModelFileError(f"{folder} not found: give a run folder (the --out of `finetune train`) or `last`")
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder} is not a folder: give a run folder (the --out of `finetune train`) or `last`")
+    if not any((folder / name).exists() for name in RUN_FILES):
+        raise ModelFileError(f"{folder} is not a run: it holds none of {', '.join(RUN_FILES)}; give the --out "
+                             "folder of `finetune train`, or `last`")
+    if not (folder / "history.csv").is_file():
+        hint = (f"training stopped before it finished: `finetune train ... --out {folder} --resume` completes it"
+                if (folder / "state.json").exists() else "the run did not finish training: train it again")
+        raise ModelFileError(f"{folder} has no history.csv: {hint}, then diagnose it")
+    return folder
+
+
+def _read_history(folder: Path) -> list[dict]:
+    """history.csv as a list of row dicts, its required columns as floats (empty cells: NaN).
+
+    Raises:
+        ModelFileError: empty, unparsable, or without the columns of either kind of run.
+    """
+    import pandas as pd
+
+    file = folder / "history.csv"
+    try:
+        with warnings.catch_warnings():
+            # a row longer than the header would otherwise become a silent index, or be cut short
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(file, index_col=False)
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame()
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.ParserWarning) as exc:  # incl. UnicodeDecodeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{file} is garbled ({first}): restore it from a copy, or train the run again") from None
+    if frame.empty:
+        raise ModelFileError(f"{file} holds no rows: the run recorded no epochs (a linear head on classes too "
+                             "small to cross-validate records no C either); there is nothing to diagnose")
+    needed = LINEAR_COLUMNS if all(c in frame.columns for c in LINEAR_COLUMNS) else EPOCH_COLUMNS
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ModelFileError(f"{file} is garbled: it lacks {', '.join(missing)} (its columns: "
+                             f"{', '.join(map(str, frame.columns))[:120]}); restore it or train the run again")
+    for column in needed:
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column][numbers.isna() & frame[column].notna()]
+        if len(bad):
+            raise ModelFileError(f"{file} is garbled: column {column} holds {str(bad.iloc[0])[:40]!r}, not a "
+                                 "number; restore it or train the run again")
+        frame[column] = numbers.astype(float)
+    return frame.to_dict("records")
+
+
+def _optional_json(path: Path) -> dict | None:
+    """A JSON object file, or None when it is absent, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _n_classes(folder: Path, metrics: dict) -> int | None:
+    """k from metrics.json's class list, else labels.json's; None when neither holds a list of 2 or more."""
+    classes = metrics.get("classes")
+    if not isinstance(classes, list):
+        try:
+            classes = json.loads((folder / "labels.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            classes = None
+    return len(classes) if isinstance(classes, list) and len(classes) >= 2 else None
+
+
+def _head_rate(holder) -> float | None:
+    """holder["learning_rates"]["head"] (plan.json's plan, or metrics.json), if a finite number."""
+    rates = holder.get("learning_rates") if isinstance(holder, dict) else None
+    rate = rates.get("head") if isinstance(rates, dict) else None
+    return float(rate) if _finite(rate) else None
+
+
+# ---------------------------------------------------------------- fine-tuning histories
+
+
+def _epoch_facts(history: list[dict], classes: int | None, planned_lr, used_lr, config: DiagnoseConfig) -> dict:
+    """The numbers the rules read (JSON-able), from the epochs before any non-finite loss."""
+    cut = next((i for i, row in enumerate(history) if not (_finite(row["loss"]) and _finite(row["val_loss"]))),
+               len(history))
+    rows, bad = history[:cut], history[cut] if cut < len(history) else None
+    estimated = classes is None
+    if estimated:
+        first = history[0]["val_loss"]
+        guess = round(math.exp(min(first, 50.0))) if _finite(first) else 2
+        classes = int(min(max(guess, 2), config.max_estimated_classes))
+    facts = {"epochs": len(history), "classes": classes, "classes_estimated": estimated,
+             "chance_loss": math.log(classes), "learning_rate": used_lr, "planned_learning_rate": planned_lr,
+             "retried": bool(planned_lr and used_lr and used_lr < planned_lr * (1 - 1e-6)),
+             "non_finite_epoch": int(bad["epoch"]) if bad is not None else None,
+             "non_finite": None if bad is None else ("loss" if not _finite(bad["loss"]) else "validation loss")}
+    if not rows:
+        return facts
+    losses, val_losses = [float(r["loss"]) for r in rows], [float(r["val_loss"]) for r in rows]
+    top, best = losses.index(max(losses)), val_losses.index(min(val_losses))
+    facts.update(first_loss=losses[0], last_loss=losses[-1], min_loss=min(losses), max_loss=losses[top],
+                 max_loss_epoch=int(rows[top]["epoch"]), min_val_loss=val_losses[best],
+                 best_epoch=int(rows[best]["epoch"]), loss_at_best=losses[best], last_val_loss=val_losses[-1],
+                 last_epoch=int(rows[-1]["epoch"]), train_accuracy=float(rows[-1]["accuracy"]),
+                 val_accuracy=float(rows[-1]["val_accuracy"]), best_rows=best, n_rows=len(rows))
+    return facts
+
+
+def _diverged(f: dict, config: DiagnoseConfig) -> Diagnosis | None:
+    """NaN or inf; the NaN guard lowered the rate; a blown-up loss; a loss that ended above its start."""
+    found = []
+    if f["non_finite_epoch"] is not None:
+        found.append(f"the {f['non_finite']} became NaN or infinite at epoch {f['non_finite_epoch']}")
+    if f["retried"]:
+        found.append(f"the NaN guard cut the head's learning rate from {f['planned_learning_rate']:.2g} to "
+                     f"{f['learning_rate']:.2g} after a NaN loss (this history is the retry's)")
+    blown = "max_loss" in f and f["max_loss"] > config.blowup * f["chance_loss"]
+    if blown:
+        found.append(f"training loss reached {_num(f['max_loss'])} at epoch {f['max_loss_epoch']}, "
+                     f"{f['max_loss'] / f['chance_loss']:.3g} times the chance level {_chance(f)}")
+    if "last_loss" in f and f["n_rows"] > 1 and f["last_loss"] > config.end_rise * f["first_loss"]:
+        found.append(f"training loss ended at {_num(f['last_loss'])}, "
+                     f"{f['last_loss'] / f['first_loss']:.3g} times its start {_num(f['first_loss'])}")
+    if not found:
+        return None
+    lr = f["learning_rate"]
+    if f["retried"] and len(found) == 1:
+        step = (f"learning rate too high: start at the rate the retry trained at (learning_rate = {lr:.2g} "
+                "in a --recipe file), or lower")
+    else:
+        step = "learning rate too high: divide it by 10 (" + (f"learning_rate = {lr / 10:.2g}" if lr else
+                                                              "learning_rate") + " in a --recipe file)"
+    return Diagnosis("diverged", "; ".join(found), step, _public(f))
+
+
+def _too_low(f: dict, config: DiagnoseConfig) -> Diagnosis | None:
+    """The training loss hardly fell while the training accuracy had room to grow."""
+    if f["n_rows"] < config.min_epochs or f["first_loss"] <= 0:
+        return None
+    progress = (f["first_loss"] - f["min_loss"]) / f["first_loss"]
+    if progress >= config.min_progress or f["train_accuracy"] >= config.too_low_accuracy:
+        return None
+    lr = f["learning_rate"]
+    reason = (f"training loss fell only {progress:.1%} ({_num(f['first_loss'])} -> {_num(f['min_loss'])} at best) "
+              f"over {f['n_rows']} epochs while training accuracy is {f['train_accuracy']:.0%}")
+    step = "learning rate too low: multiply it by 10 (" + (f"learning_rate = {lr * 10:.2g}" if lr else
+                                                            "learning_rate") + " in a --recipe file)"
+    return Diagnosis("too-low", reason, step, {**_public(f), "progress": progress})
+
+
+def _overfitting(f: dict, config: DiagnoseConfig) -> Diagnosis | None:
+    """Validation loss rose from an earlier minimum while the training loss kept falling, with an accuracy gap."""
+    if f["n_rows"] < config.min_epochs or f["best_rows"] == f["n_rows"] - 1:
+        return None
+    rise = (f["last_val_loss"] - f["min_val_loss"]) / max(f["min_val_loss"], 1e-12)
+    gap = f["train_accuracy"] - f["val_accuracy"]
+    if rise < config.overfit_rise or f["last_loss"] >= f["loss_at_best"] or gap < config.overfit_gap:
+        return None
+    reason = (f"validation loss rose from {_num(f['min_val_loss'])} (epoch {f['best_epoch']}) to "
+              f"{_num(f['last_val_loss'])} (epoch {f['last_epoch']}) while training loss fell "
+              f"{_num(f['loss_at_best'])} -> {_num(f['last_loss'])}; accuracy training {f['train_accuracy']:.0%} "
+              f"vs validation {f['val_accuracy']:.0%}")
+    step = (f"overfitting: fewer epochs (epochs = {f['best_epoch']} in a --recipe file), stronger regularisation "
+            "(dropout, l2), more augmented views (feature_views, augmentation), or a frozen-feature strategy "
+            "(--strategy linear)")
+    return Diagnosis("overfitting", reason, step, {**_public(f), "val_loss_rise": rise, "accuracy_gap": gap})
+
+
+def _underfitting(f: dict, config: DiagnoseConfig) -> Diagnosis | None:
+    """Training and validation loss both stayed near a uniform guess's."""
+    level = config.underfit_loss * f["chance_loss"]
+    if f["last_loss"] < level or f["min_val_loss"] < level:
+        return None
+    reason = (f"training loss ends at {_num(f['last_loss'])} and validation loss is at best "
+              f"{_num(f['min_val_loss'])}: {f['last_loss'] / f['chance_loss']:.0%} and "
+              f"{f['min_val_loss'] / f['chance_loss']:.0%} of the chance level {_chance(f)}; accuracy training "
+              f"{f['train_accuracy']:.0%}, validation {f['val_accuracy']:.0%} (chance {1 / f['classes']:.0%})")
+    step = ("underfitting: train more stages (--recipe partial-2 or full), more epochs, or a higher learning rate "
+            "(learning_rate in a --recipe file)")
+    return Diagnosis("underfitting", reason, step, _public(f))
+
+
+def _healthy(f: dict) -> Diagnosis:
+    reason = (f"validation loss fell to {_num(f['min_val_loss'])} at epoch {f['best_epoch']} of {f['last_epoch']} "
+              f"(training loss {_num(f['first_loss'])} -> {_num(f['last_loss'])}); accuracy training "
+              f"{f['train_accuracy']:.0%}, validation {f['val_accuracy']:.0%}")
+    step = ("nothing to fix: use the run (`finetune predict IMAGES --model RUN`, `finetune evaluate FOLDER "
+            "--model RUN`); for more accuracy, add images or try a larger --base")
+    return Diagnosis("healthy", reason, step, _public(f))
+
+
+# ---------------------------------------------------------------- linear-head histories
+
+
+def _linear(history: list[dict], classes: int | None, config: DiagnoseConfig) -> Diagnosis:
+    """Judge the cross-validation curve over C (best C chosen as `train.linear.fit_linear` does)."""
+    rows = sorted(((float(r["C"]), float(r["cv_accuracy"])) for r in history), key=lambda r: r[0])
+    grid = [c for c, _ in rows]
+    best = max(range(len(rows)), key=lambda i: (round(rows[i][1], 6), -rows[i][0]))
+    (c, accuracy), chance = rows[best], (1 / classes if classes else 0.0)
+    evidence = {"classes": classes, "grid": grid, "cv_accuracy": [a for _, a in rows], "best_C": c,
+                "best_cv_accuracy": accuracy, "chance_accuracy": chance, "edge": None}
+    if accuracy < chance + config.linear_underfit_skill * (1 - chance):
+        reason = (f"best cross-validated accuracy {accuracy:.1%} (C = {c:g})"
+                  + (f" with {classes} classes (chance {chance:.0%})" if classes else ""))
+        step = ("underfitting: the frozen features do not separate the classes; fine-tune (--strategy partial, or "
+                "--recipe partial-2 or full), take features from an earlier stage (feature_stage = \"best\" in a "
+                "--recipe file), or try another --base")
+        return Diagnosis("underfitting", reason, step, evidence)
+    side = best - 1 if best == len(rows) - 1 else best + 1
+    if len(rows) >= 2 and best in (0, len(rows) - 1) and accuracy - rows[side][1] >= config.linear_edge_margin:
+        return _linear_edge(evidence, rows[side], strong=best == 0)
+    reason = f"cross-validated accuracy {accuracy:.1%} at C = {c:g}, inside the grid {grid}"
+    step = "nothing to fix: use the run; to go further, fine-tune the top stages (--strategy partial)"
+    return Diagnosis("healthy", reason, step, evidence)
+
+
+def _linear_edge(evidence: dict, neighbour: tuple[float, float], strong: bool) -> Diagnosis:
+    """The best C is the grid's smallest (`strong` regularisation) or largest: say which and what it means."""
+    c, accuracy = evidence["best_C"], evidence["best_cv_accuracy"]
+    end = "strongest" if strong else "weakest"
+    reason = (f"best C is on the edge of the grid {evidence['grid']}: cross-validated accuracy {accuracy:.1%} at "
+              f"C = {c:g}, the {end} regularisation tried, vs {neighbour[1]:.1%} at C = {neighbour[0]:g}")
+    if strong:
+        step = ("the head is limited by noise, not by its flexibility: more images, or more augmented views "
+                "(feature_views in a --recipe file), let it use weaker regularisation")
+    else:
+        step = ("the head wants more flexibility than a linear boundary on these features: fine-tune the top "
+                "stages (--strategy partial, or --recipe partial-2)")
+    return Diagnosis("linear", reason, step, {**evidence, "edge": "strong" if strong else "weak"})
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _finite(value) -> bool:
+    """True for a finite real number (numpy's too), False for NaN, inf, None, text and booleans."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(value: float) -> str:
+    """0.41, 12.30, 4.5e+27: two decimals in the usual range, else three significant digits."""
+    return f"{value:.2f}" if 0.01 <= abs(value) < 1000 else f"{value:.3g}"
+
+
+def _chance(f: dict) -> str:
+    guessed = " (k estimated from the first validation loss)" if f["classes_estimated"] else ""
+    return f"ln({f['classes']}) = {f['chance_loss']:.2f}{guessed}"
+
+
+def _public(f: dict) -> dict:
+    """The facts without the rules' row indices."""
+    return {k: v for k, v in f.items() if k not in ("best_rows", "n_rows")}

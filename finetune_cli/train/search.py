@@ -1,0 +1,276 @@
+"""The search space of a linear plan and the ways to walk it. Pure: no TensorFlow, no files.
+
+    parameter  values                                   on the plot
+    C          log range `TuneConfig.c_range`           log axis
+    stage      the backbone's last stages, `final` last  categories
+    pooling    `avg`, `max`                             categories
+    views      augmented views per training image 0..N  integers
+
+Methods (`pick_method`):
+
+    grid     `ParameterGrid` over a log-grid of C (2^k + 1 points: a finer
+             grid holds every point of a coarser one) times the other
+             parameters, in a seeded order (a truncated grid still spreads out)
+    random   `ParameterSampler`, C log-uniform rounded to 3 significant
+             digits, duplicates dropped; the first n candidates are the
+             same whatever the budget, so a resumed search continues it
+    halving  random candidates, then successive halving over images: every
+             candidate on a small stratified subsample, the best 1/factor on
+             factor x the images, ..., the last rung on all of them
+    auto     grid when one or two parameters vary, random from three up
+
+A trial is known by its `key`, so a resumed search skips the trials it has.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from finetune_cli.errors import FolderError, SettingsError
+
+METHODS = ("auto", "grid", "random", "halving")
+#: The parameters of a linear plan, in the order trials.csv lists them.
+PARAMETERS = ("C", "stage", "pooling", "views")
+
+
+@dataclass(frozen=True)
+class Space:
+    """What a linear search may choose.
+
+    Attributes:
+        c_range: (low, high) inverse regularisation strengths, 0 < low <= high.
+        stages: feature stages, earliest first: stage indices as text, and
+            `final` (the backbone's output) last.
+        poolings: of `avg` and `max`.
+        views: augmented views per training image, ascending (0 = none).
+    """
+
+    c_range: tuple[float, float]
+    stages: tuple[str, ...]
+    poolings: tuple[str, ...]
+    views: tuple[int, ...]
+
+    def values(self) -> dict:
+        """The discrete parameters' candidates: {name: list}."""
+        return {"stage": list(self.stages), "pooling": list(self.poolings), "views": list(self.views)}
+
+    def varying(self) -> list[str]:
+        """The parameters with more than one possible value, in `PARAMETERS` order."""
+        moving = {"C": self.c_range[0] < self.c_range[1], **{k: len(v) > 1 for k, v in self.values().items()}}
+        return [name for name in PARAMETERS if moving[name]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def round_c(c: float) -> float:
+    """C to 3 significant digits: what trials.csv holds and trials are matched by."""
+    return float(f"{float(c):.3g}")
+
+
+def key(params: dict) -> str:
+    """One trial's identity, e.g. `C=0.1|stage=final|pooling=avg|views=2`."""
+    return (f"C={float(params['C']):.3g}|stage={params['stage']}|pooling={params['pooling']}"
+            f"|views={int(params['views'])}")
+
+
+def pick_method(method: str, space: Space) -> str:
+    """The method to run: `method`, or for `auto` grid (1-2 varying parameters) or random (3+).
+
+    Raises:
+        SettingsError: an unknown method.
+    """
+    if method not in METHODS:
+        raise SettingsError(f"--method must be one of {', '.join(METHODS)}. Received: --method={method!r}")
+    if method != "auto":
+        return method
+    return "grid" if len(space.varying()) <= 2 else "random"
+
+
+def c_grid(space: Space, budget: int, max_points: int) -> list[float]:
+    """Log-spaced C values: 2^k + 1 points (k >= 1, at most `max_points`), the most the budget allows
+    with every combination of the other parameters; 3 when even that does not fit."""
+    low, high = space.c_range
+    if low == high:
+        return [round_c(low)]
+    others = math.prod(len(v) for v in space.values().values())
+    points = 3
+    while 2 * points - 1 <= max_points and (2 * points - 1) * others <= budget:
+        points = 2 * points - 1
+    return [round_c(c) for c in np.logspace(math.log10(low), math.log10(high), points)]
+
+
+def grid_candidates(space: Space, budget: int, seed: int, max_points: int) -> list[dict]:
+    """Every point of the grid (see `c_grid`), in a seeded order; the caller takes the first `budget`."""
+    from sklearn.model_selection import ParameterGrid
+
+    grid = list(ParameterGrid({"C": c_grid(space, budget, max_points), **space.values()}))
+    order = np.random.default_rng(seed).permutation(len(grid))
+    return [_typed(grid[i]) for i in order]
+
+
+def random_candidates(space: Space, budget: int, seed: int) -> list[dict]:
+    """Up to `budget` distinct candidates from `ParameterSampler` (C log-uniform, rounded).
+
+    The stream depends on the seed alone, so the first n candidates are the
+    same for any budget >= n. Fewer than `budget` when the space runs out.
+    """
+    from scipy.stats import loguniform
+    from sklearn.model_selection import ParameterSampler
+
+    low, high = space.c_range
+    if low == high:  # all lists: the sampler draws without replacement; draw the whole grid for a fixed order
+        values = {"C": [round_c(low)], **space.values()}
+        n_iter = math.prod(len(v) for v in values.values())
+    else:
+        values, n_iter = {"C": loguniform(low, high), **space.values()}, 20 * budget + 100
+    chosen: dict[str, dict] = {}
+    for params in ParameterSampler(values, n_iter=n_iter, random_state=seed):
+        params = _typed({**params, "C": round_c(params["C"])})
+        chosen.setdefault(key(params), params)
+        if len(chosen) == budget:
+            break
+    return list(chosen.values())
+
+
+def _typed(params: dict) -> dict:
+    """Plain Python values (numpy scalars out), in `PARAMETERS` order."""
+    return {"C": float(params["C"]), "stage": str(params["stage"]), "pooling": str(params["pooling"]),
+            "views": int(params["views"])}
+
+
+def halving_schedule(n_candidates: int, n_images: int, min_images: int, factor: int) -> list[tuple[int, int]]:
+    """Successive-halving rungs: [(candidates, images)], the last on all `n_images`.
+
+    Candidates shrink by `factor` per rung down to one or more; images grow by
+    `factor` per rung. Rungs that would use fewer than `min_images` are dropped
+    (tiny data: a single rung, i.e. a random search).
+    """
+    rungs = 1 + int(math.floor(math.log(max(n_candidates, 1), factor) + 1e-9))
+    while rungs > 1 and n_images // factor ** (rungs - 1) < min_images:
+        rungs -= 1
+    return [(math.ceil(n_candidates / factor ** r), n_images // factor ** (rungs - 1 - r)) for r in range(rungs)]
+
+
+def subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified subsample of about `n` rows; a smaller n gives a subset of a larger one.
+
+    Each class keeps the first share of its rows in one seeded order (at least 2 rows).
+    """
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        keep.extend(rows[: max(2, int(round(n * len(rows) / len(labels))))])
+    return np.sort(np.array(keep))
+
+
+@dataclass(frozen=True)
+class Folds:
+    """The cross-validation every trial of a search is scored with (the same splits: paired comparisons).
+
+    Attributes:
+        splits: [(train rows, test rows)] into the scored rows.
+        folds: folds per repetition (2 to --cv).
+        repeats: repetitions (1, or more for tiny data).
+    """
+
+    splits: list
+    folds: int
+    repeats: int
+
+    def describe(self) -> str:
+        return f"{self.folds}-fold stratified" + (f", repeated {self.repeats}x" if self.repeats > 1 else "")
+
+
+def cv_folds(labels: np.ndarray, cv: int, repeat_below: int, repeats: int, seed: int) -> Folds:
+    """Stratified K-fold splits of `labels` (int (n,)), repeated with new folds when the smallest class is tiny.
+
+    Raises:
+        FolderError: a class has fewer than 2 rows (nothing to cross-validate).
+    """
+    from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
+
+    smallest = int(np.bincount(labels)[np.unique(labels)].min())
+    folds = min(cv, smallest)
+    if folds < 2:
+        raise FolderError(f"a class has {smallest} image(s) outside the held-out set: cross-validation needs "
+                          "at least 2 per class; add images")
+    if smallest < repeat_below and repeats > 1:
+        splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    else:
+        splitter, repeats = StratifiedKFold(folds, shuffle=True, random_state=seed), 1
+    return Folds(list(splitter.split(np.zeros(len(labels)), labels)), folds, repeats)
+
+
+def best_trial(rows: list[dict]) -> dict | None:
+    """The row with the highest mean score; ties go to the lower std, fewer views, then smaller C (simpler)."""
+    if not rows:
+        return None
+    return max(rows, key=lambda r: (round(r["mean_accuracy"], 6), -round(r["std_accuracy"], 6), -r["views"], -r["C"]))
+
+
+def edge_warnings(best: dict, space: Space, fraction: float) -> list[str]:
+    """Lines for best values within `fraction` of an end of their range, where the range could go further.
+
+    C: either end, on a log scale. views: the top end (0 is a natural floor).
+    stage: the earliest searched stage, when earlier ones exist (`final` is the top).
+    """
+    lines = []
+    low, high = (math.log10(c) for c in space.c_range)
+    where = (math.log10(best["C"]) - low) / (high - low) if high > low else 0.5
+    if where <= fraction or where >= 1 - fraction:
+        end, bound = ("low", space.c_range[0]) if where <= fraction else ("high", space.c_range[1])
+        lines.append(f"the best C ({best['C']:.3g}) lies at the {end} edge of the range searched "
+                     f"({space.c_range[0]:g} to {space.c_range[1]:g}): widen TuneConfig.c_range beyond {bound:g}")
+    top = max(space.views)
+    if top > 0 and best["views"] >= top - fraction * top:
+        lines.append(f"the best number of augmented views ({best['views']}) is the most searched: more views "
+                     "might score higher (raise TuneConfig.max_views)")
+    first = space.stages[0]
+    if len(space.stages) > 1 and str(best["stage"]) == first and first.isdigit() and int(first) > 1:
+        lines.append(f"the best stage ({first}) is the earliest searched: an earlier stage might score higher "
+                     "(raise TuneConfig.stages)")
+    return lines
+
+
+DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)?", re.IGNORECASE)
+SECONDS = {"h": 3600, "m": 60, "s": 1, None: 1}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as `90`, `90s`, `5m`, `1h30m` or `1.5h` (> 0).
+
+    Raises:
+        SettingsError: anything else.
+    """
+    source = str(text).strip()
+    parts = list(DURATION.finditer(source))
+    joined = "".join(m.group(0) for m in parts).replace(" ", "")
+    if not parts or joined != source.replace(" ", "") or (len(parts) > 1 and any(m[2] is None for m in parts)):
+        raise SettingsError(f"--time must be a duration such as 90s, 5m or 1h30m. Received: --time={text!r}")
+    seconds = sum(float(m[1]) * SECONDS[m[2] and m[2].lower()] for m in parts)
+    if seconds <= 0:
+        raise SettingsError(f"--time must be longer than 0 s. Received: --time={text!r}")
+    return seconds
+
+
+def parse_budget(text) -> int:
+    """A trial budget: a whole number >= 1.
+
+    Raises:
+        SettingsError: anything else.
+    """
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SettingsError(f"--budget must be a whole number of trials, at least 1. Received: --budget={text!r}")
+    return value

@@ -1,0 +1,107 @@
+"""Where a linear head's features come from, and the Keras model that computes them from raw pixels.
+
+A source turns a scan into a feature matrix (rows follow the usable images)
+and folds a fitted head into one Keras model on raw RGB (B, S, S, 3) in
+[0, 255], computing the very same features:
+
+- `StageSource`: one or several backbone stages, each average-pooled,
+  concatenated; read through the feature cache (augmented views included);
+- `PixelSource`: the image itself, resized to `side` x `side` and flattened
+  (3 * side**2 features); the baseline a network has to beat on data unlike
+  its pretraining data. Augmented views do not apply: originals only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Features of a scan: float32 (n, d), the n image records in row order."""
+
+    features: np.ndarray
+    records: list
+
+
+@dataclass(frozen=True)
+class StageSource:
+    """Backbone stages (None = the final output), average-pooled and concatenated in this order."""
+
+    layers: tuple
+
+    @property
+    def name(self) -> str:
+        names = ["final stage" if k is None else f"stage {k}" for k in self.layers]
+        return " + ".join(names)
+
+    @property
+    def views_apply(self) -> bool:
+        return True
+
+    def rows(self, ctx, scan, view: int = 0) -> Rows:
+        tables = ctx.features(scan, list(self.layers), view)
+        if any(len(t.records) != len(tables[0].records) for t in tables):
+            raise RuntimeError("feature tables of one scan disagree on their images")
+        return Rows(np.concatenate([t.features for t in tables], axis=1), tables[0].records)
+
+    def model(self, ctx, kernel, bias):
+        from finetune_cli.models.heads import classifier
+        from finetune_cli.models.stages import select_layer
+
+        backbone = ctx.backbone.model
+        return classifier(backbone, [select_layer(backbone, k) for k in self.layers], len(ctx.classes),
+                          kernel=kernel, bias=bias)
+
+
+@dataclass(frozen=True)
+class PixelSource:
+    """Raw pixels at `side` x `side` RGB, in [0, 255]."""
+
+    side: int
+
+    @property
+    def name(self) -> str:
+        return f"raw pixels {self.side}x{self.side}"
+
+    @property
+    def views_apply(self) -> bool:
+        return False
+
+    def rows(self, ctx, scan, view: int = 0) -> Rows:
+        from finetune_cli.data.pipeline import batched_images
+
+        flatten = self._features_model(ctx.backbone.ref.image_size)
+        parts, records = [], []
+        batches = batched_images(scan.paths(), ctx.backbone.ref.image_size, ctx.batch_size, ctx.config)
+        start = 0
+        for images, ok in batches:
+            ok = ok.numpy()
+            parts.append(flatten(images, training=False).numpy()[ok])
+            records += [r for r, good in zip(scan.images[start:start + len(ok)], ok) if good]
+            start += len(ok)
+        return Rows(np.concatenate(parts).astype(np.float32), records)
+
+    def _features_model(self, size: int):
+        from finetune_cli.tfquiet import import_keras
+
+        keras = import_keras()
+        inputs = keras.Input((size, size, 3), name="image")
+        return keras.Model(inputs, self._pixels(keras, inputs))
+
+    def _pixels(self, keras, x):
+        x = keras.layers.Resizing(self.side, self.side, name="pixels_resize")(x)
+        return keras.layers.Flatten(name="pixels")(x)
+
+    def model(self, ctx, kernel, bias):
+        from finetune_cli.tfquiet import import_keras
+
+        keras = import_keras()
+        size = ctx.backbone.ref.image_size
+        inputs = keras.Input((size, size, 3), name="image")
+        dense = keras.layers.Dense(len(ctx.classes), activation="softmax", name="classifier")
+        outputs = dense(self._pixels(keras, inputs))
+        dense.set_weights([kernel, bias])
+        return keras.Model(inputs, outputs, name="finetune_pixel_classifier")
