@@ -51,8 +51,11 @@ def test_linear_search_writes_everything_resumes_and_train_takes_best_toml(shape
     best = recipes.load(str(out / "best.toml"))[0]
     assert (best.strategy, best.feature_views) == ("linear", resumed["best"]["views"])
     assert best.feature_stage == resumed["best"]["stage"]
+    assert (best.pooling, best.linear_c) == (resumed["best"]["pooling"], resumed["best"]["C"])
     metrics = api.train(shapes, str(tiny_base), out=tmp_path / "run", image_size=32, recipe=str(out / "best.toml"))
     assert metrics["recipe"] == "linear-tuned" and metrics["n_val"] == estimate["n_images"]
+    assert metrics["C"] == resumed["best"]["C"]  # train runs the configuration that was searched and estimated
+    assert metrics["val_accuracy"] == pytest.approx(resumed["estimate"]["accuracy"])
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())["plan"]
     assert plan["feature_views"] == best.feature_views and plan["feature_stage"] == best.feature_stage
 

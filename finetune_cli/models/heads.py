@@ -6,11 +6,11 @@ from finetune_cli.tfquiet import import_keras
 
 
 def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, dropout: float = 0.0,
-               l2: float = 0.0, kernel=None, bias=None):
+               l2: float = 0.0, kernel=None, bias=None, pooling: str = "avg"):
     """raw RGB (B, S, S, 3) in [0, 255] -> class probabilities (B, n_classes).
 
-    Global average pooling of `layer_name`'s output (of several layers' outputs,
-    concatenated in order), dropout, and a softmax Dense layer named
+    Global average (or, with `pooling="max"`, max) pooling of `layer_name`'s
+    output (of several layers' outputs, concatenated in order), dropout, and a softmax Dense layer named
     `classifier` (Glorot-uniform init, or `kernel` (d, k) and `bias` (k,) when
     given, e.g. from the linear head).
     """
@@ -20,7 +20,8 @@ def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, d
     for i, name in enumerate(names):
         x = backbone_model.get_layer(name).output
         if len(x.shape) == 4:
-            x = keras.layers.GlobalAveragePooling2D(name="head_pool" + (f"_{i}" if i else ""))(x)
+            pool = keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
+            x = pool(name="head_pool" + (f"_{i}" if i else ""))(x)
         pooled.append(x)
     x = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="head_concat")(pooled)
     if dropout:

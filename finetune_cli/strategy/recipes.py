@@ -36,6 +36,11 @@ class Recipe:
         description: one line for users.
         feature_stage: linear only: `final`, `best` (cross-validated over
             stages) or a stage index (1 = earliest).
+        pooling: linear only: how a stage's map becomes a vector, `avg` or
+            `max` over its spatial axes.
+        linear_c: linear only: the logistic regression's inverse
+            regularisation strength C, > 0; 0 chooses C by cross-validation
+            over `LinearConfig.c_grid`.
         feature_views: augmented views (flip, crop 70-100 %) per training
             image, 0-16, cached once: of its frozen features (linear) or of
             its frozen-prefix activations (fine-tuning that leaves the lower
@@ -64,6 +69,8 @@ class Recipe:
     description: str = ""
     feature_stage: str = "final"
     feature_views: int = 0
+    pooling: str = "avg"
+    linear_c: float = 0.0
     augmentation: str = "none"
     unfreeze_stages: int = 2
     top_stages: int = 2
@@ -90,6 +97,8 @@ _CHECKS = {
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
     "feature_stage": (lambda v: v in ("final", "best") or str(v).lstrip("-").isdigit(), "'final', 'best' or a stage index"),
     "feature_views": (lambda v: 0 <= v <= 16, "between 0 and 16"),
+    "pooling": (lambda v: v in ("avg", "max"), "'avg' or 'max'"),
+    "linear_c": (lambda v: 0 <= v < float("inf"), "0 (cross-validated) or a positive number"),
     "unfreeze_stages": (lambda v: v >= 0, ">= 0"),
     "top_stages": (lambda v: v >= 0, ">= 0"),
     "learning_rate": (lambda v: 0 < v < float("inf"), "a positive number"),

@@ -83,8 +83,8 @@ def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: 
         accuracy = _cv_path(features, labels, groups, folds, weight, seed, config)
         scores = [{"C": c, "cv_accuracy": float(a)} for c, a in accuracy.items()]
         best = max(scores, key=lambda s: (round(s["cv_accuracy"], 6), -s["C"]))["C"]
-    else:
-        best = 0.1
+    else:  # too few images to fold: the one C given, else a moderate one
+        best = config.c_grid[0] if len(config.c_grid) == 1 else 0.1
     scaler = StandardScaler().fit(features)
     model = LogisticRegression(C=best, max_iter=1000, tol=config.tol, class_weight=weight).fit(scaler.transform(features), labels)
     return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores)
@@ -128,7 +128,7 @@ def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool):
+def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe=None):
     """Logistic regression on cached features of the plan's stage, folded into a Keras model.
 
     With `feature_stage = "best"` (small data unlike the pretraining data),
@@ -139,18 +139,20 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool):
     Args:
         ctx: the run's `train.context.Context`.
         similarity: the evidence (its `best_stage` is a candidate).
+        recipe: its `pooling` and `linear_c` (0: C by cross-validation); None: the defaults.
 
     Returns:
         A `TrainResult`; history is one row per C tried.
     """
     from finetune_cli.train.context import TrainResult
 
-    sources = candidate_sources(plan, similarity, n_stages, ctx.config)
+    pooling, c = (recipe.pooling, recipe.linear_c) if recipe is not None else ("avg", 0.0)
+    sources = candidate_sources(plan, similarity, n_stages, pooling)
     if len(sources) > 1:  # one backbone pass per view fills the cache for every stage candidate
         stages = sorted({k for s in sources for k in getattr(s, "layers", ())}, key=lambda k: k or n_stages + 1)
         for view in range(plan.feature_views + 1):
-            ctx.features(ctx.train, stages, view)
-    fits = [_fit_source(ctx, source, plan.feature_views, balanced) for source in sources]
+            ctx.features(ctx.train, stages, view, pooling=pooling)
+    fits = [_fit_source(ctx, source, plan.feature_views, balanced, c) for source in sources]
     cv = [f[1].best_cv if np.isfinite(f[1].best_cv) else -1.0 for f in fits]
     best = max(range(len(fits)), key=lambda i: (round(cv[i], 6), -i))
     source, head, (x, y) = sources[best], fits[best][1], fits[best][2]
@@ -175,7 +177,7 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool):
                        metrics, score)
 
 
-def candidate_sources(plan, similarity, n_stages: int, config=None) -> list:
+def candidate_sources(plan, similarity, n_stages: int, pooling: str = "avg") -> list:
     """The feature sources a plan considers: its one stage, or (feature_stage "best") the stage the
     similarity probe found best (every probed stage when the verdict was forced and nothing was probed),
     the probed stages concatenated, and raw pixels."""
@@ -186,20 +188,25 @@ def candidate_sources(plan, similarity, n_stages: int, config=None) -> list:
     stage = plan.feature_stage
     if stage != "best":
         layer = None if stage == "final" or int(stage) == n_stages else int(stage)
-        return [StageSource((layer,))]
+        return [StageSource((layer,), pooling)]
     probed = tuple(probe_layers(n_stages))
     best = None if similarity.best_stage in (None, n_stages) else similarity.best_stage
     measured = bool(similarity.stage_accuracy) and best in probed
     # the probe already compared the single stages; without its evidence (a forced verdict), compare them here
     ordered = (best,) if measured else probed
-    sources = [StageSource((k,)) for k in ordered]
+    sources = [StageSource((k,), pooling) for k in ordered]
     if len(probed) > 1:
-        sources.append(StageSource(probed))
+        sources.append(StageSource(probed, pooling))
     return sources + [PixelSource(LINEAR.pixel_side)]
 
 
-def _fit_source(ctx, source, views: int, balanced: bool):
-    """(source, fitted head, (x, y)) on the training images' features of `source`, views included."""
+def _fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):
+    """(source, fitted head, (x, y)) on the training images' features of `source`, views included;
+    C fixed at `c` when > 0, else cross-validated."""
+    import dataclasses
+
+    from finetune_cli.config import LINEAR
+
     ctx.reporter.on_phase(f"features: {source.name}" + (f", {views} augmented views" if views and source.views_apply
                                                           else ""))
     parts = [source.rows(ctx, ctx.train, view) for view in range(views + 1 if source.views_apply else 1)]
@@ -207,8 +214,9 @@ def _fit_source(ctx, source, views: int, balanced: bool):
     y = np.concatenate([ctx.labels(p.records) for p in parts])
     groups = np.concatenate([[r.digest for r in p.records] for p in parts])
     ctx.reporter.on_phase(f"fitting the linear head on {source.name} features (cross-validated C)")
+    config = dataclasses.replace(LINEAR, c_grid=(c,)) if c > 0 else LINEAR
     head = fit_linear(x, y, len(ctx.classes), groups=np.unique(groups, return_inverse=True)[1],
-                      balanced=balanced, seed=ctx.seed)
+                      balanced=balanced, seed=ctx.seed, config=config)
     return source, head, (x, y)
 
 

@@ -173,7 +173,7 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
 
     balanced = is_balanced(ctx, profile)
     if plan.strategy == "linear":
-        return fit_linear_plan(ctx, plan, evidence, n_stages(ctx), balanced)
+        return fit_linear_plan(ctx, plan, evidence, n_stages(ctx), balanced, recipe)
     return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings)
 
 

@@ -4,7 +4,7 @@ A source turns a scan into a feature matrix (rows follow the usable images)
 and folds a fitted head into one Keras model on raw RGB (B, S, S, 3) in
 [0, 255], computing the very same features:
 
-- `StageSource`: one or several backbone stages, each average-pooled,
+- `StageSource`: one or several backbone stages, each average- (or max-)pooled,
   concatenated; read through the feature cache (augmented views included);
 - `PixelSource`: the image itself, resized to `side` x `side` and flattened
   (3 * side**2 features); the baseline a network has to beat on data unlike
@@ -28,21 +28,22 @@ class Rows:
 
 @dataclass(frozen=True)
 class StageSource:
-    """Backbone stages (None = the final output), average-pooled and concatenated in this order."""
+    """Backbone stages (None = the final output), pooled (`avg` or `max`) and concatenated in this order."""
 
     layers: tuple
+    pooling: str = "avg"
 
     @property
     def name(self) -> str:
         names = ["final stage" if k is None else f"stage {k}" for k in self.layers]
-        return " + ".join(names)
+        return " + ".join(names) + (", max-pooled" if self.pooling == "max" else "")
 
     @property
     def views_apply(self) -> bool:
         return True
 
     def rows(self, ctx, scan, view: int = 0) -> Rows:
-        tables = ctx.features(scan, list(self.layers), view)
+        tables = ctx.features(scan, list(self.layers), view, pooling=self.pooling)
         if any(len(t.records) != len(tables[0].records) for t in tables):
             raise RuntimeError("feature tables of one scan disagree on their images")
         return Rows(np.concatenate([t.features for t in tables], axis=1), tables[0].records)
@@ -53,7 +54,7 @@ class StageSource:
 
         backbone = ctx.backbone.model
         return classifier(backbone, [select_layer(backbone, k) for k in self.layers], len(ctx.classes),
-                          kernel=kernel, bias=bias)
+                          kernel=kernel, bias=bias, pooling=self.pooling)
 
 
 @dataclass(frozen=True)

@@ -346,13 +346,10 @@ def finish(folder: TuneFolder, searcher: Searcher, space: walk.Space, recipe, no
         raise SettingsError("no trial finished within --time: give more time (e.g. --time 5m)")
     best = {k: best[k] for k in ("trial", *walk.PARAMETERS, "n_images", "mean_accuracy", "std_accuracy", "n_splits")}
     estimate = held_out_estimate(searcher, best)
-    untaken = f"C = {best['C']:.3g} and pooling = \"{best['pooling']}\""
     header = [f"finetune tune: best of {len(full)} trials on {facts['folder']} (base {facts['base']}), "
               f"cross-validated accuracy {best['mean_accuracy']:.3f} +/- {best['std_accuracy']:.3f}",
               f"honest estimate ({estimate['kind']}): accuracy {estimate['accuracy']:.3f} on {estimate['n_images']} "
-              "images the search never saw",
-              f"searched best {untaken}: not recipe fields; train's linear head picks C by its own cross-validation "
-              f"over {list(LINEAR.c_grid)} and pools by average"]
+              "images the search never saw"]
     folder.write_text("best.toml", best_recipe_text(recipe, best, header))
     folder.save_figure("search.png", search_figure(full, best, space))
     ranked = sorted(full, key=lambda r: (-r["mean_accuracy"], r["std_accuracy"]))
@@ -360,8 +357,7 @@ def finish(folder: TuneFolder, searcher: Searcher, space: walk.Space, recipe, no
                "cv": searcher.folds.describe(), "n_searched": searcher.n_full,
                "n_held_out": len(searcher.bank.held_out),
                "trials": {"total": len(log.rows), "new": len(log.rows) - log.n_old, "earlier": log.n_old},
-               "best": best, "estimate": estimate, "carried_by_recipe": ["feature_stage", "feature_views"],
-               "not_carried": {"C": best["C"], "pooling": best["pooling"]},
+               "best": best, "estimate": estimate, "carried_by_recipe": ["feature_stage", "feature_views", "pooling", "linear_c"],
                "warnings": walk.edge_warnings(best, space, settings.edge_fraction), "notes": notes,
                "leaderboard": ranked[: settings.top],
                "train_command": f"{facts['train_command']} --recipe {quote(str(folder.file('best.toml')))}",

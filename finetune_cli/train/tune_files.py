@@ -130,17 +130,14 @@ def toml_value(value) -> str:
 
 
 def best_recipe_text(base: recipe_files.Recipe, best: dict, header: list[str]) -> str:
-    """best.toml: `base`'s fields with the best feature stage and views; checked with `recipes.parse`.
-
-    C and pooling are not recipe fields (train's linear head picks C by its
-    own cross-validation and pools by average): `header` comment lines say so.
-    """
+    """best.toml: `base`'s fields with the best feature stage, views, pooling and C; checked with `recipes.parse`."""
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
               if getattr(base, f.name) != f.default}
     fields.update(name=f"{base.name}-tuned", strategy="linear", feature_stage=str(best["stage"]),
-                  feature_views=int(best["views"]),
+                  feature_views=int(best["views"]), pooling=str(best["pooling"]), linear_c=float(best["C"]),
                   description=f"tuned by `finetune tune` from recipe '{base.name}': features of stage "
-                              f"{best['stage']}, {best['views']} augmented view(s) per image")
+                              f"{best['stage']}, {best['pooling']}-pooled, {best['views']} augmented view(s) "
+                              f"per image, C {best['C']:g}")
     order = [f.name for f in dataclasses.fields(base)]
     lines = [f"# {line}" for line in header]
     lines += [f"{name} = {toml_value(fields[name])}" for name in order if name in fields]
