@@ -12,6 +12,7 @@ from pathlib import Path
 from finetune_cli.config import FEATURES, PRETRAIN, SCAN, TRAIN, PretrainConfig, ScanConfig, TrainConfig
 from finetune_cli.config import TUNE, TuneConfig
 from finetune_cli.config import LR_FIND, LrFindConfig
+from finetune_cli.config import PREDICT
 from finetune_cli.data.scan import Progress, scan_folder
 from finetune_cli.reporter import QUIET, Reporter
 
@@ -333,21 +334,33 @@ def checked_pretrain_config(config: PretrainConfig) -> PretrainConfig:
     return config
 
 
-def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False):
+def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
+            tta: int | str = PREDICT.tta):
     """(frame of predictions, skipped files) for image files and folders; see `predict.predict`.
 
     `out`: also write the frame there as CSV (refused if it exists, unless `overwrite`).
+    `tta`: test-time augmentation, the probabilities averaged over this many
+    deterministic views per image (1-16, or its text; 1 is off); the frame's `tta` column records it.
+
+    Raises:
+        OutputError, ModelFileError, FolderError, SettingsError (tta out of range).
     """
     from finetune_cli import predict as predicting
 
-    return predicting.predict(inputs, model, top_k=top_k, out=out, overwrite=overwrite)
+    return predicting.predict(inputs, model, top_k=top_k, out=out, overwrite=overwrite, tta=tta)
 
 
-def evaluate(root, model) -> dict:
-    """Accuracy, per-class metrics and confusion matrix of a run on a labelled folder."""
+def evaluate(root, model, *, tta: int | str = PREDICT.tta) -> dict:
+    """Accuracy, ECE and NLL, per-class metrics and confusion matrix of a run on a labelled folder.
+
+    `tta`: as for `predict` (1-16), recorded as result["tta"].
+
+    Raises:
+        FolderError, ModelFileError, SettingsError (tta out of range).
+    """
     from finetune_cli import predict as predicting
 
-    return predicting.evaluate(root, model)
+    return predicting.evaluate(root, model, tta=tta)
 
 
 def diagnose(run: str | os.PathLike) -> dict:
@@ -388,24 +401,29 @@ def tune(
     train_settings: TrainConfig = TRAIN,
     reporter: Reporter = QUIET,
 ) -> dict:
-    """Search a linear plan's hyper-parameters (C, feature stage, pooling, augmented views) on cached features.
+    """Search a plan's hyper-parameters: a linear plan's (C, feature stage, pooling, augmented views) on cached
+    features, or a fine-tuning plan's (learning rate, top_lr_factor, dropout, l2, unfrozen stages, epochs).
 
-    Trials are scored by one stratified cross-validation (repeated for tiny
-    classes) on the training split; the best is refitted and scored once on
-    the held-out split the search never saw (the images `train --seed seed`
-    validates on): summary["estimate"]. Methods: `train.search`; steps: `train.tune`.
+    Linear trials are scored by one stratified cross-validation (repeated for tiny classes) on the training
+    split; fine-tuning trials (successive halving over epochs, `train.tune_finetune`) by their validation
+    cross-entropy on one stratified split of it. The best is trained again and scored once on the held-out
+    split the search never saw (the images `train --seed seed` validates on): summary["estimate"].
+    Methods: `train.search`; steps: `train.tune`.
 
     Args:
         out: a new search folder, or an earlier search's to continue (only new
             trials run); None: a new `runs/<folder name>-tune-<N>`.
-        method: auto (grid for 1-2 varying parameters, random from 3), grid, random or halving.
+        method: auto (grid for 1-2 varying parameters, random from 3; fine-tuning: halving), grid (linear
+            only), random or halving.
         budget: trials at most (halving: first-rung candidates); None: `settings.budget`,
-            or with `time_limit` alone `settings.max_trials`.
+            or with `time_limit` alone `settings.max_trials`; fine-tuning: `settings.finetune_budget`.
         time_limit: seconds after which no new trial starts.
         cv: folds (2-100; fewer when a class has fewer images).
-        recipe: the linear recipe to start from; None: `linear` for a small
-            folder. Fine-tuning plans are refused: only linear plans are searched yet.
-        settings: the space and defaults (`config.TuneConfig`); train_settings: its val_fraction.
+        recipe: the recipe whose plan is searched (linear, trouble, partial,
+            partial-2, full or a .toml file); None: `linear` for a small folder,
+            for a large one the recipe `train` would decide (a fine-tuning one).
+        settings: the space and defaults (`config.TuneConfig`); train_settings: its val_fraction
+            (and for fine-tuning trials its retries and activation cache).
 
     Returns:
         The summary (also out/summary.json): best, estimate (held-out accuracy,

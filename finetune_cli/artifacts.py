@@ -5,9 +5,10 @@
     plan.json        the plan and the evidence it was decided from
     recipe.toml      the recipe used, verbatim
     history.csv      per-epoch (or per-C) training history
-    metrics.json     strategy, similarity, size category, accuracies, timings
+    metrics.json     strategy, similarity, size category, accuracies, calibration, timings
     curves.png       loss / accuracy per epoch (or CV accuracy per C)
     confusion.png    validation confusion matrix
+    reliability.png  reliability diagram of the validation images, before and after calibration
     skipped.csv      files not used, with reasons
     checkpoint.keras, state.json   the last completed fine-tuning epoch (for --resume)
     best.weights.h5  the weights of the best epoch so far (for --resume)
@@ -195,6 +196,9 @@ def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts
     run.write_frame("history.csv", pd.DataFrame(result.history))
     run.save_figure("curves.png", curves_figure(result.history))
     run.save_figure("confusion.png", confusion_figure(matrix, classes))
+    if result.calibration is not None:
+        run.save_figure("reliability.png", reliability_figure(result.calibration))
+        facts = {**facts, "calibration": result.calibration.facts()}
     metrics = {**facts, "val_accuracy": float(np.mean(probs.argmax(1) == labels)), "classes": classes,
                "learning_rates": result.plan.learning_rates, "notes": result.notes, "timings_s": timings()}
     run.write_json("metrics.json", metrics)
@@ -281,6 +285,40 @@ def lr_figure(rates, losses, smoothed, marks: dict, spread: float | None = None)
     title = "learning-rate sweep" + (f": suggestions disagree by {spread:.0f}x" if spread else "")
     axis.set(xlabel="learning rate (head)", ylabel="training loss", title=title)
     axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def reliability_figure(calibration):
+    """Reliability diagrams of the validation images, before and after temperature scaling.
+
+    Args:
+        calibration: a `calibration.Calibration` (before, after (n, k); labels (n,); bins).
+
+    Each panel: accuracy per equal-width confidence bin (bars; the count of
+    images above each), the diagonal of perfect calibration, and the ECE.
+    """
+    from finetune_cli.calibration import ece, reliability
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    after = f"after (T = {calibration.temperature:.3g})" if calibration.applied else "after (not applied)"
+    for axis, (title, probs) in zip(axes, (("before", calibration.before), (after, calibration.after))):
+        table = reliability(probs, calibration.labels, calibration.bins)
+        edges, filled = table["edges"], table["count"] > 0
+        width = edges[1] - edges[0]
+        axis.bar(edges[:-1][filled], table["accuracy"][filled], width=width, align="edge", edgecolor="k",
+                 label="accuracy")
+        axis.plot(table["confidence"][filled], table["confidence"][filled], "o", color="C3", markersize=4,
+                  label="mean confidence")
+        for left, top, n in zip(edges[:-1][filled], table["accuracy"][filled], table["count"][filled]):
+            axis.text(left + width / 2, top + 0.01, str(n), ha="center", va="bottom", fontsize=7)
+        axis.plot([0, 1], [0, 1], "--", color="0.5", linewidth=1)
+        score = ece(probs, calibration.labels, calibration.bins)
+        axis.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (top probability)",
+                 title=f"{title}: ECE {score:.1%}")
+    axes[0].set_ylabel(f"accuracy ({len(calibration.labels)} validation images)")
+    axes[0].legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
 

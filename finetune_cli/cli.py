@@ -8,6 +8,7 @@ module imports neither TensorFlow nor scikit-learn nor pandas.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -19,6 +20,7 @@ from rich.console import Console
 from finetune_cli import __version__, api, report
 from finetune_cli.config import DEFAULT_BASE, FEATURES, IMAGE_SIZE_RANGE, LR_FIND, PRETRAIN, RUNS_DIR
 from finetune_cli.config import TUNE
+from finetune_cli.config import PREDICT, TRAIN
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import registry
 from finetune_cli.strategy import recipes
@@ -88,6 +90,9 @@ size_option = click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE
                                 "native size; a model file with a fixed input needs that size.")
 model_option = click.option("--model", "model_dir", required=True, type=str,
                             help=f"A run folder from `finetune train`, or `last` (the newest under {RUNS_DIR}/).")
+tta_option = click.option("--tta", default=PREDICT.tta, show_default=True, metavar="K", type=str,
+                          help=f"Test-time augmentation: average the probabilities of K deterministic views per "
+                               f"image (the image, then flips and crops), 1 to {PREDICT.max_tta}; 1 is off.")
 
 
 def base_options(default: str | None):
@@ -261,6 +266,8 @@ def cache_clear(cache_dir):
               help="Fine-tuning: the head's learning rate, or auto (the `lr-find` sweep first, its valley "
                    "suggestion); the other stages keep their ratio to it. [default: the recipe's]")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@click.option("--no-calibrate", is_flag=True,
+              help="Keep the trained probabilities: no temperature scaling on the validation images.")
 @cache_options
 @click.option("--unlabeled", type=click.Path(file_okay=False), default=None,
               help="Pretrain a denoising autoencoder on these unlabeled images first (from --base's early stages "
@@ -269,7 +276,7 @@ def cache_clear(cache_dir):
 @handle_errors
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, seed, resume,
           batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy,
-          lr):
+          lr, no_calibrate):
     """Decide how to reuse the base, train, and write a run folder."""
     given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
     if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
@@ -286,6 +293,7 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
             unlabeled=unlabeled, pretrain_settings=api.pretrain_config(**given) if unlabeled else None,
             greedy=greedy, reporter=report.RichReporter(console, progress), lr=lr,
+            settings=dataclasses.replace(TRAIN, calibrate=False) if no_calibrate else TRAIN,
         )
     report.metrics_summary(Console(), metrics, metrics.get("run_folder", out))
 
@@ -344,12 +352,13 @@ def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a CSV here instead of printing.")
 @overwrite_option
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True)
+@tta_option
 @handle_errors
-def predict(inputs, model_dir, out, overwrite, top_k):
+def predict(inputs, model_dir, out, overwrite, top_k, tta):
     """Predict the class of image files and folders."""
     from finetune_cli.files import shown
 
-    frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite)
+    frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite, tta=tta)
     for item in skipped:
         click.echo(f"skipped {shown(item.path)}: {shown(item.reason)}", err=True)
     if out:
@@ -362,15 +371,18 @@ def predict(inputs, model_dir, out, overwrite, top_k):
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
 @model_option
 @json_option
+@tta_option
 @handle_errors
-def evaluate(folder, model_dir, as_json):
-    """Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder."""
-    result = api.evaluate(folder, model_dir)
+def evaluate(folder, model_dir, as_json, tta):
+    """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and confusion matrix on a labelled folder."""
+    result = api.evaluate(folder, model_dir, tta=tta)
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
     console = Console()
-    console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] on {result['n_images']} images")
+    views = f" (mean of {result['tta']} views per image)" if result["tta"] > 1 else ""
+    console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] on {result['n_images']} images{views}; "
+                  f"ECE {result['ece']:.1%} ({TRAIN.ece_bins} bins), NLL {result['nll']:.3f}", highlight=False)
     report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
 
 
@@ -394,28 +406,30 @@ def diagnose(run: str, as_json: bool) -> None:
               help=f"Search folder: new, or an earlier search's to continue it (done trials are skipped). "
                    f"[default: a new {RUNS_DIR}/FOLDER-tune-N]")
 @click.option("--method", default=TUNE.method, show_default=True,
-              help="auto (grid for 1-2 varying parameters, random from 3), grid, random, or halving "
-                   "(successive halving over images).")
+              help="auto (grid for 1-2 varying parameters, random from 3; fine-tuning: halving), grid, random, or "
+                   "halving (successive halving: over images; for a fine-tuning plan over epochs).")
 @click.option("--budget", default=None, metavar="N",
               help=f"Trials at most (halving: candidates of the first rung). [default: {TUNE.budget}, or with "
-                   f"--time alone {TUNE.max_trials}]")
+                   f"--time alone {TUNE.max_trials}; fine-tuning: {TUNE.finetune_budget}]")
 @click.option("--time", "time_limit", default=None, metavar="DURATION",
               help="Start no trial after this long, e.g. 90s, 5m, 1h (rerun with the same --out to continue).")
 @click.option("--cv", type=int, default=TUNE.cv, show_default=True,
-              help="Cross-validation folds (stratified; repeated when a class has under "
-                   f"{TUNE.repeat_below} searched images).")
+              help="Cross-validation folds of a linear search (stratified; repeated when a class has under "
+                   f"{TUNE.repeat_below} searched images). Fine-tuning trials are scored on one split.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the held-out split (that of `train --seed`), the folds and the sampling.")
-@click.option("--recipe", default=None, help="The linear recipe to start from (linear, trouble or a .toml file). "
-                                             "[default: linear; fine-tuning plans are not searched yet]")
+@click.option("--recipe", default=None, help="The recipe whose plan is searched: linear or trouble (a linear head), "
+                                             "partial, partial-2 or full (fine-tuning), or a .toml file. [default: "
+                                             "linear for a small folder; for a large one the plan train decides]")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @cache_options
 @json_option
 @handle_errors
 def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv, seed, recipe, batch_size, cache_dir,
          no_cache, as_json):
-    """Search a linear head's C, feature stage, pooling and augmented views on cached features, cross-validated;
-    score the best once on held-out images; write trials.csv, best.toml (for train --recipe), search.png."""
+    """Search a linear head's C, feature stage, pooling and augmented views on cached features, cross-validated,
+    or a fine-tuning plan's rates, dropout, l2, unfrozen stages and epochs by successive halving; score the best
+    once on held-out images; write trials.csv, best.toml (for train --recipe), search.png."""
     from finetune_cli.train.search import parse_budget, parse_duration
 
     budget = parse_budget(budget) if budget is not None else None

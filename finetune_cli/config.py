@@ -92,6 +92,22 @@ class FeatureConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    """How `predict` and `evaluate` run a trained model.
+
+    Attributes:
+        tta: test-time augmentation: the probabilities averaged over this many
+            deterministic views of each image (view 0 the image itself, then
+            the feature cache's augmented views: flips and crops of 70-100 %
+            of the area, `data.pipeline.augmented_view`); 1 is off.
+        max_tta: the most views `--tta` takes (each costs one forward pass).
+    """
+
+    tta: int = 1
+    max_tta: int = 16
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """Denoising-autoencoder pretraining on unlabeled images (`finetune pretrain`).
 
@@ -178,6 +194,16 @@ class TrainConfig:
         compare_interval: the two-sided interval (0-1) of that accuracy
             difference; when it spans 0 the accuracies are within noise and
             the validation cross-entropy decides.
+        calibrate: after training (and after that comparison), fit one
+            temperature T on the validation images and fold it into the
+            saved model (`train.calibrate`, temperature scaling, Guo et al.
+            2017); False saves the model's probabilities as trained.
+        ece_bins: equal-width confidence bins of the expected calibration
+            error, in metrics.json and reliability.png; `evaluate` uses the
+            same number, so its `ece` compares with the run's. 15 as in Guo et al.
+        temperature_range: (lowest, highest) T searched (log scale); a fit on
+            either edge means the validation images do not pin T down (e.g.
+            no errors among them) and the model is left uncalibrated.
     """
 
     val_fraction: float = 0.2
@@ -189,6 +215,9 @@ class TrainConfig:
     keep_better: bool = True
     compare_resamples: int = 2000
     compare_interval: float = 0.9
+    calibrate: bool = True
+    ece_bins: int = 15
+    temperature_range: tuple[float, float] = (0.05, 20.0)
 
 
 @dataclass(frozen=True)
@@ -231,10 +260,13 @@ class SimilarityConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Hyper-parameter search of a linear plan (`finetune tune`), on cached frozen features.
+    """Hyper-parameter search (`finetune tune`): of a linear plan on cached frozen features, or of a
+    fine-tuning plan by successive halving over epochs (the fields marked fine-tuning).
 
     The held-out images of the honest estimate are those `train` validates on
     with the same --seed: a stratified `TrainConfig.val_fraction` of the folder.
+    Fine-tuning trials are scored on a further stratified `val_fraction` of
+    the searched images (one split: cross-validating fine-tuning costs k runs).
 
     Attributes:
         method: `auto` (a log-grid when one or two parameters vary, random
@@ -262,6 +294,19 @@ class TuneConfig:
         edge_fraction: a best value within this fraction (0-0.5) of either end
             of its range (log scale for C) is reported as lying on the edge.
         top: trials shown in the leaderboard.
+        lr_range: fine-tuning: (low, high) head learning rates searched,
+            log-uniform; the shipped recipes' 1e-3 sits in the middle.
+        top_lr_factors: fine-tuning: candidates for the top stages' rate as a
+            fraction of the head's, each in (0, 1].
+        dropouts: fine-tuning: candidates for the dropout before the head, each in [0, 1).
+        l2s: fine-tuning: candidates for the L2 penalty on the head's kernel, each >= 0.
+        max_unfreeze: fine-tuning: the top stages trained are searched over
+            1..this (0: 1..every stage of the backbone).
+        first_epochs: fine-tuning: epochs of the first halving rung (>= 1).
+        max_epochs: fine-tuning: epochs of the last rung at most; 0: the recipe's `epochs`.
+        finetune_budget: fine-tuning: candidates of the first rung when no --budget is given.
+        epoch_factor: fine-tuning: halving keeps 1/factor of the candidates
+            per rung and trains them for factor x the epochs (>= 2).
     """
 
     method: str = "auto"
@@ -278,6 +323,15 @@ class TuneConfig:
     halving_factor: int = 3
     edge_fraction: float = 0.1
     top: int = 10
+    lr_range: tuple[float, float] = (1e-4, 1e-2)
+    top_lr_factors: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    dropouts: tuple[float, ...] = (0.0, 0.2, 0.4)
+    l2s: tuple[float, ...] = (0.0, 1e-4, 1e-3)
+    max_unfreeze: int = 0
+    first_epochs: int = 1
+    max_epochs: int = 0
+    finetune_budget: int = 9
+    epoch_factor: int = 3
 
 
 @dataclass(frozen=True)
@@ -389,3 +443,4 @@ SIMILARITY = SimilarityConfig()
 TUNE = TuneConfig()
 LR_FIND = LrFindConfig()
 DIAGNOSE = DiagnoseConfig()
+PREDICT = PredictConfig()

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune_cli.config import SCAN, ScanConfig
+from finetune_cli.calibration import ece, nll
+from finetune_cli.config import PREDICT, SCAN, TRAIN, ScanConfig
 from finetune_cli.data.scan import ImageRecord, Scan, Skipped, _probe, scan_folder
-from finetune_cli.errors import FolderError
+from finetune_cli.errors import FolderError, SettingsError
 from finetune_cli.files import check_output_file, shown, writing
 from finetune_cli.run import Run
 
@@ -49,24 +50,51 @@ def collect(inputs, config: ScanConfig = SCAN) -> Scan:
     return Scan(Path("/"), False, (), tuple(records), tuple(skipped))
 
 
-def probabilities(model, scan: Scan, size: int, batch_size: int = 32, config: ScanConfig = SCAN) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities (n, k), ok (n,)) for the images of `scan`, in order."""
+def probabilities(model, scan: Scan, size: int, batch_size: int = 32, config: ScanConfig = SCAN,
+                  tta: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (n, k), ok (n,)) for the images of `scan`, in order.
+
+    With `tta` K > 1 (test-time augmentation), the mean of the probabilities
+    of views 0..K-1 of each image: view 0 is the image itself, the others the
+    deterministic flips and crops of `data.pipeline.augmented_view` (the views
+    the feature cache trains on). ok: the image was read in every view.
+    """
     import tensorflow as tf
 
     from finetune_cli.data.pipeline import batched_images, image_spec
 
     forward = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), input_signature=[image_spec(size)])
-    probs, oks = [], []
-    for images, ok in batched_images(scan.paths(), size, batch_size, config):
-        probs.append(forward(images).numpy())
-        oks.append(ok.numpy())
-    return np.concatenate(probs), np.concatenate(oks)
+    views, oks = [], []
+    for view in range(tta):
+        batches = [(forward(images).numpy(), ok.numpy())
+                   for images, ok in batched_images(scan.paths(), size, batch_size, config, view=view)]
+        views.append(np.concatenate([b[0] for b in batches]))
+        oks.append(np.concatenate([b[1] for b in batches]))
+    return (views[0] if tta == 1 else np.mean(views, axis=0, dtype=np.float64).astype(np.float32)), np.all(oks, 0)
 
 
-def predict(inputs, run_dir, *, top_k: int = 1, out=None, overwrite: bool = False, config: ScanConfig = SCAN):
-    """A frame: path, predicted, probability, top-k labels, then one column per class.
+def checked_tta(tta: int | str) -> int:
+    """`tta` (an int, or its text from the command line) as an int, if it is a whole number in 1..`PREDICT.max_tta`.
+
+    Raises:
+        SettingsError: anything else, saying the range.
+    """
+    try:
+        value = None if isinstance(tta, (bool, float)) else int(tta)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 1 <= value <= PREDICT.max_tta:
+        raise SettingsError(f"--tta takes 1 to {PREDICT.max_tta} views per image (1: off). Received: tta={tta!r}")
+    return value
+
+
+def predict(inputs, run_dir, *, top_k: int = 1, out=None, overwrite: bool = False, tta: int = PREDICT.tta,
+            config: ScanConfig = SCAN):
+    """A frame: path, predicted, probability, top-k labels, one column per class (p_NAME), then tta.
 
     Args:
+        tta: views averaged per image (see `probabilities`), 1-16; the
+            `tta` column repeats it on every row, so a CSV says how it was made.
         out: if given, the frame is also written there as CSV, atomically;
             the path is checked before any work, and an existing file is
             refused unless `overwrite`.
@@ -75,15 +103,16 @@ def predict(inputs, run_dir, *, top_k: int = 1, out=None, overwrite: bool = Fals
         (pandas.DataFrame, skipped list).
 
     Raises:
-        OutputError, ModelFileError, FolderError.
+        OutputError, ModelFileError, FolderError, SettingsError (tta out of range).
     """
     import pandas as pd
 
+    tta = checked_tta(tta)
     out = check_output_file(out, overwrite=overwrite) if out is not None else None
     run = Run.load(run_dir)
     model, classes, size = run.model, run.classes, run.image_size
     scan = collect(inputs, config)
-    probs, ok = probabilities(model, scan, size, config=config)
+    probs, ok = probabilities(model, scan, size, config=config, tta=tta)
     order = np.argsort(-probs, axis=1)
     frame = pd.DataFrame({"path": [shown(r.path) for r in scan.images]})
     frame["predicted"] = [classes[i] for i in order[:, 0]]
@@ -92,6 +121,7 @@ def predict(inputs, run_dir, *, top_k: int = 1, out=None, overwrite: bool = Fals
         frame[f"top{k + 1}"] = [classes[i] for i in order[:, k]]
     for j, name in enumerate(classes):
         frame[f"p_{name}"] = probs[:, j].round(6)
+    frame["tta"] = tta
     late = [Skipped(r.path, "could not be read") for r, good in zip(scan.images, ok) if not good]
     frame = frame[ok].reset_index(drop=True)
     if out is not None:
@@ -100,16 +130,19 @@ def predict(inputs, run_dir, *, top_k: int = 1, out=None, overwrite: bool = Fals
     return frame, list(scan.skipped) + late
 
 
-def evaluate(root, run_dir, *, config: ScanConfig = SCAN) -> dict:
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix on a labelled folder.
+def evaluate(root, run_dir, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN) -> dict:
+    """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and the confusion matrix on a labelled
+    folder; see `scores`. `tta`: views averaged per image (see `probabilities`), 1-16.
 
     Raises:
         FolderError: a class folder the model does not know.
+        SettingsError: tta out of range.
     """
+    tta = checked_tta(tta)
     run = Run.load(run_dir)
     scan = labelled_test_scan(root, run.classes, config)
-    probs, ok = probabilities(run.model, scan, run.image_size, config=config)
-    return scores(probs, ok, scan, run.classes)
+    probs, ok = probabilities(run.model, scan, run.image_size, config=config, tta=tta)
+    return scores(probs, ok, scan, run.classes, tta=tta)
 
 
 def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> Scan:
@@ -125,11 +158,15 @@ def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> S
     return scan
 
 
-def scores(probs: np.ndarray, ok: np.ndarray, scan: Scan, classes: list[str]) -> dict:
-    """Accuracy, per-class metrics and confusion from probabilities (n, k) of `scan.images`.
+def scores(probs: np.ndarray, ok: np.ndarray, scan: Scan, classes: list[str], *, tta: int = 1,
+           bins: int = TRAIN.ece_bins) -> dict:
+    """Accuracy, calibration, per-class metrics and confusion from probabilities (n, k) of `scan.images`.
 
     Args:
         ok: bool (n,), False for an image that could not be read (left out).
+        tta: the views the probabilities average (recorded as "tta").
+        bins: confidence bins of "ece" (expected calibration error, 0-1);
+            "nll" is the mean negative log-likelihood of the true class, nats.
     """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -139,7 +176,10 @@ def scores(probs: np.ndarray, ok: np.ndarray, scan: Scan, classes: list[str]) ->
     precision, recall, f1, support = precision_recall_fscore_support(truth, guess, labels=present, zero_division=0)
     return {
         "accuracy": float((truth == guess).mean()),
+        "ece": ece(probs[ok], truth, bins),
+        "nll": nll(probs[ok], truth),
         "n_images": int(ok.sum()),
+        "tta": tta,
         "per_class": [
             {"class": classes[c], "precision": round(float(p), 4), "recall": round(float(r), 4),
              "f1": round(float(f), 4), "support": int(s)}

@@ -165,9 +165,15 @@ def metrics_summary(console: Console, metrics: dict, out) -> None:
     if "test" in metrics:
         console.print(f"test accuracy [bold]{metrics['test_accuracy']:.1%}[/bold] on {metrics['test']['n_images']} images",
                       highlight=False)
+    calibration = metrics.get("calibration")
+    if calibration and calibration["applied"]:
+        console.print(f"calibrated: temperature {calibration['temperature']:.3g} on {calibration['n_val']} validation "
+                      f"images, ECE {calibration['ece_before']:.1%} -> {calibration['ece_after']:.1%}, NLL "
+                      f"{calibration['nll_before']:.3f} -> {calibration['nll_after']:.3f}", highlight=False)
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    console.print(f"run folder: {out} (model.keras, plan.json, metrics.json, curves.png, confusion.png)", highlight=False)
+    plots = "curves.png, confusion.png" + (", reliability.png" if calibration else "")
+    console.print(f"run folder: {out} (model.keras, plan.json, metrics.json, {plots})", highlight=False)
 
 
 def lr_summary(console: Console, finding) -> None:
@@ -229,6 +235,40 @@ def pretrain_summary(console: Console, summary: dict, out) -> None:
 
 def tune_summary(console: Console, summary: dict) -> None:
     """The end of `tune`: the leaderboard, the best trial, the honest estimate (labelled), warnings, files."""
+    if summary.get("kind") == "fine-tuning":
+        finetune_leaderboard(console, summary)
+    else:
+        linear_leaderboard(console, summary)
+    _tune_ending(console, summary)
+
+
+def finetune_leaderboard(console: Console, summary: dict) -> None:
+    """A fine-tuning search's trials (the last rung first) and its best configuration."""
+    rungs = ", ".join(f"{r['candidates']} x {r['epochs']} ep" for r in summary["rungs"])
+    table = Table(title=f"fine-tuning {summary['method']} search ({rungs}): best of {summary['trials']['total']} "
+                        f"trials ({summary['trials']['new']} new); scored on {summary['n_trial_val']} validation "
+                        f"images of the {summary['n_searched']} searched")
+    for column in ("#", "trial", "epochs", "lr", "top x", "dropout", "l2", "unfreeze", "best ep", "val loss",
+                   "val acc", "computed", "seconds"):
+        table.add_column(column, justify="right")
+    for rank, row in enumerate(summary["leaderboard"], 1):
+        loss = "diverged" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
+        table.add_row(str(rank), str(row["trial"]), str(row["epochs"]), f"{row['learning_rate']:.3g}",
+                      f"{row['top_lr_factor']:g}", f"{row['dropout']:g}", f"{row['l2']:g}",
+                      str(row["unfreeze_stages"]), str(row["best_epoch"]), loss, f"{row['val_accuracy']:.1%}",
+                      str(row["computed"]), f"{row['seconds']:.1f}",
+                      style="bold" if row["trial"] == summary["best"]["trial"] else None)
+    console.print(table)
+    best = summary["best"]
+    console.print(f"[bold green]best[/bold green]: head lr {best['learning_rate'] * best['rate_factor']:.3g}, top "
+                  f"stages x{best['top_lr_factor']:g}, dropout {best['dropout']:g}, l2 {best['l2']:g}, top "
+                  f"{best['unfreeze_stages']} stage(s), {best['best_epoch']} epoch(s): validation cross-entropy "
+                  f"{best['val_loss']:.4f}, accuracy {best['val_accuracy']:.1%} (chosen on these scores, so "
+                  "optimistic)", highlight=False)
+
+
+def linear_leaderboard(console: Console, summary: dict) -> None:
+    """A linear search's trials and its best configuration."""
     table = Table(title=f"{summary['method']} search: best of {summary['trials']['total']} trials "
                         f"({summary['trials']['new']} new); {summary['cv']} CV on {summary['n_searched']} images")
     for column in ("#", "trial", "C", "stage", "pooling", "views", "cv accuracy", "seconds"):
@@ -238,10 +278,15 @@ def tune_summary(console: Console, summary: dict) -> None:
                       str(row["views"]), f"{row['mean_accuracy']:.1%} ± {row['std_accuracy']:.1%}",
                       f"{row['seconds']:.2f}", style="bold" if row["trial"] == summary["best"]["trial"] else None)
     console.print(table)
-    best, estimate = summary["best"], summary["estimate"]
+    best = summary["best"]
     console.print(f"[bold green]best[/bold green]: C {best['C']:.3g}, stage {best['stage']}, {best['pooling']} pooling, "
                   f"{best['views']} augmented views: cross-validated accuracy {best['mean_accuracy']:.1%} "
                   f"± {best['std_accuracy']:.1%} (chosen on these scores, so optimistic)", highlight=False)
+
+
+def _tune_ending(console: Console, summary: dict) -> None:
+    """The honest estimate (labelled), warnings, notes, and where the files are."""
+    estimate = summary["estimate"]
     low, high = estimate["interval95"]
     console.print(f"[bold]honest estimate[/bold] ({estimate['kind']}): accuracy [bold]{estimate['accuracy']:.1%}[/bold] "
                   f"({estimate['n_correct']}/{estimate['n_images']}; 95 % interval {low:.0%}-{high:.0%}); "

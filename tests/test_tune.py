@@ -88,7 +88,7 @@ def test_cli_tune_renders_the_leaderboard_and_halving_runs(shapes, tiny_base, tm
     (["--budget", "ten"], "--budget must be a whole number"),
     (["--budget", "0"], "--budget must be a whole number"),
     (["--method", "bayes"], "--method must be one of auto, grid, random, halving"),
-    (["--recipe", "partial"], "only linear plans are searched yet"),
+    (["--recipe", "partial", "--method", "grid"], "grid searches linear plans only"),
 ])
 def test_bad_options_are_one_line_errors(shapes, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -96,16 +96,6 @@ def test_bad_options_are_one_line_errors(shapes, tmp_path, monkeypatch, args, me
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and result.output.startswith("Error: ") and message in result.output
     assert not (tmp_path / "runs").exists()  # refused before any work
-
-
-def test_a_large_folder_without_a_linear_recipe_is_refused():
-    from types import SimpleNamespace
-
-    from finetune_cli.train.tune import default_recipe
-
-    assert default_recipe(SimpleNamespace(size_category="small")).strategy == "linear"
-    with pytest.raises(SettingsError, match="only linear plans are searched yet.*--recipe linear"):
-        default_recipe(SimpleNamespace(size_category="large"))
 
 
 def test_a_folder_holding_something_else_is_refused(shapes, tiny_base, tmp_path):

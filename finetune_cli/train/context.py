@@ -76,6 +76,8 @@ class TrainResult:
         metrics: what the path adds to metrics.json (train_accuracy, C or best_epoch).
         notes: lines for the user.
         score: see `Score`, for a --test-dir.
+        calibration: the temperature scaling fitted after training (`train.calibrate`), a
+            `calibration.Calibration`; None when calibration is off.
     """
 
     model: object
@@ -86,6 +88,7 @@ class TrainResult:
     metrics: dict
     score: Score
     notes: list = field(default_factory=list)
+    calibration: object = None
 
 
 def split(scan: Scan, val_scan: Scan | None, fraction: float, seed: int = 0) -> tuple[Scan, Scan]:

@@ -4,6 +4,8 @@
     measure   similarity to the pretraining data (strategy.similarity)    -> Similarity
     plan      the decision table and the recipe (strategy.decide)         -> Plan
     fit       linear head or fine-tuning, both                            -> TrainResult
+    calibrate temperature scaling of the kept model (train.calibrate)     -> TrainResult
+              (timed with fit as "train")
     write     the run folder (artifacts.write_run)                        -> metrics
 """
 
@@ -29,6 +31,7 @@ from finetune_cli.reporter import QUIET, Reporter
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import decide, table_recipe
+from finetune_cli.train.calibrate import calibrate
 from finetune_cli.train.context import Context, TrainResult, split
 from finetune_cli.train.resume import already_finished, check_unchanged, read_saved
 
@@ -89,7 +92,7 @@ def train(
         reporter.on_plan(plan, evidence)
         plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
         clock["plan"] = time.perf_counter() - started - clock["prepare"]
-        result = fit(ctx, profile, plan, evidence, recipe_obj, resume, settings)
+        result = calibrate(ctx, fit(ctx, profile, plan, evidence, recipe_obj, resume, settings), settings)
         result.metrics.update(lr_record)
         clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
         return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)

@@ -20,6 +20,18 @@ Methods (`pick_method`):
     auto     grid when one or two parameters vary, random from three up
 
 A trial is known by its `key`, so a resumed search skips the trials it has.
+
+A fine-tuning plan has its own space (`FinetuneSpace`) and one method,
+successive halving over epochs (`epoch_rungs`): every candidate trains for a
+few epochs, the best 1/factor train again for factor x the epochs, up to the
+recipe's epochs (`random`: every candidate for all the epochs at once).
+
+    parameter        values                                on the plot
+    learning_rate    log range `TuneConfig.lr_range`       log axis
+    top_lr_factor    `TuneConfig.top_lr_factors`           log axis
+    dropout          `TuneConfig.dropouts`                 numbers
+    l2               `TuneConfig.l2s`                      categories
+    unfreeze_stages  1..n stages (`TuneConfig.max_unfreeze`) integers
 """
 
 from __future__ import annotations
@@ -68,7 +80,8 @@ class Space:
 
 
 def round_c(c: float) -> float:
-    """C to 3 significant digits: what trials.csv holds and trials are matched by."""
+    """A log-range value (C, a learning rate) to 3 significant digits: what trials.csv holds and trials are
+    matched by."""
     return float(f"{float(c):.3g}")
 
 
@@ -120,18 +133,29 @@ def random_candidates(space: Space, budget: int, seed: int) -> list[dict]:
     same for any budget >= n. Fewer than `budget` when the space runs out.
     """
     from scipy.stats import loguniform
-    from sklearn.model_selection import ParameterSampler
 
     low, high = space.c_range
-    if low == high:  # all lists: the sampler draws without replacement; draw the whole grid for a fixed order
-        values = {"C": [round_c(low)], **space.values()}
+    values = {"C": [round_c(low)] if low == high else loguniform(low, high), **space.values()}
+    return sampled(values, "C", budget, seed, _typed, key)
+
+
+def sampled(values: dict, logged: str, budget: int, seed: int, typed, identity) -> list[dict]:
+    """Up to `budget` distinct candidates from `ParameterSampler(values)`, `logged` rounded (`round_c`).
+
+    `values` maps names to lists or, for `logged`, a distribution; `typed`
+    makes a candidate plain, `identity` names it. With lists only the sampler
+    draws without replacement, so the whole grid is drawn (a fixed order).
+    """
+    from sklearn.model_selection import ParameterSampler
+
+    if all(isinstance(v, list) for v in values.values()):
         n_iter = math.prod(len(v) for v in values.values())
     else:
-        values, n_iter = {"C": loguniform(low, high), **space.values()}, 20 * budget + 100
+        n_iter = 20 * budget + 100
     chosen: dict[str, dict] = {}
     for params in ParameterSampler(values, n_iter=n_iter, random_state=seed):
-        params = _typed({**params, "C": round_c(params["C"])})
-        chosen.setdefault(key(params), params)
+        params = typed({**params, logged: round_c(params[logged])})
+        chosen.setdefault(identity(params), params)
         if len(chosen) == budget:
             break
     return list(chosen.values())
@@ -238,6 +262,139 @@ def edge_warnings(best: dict, space: Space, fraction: float) -> list[str]:
         lines.append(f"the best stage ({first}) is the earliest searched: an earlier stage might score higher "
                      "(raise TuneConfig.stages)")
     return lines
+
+
+#: The parameters of a fine-tuning plan, in the order trials.csv lists them.
+FINETUNE_PARAMETERS = ("learning_rate", "top_lr_factor", "dropout", "l2", "unfreeze_stages")
+#: Fine-tuning search methods: `auto` and `halving` are successive halving over epochs.
+FINETUNE_METHODS = ("auto", "halving", "random")
+
+
+@dataclass(frozen=True)
+class FinetuneSpace:
+    """What a fine-tuning search may choose, and the epochs it may spend.
+
+    Attributes:
+        lr_range: (low, high) head learning rates, 0 < low <= high, log-uniform.
+        top_lr_factors: top-stage rate / head rate, each in (0, 1].
+        dropouts: dropout before the head, each in [0, 1).
+        l2s: L2 penalties on the head's kernel, each >= 0.
+        unfreeze: how many top stages train, ascending, within 1..n.
+        epochs: (first rung, most): the first rung's epochs and the recipe's.
+    """
+
+    lr_range: tuple[float, float]
+    top_lr_factors: tuple[float, ...]
+    dropouts: tuple[float, ...]
+    l2s: tuple[float, ...]
+    unfreeze: tuple[int, ...]
+    epochs: tuple[int, int]
+
+    def values(self) -> dict:
+        """The discrete parameters' candidates: {name: list}."""
+        return {"top_lr_factor": list(self.top_lr_factors), "dropout": list(self.dropouts), "l2": list(self.l2s),
+                "unfreeze_stages": list(self.unfreeze)}
+
+    def varying(self) -> list[str]:
+        """The parameters with more than one possible value, in `FINETUNE_PARAMETERS` order."""
+        moving = {"learning_rate": self.lr_range[0] < self.lr_range[1], **{k: len(v) > 1 for k, v in
+                                                                            self.values().items()}}
+        return [name for name in FINETUNE_PARAMETERS if moving[name]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def finetune_key(params: dict) -> str:
+    """One fine-tuning candidate's identity, e.g. `lr=0.001|top=0.1|dropout=0.2|l2=0.0001|unfreeze=1`."""
+    return (f"lr={float(params['learning_rate']):.3g}|top={float(params['top_lr_factor']):g}"
+            f"|dropout={float(params['dropout']):g}|l2={float(params['l2']):g}"
+            f"|unfreeze={int(params['unfreeze_stages'])}")
+
+
+def _finetune_typed(params: dict) -> dict:
+    """Plain Python values (numpy scalars out), in `FINETUNE_PARAMETERS` order."""
+    return {"learning_rate": float(params["learning_rate"]), "top_lr_factor": float(params["top_lr_factor"]),
+            "dropout": float(params["dropout"]), "l2": float(params["l2"]),
+            "unfreeze_stages": int(params["unfreeze_stages"])}
+
+
+def finetune_candidates(space: FinetuneSpace, budget: int, seed: int) -> list[dict]:
+    """Up to `budget` distinct candidates from `ParameterSampler` (learning rate log-uniform, rounded).
+
+    As `random_candidates`: the first n are the same for any budget >= n, so a
+    resumed search with a larger budget continues this one.
+    """
+    from scipy.stats import loguniform
+
+    low, high = space.lr_range
+    values = {"learning_rate": [round_c(low)] if low == high else loguniform(low, high), **space.values()}
+    return sampled(values, "learning_rate", budget, seed, _finetune_typed, finetune_key)
+
+
+def pick_finetune_method(method: str) -> str:
+    """`halving` (for auto and halving) or `random`.
+
+    Raises:
+        SettingsError: grid (a fine-tuning space is searched by sampling) or an unknown method.
+    """
+    if method not in FINETUNE_METHODS:
+        raise SettingsError(f"--method must be one of {', '.join(FINETUNE_METHODS)} for a fine-tuning plan "
+                            f"(grid searches linear plans only). Received: --method={method!r}")
+    return "random" if method == "random" else "halving"
+
+
+def epoch_rungs(n_candidates: int, first: int, most: int, factor: int) -> list[tuple[int, int]]:
+    """Successive-halving rungs over epochs: [(candidates, epochs)].
+
+    The first rung trains every candidate for `first` epochs; each next rung
+    keeps ceil(1/factor) of the candidates and gives them factor x the epochs
+    (at most `most`), until one candidate is left or `most` epochs are reached.
+    """
+    rungs = [(n_candidates, min(first, most))]
+    while rungs[-1][0] > 1 and rungs[-1][1] < most:
+        rungs.append((math.ceil(rungs[-1][0] / factor), min(most, rungs[-1][1] * factor)))
+    return rungs
+
+
+def finetune_rank(row: dict) -> tuple:
+    """Sort key of a fine-tuning trial, best first: more epochs (a later rung), then lower validation
+    cross-entropy, higher accuracy, fewer unfrozen stages, lower rate (simpler, safer)."""
+    return (-row["epochs"], row["val_loss"], -row["val_accuracy"], row["unfreeze_stages"], row["learning_rate"])
+
+
+def best_finetune_trial(rows: list[dict]) -> dict | None:
+    """The best trial with a finite score at the most epochs any such trial ran (see `finetune_rank`)."""
+    scored = [r for r in rows if math.isfinite(r["val_loss"])]
+    return min(scored, key=finetune_rank) if scored else None
+
+
+def finetune_edge_warnings(best: dict, space: FinetuneSpace, n_stages: int, fraction: float) -> list[str]:
+    """Lines for a best learning rate within `fraction` (log scale) of an end of its range, the most stages
+    searched when more exist, and a best epoch that is the last one the recipe allows (still improving)."""
+    lines = []
+    low, high = (math.log10(v) for v in space.lr_range)
+    where = (math.log10(best["learning_rate"]) - low) / (high - low) if high > low else 0.5
+    if where <= fraction or where >= 1 - fraction:
+        end = "low" if where <= fraction else "high"
+        lines.append(f"the best learning rate ({best['learning_rate']:.3g}) lies at the {end} edge of the range "
+                     f"searched ({space.lr_range[0]:g} to {space.lr_range[1]:g}): widen TuneConfig.lr_range")
+    if best["unfreeze_stages"] == max(space.unfreeze) < n_stages:
+        lines.append(f"the best number of unfrozen stages ({best['unfreeze_stages']}) is the most searched of "
+                     f"{n_stages}: more might score better (raise TuneConfig.max_unfreeze)")
+    if best["best_epoch"] == best["epochs"] == space.epochs[1]:
+        lines.append(f"the best trial still improved at its last epoch ({best['epochs']}): more epochs might score "
+                     "better (raise epochs in the recipe)")
+    return lines
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion hits / n (0-1), (0, 1) when n is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre, spread = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n)), min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)?", re.IGNORECASE)

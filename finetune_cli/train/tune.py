@@ -10,7 +10,8 @@
 
 A trial fits only a logistic regression on features already in memory, so
 after the backbone passes a search costs seconds, and no model outlives its
-trial. Fine-tuning plans are not searched yet: `tune` refuses them.
+trial. Fine-tuning plans (recipes partial, partial-2, full, or a large folder)
+are searched by `train.tune_finetune`: successive halving over epochs.
 """
 
 from __future__ import annotations
@@ -43,16 +44,17 @@ def tune(
     use_cache: bool = True, config: ScanConfig = SCAN, settings: TuneConfig = TUNE,
     train_settings: TrainConfig = TRAIN, reporter: Reporter = QUIET,
 ) -> dict:
-    """Search a linear plan's hyper-parameters; returns the summary (also TUNE_DIR/summary.json).
+    """Search a linear or fine-tuning plan's hyper-parameters; returns the summary (also TUNE_DIR/summary.json).
 
+    A linear recipe (or a small folder) is searched here; a fine-tuning one
+    (or a large folder, which `train` would fine-tune) by `train.tune_finetune`.
     See `api.tune` for the arguments and what is raised.
     """
     started = time.perf_counter()
     check_options(method, budget, time_limit, cv)
     chosen = recipe_files.load(recipe)[0] if recipe is not None else None
     if chosen is not None and chosen.strategy != "linear":
-        raise SettingsError(f"only linear plans are searched yet: recipe '{chosen.name}' fine-tunes (strategy "
-                            f"{chosen.strategy}); give --recipe linear or trouble to search a linear head")
+        walk.pick_finetune_method(method)  # grid is refused before any work
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
     folder = TuneFolder.open(out, root)
     reporter.on_phase(f"tune folder: {folder.path}" + (" (continuing its search)" if folder.continued else ""))
@@ -60,7 +62,17 @@ def tune(
         ctx, profile, _ = prepare(folder, root, base, weights=weights, image_size=image_size, saved=None,
                                   recipe=None, val_dir=None, test_dir=None, seed=seed, cache=cache,
                                   batch_size=batch_size, config=config, settings=train_settings, reporter=reporter)
-        chosen = chosen or default_recipe(profile)
+        chosen, similarity = (chosen, "similar") if chosen is not None else default_recipe(ctx, profile, method)
+        facts = {"method": method, "method_asked": method, "budget": budget, "time_limit_s": time_limit, "seed": seed,
+                 "base": base, "backbone": ctx.backbone.ref.label, "image_size": ctx.backbone.ref.image_size,
+                 "folder": str(root), "recipe": chosen.name,
+                 "train_command": train_command(root, base, image_size, seed)}
+        if chosen.strategy != "linear":
+            from finetune_cli.train.tune_finetune import search_finetune
+
+            return search_finetune(folder, ctx, profile, chosen, similarity, facts, definition(ctx, seed, cv, settings),
+                                   method=method, budget=budget, time_limit=time_limit, seed=seed, started=started,
+                                   settings=settings, train_settings=train_settings)
         space = space_for(ctx, settings)
         folder.record_definition(definition(ctx, seed, cv, settings))  # a mismatch is refused before any pass
         bank = FeatureBank(ctx, space)
@@ -69,11 +81,7 @@ def tune(
                             started + time_limit if time_limit else None, reporter)
         used = walk.pick_method(method, space)
         notes = run(searcher, used, space, budget, time_limit, seed, settings)
-        return finish(folder, searcher, space, chosen, notes, {
-            "method": used, "method_asked": method, "budget": budget, "time_limit_s": time_limit, "seed": seed,
-            "base": base, "backbone": ctx.backbone.ref.label, "image_size": ctx.backbone.ref.image_size,
-            "folder": str(root), "recipe": chosen.name, "train_command": train_command(root, base, image_size, seed)},
-            started, settings)
+        return finish(folder, searcher, space, chosen, notes, {**facts, "method": used}, started, settings)
 
 
 def train_command(root, base: str, image_size: int | None, seed: int) -> str:
@@ -98,16 +106,23 @@ def check_options(method: str, budget: int | None, time_limit: float | None, cv:
         raise SettingsError(f"--cv must be a number of folds from 2 to 100. Received: --cv={cv!r}")
 
 
-def default_recipe(profile) -> recipe_files.Recipe:
-    """The shipped `linear` recipe for a small folder; a large one would be fine-tuned: refused.
+def default_recipe(ctx: Context, profile, method: str) -> tuple[recipe_files.Recipe, str]:
+    """(recipe, similarity verdict): the shipped `linear` for a small folder; for a large one, the recipe
+    `train` would decide (`train.run.choose`: similarity measured, then the table: partial or full).
 
     Raises:
-        SettingsError: the folder is large.
+        SettingsError: a large folder with --method grid (a fine-tuning space is sampled).
     """
-    if profile.size_category != "small":
-        raise SettingsError("only linear plans are searched yet: this folder is large, so train would fine-tune; "
-                            "give --recipe linear to search a linear head on frozen features")
-    return recipe_files.load("linear")[0]
+    if profile.size_category == "small":
+        return recipe_files.load("linear")[0], "similar"
+    from finetune_cli.train.run import choose
+
+    evidence, plan, recipe, _ = choose(ctx, profile, "auto", "auto", None)
+    if recipe.strategy != "linear":
+        walk.pick_finetune_method(method)
+        ctx.reporter.on_note(f"this folder is large: train would fine-tune (recipe '{recipe.name}', similarity "
+                             f"{evidence.verdict}), so that plan is searched; --recipe linear searches a linear head")
+    return recipe, evidence.verdict
 
 
 def space_for(ctx: Context, settings: TuneConfig) -> walk.Space:
@@ -225,7 +240,7 @@ class Searcher:
         None when the time is up before it could run.
         """
         rows = np.arange(self.n_full) if rows is None else rows
-        done = self.log.get(params, len(rows))
+        done = self.log.get({**params, "n_images": len(rows)})
         if done is not None:
             return done
         if self.time_up():
@@ -319,20 +334,11 @@ def held_out_estimate(searcher: Searcher, best: dict) -> dict:
     n = len(bank.held_out)
     hits = int((model.predict(bank.held_out_features[(best["stage"], best["pooling"])])
                 == bank.ctx.labels(bank.held_out)).sum()) if n else 0
-    low, high = wilson(hits, n)
+    low, high = walk.wilson(hits, n)
     return {"kind": "held-out", "accuracy": hits / n if n else None, "n_correct": hits, "n_images": n,
             "interval95": [round(low, 4), round(high, 4)],
             "label": f"{n} held-out images the search never saw (those `finetune train --seed {bank.ctx.seed}` "
                      f"validates on), scored once by the best trial refitted on the {searcher.n_full} searched images"}
-
-
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion hits / n (0-1), (0, 1) when n is 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = hits / n
-    centre, spread = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - spread) / (1 + z * z / n)), min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 def finish(folder: TuneFolder, searcher: Searcher, space: walk.Space, recipe, notes: list[str], facts: dict,
