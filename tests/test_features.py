@@ -122,3 +122,18 @@ def test_an_older_untagged_cache_is_adopted_and_a_mixed_folder_is_not(shapes, ti
     with pytest.raises(OutputError, match="not a finetune feature cache"):
         api.extract_features(shapes, str(tiny_base), image_size=32, cache_dir=mixed)
     assert not (mixed / "CACHEDIR.TAG").exists() and (mixed / "thesis.txt").read_text() == "mine"
+
+
+def test_an_augmented_view_depends_on_the_content_not_the_path(shapes, tmp_path):
+    """Views are cached under the file's content hash, so a copy elsewhere must get the same crop;
+    a different image gets its own."""
+    from finetune_cli.data.pipeline import batched_images
+
+    files = sorted(shapes.rglob("*.jpg"))
+    copy = tmp_path / "elsewhere" / "renamed.jpg"
+    copy.parent.mkdir()
+    copy.write_bytes(files[0].read_bytes())
+    (views, _), = list(batched_images([files[0], copy, files[1]], 32, 8, view=3))
+    views = views.numpy()
+    np.testing.assert_array_equal(views[0], views[1])
+    assert not np.array_equal(views[0], views[2])

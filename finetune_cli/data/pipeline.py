@@ -41,7 +41,7 @@ def _loader(size: int, config: ScanConfig, view: int = 0):
             pixels = decode_rgb(data, config.max_pixels, config.background, size)
         except (OSError, UnusableImage):
             return np.zeros((size, size, 3), np.uint8), False
-        return (augmented_view(pixels, view, zlib.crc32(path)) if view else pixels), True
+        return (augmented_view(pixels, view, zlib.crc32(data)) if view else pixels), True
 
     return load
 
@@ -51,6 +51,8 @@ def augmented_view(pixels: np.ndarray, view: int, salt: int) -> np.ndarray:
 
     Args:
         pixels: uint8 (S, S, 3). Returns the same shape and dtype.
+        salt: a checksum of the file's bytes, so a view depends on the content
+            alone, as its cache key does (a copy elsewhere gets the same crop).
     """
     rng = np.random.default_rng([view, salt])
     size = pixels.shape[0]
