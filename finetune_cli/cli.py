@@ -427,7 +427,7 @@ def diagnose(run: str, as_json: bool) -> None:
 @handle_errors
 def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv, seed, recipe, batch_size, cache_dir,
          no_cache, as_json):
-    """Search a linear head's C, feature stage, pooling and augmented views on cached features, cross-validated,
+    """Search hyper-parameters: a linear head's C, stage, pooling and views on cached features, cross-validated,
     or a fine-tuning plan's rates, dropout, l2, unfrozen stages and epochs by successive halving; score the best
     once on held-out images; write trials.csv, best.toml (for train --recipe), search.png."""
     from finetune_cli.train.search import parse_budget, parse_duration
