@@ -109,10 +109,16 @@ def cli_env() -> dict:
 
 
 def start_cli(log: Path, *args, **popen) -> subprocess.Popen:
-    """`python -m finetune_cli ARGS` in a subprocess, stdout and stderr into `log`."""
+    """`python -m finetune_cli ARGS` in a subprocess, stdout and stderr into `log`.
+
+    The child gets the default SIGINT disposition: a test suite started in the
+    background (`cmd &` in a script) inherits SIGINT ignored, and Python then
+    never raises KeyboardInterrupt, so Ctrl-C could not be tested.
+    """
     with open(log, "wb") as sink:
         return subprocess.Popen([sys.executable, "-m", "finetune_cli", *map(str, args)], env=cli_env(),
-                                stdout=sink, stderr=subprocess.STDOUT, **popen)
+                                stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float, what: str, log: Path):
