@@ -75,7 +75,7 @@ def bases() -> list[dict]:
             "params_m": s.params_m,
             "feature_dim": s.feature_dim,
             "preprocess": s.preprocess,
-            "weights": "installed" if s.embedded else "download",
+            "weights": "installed" if s.embedded else "none (random init)" if s.builtin else "download",
         }
         for s in map(registry.get, registry.names())
     ]
@@ -187,6 +187,9 @@ def train(
     settings: TrainConfig = TRAIN,
     reporter: Reporter = QUIET,
     lr: float | str | None = None,
+    ensemble: int | str = TRAIN.ensemble,
+    ensemble_mode: str = TRAIN.ensemble_mode,
+    average: str = TRAIN.average,
 ) -> dict:
     """Inspect, decide, train and write a run folder (see `train.run` for the steps).
 
@@ -196,28 +199,25 @@ def train(
         strategy: auto, linear, partial or full (overrides the decision table).
         similarity: auto (measured), similar or different (stated).
         recipe: a shipped recipe name or a .toml path.
-        unlabeled: pretrain an encoder on these images first (from `base`'s
-            early stages when base is given), with `pretrain_settings`
-            (see `pretrain_config`) and `greedy`.
+        unlabeled: pretrain an encoder on these images first (from `base`'s early stages when
+            given), with `pretrain_settings` (see `pretrain_config`) and `greedy`.
         resume: continue the run in `out` (see `train.resume`).
         settings: how training runs beyond the recipe (`config.TrainConfig`).
-        lr: the head's learning rate (> 0, or its text), or "auto": the sweep
-            of `lr_find` on the plan's model first, its valley suggestion; the
-            other groups keep their ratio to the head. Fine-tuning plans only
-            (a linear plan ignores it, with a note); None: the recipe's rate.
-            Recorded under "lr" in plan.json and metrics.json (auto: with
-            RUN/lr.csv, lr.png, lr.json).
+        lr: the head's rate (> 0, or its text), or "auto": `lr_find`'s valley on the plan's model;
+            other groups keep their ratio. Fine-tuning only; None: the recipe's. Recorded as "lr".
+        ensemble, ensemble_mode, average: see `config.TrainConfig` (text accepted), `train.ensemble`.
 
-    Returns:
-        The run's metrics (also written to `out/metrics.json`).
+    Returns the run's metrics (also in `out/metrics.json`).
 
     Raises:
-        FolderError, BackboneError, WeightsUnavailableError, RecipeError,
-        OutputError, SettingsError, ModelFileError, TrainingError.
+        FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError, SettingsError,
+        ModelFileError, TrainingError.
     """
+    from finetune_cli.train.ensemble import checked_settings
     from finetune_cli.train.lr_find import checked_rate
     from finetune_cli.train.run import train as run_training
 
+    settings = checked_settings(settings, ensemble, ensemble_mode, average, resume)
     return run_training(root, base, out=out, weights=weights, image_size=image_size, similarity=similarity,
                         strategy=strategy, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
                         resume=resume, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
@@ -439,3 +439,57 @@ def tune(
                       recipe=recipe, weights=weights, image_size=image_size, batch_size=batch_size,
                       cache_dir=cache_dir, use_cache=use_cache, config=config, settings=settings,
                       train_settings=train_settings, reporter=reporter)
+
+
+def distill(
+    root: str | os.PathLike,
+    teachers: list,
+    student: str,
+    *,
+    out: str | os.PathLike | None = None,
+    student_weights: str = "imagenet",
+    unlabeled: str | os.PathLike | None = None,
+    temperature: float | None = None,
+    alpha: float | None = None,
+    image_size: int | None = None,
+    epochs: int | None = None,
+    views: int | None = None,
+    val_dir=None,
+    test_dir=None,
+    seed: int = 0,
+    cache_dir=None,
+    use_cache: bool = True,
+    reporter: Reporter = QUIET,
+) -> dict:
+    """Distil teacher runs into a student trained on `root`'s class folders (`finetune distill`).
+
+    Args:
+        teachers: run folders of `finetune train`; several are averaged (probabilities).
+        student: a registry name (`bases`, incl. lenet, alexnet, vgg) or a .keras file; a new head is added.
+        student_weights: `imagenet`, `none` or a weights file (built-in networks: always a fresh start).
+        unlabeled: a folder of images only the teachers label (the transfer set, soft loss only).
+        temperature, alpha, epochs, views: None for `config.DistillConfig`'s defaults.
+        image_size: the student's input side; None: the first teacher's.
+
+    Returns:
+        metrics (also RUN/metrics.json); "distill" holds distill.json: the teachers,
+        the hard-label student and the distilled student, each with accuracy,
+        parameters, file size and CPU ms per image.
+
+    Raises:
+        SettingsError, FolderError, BackboneError, OutputError, TrainingError.
+    """
+    import dataclasses
+
+    from finetune_cli.config import DISTILL
+    from finetune_cli.distill import distill as run_distillation
+
+    settings = dataclasses.replace(DISTILL, epochs=epochs or DISTILL.epochs, views=views or DISTILL.views)
+    if out is None:
+        from finetune_cli.run import numbered
+
+        out = numbered(f"{Path(root).resolve().name}-distill")
+    return run_distillation(root, teachers, student, out=out, student_weights=student_weights, unlabeled=unlabeled,
+                            temperature=temperature, alpha=alpha, image_size=image_size, val_dir=val_dir,
+                            test_dir=test_dir, seed=seed, cache_dir=cache_dir, use_cache=use_cache,
+                            settings=settings, reporter=reporter)

@@ -21,6 +21,8 @@ from finetune_cli import __version__, api, report
 from finetune_cli.config import DEFAULT_BASE, FEATURES, IMAGE_SIZE_RANGE, LR_FIND, PRETRAIN, RUNS_DIR
 from finetune_cli.config import TUNE
 from finetune_cli.config import PREDICT, TRAIN
+from finetune_cli.config import ENSEMBLE
+from finetune_cli.config import DISTILL
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import registry
 from finetune_cli.strategy import recipes
@@ -268,6 +270,16 @@ def cache_clear(cache_dir):
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @click.option("--no-calibrate", is_flag=True,
               help="Keep the trained probabilities: no temperature scaling on the validation images.")
+@click.option("--ensemble", default=str(TRAIN.ensemble), show_default=True, metavar="N",
+              help=f"Average N members (1-{ENSEMBLE.max_members}; 1: off) in one model.keras: linear plans vary "
+                   "seed, views and stage (almost free); fine-tuning see --ensemble-mode. Kept only if its "
+                   "validation cross-entropy is no worse than the best member's.")
+@click.option("--ensemble-mode", default=TRAIN.ensemble_mode, show_default=True, metavar="seeds|snapshots",
+              help="Fine-tuning ensembles: seeds (N full fine-tunes: N times the cost) or snapshots (one run, "
+                   f"cosine restarts every {ENSEMBLE.snapshot_cycle} epochs, a member per cycle).")
+@click.option("--average", default=TRAIN.average, show_default=True, metavar="none|swa|ema",
+              help=f"Fine-tuning: average the weights (swa: the last {ENSEMBLE.swa_epochs} epochs; ema: per epoch, "
+                   f"decay {ENSEMBLE.ema_decay}); kept only if validation cross-entropy is not worse.")
 @cache_options
 @click.option("--unlabeled", type=click.Path(file_okay=False), default=None,
               help="Pretrain a denoising autoencoder on these unlabeled images first (from --base's early stages "
@@ -276,7 +288,7 @@ def cache_clear(cache_dir):
 @handle_errors
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, seed, resume,
           batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy,
-          lr, no_calibrate):
+          lr, no_calibrate, ensemble, ensemble_mode, average):
     """Decide how to reuse the base, train, and write a run folder."""
     given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
     if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
@@ -294,6 +306,7 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
             unlabeled=unlabeled, pretrain_settings=api.pretrain_config(**given) if unlabeled else None,
             greedy=greedy, reporter=report.RichReporter(console, progress), lr=lr,
             settings=dataclasses.replace(TRAIN, calibrate=False) if no_calibrate else TRAIN,
+            ensemble=ensemble, ensemble_mode=ensemble_mode, average=average,
         )
     report.metrics_summary(Console(), metrics, metrics.get("run_folder", out))
 
@@ -443,6 +456,57 @@ def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv,
         click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return
     report.tune_summary(Console(), summary)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.option("--teacher", "teachers", multiple=True, type=str,
+              help="A run folder of `finetune train` (repeat it: the teachers' probabilities are averaged).")
+@click.option("--student", required=True,
+              help="A name from `finetune bases` (lenet, alexnet, vgg: small, random init) or a .keras file.")
+@click.option("--student-weights", default="imagenet", show_default=True,
+              help="imagenet, none (fresh init) or a weights file; the built-in lenet/alexnet/vgg always start fresh.")
+@click.option("--unlabeled", type=click.Path(file_okay=False), default=None,
+              help="Images only the teachers label (the transfer set): soft loss only.")
+@click.option("--temperature", type=float, default=None, help=f"Softening T > 0. [default: {DISTILL.temperature:g}]")
+@click.option("--alpha", type=float, default=None,
+              help=f"Weight of the hard-label loss in [0, 1]; the soft loss gets 1 - alpha (times T^2). "
+                   f"[default: {DISTILL.alpha:g}]")
+@click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None,
+              help="The student's input side in pixels. [default: the first teacher's]")
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=None, help=f"Most epochs (early stopping ends sooner). [default: {DISTILL.epochs}]")
+@click.option("--views", type=click.IntRange(1, 64), default=None,
+              help=f"Deterministic flip/crop views per training image, each scored by the teachers. "
+                   f"[default: {DISTILL.views}]")
+@click.option("--val-dir", type=click.Path(file_okay=False), default=None,
+              help="Labelled validation folder (early stopping). [default: a split of FOLDER, as train]")
+@click.option("--test-dir", type=click.Path(file_okay=False), default=None,
+              help="Labelled folder the comparison table scores on. [default: the validation split]")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Run folder to create. [default: a new {RUNS_DIR}/FOLDER-distill-N]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@cache_options
+@json_option
+@handle_errors
+def distill(folder, teachers, student, student_weights, unlabeled, temperature, alpha, image_size, epochs, views,
+            val_dir, test_dir, out, seed, cache_dir, no_cache, as_json):
+    """Train a small student on teacher runs' soft targets (knowledge distillation); compare it with the
+    teachers and with the same student trained on hard labels alone (distill.json)."""
+    console = err_console()
+    with report.progress_bar(console, "distill", "steps") as progress:
+        metrics = api.distill(folder, list(teachers), student, out=out, student_weights=student_weights,
+                              unlabeled=unlabeled, temperature=temperature, alpha=alpha, image_size=image_size,
+                              epochs=epochs, views=views, val_dir=val_dir, test_dir=test_dir, seed=seed,
+                              cache_dir=cache_dir, use_cache=not no_cache,
+                              reporter=report.RichReporter(console, progress))
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2, ensure_ascii=False))
+        return
+    summary = metrics["distill"]
+    report.rows_table(Console(), summary["rows"], [c for c in summary["rows"][0] if c != "file"],
+                      f"distillation (T={summary['temperature']:g}, alpha={summary['alpha']:g}; accuracy on the "
+                      f"{summary['scored_on']} images)")
+    click.echo(f"run folder: {metrics['run_folder']}")
 
 
 def main() -> None:

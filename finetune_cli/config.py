@@ -204,6 +204,15 @@ class TrainConfig:
         temperature_range: (lowest, highest) T searched (log scale); a fit on
             either edge means the validation images do not pin T down (e.g.
             no errors among them) and the model is left uncalibrated.
+        ensemble: members whose probabilities model.keras averages (1-10;
+            1: off), see `train.ensemble` and `EnsembleConfig`.
+        ensemble_mode: fine-tuning plans: `seeds` (one full fine-tune per
+            member: N times the cost) or `snapshots` (one run with a cyclic
+            cosine rate, a member per cycle end). Linear plans ignore it.
+        average: fine-tuning plans: `none`, `swa` (mean of the weights after
+            each of the last `EnsembleConfig.swa_epochs` epochs) or `ema`
+            (exponential moving average, per epoch, decay
+            `EnsembleConfig.ema_decay`); see `train.averaging`.
     """
 
     val_fraction: float = 0.2
@@ -218,6 +227,45 @@ class TrainConfig:
     calibrate: bool = True
     ece_bins: int = 15
     temperature_range: tuple[float, float] = (0.05, 20.0)
+    ensemble: int = 1
+    ensemble_mode: str = "seeds"
+    average: str = "none"
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Ensembles (`train --ensemble N`) and weight averaging (`train --average`).
+
+    Attributes:
+        max_members: the largest N `--ensemble` takes.
+        modes: the values `--ensemble-mode` takes.
+        averages: the values `--average` takes.
+        linear_stage_offsets: linear plans: member i >= 1 reads the plan's
+            stage plus offset i (cycling; offsets outside the backbone's
+            stages are skipped), so members see different features; member 0
+            is the plan's own head, whatever features it chose.
+        linear_max_views: linear plans: member i >= 1 trains on i % (this + 1)
+            cached augmented views per image.
+        snapshot_cycle: snapshots: epochs per cosine cycle; the run lasts
+            N x this many epochs, a member taken at each cycle's end.
+        snapshot_floor: snapshots: the rate at a cycle's end, as a fraction
+            of the recipe's (the cosine falls from 1 to this).
+        swa_epochs: SWA averages the weights after each of this many last epochs.
+        ema_decay: EMA: after each epoch, average = decay x average + (1 - decay) x weights.
+    """
+
+    max_members: int = 10
+    modes: tuple[str, ...] = ("seeds", "snapshots")
+    averages: tuple[str, ...] = ("none", "swa", "ema")
+    linear_stage_offsets: tuple[int, ...] = (0, -1, 1, -2)
+    linear_max_views: int = 2
+    snapshot_cycle: int = 2
+    snapshot_floor: float = 0.05
+    swa_epochs: int = 3
+    ema_decay: float = 0.5
+
+
+ENSEMBLE = EnsembleConfig()
 
 
 @dataclass(frozen=True)
@@ -369,6 +417,46 @@ class LrFindConfig:
     disagree_factor: float = 10.0
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (`finetune distill`): a student trained on teachers' soft targets.
+
+    The loss per image (Hinton et al. 2015) is
+    alpha * CE(label, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
+    where x_T = softmax(log(x) / T); an unlabeled (transfer-set) image has the
+    soft term only. The T^2 keeps the soft term's gradients the same size as
+    T changes (they shrink as 1 / T^2 otherwise).
+
+    Attributes:
+        temperature: T > 0; higher softens the targets (more weight on the
+            teachers' ranking of the wrong classes). 4 is the common choice.
+        alpha: weight of the hard-label cross-entropy, in [0, 1]; 1 is plain
+            training on labels (the "hard labels" student of distill.json).
+        epochs: the most epochs; early stopping on validation loss usually ends sooner.
+        patience: epochs without a lower validation loss before stopping.
+        batch_size: images per step.
+        learning_rate: Adam rate for every trained layer of the student.
+        dropout: dropout before the student's new classifier layer, [0, 1).
+        views: deterministic views per training image (0: as is; k >= 1 the
+            k-th flip/crop of `data.pipeline.augmented_view`); the teacher
+            scores the view the student trains on (cached per view): the
+            same crop exactly when both work at the same image size.
+        timing_batches: batch sizes whose CPU ms per image distill.json reports.
+        timing_repeats: timed forward passes per batch size (after one warm-up); the median is reported.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.5
+    epochs: int = 30
+    patience: int = 5
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    dropout: float = 0.0
+    views: int = 1
+    timing_batches: tuple[int, ...] = (1, 32)
+    timing_repeats: int = 10
+
+
 def default_cache_dir() -> Path:
     """The feature cache folder: $FINETUNE_CACHE_DIR, else the user cache dir."""
     env = os.environ.get("FINETUNE_CACHE_DIR")
@@ -444,3 +532,4 @@ TUNE = TuneConfig()
 LR_FIND = LrFindConfig()
 DIAGNOSE = DiagnoseConfig()
 PREDICT = PredictConfig()
+DISTILL = DistillConfig()

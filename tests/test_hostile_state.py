@@ -115,10 +115,16 @@ def start_cli(log: Path, *args, **popen) -> subprocess.Popen:
     background (`cmd &` in a script) inherits SIGINT ignored, and Python then
     never raises KeyboardInterrupt, so Ctrl-C could not be tested.
     """
+    extra = popen.pop("preexec_fn", None)
+
+    def prepare():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if extra is not None:
+            extra()
+
     with open(log, "wb") as sink:
         return subprocess.Popen([sys.executable, "-m", "finetune_cli", *map(str, args)], env=cli_env(),
-                                stdout=sink, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+                                stdout=sink, stderr=subprocess.STDOUT, preexec_fn=prepare, **popen)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float, what: str, log: Path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from finetune_cli.config import DEFAULT_IMAGE_SIZE, default_models_dir
 from finetune_cli.errors import BackboneError, WeightsUnavailableError
-from finetune_cli.models import efficientnet_lite, registry
+from finetune_cli.models import classic, efficientnet_lite, registry
 from finetune_cli.models.files import declared_input, input_side, load_model_file
 from finetune_cli.tfquiet import import_keras
 
@@ -91,6 +91,8 @@ def resolve(base: str, weights: str = "imagenet", image_size: int | None = None,
         WeightsUnavailableError: a weights path that does not exist.
     """
     weights = _check_weights(weights)
+    if weights == "imagenet" and registry.is_registered(base) and registry.get(base).builtin:
+        weights = "none"  # no pretrained weights exist for the built-in classic networks
     keras_version = metadata.version("keras")
     weights_id = weights if weights in ("imagenet", "none") else "file:" + file_digest(Path(weights))
     if weights == "none":
@@ -138,6 +140,11 @@ def build(ref: BaseRef) -> Backbone:
     keras.utils.set_random_seed(ref.seed)
     if ref.spec is not None and ref.spec.embedded:
         return _build_embedded(keras, ref)
+    if ref.spec is not None and ref.spec.builtin:
+        model = classic.build(keras, ref.spec.constructor, ref.image_size)
+        if ref.weights != "none":
+            _load_weights_file(model, ref)
+        return Backbone(ref, model)
     if ref.spec is not None:
         return Backbone(ref, _build_registered(keras, ref))
     return _build_file(keras, ref)
@@ -151,11 +158,15 @@ def _build_embedded(keras, ref: BaseRef) -> Backbone:
         _load_converted(full, ref.path)
         return Backbone(ref, trunk, full)
     if ref.weights != "none":
-        try:
-            trunk.load_weights(ref.weights)
-        except Exception as exc:
-            raise WeightsUnavailableError(f"cannot load weights {ref.weights} into {ref.label}: {exc}") from None
+        _load_weights_file(trunk, ref)
     return Backbone(ref, trunk)
+
+
+def _load_weights_file(model, ref: BaseRef) -> None:
+    try:
+        model.load_weights(ref.weights)
+    except Exception as exc:
+        raise WeightsUnavailableError(f"cannot load weights {ref.weights} into {ref.label}: {exc}") from None
 
 
 def _load_converted(model, source: Path) -> None:

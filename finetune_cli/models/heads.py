@@ -6,13 +6,14 @@ from finetune_cli.tfquiet import import_keras
 
 
 def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, dropout: float = 0.0,
-               l2: float = 0.0, kernel=None, bias=None, pooling: str = "avg"):
+               l2: float = 0.0, kernel=None, bias=None, pooling: str = "avg", suffix: str = ""):
     """raw RGB (B, S, S, 3) in [0, 255] -> class probabilities (B, n_classes).
 
     Global average (or, with `pooling="max"`, max) pooling of `layer_name`'s
     output (of several layers' outputs, concatenated in order), dropout, and a softmax Dense layer named
     `classifier` (Glorot-uniform init, or `kernel` (d, k) and `bias` (k,) when
-    given, e.g. from the linear head).
+    given, e.g. from the linear head). `suffix` is appended to the head's layer
+    names (and the model's), so several heads can share one backbone graph (an ensemble).
     """
     keras = import_keras()
     names = [layer_name] if isinstance(layer_name, str) else list(layer_name)
@@ -21,16 +22,16 @@ def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, d
         x = backbone_model.get_layer(name).output
         if len(x.shape) == 4:
             pool = keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
-            x = pool(name="head_pool" + (f"_{i}" if i else ""))(x)
+            x = pool(name="head_pool" + (f"_{i}" if i else "") + suffix)(x)
         pooled.append(x)
-    x = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="head_concat")(pooled)
+    x = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="head_concat" + suffix)(pooled)
     if dropout:
-        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+        x = keras.layers.Dropout(dropout, name="head_dropout" + suffix)(x)
     dense = keras.layers.Dense(
-        n_classes, activation="softmax", name="classifier", kernel_initializer="glorot_uniform",
+        n_classes, activation="softmax", name="classifier" + suffix, kernel_initializer="glorot_uniform",
         kernel_regularizer=keras.regularizers.L2(l2) if l2 else None,
     )
     outputs = dense(x)
     if kernel is not None:
         dense.set_weights([kernel, bias])
-    return keras.Model(backbone_model.input, outputs, name="finetune_classifier")
+    return keras.Model(backbone_model.input, outputs, name="finetune_classifier" + suffix)

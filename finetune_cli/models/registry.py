@@ -32,6 +32,10 @@ class BackboneSpec:
         embedded: True for a backbone built in `models/` whose ImageNet
             weights ship in an installed package (no download); `constructor`
             then names nothing in keras.applications.
+        builtin: True for a small classic network built in `models/classic.py`
+            (`constructor` names its builder there): random initialisation
+            only, since no pretrained weights exist; `--weights imagenet`
+            (the default) means a fresh, seeded initialisation for it.
     """
 
     name: str
@@ -43,6 +47,7 @@ class BackboneSpec:
     min_size: int = 32
     kwargs: dict = field(default_factory=dict)
     embedded: bool = False
+    builtin: bool = False
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -102,5 +107,8 @@ for _spec in (
     BackboneSpec("inceptionv3", "InceptionV3", 299, "tf", 2048, 21.8, min_size=75),
     BackboneSpec("xception", "Xception", 299, "tf", 2048, 20.9, min_size=71),
     BackboneSpec("convnexttiny", "ConvNeXtTiny", 224, "none", 768, 27.8),
+    BackboneSpec("lenet", "lenet", 32, "none", 84, 0.06, min_size=28, builtin=True),
+    BackboneSpec("alexnet", "alexnet", 64, "none", 64, 0.25, min_size=32, builtin=True),
+    BackboneSpec("vgg", "vgg", 64, "none", 128, 0.29, min_size=32, builtin=True),
 ):
     register(_spec)

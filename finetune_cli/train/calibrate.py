@@ -46,7 +46,8 @@ def calibrate(ctx: Context, result: TrainResult, settings: TrainConfig) -> Train
     reason = refusal(fitted, probs, labels, settings.temperature_range)
     model = None if reason else fold_temperature(result.model, fitted)
     if model is None and not reason:
-        reason = "the model's output layer is not a softmax Dense layer named `classifier`"
+        reason = ("the model's output layer is not a softmax Dense layer named `classifier` (an ensemble "
+                  "averages its members' softmax outputs: no single layer to fold a temperature into)")
     before = np.asarray(probs, np.float64)
     after = before if reason else temper(before, fitted)
     calibration = Calibration(1.0 if reason else fitted, fitted, not reason, reason, before, after,

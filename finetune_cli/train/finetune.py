@@ -25,11 +25,15 @@ from finetune_cli.train.context import Context, TrainResult, class_weights
 BEST_WEIGHTS = "best.weights.h5"
 
 
-def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, settings) -> TrainResult:
+def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, settings, callbacks=(),
+                      after=None) -> TrainResult:
     """Fine-tune as the plan says (see the module docstring); retries at lr/10 when it diverges.
 
     Args:
-        settings: a `config.TrainConfig` (retries, activation cache).
+        settings: a `config.TrainConfig` (retries, activation cache, `average`).
+        callbacks: more engine callbacks (`train.averaging`), run after the standard ones.
+        after: (result, trainable, val_data) -> TrainResult, applied before the comparison with
+            the linear head (`train.ensemble` builds snapshot members there).
 
     Raises:
         TrainingError: still diverging after `settings.max_retries` retries.
@@ -44,8 +48,11 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     clock.append(time.perf_counter())
     trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
     clock.append(time.perf_counter())
-    state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries)
+    averager = _averager(settings)
+    state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries,
+                              list(callbacks) + ([averager] if averager else []))
     clock.append(time.perf_counter())
+    averaging = _keep_average(ctx, averager, trainable, val_data, notes)
     probs, labels = predict_batches(trainable, val_data)
     size = ctx.backbone.ref.image_size
     score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)
@@ -53,8 +60,10 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     steps = {"linear_head": clock[1] - clock[0], "inputs": clock[2] - clock[1], "epochs": epochs,
              "validation_and_checkpoints": clock[3] - clock[2] - epochs}
     metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch,
-               "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}}
+               "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}, **averaging}
     result = TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
+    if after is not None:
+        result = after(result, trainable, val_data)
     if baseline is None or not settings.keep_better:
         if baseline is None:
             ctx.reporter.on_note("resumed: the linear head of the first start is not kept, so no comparison with it")
@@ -174,8 +183,29 @@ def _datasets(ctx: Context, model, cut, plan, recipe, balanced: bool, settings):
     return model, train_data, val_data
 
 
-def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, state, retries: int):
-    """Run the engine with checkpoints and the NaN policy; returns (state, plan as run, notes)."""
+def _averager(settings):
+    """A `train.averaging.WeightAverage` for `settings.average` swa or ema, else None."""
+    if getattr(settings, "average", "none") == "none":
+        return None
+    from finetune_cli.train.averaging import WeightAverage
+
+    return WeightAverage(settings.average)
+
+
+def _keep_average(ctx: Context, averager, trainable, val_data, notes: list) -> dict:
+    """{"averaging": record} after `train.averaging.keep_average` (its note added), or {} without averaging."""
+    if averager is None:
+        return {}
+    from finetune_cli.train.averaging import keep_average
+
+    record, note = keep_average(averager, trainable, val_data)
+    notes.append(note)
+    ctx.reporter.on_note(note)
+    return {"averaging": record}
+
+
+def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, state, retries: int, extra=()):
+    """Run the engine with checkpoints, the NaN policy and `extra` callbacks; returns (state, plan as run, notes)."""
     from finetune_cli.train.engine import Diverged, fit_with_retries
     from finetune_cli.train.loop import finetuner
 
@@ -200,7 +230,8 @@ def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, sta
         _announce(ctx, plan)
 
     trainer, validate = finetuner(trainable, plan, recipe, val_data, checkpoint=checkpoint, restore_best=restore_best,
-                                  progress=lambda s, total: ctx.reporter.on_epoch(s.history[-1], total), whole=model)
+                                  progress=lambda s, total: ctx.reporter.on_epoch(s.history[-1], total), whole=model,
+                                  extra=extra)
     _announce(ctx, plan)
     try:
         state = fit_with_retries(trainer, train_data, validate, plan.epochs, state, retries=retries, on_retry=retry)

@@ -10,7 +10,7 @@ is `engine.Trainer.fit`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from finetune_cli.models.stages import find_stages
 from finetune_cli.strategy.decide import Plan
 from finetune_cli.strategy.recipes import Recipe
 from finetune_cli.tfquiet import import_keras
-from finetune_cli.train.engine import EarlyStopping, Each, Group, LoopState, NanGuard, PlateauDecay, Trainer
+from finetune_cli.train.engine import Callback, EarlyStopping, Each, Group, LoopState, NanGuard, PlateauDecay, Trainer
 
 HEAD_LAYERS = ("classifier",)
 
@@ -96,6 +96,7 @@ def finetuner(
     restore_best: Callable[[object], None] | None = None,
     progress: Callable[[LoopState, int], None] | None = None,
     whole=None,
+    extra: Sequence[Callback] = (),
 ) -> tuple[Trainer, Callable[[], dict]]:
     """(trainer, validate): fine-tuning `model` as the plan says, for `engine.fit_with_retries`.
 
@@ -108,6 +109,7 @@ def finetuner(
             model, for a best epoch from before a resume.
         progress: called after each epoch with (state, total epochs).
         whole: the whole network when `model` is its top (see `set_trainable`).
+        extra: more engine callbacks, run after the others (weight averaging, snapshots).
     """
     import tensorflow as tf
 
@@ -122,6 +124,7 @@ def finetuner(
         callbacks.append(Each(lambda trainer, s, logs: checkpoint(trainer.model, s, logs["improved"])))
     if progress:
         callbacks.append(Each(lambda trainer, s, logs: progress(s, plan.epochs)))
+    callbacks.extend(extra)
     shape = tuple(model.input_shape[1:])
     signature = [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32),
                  tf.TensorSpec((None,), tf.float32)]

@@ -175,8 +175,19 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
     from finetune_cli.train.linear import fit_linear_plan
 
     balanced = is_balanced(ctx, profile)
+    n = getattr(settings, "ensemble", 1)
     if plan.strategy == "linear":
+        if getattr(settings, "average", "none") != "none":
+            ctx.reporter.on_note(f"--average {settings.average} applies to fine-tuning; this plan is linear: ignored")
+        if n > 1:
+            from finetune_cli.train.ensemble import fit_linear_ensemble
+
+            return fit_linear_ensemble(ctx, plan, evidence, n_stages(ctx), balanced, recipe, n)
         return fit_linear_plan(ctx, plan, evidence, n_stages(ctx), balanced, recipe)
+    if n > 1:
+        from finetune_cli.train.ensemble import fit_finetune_ensemble
+
+        return fit_finetune_ensemble(ctx, plan, recipe, balanced, settings)
     return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings)
 
 
