@@ -25,12 +25,20 @@ TINY = 1e-12
 FLOOR = np.finfo(np.float64).tiny
 
 
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-likelihood (nats, >= 0) of int labels (n,) under probabilities (n, k); NaN when n = 0."""
+def per_image_nll(probs: np.ndarray, labels: np.ndarray, floor: float = TINY) -> np.ndarray:
+    """-log p(true class) (n,) nats of int labels (n,) under probabilities (n, k), p clipped at `floor`."""
+    picked = np.asarray(probs, np.float64)[np.arange(len(labels)), labels]
+    return -np.log(np.clip(picked, floor, 1.0))
+
+
+def nll(probs: np.ndarray, labels: np.ndarray, floor: float = TINY) -> float:
+    """Mean negative log-likelihood (nats, >= 0) of int labels (n,) under probabilities (n, k); NaN when n = 0.
+
+    `floor`: the clip before the log; training and validation losses use Keras's 1e-7 (`train.loop`).
+    """
     if len(labels) == 0:
         return float("nan")
-    picked = np.asarray(probs, np.float64)[np.arange(len(labels)), labels]
-    return float(-np.log(np.clip(picked, TINY, 1.0)).mean())
+    return float(per_image_nll(probs, labels, floor).mean())
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:

@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from finetune_cli.calibration import nll
 from finetune_cli.config import ENSEMBLE, EnsembleConfig
 from finetune_cli.errors import TrainingError
 from finetune_cli.train.engine import Callback
@@ -117,8 +118,7 @@ class CosineSnapshots(Callback):
 
 def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean -log p(true class) of probs (n, k) for labels (n,), probabilities clipped at 1e-7 (as `train.loop`)."""
-    picked = np.asarray(probs)[np.arange(len(labels)), labels]
-    return float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
+    return nll(probs, labels, floor=1e-7)
 
 
 def keep_average(averager: WeightAverage, trainable, val_data) -> tuple[dict, str]:

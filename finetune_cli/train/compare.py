@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from finetune_cli.calibration import per_image_nll
 from finetune_cli.config import TRAIN, TrainConfig
 
 
 def scores(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-image (correct (n,) bool, cross-entropy (n,) nats) of probabilities (n, k) for int labels (n,)."""
-    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    return probs.argmax(1) == labels, -np.log(picked)
+    return probs.argmax(1) == labels, per_image_nll(probs, labels)
 
 
 def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, level: float, seed: int = 0) -> tuple[float, float]:

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from finetune_cli.calibration import nll
 from finetune_cli.models.backbones import PREPROCESS_PREFIX
 from finetune_cli.models.stages import find_stages
 from finetune_cli.strategy.decide import Plan
@@ -141,9 +142,7 @@ def evaluate(model, data, forward=None) -> tuple[float, float]:
     epoch does not trace the model every epoch.
     """
     probs, labels = predict_batches(model, data, forward)
-    picked = probs[np.arange(len(labels)), labels]
-    loss = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
-    return loss, float((probs.argmax(1) == labels).mean())
+    return nll(probs, labels, floor=1e-7), float((probs.argmax(1) == labels).mean())
 
 
 def predictor(model):

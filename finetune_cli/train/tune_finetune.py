@@ -43,6 +43,7 @@ import time
 
 import numpy as np
 
+from finetune_cli.calibration import nll
 from finetune_cli.config import TRAIN, TUNE, TrainConfig, TuneConfig
 from finetune_cli.errors import FolderError, SettingsError
 from finetune_cli.features import FeatureCache
@@ -334,11 +335,10 @@ def held_out_estimate(trials: Trials, recipe: recipe_files.Recipe) -> dict:
                             "TuneConfig.lr_range and rerun with the same --out")
     n = len(fitted.labels)
     hits = int((fitted.probs.argmax(1) == fitted.labels).sum())
-    picked = fitted.probs[np.arange(n), fitted.labels]
     low, high = walk.wilson(hits, n)
     return {"kind": "held-out", "accuracy": hits / n if n else None, "n_correct": hits, "n_images": n,
             "interval95": [round(low, 4), round(high, 4)],
-            "cross_entropy": float(-np.log(np.clip(picked, 1e-7, 1.0)).mean()) if n else None,
+            "cross_entropy": nll(fitted.probs, fitted.labels, floor=1e-7) if n else None,
             "epochs": recipe.epochs, "rate_factor": fitted.rate_factor,
             "label": f"{n} held-out images the search never saw (those `finetune train --seed {ctx.seed}` validates "
                      f"on), scored once by best.toml's configuration trained on the {len(ctx.train.images)} "
