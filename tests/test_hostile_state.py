@@ -111,14 +111,17 @@ def cli_env() -> dict:
 def start_cli(log: Path, *args, **popen) -> subprocess.Popen:
     """`python -m finetune_cli ARGS` in a subprocess, stdout and stderr into `log`.
 
-    The child gets the default SIGINT disposition: a test suite started in the
-    background (`cmd &` in a script) inherits SIGINT ignored, and Python then
-    never raises KeyboardInterrupt, so Ctrl-C could not be tested.
+    The child gets the default SIGINT disposition and an unblocked SIGINT: a
+    test suite started in the background (`cmd &` in a script) inherits SIGINT
+    ignored, and a runner may start it with SIGINT blocked in its signal mask
+    (which survives fork and exec); either way Python would never raise
+    KeyboardInterrupt, so Ctrl-C could not be tested.
     """
     extra = popen.pop("preexec_fn", None)
 
     def prepare():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         if extra is not None:
             extra()
 
