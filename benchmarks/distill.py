@@ -51,7 +51,7 @@ def write_digits(root: Path, train_per_class: int, test_per_class: int, size: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-per-class", type=int, default=20)
+    parser.add_argument("--train-per-class", type=int, default=10)
     parser.add_argument("--teacher-base", default="efficientnet_lite0")
     parser.add_argument("--teacher-size", type=int, default=64)
     parser.add_argument("--teacher-strategy", default="auto",
