@@ -68,3 +68,19 @@ def subset(src: Path, dst: Path, per_class: int, seed: int = 0, keep_large: bool
 def finetune_cmd(*args: str) -> list[str]:
     """The CLI, run as users run it, by the interpreter running the benchmark."""
     return [sys.executable, "-m", "finetune_cli", *map(str, args)]
+
+
+def small_png(image, limit: int) -> tuple[bytes, int | None]:
+    """A PIL image as PNG bytes under `limit` if it can be: full colour, else 256, 128, 64 colours.
+
+    Returns (bytes, colours used; None: full colour).
+    """
+    import io
+
+    for colours in (None, 256, 128, 64):
+        shown = image if colours is None else image.quantize(colours, dither=0)
+        buffer = io.BytesIO()
+        shown.save(buffer, "PNG", optimize=True)
+        if buffer.tell() < limit:
+            break
+    return buffer.getvalue(), colours

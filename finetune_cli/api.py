@@ -6,6 +6,7 @@ reported through optional callbacks. Errors are `finetune_cli.errors` types.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from finetune_cli.config import FEATURES, PRETRAIN, SCAN, TRAIN, PretrainConfig,
 from finetune_cli.config import TUNE, TuneConfig
 from finetune_cli.config import LR_FIND, LrFindConfig
 from finetune_cli.config import PREDICT
+from finetune_cli.config import SCALE
+from finetune_cli.errors import SettingsError
 from finetune_cli.data.scan import Progress, scan_folder
 from finetune_cli.reporter import QUIET, Reporter
 
@@ -112,24 +115,38 @@ def extract_features(
     config: ScanConfig = SCAN,
     progress: Progress | None = None,
     scan_progress: Progress | None = None,
+    engine: str = SCALE.engine,
+    address: str | None = None,
+    workers: int = SCALE.workers,
 ):
     """Frozen features for every usable image under `root` (labelled or flat).
 
     Args:
         out: if given, the table is written there (.parquet, .csv or .npz);
             checked before any work, and an existing file is refused unless
-            `overwrite`.
+            `overwrite`. With engine `ray`: a folder (or URI) for Parquet shards + manifest.json.
         layer: None (final), a stage index, or a layer name.
+        engine: `local`, or `ray` (`ray_engine`: model actors on the cluster at `address`, or on a
+            Ray started here; `workers` actors, 0: one per CPU; `root` may also be a list file or URI).
 
     Returns:
-        (FeatureTable, Scan).
+        (FeatureTable, Scan); with engine `ray`, (manifest dict, skipped files).
 
     Raises:
-        FolderError, BackboneError, WeightsUnavailableError, OutputError.
+        FolderError, BackboneError, WeightsUnavailableError, OutputError, SettingsError (engine).
     """
     from finetune_cli.features import FeatureCache, check_table_path, extract, write_table
     from finetune_cli.models.backbones import resolve
 
+    if _ray_engine(engine, address):
+        from finetune_cli import ray_engine
+
+        if out is None:
+            raise SettingsError("--engine ray writes Parquet shards: give --out FOLDER (or a URI)")
+        settings = dataclasses.replace(SCALE, workers=workers, batch_size=batch_size)
+        return ray_engine.extract_features(root, resolve(base, weights, image_size, FEATURES.init_seed), out=str(out),
+                                           overwrite=overwrite, layer=layer, pooling=pooling, address=address,
+                                           settings=settings, config=config, progress=progress)
     if out is not None:
         out = check_table_path(Path(out), overwrite)
     ref = resolve(base, weights, image_size, FEATURES.init_seed)
@@ -190,6 +207,7 @@ def train(
     ensemble: int | str = TRAIN.ensemble,
     ensemble_mode: str = TRAIN.ensemble_mode,
     average: str = TRAIN.average,
+    devices: int | str = 1,
 ) -> dict:
     """Inspect, decide, train and write a run folder (see `train.run` for the steps).
 
@@ -206,6 +224,8 @@ def train(
         lr: the head's rate (> 0, or its text), or "auto": `lr_find`'s valley on the plan's model;
             other groups keep their ratio. Fine-tuning only; None: the recipe's. Recorded as "lr".
         ensemble, ensemble_mode, average: see `config.TrainConfig` (text accepted), `train.ensemble`.
+        devices: fine-tune on this many devices (or "all": every GPU) under a MirroredStrategy,
+            the global batch split across them (`train.distribute`); 1: the plain single-device path.
 
     Returns the run's metrics (also in `out/metrics.json`).
 
@@ -213,16 +233,18 @@ def train(
         FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError, SettingsError,
         ModelFileError, TrainingError.
     """
+    from finetune_cli.train.distribute import scope
     from finetune_cli.train.ensemble import checked_settings
     from finetune_cli.train.lr_find import checked_rate
     from finetune_cli.train.run import train as run_training
 
     settings = checked_settings(settings, ensemble, ensemble_mode, average, resume)
-    return run_training(root, base, out=out, weights=weights, image_size=image_size, similarity=similarity,
-                        strategy=strategy, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
-                        resume=resume, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
-                        unlabeled=unlabeled, pretrain_config=pretrain_settings, greedy=greedy, config=config,
-                        settings=settings, reporter=reporter, lr=checked_rate(lr))
+    with scope(devices, reporter.on_note):
+        return run_training(root, base, out=out, weights=weights, image_size=image_size, similarity=similarity,
+                            strategy=strategy, recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
+                            resume=resume, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
+                            unlabeled=unlabeled, pretrain_config=pretrain_settings, greedy=greedy, config=config,
+                            settings=settings, reporter=reporter, lr=checked_rate(lr))
 
 
 def lr_find(
@@ -335,32 +357,62 @@ def checked_pretrain_config(config: PretrainConfig) -> PretrainConfig:
 
 
 def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
-            tta: int | str = PREDICT.tta):
+            tta: int | str = PREDICT.tta, engine: str = SCALE.engine, address: str | None = None,
+            workers: int = SCALE.workers, progress: Progress | None = None):
     """(frame of predictions, skipped files) for image files and folders; see `predict.predict`.
 
     `out`: also write the frame there as CSV (refused if it exists, unless `overwrite`).
     `tta`: test-time augmentation, the probabilities averaged over this many
     deterministic views per image (1-16, or its text; 1 is off); the frame's `tta` column records it.
+    `engine`: `local`, or `ray`: the same rows as Parquet shards + manifest.json in the folder (or URI)
+    `out`, by `workers` model actors (0: one per CPU) on the cluster at `address` or on a Ray started
+    here; inputs may also be list files and URIs (see `ray_engine`). Returns (manifest dict, skipped).
 
     Raises:
-        OutputError, ModelFileError, FolderError, SettingsError (tta out of range).
+        OutputError, ModelFileError, FolderError, SettingsError (tta out of range, engine).
     """
     from finetune_cli import predict as predicting
 
+    if _ray_engine(engine, address):
+        from finetune_cli import ray_engine
+
+        if out is None:
+            raise SettingsError("--engine ray writes Parquet shards: give --out FOLDER (or a URI)")
+        return ray_engine.predict(inputs, model, out=str(out), overwrite=overwrite, top_k=top_k,
+                                  tta=predicting.checked_tta(tta), address=address,
+                                  settings=dataclasses.replace(SCALE, workers=workers), progress=progress)
     return predicting.predict(inputs, model, top_k=top_k, out=out, overwrite=overwrite, tta=tta)
 
 
-def evaluate(root, model, *, tta: int | str = PREDICT.tta) -> dict:
+def _ray_engine(engine: str, address: str | None) -> bool:
+    """True for engine `ray` once Ray is importable.
+
+    Raises:
+        SettingsError: an unknown engine, --address without ray, or Ray not installed.
+    """
+    from finetune_cli import ray_engine
+
+    if ray_engine.checked_engine(engine, address) != "ray":
+        return False
+    ray_engine.require_ray()
+    return True
+
+
+def evaluate(root, model, *, tta: int | str = PREDICT.tta, html: str | os.PathLike | None = None,
+             overwrite: bool = False) -> dict:
     """Accuracy, ECE and NLL, per-class metrics and confusion matrix of a run on a labelled folder.
 
     `tta`: as for `predict` (1-16), recorded as result["tta"].
+    `html`: also write a self-contained page there (confusion matrix, per-class scores, the misclassified
+    images as thumbnails; see `report_html.write_evaluation`), checked before any work, refused if it
+    exists unless `overwrite`; result["html"] is its path.
 
     Raises:
-        FolderError, ModelFileError, SettingsError (tta out of range).
+        FolderError, ModelFileError, SettingsError (tta out of range), OutputError (html).
     """
     from finetune_cli import predict as predicting
 
-    return predicting.evaluate(root, model, tta=tta)
+    return predicting.evaluate(root, model, tta=tta, html=html, overwrite=overwrite)
 
 
 def diagnose(run: str | os.PathLike) -> dict:
@@ -400,6 +452,9 @@ def tune(
     settings: TuneConfig = TUNE,
     train_settings: TrainConfig = TRAIN,
     reporter: Reporter = QUIET,
+    engine: str = "local",
+    address: str | None = None,
+    max_concurrent: int | None = None,
 ) -> dict:
     """Search a plan's hyper-parameters: a linear plan's (C, feature stage, pooling, augmented views) on cached
     features, or a fine-tuning plan's (learning rate, top_lr_factor, dropout, l2, unfrozen stages, epochs).
@@ -424,6 +479,9 @@ def tune(
             for a large one the recipe `train` would decide (a fine-tuning one).
         settings: the space and defaults (`config.TuneConfig`); train_settings: its val_fraction
             (and for fine-tuning trials its retries and activation cache).
+        engine: local (trials one by one here) or ray (each batch of trials, a rung of halving, as
+            Ray Tune trials on the cluster at `address`, at most `max_concurrent` at once; same
+            trials.csv): see `tune_ray`.
 
     Returns:
         The summary (also out/summary.json): best, estimate (held-out accuracy,
@@ -434,11 +492,13 @@ def tune(
         SettingsError, FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError.
     """
     from finetune_cli.train.tune import tune as run_search
+    from finetune_cli.tune_ray import engine as trial_engine
 
-    return run_search(root, base, out=out, method=method, budget=budget, time_limit=time_limit, cv=cv, seed=seed,
-                      recipe=recipe, weights=weights, image_size=image_size, batch_size=batch_size,
-                      cache_dir=cache_dir, use_cache=use_cache, config=config, settings=settings,
-                      train_settings=train_settings, reporter=reporter)
+    with trial_engine(engine, address, max_concurrent) as trials:
+        return run_search(root, base, out=out, method=method, budget=budget, time_limit=time_limit, cv=cv,
+                          seed=seed, recipe=recipe, weights=weights, image_size=image_size, batch_size=batch_size,
+                          cache_dir=cache_dir, use_cache=use_cache, config=config, settings=settings,
+                          train_settings=train_settings, reporter=reporter, engine=trials)
 
 
 def distill(
@@ -493,3 +553,228 @@ def distill(
                             temperature=temperature, alpha=alpha, image_size=image_size, val_dir=val_dir,
                             test_dir=test_dir, seed=seed, cache_dir=cache_dir, use_cache=use_cache,
                             settings=settings, reporter=reporter)
+
+
+def export(
+    run: str | os.PathLike,
+    *,
+    format: str,
+    quantize: str = "none",
+    out: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    check_dir: str | os.PathLike | None = None,
+    calibration: int | None = None,
+    min_agreement: float | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Write a run's model as keras, savedmodel, tflite or onnx into `out`, and verify the written file.
+
+    The file takes raw RGB float32 (B, S, S, 3) in [0, 255] (preprocessing inside) and returns
+    probabilities (B, k); labels.json goes beside it (and into the file: ONNX metadata_props, TFLite
+    metadata, SavedModel assets). Routes per format: `export_formats`.
+
+    Args:
+        format: keras, savedmodel, tflite or onnx.
+        quantize: none; tflite also fp16, dynamic, int8; onnx also int8.
+        out: the folder (new, or existing: other files in it are kept); None: a new RUN/exports/F-Q-N.
+        data: the folder the run was trained on: its validation split (`train --seed seed`) is the
+            check set, its training part int8's representative set (`calibration` images at most).
+        check_dir: a labelled folder to verify on instead.
+        min_agreement: the share (0-1) of held-out images on which the file must pick the Keras model's
+            top-1 class; below it the export is refused and nothing is written, unless `force`.
+        None values: `config.ExportConfig`'s defaults.
+
+    Returns:
+        The report (also out/export.json): n_images, accuracy_keras, accuracy, agreement,
+        max_prob_diff, ms_per_image (batch 1, CPU) of both, bytes, route, out.
+
+    Raises:
+        SettingsError, ModelFileError, FolderError, OutputError, ExportError (refused, missing runtime).
+    """
+    from finetune_cli.export import export_run
+
+    return export_run(run, fmt=format, quantize=quantize, out=out, data=data, check_dir=check_dir, seed=seed,
+                      overwrite=overwrite, force=force, min_agreement=min_agreement, calibration=calibration)
+
+
+def report(run: str | os.PathLike) -> Path:
+    """(Re)build `RUN/report.html` from the files of a finished run folder alone; returns the page's path.
+
+    Args:
+        run: a run folder (the --out of `train`), or `last` (the newest under ./runs).
+
+    Raises:
+        ModelFileError: not a finished run folder (no readable metrics.json).
+        OutputError: the page cannot be written.
+    """
+    from finetune_cli.errors import ModelFileError
+    from finetune_cli.report_html import write_report
+    from finetune_cli.run import last_run
+
+    folder = last_run() if str(run) == "last" else Path(run).expanduser().absolute()
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder} is not a run folder: `finetune report` takes the --out folder of a "
+                             "finished `finetune train`")
+    return write_report(folder)
+
+
+def audit(
+    root: str | os.PathLike,
+    base: str,
+    *,
+    val_dir: str | os.PathLike | None = None,
+    test_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    write: bool = True,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    batch_size: int = FEATURES.batch_size,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict:
+    """Data problems found with `base`'s cached features (`finetune audit`; method: `audit` module).
+
+    Args:
+        val_dir, test_dir: also compared with `root` (a near-duplicate across folders is leakage).
+        out: the folder for audit.csv and index.html; None: a new `runs/<folder name>-audit-N`.
+        write: False returns the findings without writing anything (`inspect --base` uses it).
+
+    Returns (the `audit --json` contract):
+        {"folder", "base", "images": {"train": n[, "val": n][, "test": n]},
+         "counts": {"label", "leakage", "duplicate", "outlier": n},
+         "findings": [{"kind": label|leakage|duplicate|outlier, "path", "other_path" ("" unless a pair),
+                       "given_label", "suggested_label" (label: the class predicted instead; pairs: the other
+                       image's label; else ""), "score" (label: margin in (0, 1]; pairs: cosine similarity;
+                       outlier: robust z)}], most suspect first within each kind,
+         "skipped": [{"path", "reason"}], "settings": {...}, "files": {"csv", "html"} (empty without write)}.
+
+    Raises:
+        FolderError, BackboneError, WeightsUnavailableError, OutputError.
+    """
+    from finetune_cli.audit import audit as run_audit
+
+    return run_audit(root, base, val_dir=val_dir, test_dir=test_dir, out=out, write=write, weights=weights,
+                     image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache,
+                     seed=seed, progress=progress)
+
+
+def patches(
+    root: str | os.PathLike,
+    base: str,
+    *,
+    layer: str | int,
+    units: int | None = None,
+    unit_ids: list[int] | None = None,
+    top: int | None = None,
+    out: str | os.PathLike | None = None,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    batch_size: int = FEATURES.batch_size,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> dict:
+    """For each unit of `layer`, the `top` image crops (its receptive field at the argmax) that excite it most.
+
+    Args:
+        layer: a stage index or a layer name (`finetune layers --base B`).
+        units: how many units (default `config.PATCHES.units`): the most active (highest mean per-image maximum).
+        unit_ids: these units instead (0..C-1).
+        out: the folder for patches.png, patches.csv, index.html; None: a new `runs/<folder name>-patches-N`.
+
+    Returns:
+        {"folder", "base", "layer", "image_size", "receptive_field": {"size", "jump", "start"} (per axis),
+         "units": [{"unit", "mean_max", "patches": [{"rank", "path", "activation", "y", "x",
+         "box": [top, left, bottom, right]}]}], "skipped", "files"}.
+
+    Raises:
+        FolderError, BackboneError (bad layer, unsupported layer on the path), SettingsError (unit out of range),
+        OutputError.
+    """
+    from finetune_cli.patches import patches as run_patches
+
+    return run_patches(root, base, layer=layer, units=units, unit_ids=unit_ids, top=top, out=out, weights=weights,
+                       image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache,
+                       progress=progress)
+
+
+def filters(
+    base: str | None = None,
+    model: str | os.PathLike | None = None,
+    *,
+    layer: str | int,
+    units: int | None = None,
+    unit_ids: list[int] | None = None,
+    out: str | os.PathLike | None = None,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    dream: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> dict:
+    """Gradient-ascent pictures of `layer`'s units (`base` or a run `model`), and with `dream` a DeepDream photo.
+
+    Args:
+        units: how many (default `config.FILTERS.units`), the first ones; unit_ids: these instead.
+        out: the folder for filters.png, index.html (and dream.png); None: a new `runs/<base>-filters-N`.
+
+    Returns:
+        {"base", "layer", "image_size", "units": [{"unit", "activation", "noise_activation"}] (mean activation
+        on its picture, and on uniform noise), "files": {"grid", "html"[, "dream"]}}.
+
+    Raises:
+        SettingsError (neither or both of base/model, unit out of range), BackboneError, ModelFileError,
+        FolderError (an unusable --dream image), OutputError.
+    """
+    from finetune_cli.filters import filters as run_filters
+
+    return run_filters(base, None if model is None else str(model), layer=layer, units=units, unit_ids=unit_ids,
+                       out=out, weights=weights, image_size=image_size, dream_image=dream, seed=seed)
+
+
+def explain(run: str | os.PathLike, images: list, *, method: str = "occlusion", class_name: str | None = None,
+            sanity: bool = False, out: str | os.PathLike | None = None) -> dict:
+    """Heat maps of a run's decisions (occlusion or Grad-CAM) over image files or a folder, with a gallery.
+
+    Args:
+        run: a run folder, its model.keras, or `last`.
+        images: files and folders; one folder of the run's class subfolders is read as labelled
+            (misclassified images first in the gallery).
+        class_name: map this class instead of each image's predicted one.
+        sanity: also map with the head randomised; a map that barely changes is flagged.
+        out: the folder for maps/, index.html, explain.json; None: a new `runs/<run>-explain-<N>`.
+
+    Returns:
+        See `explain.explain` (rows per image, skipped files, flagged count).
+
+    Raises:
+        ModelFileError, FolderError, SettingsError, OutputError.
+    """
+    from finetune_cli.explain import explain as run_explain
+
+    return run_explain(run, images, method=method, class_name=class_name, sanity=sanity, out=out)
+
+
+def attack(run: str | os.PathLike, root: str | os.PathLike, *, eps=None, methods=None,
+           out: str | os.PathLike | None = None, corruptions: bool = False) -> dict:
+    """Accuracy of a run against adversarial budgets eps (0-255 pixel units; FGSM, PGD) on a labelled folder,
+    and optionally under common corruptions; writes robustness.json, robustness.png and index.html.
+
+    Args:
+        eps, methods: comma-separated text or sequences; None: `config.AttackConfig`'s (eps 0,1,2,4,8; fgsm,pgd).
+        out: the folder to write; None: a new `runs/<run>-attack-<N>`.
+
+    Returns:
+        See `attack.attack` (accuracy per method and eps, halving eps, warnings, corruptions).
+
+    Raises:
+        SettingsError, ModelFileError, FolderError, OutputError.
+    """
+    from finetune_cli.attack import attack as run_attack
+    from finetune_cli.config import ATTACK
+
+    return run_attack(run, root, eps=ATTACK.eps if eps is None else eps,
+                      methods=ATTACK.methods if methods is None else methods, out=out, corruptions=corruptions)

@@ -9,6 +9,8 @@
     curves.png       loss / accuracy per epoch (or CV accuracy per C)
     confusion.png    validation confusion matrix
     reliability.png  reliability diagram of the validation images, before and after calibration
+    predictions_val.csv  per validation image: path, true, predicted, probability, p_true
+    report.html      everything above as one self-contained page (`report_html`), written after metrics.json
     skipped.csv      files not used, with reasons
     checkpoint.keras, state.json   the last completed fine-tuning epoch (for --resume)
     best.weights.h5  the weights of the best epoch so far (for --resume)
@@ -175,13 +177,16 @@ class RunFolder:
         return self.write_bytes(name, figure_png(figure))
 
 
-def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts: dict, timings) -> dict:
+def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts: dict, timings,
+              val_paths: list[str] | None = None) -> dict:
     """Write a fitted result into the run folder: model, history, plots, then metrics.json (last).
 
     Args:
         result: a `train.context.TrainResult`.
         facts: metrics known before writing (strategy, similarity, counts, test scores).
         timings: () -> {step: seconds}, read after the model is saved.
+        val_paths: the validation images' absolute paths, in `result.val_probs` order: written with
+            their predictions to predictions_val.csv; None: no such file.
 
     Returns:
         The metrics, as written to metrics.json.
@@ -199,10 +204,30 @@ def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts
     if result.calibration is not None:
         run.save_figure("reliability.png", reliability_figure(result.calibration))
         facts = {**facts, "calibration": result.calibration.facts()}
+    if val_paths is not None:
+        run.write_frame("predictions_val.csv", predictions_frame(val_paths, classes, labels, probs))
     metrics = {**facts, "val_accuracy": float(np.mean(probs.argmax(1) == labels)), "classes": classes,
                "learning_rates": result.plan.learning_rates, "notes": result.notes, "timings_s": timings()}
     run.write_json("metrics.json", metrics)
     return metrics
+
+
+def predictions_frame(paths: list[str], classes: list[str], labels, probs):
+    """One row per image: path, true, predicted, probability (of the prediction), p_true (of the truth).
+
+    Args:
+        paths: n paths (shown as printable text); labels: (n,) class indices; probs: (n, k) in [0, 1].
+    """
+    import numpy as np
+    import pandas as pd
+
+    from finetune_cli.files import shown
+
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
+    guess, rows = probs.argmax(1), np.arange(len(labels))
+    return pd.DataFrame({"path": [shown(p) for p in paths], "true": [classes[i] for i in labels],
+                         "predicted": [classes[i] for i in guess], "probability": probs[rows, guess].round(6),
+                         "p_true": probs[rows, labels].round(6)})
 
 
 def save_model_atomic(model, target: Path, facts: dict | None = None) -> Path:

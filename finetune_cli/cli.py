@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import io
 import json
+import statistics
 import sys
 
 import click
@@ -23,6 +24,10 @@ from finetune_cli.config import TUNE
 from finetune_cli.config import PREDICT, TRAIN
 from finetune_cli.config import ENSEMBLE
 from finetune_cli.config import DISTILL
+from finetune_cli.config import SCALE
+from finetune_cli.config import EXPORT
+from finetune_cli.config import ATTACK
+from finetune_cli.config import FILTERS, PATCHES
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import registry
 from finetune_cli.strategy import recipes
@@ -95,6 +100,28 @@ model_option = click.option("--model", "model_dir", required=True, type=str,
 tta_option = click.option("--tta", default=PREDICT.tta, show_default=True, metavar="K", type=str,
                           help=f"Test-time augmentation: average the probabilities of K deterministic views per "
                                f"image (the image, then flips and crops), 1 to {PREDICT.max_tta}; 1 is off.")
+engine_options = options(
+    click.option("--engine", type=click.Choice(["local", "ray"]), default=SCALE.engine, show_default=True,
+                 help="ray: model actors on a Ray cluster write Parquet shards + manifest.json into the --out "
+                      "folder (or URI); inputs may also be list files (.txt) and URIs (s3://, gs://, file://)."),
+    click.option("--address", default=None,
+                 help="With --engine ray: an existing cluster (host:port, ray://host:10001, or auto); "
+                      "default: start Ray on this machine for the run."),
+    click.option("--workers", type=click.IntRange(0, 10_000), default=SCALE.workers, show_default=True,
+                 help="With --engine ray: model actors, each loading the model once (0: one per CPU)."),
+)
+
+
+def echo_sharded(manifest: dict, skipped, out) -> None:
+    """What an --engine ray run wrote (stdout), and each skipped file (stderr)."""
+    from finetune_cli.files import shown
+
+    for item in skipped:
+        click.echo(f"skipped {shown(item.path)}: {shown(item.reason)}", err=True)
+    engine = manifest["engine"]
+    click.echo(f"wrote {out}: {manifest['rows']} rows in {len(manifest['shards'])} Parquet shard(s) + manifest.json "
+               f"({engine['workers']} workers on {engine['nodes']} node(s)"
+               + (f", {len(skipped)} files skipped" if skipped else "") + ")")
 
 
 def base_options(default: str | None):
@@ -152,15 +179,19 @@ def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_si
         with report.progress_bar(err_console(), "probing features") as progress:
             reporter = report.RichReporter(Console(file=io.StringIO()), progress)  # the bar alone
             _, evidence, plan = api.plan(folder, base, weights=weights, image_size=image_size, reporter=reporter)
+        suspects = api.audit(folder, base, weights=weights, image_size=image_size, write=False)["counts"]
     if as_json:
         info = profile.to_dict()
         if plan:
-            info.update(similarity=evidence.to_dict(), plan=plan.to_dict())
+            info.update(similarity=evidence.to_dict(), plan=plan.to_dict(), audit=suspects)
         click.echo(json.dumps(info, indent=2, ensure_ascii=False))
     else:
         report.profile_tables(profile, Console())
         if plan:
             report.plan_panel(Console(), plan, evidence)
+            if any(suspects.values()):
+                found = ", ".join(f"{n} {AUDIT_WORDS[k]}" for k, n in suspects.items() if n)
+                click.echo(f"{found}: run `finetune audit {folder} --base {base}`")
 
 
 @cli.command()
@@ -190,22 +221,33 @@ def layers(base: str, weights: str, image_size: int | None, as_json: bool) -> No
 
 
 @cli.command("extract-features")
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=str)
 @base_options(DEFAULT_BASE)
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help=f"Output table: .parquet, .csv or .npz. [default: a new {RUNS_DIR}/FOLDER-features-N.parquet]")
+@click.option("--out", type=str, default=None,
+              help=f"Output table: .parquet, .csv or .npz. [default: a new {RUNS_DIR}/FOLDER-features-N.parquet] "
+                   "With --engine ray: a folder (or URI) for the shards.")
 @overwrite_option
 @click.option("--layer", default=None, help="Stage index (1 = earliest, -1 = last) or layer name. Default: final features.")
 @click.option("--pooling", type=click.Choice(["avg", "max"]), default=FEATURES.pooling, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @cache_options
+@engine_options
 @handle_errors
-def extract_features(folder, base, weights, image_size, out, overwrite, layer, pooling, batch_size, cache_dir, no_cache):
+def extract_features(folder, base, weights, image_size, out, overwrite, layer, pooling, batch_size, cache_dir, no_cache,
+                     engine, address, workers):
     """Write one row of features per usable image: path, label, f0, f1, ..."""
     from pathlib import Path
 
     from finetune_cli.run import numbered
 
+    if engine == "ray":
+        with report.progress_bar(err_console(), "extracting (ray)") as progress:
+            manifest, skipped = api.extract_features(
+                folder, base, out=out, overwrite=overwrite, weights=weights, layer=layer, pooling=pooling,
+                image_size=image_size, batch_size=batch_size, engine=engine, address=address, workers=workers,
+                progress=progress)
+        echo_sharded(manifest, skipped, out)
+        return
     if out is None:
         out = numbered(f"{Path(folder).resolve().name}-features", ".parquet")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +322,9 @@ def cache_clear(cache_dir):
 @click.option("--average", default=TRAIN.average, show_default=True, metavar="none|swa|ema",
               help=f"Fine-tuning: average the weights (swa: the last {ENSEMBLE.swa_epochs} epochs; ema: per epoch, "
                    f"decay {ENSEMBLE.ema_decay}); kept only if validation cross-entropy is not worse.")
+@click.option("--devices", default="1", show_default=True, metavar="N|all",
+              help="Fine-tune on N devices (all: every GPU) with MirroredStrategy, each step's batch split across "
+                   "them; the result matches one device up to rounding. FINETUNE_CPU_DEVICES=N splits a CPU (tests).")
 @cache_options
 @click.option("--unlabeled", type=click.Path(file_okay=False), default=None,
               help="Pretrain a denoising autoencoder on these unlabeled images first (from --base's early stages "
@@ -288,7 +333,7 @@ def cache_clear(cache_dir):
 @handle_errors
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, seed, resume,
           batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy,
-          lr, no_calibrate, ensemble, ensemble_mode, average):
+          lr, no_calibrate, ensemble, ensemble_mode, average, devices):
     """Decide how to reuse the base, train, and write a run folder."""
     given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
     if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
@@ -306,9 +351,14 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
             unlabeled=unlabeled, pretrain_settings=api.pretrain_config(**given) if unlabeled else None,
             greedy=greedy, reporter=report.RichReporter(console, progress), lr=lr,
             settings=dataclasses.replace(TRAIN, calibrate=False) if no_calibrate else TRAIN,
-            ensemble=ensemble, ensemble_mode=ensemble_mode, average=average,
+            ensemble=ensemble, ensemble_mode=ensemble_mode, average=average, devices=devices,
         )
     report.metrics_summary(Console(), metrics, metrics.get("run_folder", out))
+    from pathlib import Path
+
+    page = Path(metrics.get("run_folder") or out or ".") / "report.html"
+    if page.is_file():
+        click.echo(f"report: {page}")
 
 
 @cli.command("lr-find", help=f"Sweep the head's learning rate from {LR_FIND.start_lr:g} to {LR_FIND.end_lr:g} "
@@ -362,16 +412,26 @@ def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @model_option
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a CSV here instead of printing.")
+@click.option("--out", type=str, default=None,
+              help="Write a CSV here instead of printing. With --engine ray: a folder (or URI) for the shards.")
 @overwrite_option
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True)
 @tta_option
+@engine_options
 @handle_errors
-def predict(inputs, model_dir, out, overwrite, top_k, tta):
+def predict(inputs, model_dir, out, overwrite, top_k, tta, engine, address, workers):
     """Predict the class of image files and folders."""
     from finetune_cli.files import shown
 
-    frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite, tta=tta)
+    if engine == "ray":
+        with report.progress_bar(err_console(), "predicting (ray)") as progress:
+            manifest, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite,
+                                            tta=tta, engine=engine, address=address, workers=workers,
+                                            progress=progress)
+        echo_sharded(manifest, skipped, out)
+        return
+    frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite, tta=tta,
+                                 engine=engine, address=address)
     for item in skipped:
         click.echo(f"skipped {shown(item.path)}: {shown(item.reason)}", err=True)
     if out:
@@ -385,10 +445,13 @@ def predict(inputs, model_dir, out, overwrite, top_k, tta):
 @model_option
 @json_option
 @tta_option
+@click.option("--html", "html", type=click.Path(dir_okay=False), default=None, metavar="PAGE",
+              help="Also write a self-contained HTML page: confusion matrix, per-class scores, misclassified images.")
+@click.option("--overwrite", is_flag=True, help="Replace the --html page if it exists.")
 @handle_errors
-def evaluate(folder, model_dir, as_json, tta):
+def evaluate(folder, model_dir, as_json, tta, html, overwrite):
     """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and confusion matrix on a labelled folder."""
-    result = api.evaluate(folder, model_dir, tta=tta)
+    result = api.evaluate(folder, model_dir, tta=tta, html=html, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
@@ -397,6 +460,16 @@ def evaluate(folder, model_dir, as_json, tta):
     console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] on {result['n_images']} images{views}; "
                   f"ECE {result['ece']:.1%} ({TRAIN.ece_bins} bins), NLL {result['nll']:.3f}", highlight=False)
     report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
+    if html:
+        console.print(f"page: {result['html']}", highlight=False)
+
+
+@cli.command("report")
+@click.argument("run", type=str)
+@handle_errors
+def report_page(run: str) -> None:
+    """(Re)build RUN/report.html from a finished run folder. RUN: a run folder, or `last`."""
+    click.echo(f"wrote {api.report(run)}")
 
 
 @cli.command()
@@ -435,11 +508,18 @@ def diagnose(run: str, as_json: bool) -> None:
                                              "partial, partial-2 or full (fine-tuning), or a .toml file. [default: "
                                              "linear for a small folder; for a large one the plan train decides]")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: each batch of trials (a rung of halving) runs as Ray Tune trials on a cluster, one CPU "
+                   "each; the same candidates, rungs and trials.csv as local.")
+@click.option("--address", default=None, help="With --engine ray: an existing cluster (host:port, ray://host:10001, "
+                                                "or auto); default: start Ray on this machine for the search.")
+@click.option("--max-concurrent", type=click.IntRange(1, 10_000), default=None,
+              help="With --engine ray: Ray Tune trials running at once. [default: as the cluster's CPUs allow]")
 @cache_options
 @json_option
 @handle_errors
 def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv, seed, recipe, batch_size, cache_dir,
-         no_cache, as_json):
+         no_cache, as_json, engine, address, max_concurrent):
     """Search hyper-parameters: a linear head's C, stage, pooling and views on cached features, cross-validated,
     or a fine-tuning plan's rates, dropout, l2, unfrozen stages and epochs by successive halving; score the best
     once on held-out images; write trials.csv, best.toml (for train --recipe), search.png."""
@@ -451,7 +531,8 @@ def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv,
     with report.progress_bar(console, "tune", "steps") as progress:
         summary = api.tune(folder, base, out=out, method=method, budget=budget, time_limit=seconds, cv=cv, seed=seed,
                            recipe=recipe, weights=weights, image_size=image_size, batch_size=batch_size,
-                           cache_dir=cache_dir, use_cache=not no_cache, reporter=report.RichReporter(console, progress))
+                           cache_dir=cache_dir, use_cache=not no_cache, reporter=report.RichReporter(console, progress),
+                           engine=engine, address=address, max_concurrent=max_concurrent)
     if as_json:
         click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return
@@ -507,6 +588,220 @@ def distill(folder, teachers, student, student_weights, unlabeled, temperature, 
                       f"distillation (T={summary['temperature']:g}, alpha={summary['alpha']:g}; accuracy on the "
                       f"{summary['scored_on']} images)")
     click.echo(f"run folder: {metrics['run_folder']}")
+
+
+@cli.command()
+@click.argument("run", type=str)
+@click.option("--format", "fmt", required=True, type=click.Choice(["keras", "savedmodel", "tflite", "onnx"]),
+              help="keras (a checked copy), savedmodel (TensorFlow), tflite (LiteRT), onnx (onnxruntime).")
+@click.option("--quantize", default="none", show_default=True, type=click.Choice(["none", "fp16", "dynamic", "int8"]),
+              help="tflite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated on --data); "
+                   "onnx: int8; keras and savedmodel: none.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for the file, labels.json and export.json (other files in it are kept). "
+                   "[default: a new RUN/exports/FORMAT-QUANTIZE-N]")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="The folder the run was trained on: its validation split (as `train --seed`) verifies the "
+                   "export, its training images calibrate int8.")
+@click.option("--check-dir", type=click.Path(file_okay=False), default=None,
+              help="A labelled folder to verify on instead of the validation split.")
+@click.option("--calibration", type=click.IntRange(1, 100_000), default=EXPORT.calibration, show_default=True,
+              metavar="N", help="Training images int8 quantisation calibrates on, at most.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=EXPORT.min_agreement, show_default=True,
+              help="Refuse the export (exit 2, nothing written) when the file picks the Keras model's class on "
+                   "a smaller share of the held-out images.")
+@click.option("--force", is_flag=True, help="Keep the export even below --min-agreement.")
+@click.option("--overwrite", is_flag=True, help="Replace this format's file, labels.json and export.json in --out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The --seed the run was trained with.")
+@json_option
+@handle_errors
+def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement, force, overwrite, seed, as_json):
+    """Export a run for deployment (keras, savedmodel, tflite, onnx) and verify the file with its own runtime
+    against the Keras model: accuracy, top-1 agreement, probability difference, size, CPU ms per image."""
+    result = api.export(run, format=fmt, quantize=quantize, out=out, data=data, check_dir=check_dir,
+                        calibration=calibration, min_agreement=min_agreement, force=force, overwrite=overwrite,
+                        seed=seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    r = result
+    click.echo(f"{r['format']} ({r['quantize']}), {r['bytes']:,} bytes; checked on {r['n_images']} images "
+               f"({r['checked_on']}): accuracy {r['accuracy']:.1%} (Keras {r['accuracy_keras']:.1%}), top-1 "
+               f"agreement {r['agreement']:.1%}, largest probability difference {r['max_prob_diff']:.2g}; "
+               f"{r['ms_per_image']:.2f} ms per image at batch 1 (Keras {r['ms_per_image_keras']:.2f})")
+    forced = " (forced: below --min-agreement)" if result["agreement"] < result["min_agreement"] else ""
+    click.echo(f"wrote {result['out']}/{result['file']}, labels.json, export.json{forced}")
+
+
+@cli.command()
+@click.argument("run", type=str)
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--method", type=click.Choice(["occlusion", "gradcam"]), default="occlusion", show_default=True,
+              help="occlusion: a grey patch slid over the image (any model); gradcam: gradients at the last "
+                   "spatial layer, nested backbones included.")
+@click.option("--class", "class_name", default=None, help="Map this class. [default: each image's predicted class]")
+@click.option("--sanity", is_flag=True, help="Also map with the head's weights randomised and flag maps that barely "
+                                             "change (Spearman rank correlation; Adebayo et al. 2018).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Folder for maps/, index.html, explain.json. [default: a new {RUNS_DIR}/RUN-explain-N]")
+@handle_errors
+def explain(run, images, method, class_name, sanity, out):
+    """Heat maps of what RUN looks at in IMAGES (files, or a folder; a folder of class subfolders puts the
+    misclassified first in the gallery)."""
+    from finetune_cli.files import shown
+
+    result = api.explain(run, list(images), method=method, class_name=class_name, sanity=sanity, out=out)
+    for item in result["skipped"]:
+        click.echo(f"skipped {item['path']}: {shown(item['reason'])}", err=True)
+    if sanity:
+        click.echo(f"sanity: {result['flagged']} of {len(result['images'])} maps barely change when the head is "
+                   "randomised (flagged: they do not explain the model)")
+    click.echo(f"wrote {len(result['images'])} {method} maps: {result['page']}")
+
+
+@cli.command()
+@click.argument("run", type=str)
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.option("--eps", default=",".join(f"{e:g}" for e in ATTACK.eps), show_default=True,
+              help="Perturbation budgets in pixels (of 255), comma-separated; 0 (clean) is always included.")
+@click.option("--method", "methods", default=",".join(ATTACK.methods), show_default=True,
+              help="Attacks, comma-separated: fgsm (one step), pgd (projected gradient descent).")
+@click.option("--corruptions", is_flag=True, help="Also score Gaussian noise, blur, JPEG and brightness at three "
+                                                  "severities.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Folder for robustness.json/.png and index.html. [default: a new {RUNS_DIR}/RUN-attack-N]")
+@handle_errors
+def attack(run, folder, eps, methods, corruptions, out):
+    """Accuracy of RUN on a labelled FOLDER under adversarial perturbations of growing eps (and corruptions)."""
+    result = api.attack(run, folder, eps=eps, methods=methods, out=out, corruptions=corruptions)
+    console = Console()
+    report.rows_table(console, result["rows"], ["method", "eps", "accuracy"],
+                      f"accuracy against eps on {result['n_images']} images")
+    for method, value in result["halving_eps"].items():
+        console.print(f"{method.upper()}: accuracy halves at eps {value:g}" if value is not None
+                      else f"{method.upper()}: accuracy never halves", highlight=False)
+    if result["corruptions"]:
+        report.rows_table(console, result["corruptions"], ["corruption", "severity", "level", "accuracy"],
+                          "common corruptions")
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    for item in result["skipped"]:
+        click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    click.echo(f"wrote {result['page']}, robustness.json, robustness.png")
+
+
+AUDIT_WORDS = {"label": "possible label errors (out-of-fold predictions disagree)",
+               "leakage": "near-duplicate pairs across folders", "duplicate": "near-duplicate pairs", "outlier": "outliers"}
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@base_options(DEFAULT_BASE)
+@click.option("--val-dir", type=click.Path(file_okay=False), default=None,
+              help="Validation folder: also searched for near-duplicate copies of FOLDER's images (leakage).")
+@click.option("--test-dir", type=click.Path(file_okay=False), default=None, help="Test folder, as --val-dir.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Folder for audit.csv and index.html. [default: a new {RUNS_DIR}/FOLDER-audit-N]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the cross-validation folds.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@cache_options
+@json_option
+@handle_errors
+def audit(folder, base, weights, image_size, val_dir, test_dir, out, seed, batch_size, cache_dir, no_cache, as_json):
+    """Find probable label errors (out-of-fold probabilities of a linear head on the features), near-duplicate pairs
+    (leakage when across FOLDER / --val-dir / --test-dir) and outliers; write audit.csv and index.html.
+
+    \b
+    --json prints one object: folder, base, images {train, val, test},
+    counts {label, leakage, duplicate, outlier}, findings [{kind, path,
+    other_path, given_label, suggested_label, score}] (most suspect first per
+    kind; score: label = suggested-class minus given-class out-of-fold
+    probability, pairs = cosine similarity, outlier = robust z), skipped
+    [{path, reason}], settings, files {csv, html}.
+    """
+    with report.progress_bar(err_console(), "features") as progress:
+        result = api.audit(folder, base, val_dir=val_dir, test_dir=test_dir, out=out, weights=weights,
+                           image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
+                           seed=seed, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    for item in result["skipped"]:
+        click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    report.rows_table(Console(), result["findings"][:20], ["kind", "path", "other_path", "given_label",
+                                                           "suggested_label", "score"], title="suspects (first 20)")
+    found = ", ".join(f"{n} {AUDIT_WORDS[k]}" for k, n in result["counts"].items())
+    click.echo(f"{found}; wrote {result['files']['csv']} and {result['files']['html']}")
+
+
+def _unit_list(text: str | None) -> list[int] | None:
+    """--unit-ids "3,7,12" -> [3, 7, 12]."""
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected unit indices like 3,7,12; got {text!r}", param_hint="--unit-ids") from None
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@base_options(DEFAULT_BASE)
+@click.option("--layer", required=True, help="Stage index or layer name (see `finetune layers --base B`).")
+@click.option("--units", type=click.IntRange(1, 4096), default=None,
+              help=f"How many units: the most active (highest mean per-image maximum). [default: {PATCHES.units}]")
+@click.option("--unit-ids", default=None, metavar="I,J,...", help="These units instead (0-based).")
+@click.option("--top", type=click.IntRange(1, 100), default=PATCHES.top, show_default=True, help="Crops per unit.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Folder for patches.png, patches.csv, index.html. [default: a new {RUNS_DIR}/FOLDER-patches-N]")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@cache_options
+@json_option
+@handle_errors
+def patches(folder, base, weights, image_size, layer, units, unit_ids, top, out, batch_size, cache_dir, no_cache,
+            as_json):
+    """For each unit of a layer, the image crops (its receptive field at the strongest position) that excite it
+    most across FOLDER."""
+    with report.progress_bar(err_console(), "activations") as progress:
+        result = api.patches(folder, base, layer=layer, units=units, unit_ids=_unit_list(unit_ids), top=top, out=out,
+                             weights=weights, image_size=image_size, batch_size=batch_size, cache_dir=cache_dir,
+                             use_cache=not no_cache, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    for item in result["skipped"]:
+        click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    size = result["receptive_field"]["size"]
+    click.echo(f"{len(result['units'])} units of {result['layer']} (receptive field {size[0]}x{size[1]} px); wrote "
+               f"{result['files']['grid']} and {result['files']['html']}")
+
+
+@cli.command()
+@click.option("--base", default=None, help="A registry name or a .keras backbone file.")
+@click.option("--model", "model_dir", default=None, help="Or a run folder of `finetune train` (or `last`).")
+@weights_option
+@size_option
+@click.option("--layer", required=True, help="Stage index or layer name (see `finetune layers --base B`).")
+@click.option("--units", type=click.IntRange(1, 256), default=None,
+              help=f"How many units: the first ones. [default: {FILTERS.units}]")
+@click.option("--unit-ids", default=None, metavar="I,J,...", help="These units instead (0-based).")
+@click.option("--dream", type=click.Path(dir_okay=False), default=None,
+              help="Also amplify the layer's patterns in this photo over a few octaves (DeepDream): dream.png.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help=f"Folder for filters.png and index.html. [default: a new {RUNS_DIR}/BASE-filters-N]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+@handle_errors
+def filters(base, model_dir, weights, image_size, layer, units, unit_ids, dream, out, seed, as_json):
+    """Pictures that maximise chosen units of a layer (gradient ascent with jitter, blur and decay)."""
+    result = api.filters(base, model_dir, layer=layer, units=units, unit_ids=_unit_list(unit_ids), out=out,
+                         weights=weights, image_size=image_size, dream=dream, seed=seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    ratios = [u["activation"] / u["noise_activation"] for u in result["units"] if u["noise_activation"] > 0]
+    median = f"; median {statistics.median(ratios):.1f}x the activation on noise" if ratios else ""
+    click.echo(f"{len(result['units'])} units of {result['layer']}{median}; wrote {', '.join(result['files'].values())}")
 
 
 def main() -> None:

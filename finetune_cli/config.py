@@ -533,3 +533,233 @@ LR_FIND = LrFindConfig()
 DIAGNOSE = DiagnoseConfig()
 PREDICT = PredictConfig()
 DISTILL = DistillConfig()
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Defaults of `finetune export` (`export.export_run`).
+
+    Attributes:
+        min_agreement: the exported file must pick the same top-1 class as the
+            Keras model on at least this share (0-1) of the held-out images,
+            or the export is refused (unless forced).
+        calibration: images from the training folder that full int8 quantisation
+            uses to choose its ranges (the representative set), at most.
+        timing_warmup: calls at batch 1 before the timed ones (first calls
+            build kernels and caches).
+        timing_images: held-out images timed at batch 1, at most; the reported
+            CPU ms per image is their median.
+        onnx_opset: the ONNX opset tf2onnx targets; None: its default.
+    """
+
+    min_agreement: float = 0.98
+    calibration: int = 200
+    timing_warmup: int = 3
+    timing_images: int = 50
+    onnx_opset: int | None = None
+
+
+EXPORT = ExportConfig()
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How `predict` and `extract-features` run with `--engine ray` (`ray_engine`).
+
+    Attributes:
+        engine: `local` (this process, tf.data) or `ray` (model actors on a Ray cluster).
+        workers: model actors (each loads the model once); 0: one per
+            `cpus_per_worker` CPUs of the cluster (per GPU when workers take GPUs).
+        cpus_per_worker: CPUs each actor reserves; also its TensorFlow thread count.
+        gpus_per_worker: GPUs each actor reserves; None: 1 when the cluster has GPUs, else 0.
+        batch_size: images per actor call, and per Parquet shard at most.
+        max_restarts: times a dead actor is restarted (its model loaded again).
+        max_task_retries: times a batch whose actor died is run again; a killed
+            worker costs a retry, not the job.
+        object_store_mb: object store of a Ray instance started here (no `--address`);
+            only paths and small results travel through it.
+    """
+
+    engine: str = "local"
+    workers: int = 0
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None
+    batch_size: int = 64
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    object_store_mb: int = 256
+
+
+SCALE = ScaleConfig()
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """How `RUN/report.html` and `evaluate --html` pages are drawn (`report_html`).
+
+    Attributes:
+        thumbnail_px: longest side, in pixels, of a gallery thumbnail (inlined as JPEG).
+        thumbnail_quality: JPEG quality (1-95) of the thumbnails; lower keeps the page smaller.
+        gallery_max: misclassified images shown at most, the most confident mistakes first;
+            the page says how many were left out.
+    """
+
+    thumbnail_px: int = 96
+    thumbnail_quality: int = 80
+    gallery_max: int = 200
+
+
+REPORT = ReportConfig()
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Heat maps of `finetune explain` (see `saliency`).
+
+    Attributes:
+        patch_fraction: occlusion: the grey patch's side as a fraction of the image side (>= 1 px).
+        stride_fraction: occlusion: the patch's step as a fraction of the side (>= 1 px).
+        patch_value: occlusion: the patch's grey level, 0-255.
+        batch_size: images (occluded copies) per forward pass.
+        sanity_threshold: --sanity: a map whose Spearman correlation (-1..1) with the
+            randomised-head map exceeds this is flagged as not explaining the model
+            (it barely depends on the head; a backbone trained on the task alone can
+            also localise the evidence, so a high value is a warning, not a proof).
+        sanity_seed: seed of the randomised head's weights.
+        overlay_alpha: opacity (0-1) of the heat map's peak drawn over the photo (0 where the map is 0).
+        min_view: the side (px) pictures are enlarged to, at least, in the gallery.
+    """
+
+    patch_fraction: float = 1 / 8
+    stride_fraction: float = 1 / 16
+    patch_value: float = 127.5
+    batch_size: int = 64
+    sanity_threshold: float = 0.8
+    sanity_seed: int = 0
+    overlay_alpha: float = 0.5
+    min_view: int = 160
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Robustness of `finetune attack`: adversarial (FGSM, PGD) and common corruptions.
+
+    Attributes:
+        eps: perturbation budgets tried, in 0-255 pixel units (L-infinity).
+        methods: attacks run by default, of fgsm and pgd.
+        pgd_steps: PGD iterations.
+        pgd_step_factor: PGD step size = this x eps / pgd_steps (Madry et al. use 2.5).
+        random_start: PGD starts from a uniform point in the eps-ball.
+        seed: seed of the random start and of the noise corruption.
+        batch_size: images per gradient step.
+        examples: adversarial examples shown in index.html.
+        masking_floor: gradient-masking check: at the largest eps, PGD accuracy above
+            this fraction (0-1) of the clean accuracy is warned about.
+        tolerance_images: accuracy may rise with eps (or PGD exceed FGSM) by this many
+            images before a warning (one image flips by chance).
+        noise: Gaussian noise standard deviations (pixels), one per severity.
+        blur: Gaussian blur radii (pixels), one per severity.
+        jpeg: JPEG qualities (1-95), one per severity.
+        brightness: brightness offsets added to every channel (pixels), one per severity.
+    """
+
+    eps: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    methods: tuple[str, ...] = ("fgsm", "pgd")
+    pgd_steps: int = 10
+    pgd_step_factor: float = 2.5
+    random_start: bool = True
+    seed: int = 0
+    batch_size: int = 32
+    examples: int = 6
+    masking_floor: float = 0.5
+    tolerance_images: int = 1
+    noise: tuple[float, ...] = (8.0, 16.0, 32.0)
+    blur: tuple[float, ...] = (0.5, 1.0, 2.0)
+    jpeg: tuple[int, ...] = (40, 15, 5)
+    brightness: tuple[float, ...] = (32.0, 64.0, 96.0)
+
+
+EXPLAIN = ExplainConfig()
+ATTACK = AttackConfig()
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How `finetune audit` looks for data problems in frozen features (final stage, average pooled).
+
+    Attributes:
+        folds: cross-validation folds for the out-of-fold probabilities (fewer when a class is smaller).
+        C: inverse L2 strength of the logistic regression on standardised features. Strong: less
+            over-confident out-of-fold probabilities rank planted errors better (signs benchmark, 3 flip
+            seeds: precision at k 0.82-0.83 at C = 0.003 against 0.66-0.74 at C = 1).
+        label_margin: an image is a probable label error when the best other class's out-of-fold
+            probability exceeds its given class's by more than this (score in [-1, 1]).
+        duplicate_similarity: cosine similarity (of mean-centred features, in [-1, 1]) at or above which
+            two images are a near-duplicate pair; an exact copy scores 1.
+        neighbours: k of the outlier score (mean similarity to the k nearest other images).
+        outlier_z: robust z-score ((median - s) / (1.4826 MAD)) of that mean similarity above which an
+            image is an outlier.
+        max_shown: suspects per kind shown in index.html (audit.csv lists all).
+        thumb: thumbnail side in pixels in the gallery.
+    """
+
+    folds: int = 5
+    C: float = 0.003
+    label_margin: float = 0.0
+    duplicate_similarity: float = 0.97
+    neighbours: int = 5
+    outlier_z: float = 4.0
+    max_shown: int = 48
+    thumb: int = 112
+
+
+@dataclass(frozen=True)
+class PatchesConfig:
+    """How `finetune patches` shows what a layer's units respond to.
+
+    Attributes:
+        units: how many units when none are named: the most active (highest mean per-image maximum).
+        top: crops per unit (the images whose maximum of that unit is highest).
+        cell: side in pixels of each crop in the grid picture.
+    """
+
+    units: int = 16
+    top: int = 9
+    cell: int = 64
+
+
+@dataclass(frozen=True)
+class FiltersConfig:
+    """Gradient-ascent pictures of units (`finetune filters`) and DeepDream (`--dream`).
+
+    Attributes:
+        units: how many units when none are named: the first ones.
+        steps: ascent steps per picture.
+        lr: step size in pixels per step (the gradient is divided by its standard deviation).
+        jitter: the image is shifted by up to this many pixels each step (robust, readable patterns).
+        blur_every: blur the image (3x3 Gaussian, mixed in at side / 224: fully from 224 px up) every
+            this many steps; 0: never.
+        decay: pull towards grey by this fraction per step (an L2 prior); 0: off.
+        cell: side in pixels of each picture in the grid.
+        octaves: DeepDream scales, coarse to fine, each `octave_scale` times the last.
+        octave_scale: size ratio between octaves.
+        dream_steps: ascent steps per octave.
+        dream_lr: DeepDream step in pixels.
+    """
+
+    units: int = 16
+    steps: int = 96
+    lr: float = 4.0
+    jitter: int = 4
+    blur_every: int = 4
+    decay: float = 0.002
+    cell: int = 128
+    octaves: int = 3
+    octave_scale: float = 1.4
+    dream_steps: int = 20
+    dream_lr: float = 3.0
+
+
+AUDIT = AuditConfig()
+PATCHES = PatchesConfig()
+FILTERS = FiltersConfig()

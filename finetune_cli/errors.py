@@ -46,3 +46,7 @@ class ModelFileError(FinetuneError):
 
 class TrainingError(FinetuneError):
     """Training could not produce a usable model (diverged after retries, out of memory)."""
+
+
+class ExportError(FinetuneError):
+    """An export cannot be made (a missing runtime, no held-out images) or fails its verification."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from finetune_cli.errors import OutputError
 from finetune_cli.files import atomic_write_bytes
 
 STYLE = """
@@ -109,8 +110,15 @@ def page(title: str, *sections: str, notes: Sequence[str] = ()) -> str:
 
 
 def write_page(path: Path, document: str) -> Path:
-    """Write an HTML document atomically (an old page stays whole until the rename)."""
-    atomic_write_bytes(Path(path), document.encode("utf-8"))
+    """Write an HTML document atomically (an old page stays whole until the rename).
+
+    Raises:
+        OutputError: the page cannot be written (a folder in the way, read-only, disk full).
+    """
+    try:
+        atomic_write_bytes(Path(path), document.encode("utf-8"))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; nothing was replaced") from None
     return Path(path)
 
 

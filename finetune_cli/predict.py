@@ -105,23 +105,13 @@ def predict(inputs, run_dir, *, top_k: int = 1, out=None, overwrite: bool = Fals
     Raises:
         OutputError, ModelFileError, FolderError, SettingsError (tta out of range).
     """
-    import pandas as pd
-
     tta = checked_tta(tta)
     out = check_output_file(out, overwrite=overwrite) if out is not None else None
     run = Run.load(run_dir)
     model, classes, size = run.model, run.classes, run.image_size
     scan = collect(inputs, config)
     probs, ok = probabilities(model, scan, size, config=config, tta=tta)
-    order = np.argsort(-probs, axis=1)
-    frame = pd.DataFrame({"path": [shown(r.path) for r in scan.images]})
-    frame["predicted"] = [classes[i] for i in order[:, 0]]
-    frame["probability"] = probs[np.arange(len(probs)), order[:, 0]].round(6)
-    for k in range(1, min(top_k, len(classes))):
-        frame[f"top{k + 1}"] = [classes[i] for i in order[:, k]]
-    for j, name in enumerate(classes):
-        frame[f"p_{name}"] = probs[:, j].round(6)
-    frame["tta"] = tta
+    frame = prediction_frame([shown(r.path) for r in scan.images], probs, classes, top_k, tta)
     late = [Skipped(r.path, "could not be read") for r, good in zip(scan.images, ok) if not good]
     frame = frame[ok].reset_index(drop=True)
     if out is not None:
@@ -130,19 +120,47 @@ def predict(inputs, run_dir, *, top_k: int = 1, out=None, overwrite: bool = Fals
     return frame, list(scan.skipped) + late
 
 
-def evaluate(root, run_dir, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN) -> dict:
+def prediction_frame(paths: list[str], probs: np.ndarray, classes: list[str], top_k: int, tta: int):
+    """The frame `predict` returns, from probabilities (n, k) of the images at `paths` (text, row order).
+
+    Shared by the local and the Ray engine (`ray_engine`), so both write the same columns and rounding.
+    """
+    import pandas as pd
+
+    order = np.argsort(-probs, axis=1)
+    frame = pd.DataFrame({"path": list(paths)})
+    frame["predicted"] = [classes[i] for i in order[:, 0]]
+    frame["probability"] = probs[np.arange(len(probs)), order[:, 0]].round(6)
+    for k in range(1, min(top_k, len(classes))):
+        frame[f"top{k + 1}"] = [classes[i] for i in order[:, k]]
+    for j, name in enumerate(classes):
+        frame[f"p_{name}"] = probs[:, j].round(6)
+    frame["tta"] = tta
+    return frame
+
+
+def evaluate(root, run_dir, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, html=None,
+             overwrite: bool = False) -> dict:
     """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and the confusion matrix on a labelled
-    folder; see `scores`. `tta`: views averaged per image (see `probabilities`), 1-16.
+    folder; see `scores`. `tta`: views averaged per image (see `probabilities`), 1-16. `html`: also
+    write that page (`report_html.write_evaluation`; result["html"]), refused if it exists unless `overwrite`.
 
     Raises:
         FolderError: a class folder the model does not know.
         SettingsError: tta out of range.
+        OutputError: `html` cannot be written.
     """
     tta = checked_tta(tta)
+    page = check_output_file(html, overwrite=overwrite, suffixes=(".html", ".htm"), option="--html") if html else None
     run = Run.load(run_dir)
     scan = labelled_test_scan(root, run.classes, config)
     probs, ok = probabilities(run.model, scan, run.image_size, config=config, tta=tta)
-    return scores(probs, ok, scan, run.classes, tta=tta)
+    result = scores(probs, ok, scan, run.classes, tta=tta)
+    if page is not None:
+        from finetune_cli.report_html import write_evaluation
+
+        result["html"] = str(write_evaluation(page, run, scan, probs, ok, result))
+    return result
 
 
 def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> Scan:

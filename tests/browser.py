@@ -7,6 +7,7 @@ test, naming what is missing, where either is absent.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -24,9 +25,7 @@ def chromium_path() -> str | None:
 
 
 def _missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         return "the Python package playwright is not installed (pip install playwright)"
     if chromium_path() is None:
         return "no Chromium found (apt-get install chromium, or set FINETUNE_CHROMIUM)"

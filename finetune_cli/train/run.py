@@ -7,6 +7,7 @@
     calibrate temperature scaling of the kept model (train.calibrate)     -> TrainResult
               (timed with fit as "train")
     write     the run folder (artifacts.write_run)                        -> metrics
+    report    RUN/report.html, best effort (report_html.write_report)
 """
 
 from __future__ import annotations
@@ -231,15 +232,47 @@ def finish(ctx: Context, result: TrainResult, profile, evidence, pretrained: dic
         ctx.reporter.on_phase(f"evaluating on {len(test_scan.images)} test images")
         extra["test"] = scores(*result.score(test_scan), test_scan, ctx.classes)
         extra["test_accuracy"] = extra["test"]["accuracy"]
-    header = {"run_folder": str(ctx.run.path), "strategy": result.plan.strategy, "recipe": result.plan.recipe,
+    header = {"run_folder": str(ctx.run.path), "data_root": str(Path(ctx.scan.root).absolute()), "strategy": result.plan.strategy, "recipe": result.plan.recipe,
               "similarity": evidence.verdict, "size_category": profile.size_category}
     counts = {"n_train": len(ctx.train.images), "n_val": len(ctx.val.images), "n_skipped": len(ctx.scan.skipped)}
     result = with_diagnosis(ctx, result, extra)
     ctx.reporter.on_phase(f"saving to {ctx.run.path}")
     timings = lambda: {**{k: round(v, 3) for k, v in clock.items()},
                        "total": round(time.perf_counter() - started, 3)}
-    return write_run(ctx.run, result, ctx.classes, ctx.backbone.ref.image_size, {**header, **extra, **counts},
-                     timings)
+    metrics = write_run(ctx.run, result, ctx.classes, ctx.backbone.ref.image_size,
+                        {**header, **extra, **counts, "profile": profile_facts(profile)}, timings,
+                        val_paths=val_paths(ctx, result))
+    return with_report(ctx, metrics)
+
+
+def profile_facts(profile) -> dict:
+    """The dataset profile for metrics.json: `Profile.to_dict` without its path lists (skipped.csv has them)."""
+    return {k: v for k, v in profile.to_dict().items() if k not in ("root", "skipped", "duplicates")}
+
+
+def val_paths(ctx: Context, result: TrainResult) -> list[str] | None:
+    """The validation images' absolute paths in `result.val_probs` order; None where they cannot be matched
+    (an image that could not be read left the probabilities shorter than the split)."""
+    images = ctx.val.images
+    if len(images) != len(result.val_probs) or not np.array_equal(ctx.labels(images), result.val_labels):
+        ctx.reporter.on_note("predictions_val.csv not written: the validation predictions do not match the "
+                             "split's images one for one (an image could not be read)")
+        return None
+    return [str(ctx.val.root / r.path) for r in images]
+
+
+def with_report(ctx: Context, metrics: dict) -> dict:
+    """Write RUN/report.html (`report_html.write_report`), best effort: the run is already saved, so a
+    failure is a note (in the returned metrics too), never an error."""
+    from finetune_cli.report_html import write_report
+
+    try:
+        write_report(ctx.run.path)
+    except Exception as exc:  # noqa: BLE001 - the saved run must survive any failure of its report
+        note = f"report.html not written ({type(exc).__name__}: {exc}); `finetune report {ctx.run.path}` retries"
+        ctx.reporter.on_note(note)
+        metrics = {**metrics, "notes": metrics["notes"] + [note]}
+    return metrics
 
 
 def with_diagnosis(ctx: Context, result: TrainResult, extra: dict) -> TrainResult:
