@@ -1,0 +1,206 @@
+"""`finetune explain`: heat maps of a run's decisions over images, a gallery, and the sanity check.
+
+Steps: load the run -> scan the images (a labelled folder keeps its labels)
+-> decode -> predict -> maps of the target class (`saliency`) -> optional
+randomised-head check -> overlay PNGs + index.html + explain.json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from finetune_cli.config import EXPLAIN, RUNS_DIR, SCAN, ExplainConfig, ScanConfig
+from finetune_cli.data.scan import Scan, Skipped
+from finetune_cli.errors import FolderError, SettingsError
+from finetune_cli.files import atomic_write_bytes, check_writable_folder, shown
+from finetune_cli.run import Run, numbered
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Images ready for a model: pixels (n, S, S, 3) float32 in [0, 255], labels (n,) class index or -1,
+    the scan records they came from, and the files skipped (unreadable, with reasons)."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    skipped: list[Skipped]
+
+
+def scan_inputs(inputs, classes: list[str], config: ScanConfig = SCAN) -> Scan:
+    """One folder whose subfolders are all class names of the run: a labelled scan; anything else:
+    an unlabeled scan of the files and folders (`predict.collect`, bad files skipped with reasons).
+
+    Raises:
+        FolderError: an input is missing, or nothing usable was found.
+    """
+    from finetune_cli.predict import collect, labelled_test_scan
+
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        subfolders = [p.name for p in Path(inputs[0]).iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if subfolders and all(name in classes for name in subfolders):
+            return labelled_test_scan(inputs[0], classes, config)
+    return collect(inputs, config)
+
+
+def decode(scan: Scan, classes: list[str], size: int, config: ScanConfig = SCAN) -> Decoded:
+    """Decode `scan`'s images at `size` (the pipeline every command uses); a file unreadable now is skipped.
+
+    Raises:
+        FolderError: no image could be read.
+    """
+    from finetune_cli.data.pipeline import batched_images
+
+    batches = [(x.numpy(), ok.numpy()) for x, ok in batched_images(scan.paths(), size, 64, config)]
+    pixels = np.concatenate([b[0] for b in batches]).astype(np.float32)
+    ok = np.concatenate([b[1] for b in batches])
+    labels = np.array([classes.index(r.label) if scan.labelled else -1 for r in scan.images], np.int64)
+    paths = [str(p) for p in scan.paths()]
+    late = [Skipped(p, "could not be read") for p, good in zip(paths, ok) if not good]
+    if not ok.any():
+        raise FolderError("none of the images could be read")
+    return Decoded(pixels[ok], labels[ok], [p for p, good in zip(paths, ok) if good], list(scan.skipped) + late)
+
+
+def class_index(name: str | None, classes: list[str]) -> int | None:
+    """The index of --class `name` among the run's classes (None: each image's predicted class).
+
+    Raises:
+        SettingsError: a name the run does not know.
+    """
+    if name is None:
+        return None
+    if name not in classes:
+        raise SettingsError(f"--class {name!r} is not one of the run's classes: {', '.join(classes)}")
+    return classes.index(name)
+
+
+def output_folder(out, run: Run, stem: str) -> Path:
+    """`out` created if needed (a new numbered `runs/<run>-<stem>-N` when None), checked writable.
+
+    Raises:
+        OutputError: it cannot be written.
+    """
+    folder = Path(out) if out is not None else numbered(f"{run.path.name}-{stem}", root=RUNS_DIR)
+    folder = folder.expanduser().absolute()
+    if folder.parent.is_dir() or out is None:
+        folder.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(folder)
+    return folder
+
+
+def overlay_png(image: np.ndarray, heat: np.ndarray, config: ExplainConfig = EXPLAIN) -> bytes:
+    """PNG bytes of `heat` (S, S; its positive part scaled to its peak) drawn over `image` (S, S, 3), in the
+    'jet' colours, up to `overlay_alpha` opaque at the peak, enlarged to at least `min_view` px (nearest neighbour)."""
+    import matplotlib
+
+    peak = float(heat.max())
+    scaled = np.clip(heat, 0, None) / peak if peak > 0 else np.zeros_like(heat)
+    colours = matplotlib.colormaps["jet"](scaled)[..., :3] * 255
+    alpha = config.overlay_alpha * np.sqrt(scaled)[..., None]  # the photo shows through where the map is low
+    blended = ((1 - alpha) * image + alpha * colours).clip(0, 255).astype(np.uint8)
+    return png_bytes(blended, config.min_view)
+
+
+def png_bytes(pixels: np.ndarray, min_view: int = EXPLAIN.min_view) -> bytes:
+    """uint8 (H, W, 3) as PNG bytes, enlarged by a whole factor to at least `min_view` px wide."""
+    from PIL import Image
+
+    picture = Image.fromarray(np.asarray(pixels, np.uint8))
+    factor = max(1, -(-min_view // picture.width))
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | None = None, sanity: bool = False,
+            out=None, config: ExplainConfig = EXPLAIN, scan_config: ScanConfig = SCAN) -> dict:
+    """Heat maps for the predicted class (or `class_name`) of each image; see the module docstring.
+
+    Returns:
+        {"out", "page", "method", "target", "images": [{path, map, predicted, probability, label,
+        correct, target, rho, flagged}], "skipped": [{path, reason}], "flagged": count}.
+
+    Raises:
+        ModelFileError, FolderError, SettingsError (method, --class), OutputError.
+    """
+    from finetune_cli import saliency
+
+    if method not in saliency.METHODS:
+        raise SettingsError(f"--method must be one of {', '.join(saliency.METHODS)}. Received: method={method!r}")
+    run = Run.load(run_dir)
+    fixed = class_index(class_name, run.classes)
+    images = decode(scan_inputs(list(inputs), run.classes, scan_config), run.classes, run.image_size, scan_config)
+    folder = output_folder(out, run, "explain")
+    probs = np.concatenate([saliency.call(run.model, images.pixels[s:s + 64]).numpy()
+                            for s in range(0, len(images.pixels), 64)])
+    targets = np.full(len(probs), fixed) if fixed is not None else probs.argmax(1)
+    maps = saliency.heat_maps(run.model, images.pixels, targets, method, config)
+    checks = saliency.sanity(run.model, images.pixels, targets, maps, method, config) if sanity else None
+    rows = _rows(images, probs, targets, checks, run.classes)
+    _write_maps(folder, images, maps, rows, config)
+    page = _write_page(folder, rows, method, run, checks is not None, config)
+    summary = {"out": str(folder), "page": str(page), "method": method, "target": class_name or "predicted",
+               "images": rows, "skipped": [{"path": shown(s.path), "reason": s.reason} for s in images.skipped],
+               "flagged": sum(bool(r["flagged"]) for r in rows)}
+    atomic_write_bytes(folder / "explain.json", json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
+    return summary
+
+
+def _rows(images: Decoded, probs: np.ndarray, targets: np.ndarray, checks, classes: list[str]) -> list[dict]:
+    rows = []
+    for i, path in enumerate(images.paths):
+        label = int(images.labels[i])
+        rows.append({
+            "path": shown(path), "map": f"maps/{i:04d}-{_safe_stem(path)}.png",
+            "predicted": classes[int(probs[i].argmax())], "probability": round(float(probs[i].max()), 4),
+            "label": classes[label] if label >= 0 else None,
+            "correct": None if label < 0 else bool(probs[i].argmax() == label),
+            "target": classes[int(targets[i])],
+            "rho": None if checks is None or np.isnan(checks[i].rho) else round(checks[i].rho, 3),
+            "flagged": None if checks is None else checks[i].flagged,
+        })
+    return rows
+
+
+def _safe_stem(path: str) -> str:
+    """A file name's stem usable in a relative URL: runs of other characters than letters, digits, . - _
+    (spaces, #, ?, bytes that are not UTF-8) become one _; at most 40 characters."""
+    return re.sub(r"[^\w.-]+", "_", Path(path).stem)[:40]
+
+
+def _write_maps(folder: Path, images: Decoded, maps: np.ndarray, rows: list[dict], config: ExplainConfig) -> None:
+    (folder / "maps").mkdir(exist_ok=True)
+    for image, heat, row in zip(images.pixels, maps, rows):
+        atomic_write_bytes(folder / row["map"], overlay_png(image, heat, config))
+
+
+def _write_page(folder: Path, rows: list[dict], method: str, run: Run, checked: bool, config: ExplainConfig) -> Path:
+    from finetune_cli.pages import Tile, write_gallery
+
+    def tile(row: dict) -> Tile:
+        lines = [Path(row["path"]).name, f"predicted {row['predicted']} ({row['probability']:.0%})",
+                 f"map of: {row['target']}"]
+        if row["label"] is not None:
+            lines.insert(1, f"label {row['label']}")
+        if checked:
+            rho = "n/a (flat map)" if row["rho"] is None else f"{row['rho']:.2f}"
+            lines.append(f"randomised head: rho {rho}" + (" - NOT explaining the model" if row["flagged"] else ""))
+        return Tile(row["map"], "\n".join(lines), bool(row["flagged"]) or row["correct"] is False)
+
+    wrong = [r for r in rows if r["correct"] is False]
+    right = [r for r in rows if r["correct"] is not False]
+    groups = ([("misclassified", [tile(r) for r in wrong])] if wrong else []) + \
+             [("correct" if wrong or any(r["correct"] for r in rows) else "images", [tile(r) for r in right])]
+    notes = [f"{method} maps of run {run.path.name}; red frame: misclassified"
+             + (f", or a map that barely changes when the head is randomised (rho > {config.sanity_threshold})"
+                if checked else "")]
+    return write_gallery(folder / "index.html", f"finetune explain: {method}", [g for g in groups if g[1]], notes)
