@@ -251,7 +251,8 @@ def extract_many(
     Args:
         layers: each None (final features), a stage index, or a layer name.
         pooling: `avg` or `max` over a 4-D map's spatial axes, or `none` (the
-            whole map, flattened: activations); one, or one per layer.
+            whole map, flattened: activations), or `maxarg` (each channel's
+            maximum, then its flat argmax: 2C values); one, or one per layer.
         dtype: what the cache stores, `float32` or `float16` (one, or one per layer).
         keep: False fills the cache and returns no features, so memory stays
             flat however large the maps (needs a cache); one, or one per layer.
@@ -262,8 +263,8 @@ def extract_many(
         One `FeatureTable` per layer, rows following `scan.images` (minus late failures).
     """
     poolings, dtypes, keeps = (_each(v, len(layers)) for v in (pooling, dtype, keep))
-    if not set(poolings) <= {"avg", "max", "none"}:
-        raise ValueError(f"Expected pooling 'avg', 'max' or 'none'. Received: pooling={pooling!r}")
+    if not set(poolings) <= {"avg", "max", "none", "maxarg"}:
+        raise ValueError(f"Expected pooling 'avg', 'max', 'none' or 'maxarg'. Received: pooling={pooling!r}")
     if not all(keeps) and cache is None:
         raise ValueError("keep=False needs a cache to fill")
     keys = ["final" if layer in (None, "") else str(layer) for layer in layers]

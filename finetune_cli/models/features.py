@@ -14,10 +14,15 @@ from finetune_cli.tfquiet import import_keras
 
 
 def pooled_model(model, layer_name: str, pooling: str):
-    """Sub-model: raw images -> pooled features (B, C) of `layer_name`; with pooling `none`, its map as is."""
+    """Sub-model: raw images -> pooled features (B, C) of `layer_name`; with pooling `none`, its map as is;
+    with `maxarg`, (B, 2C): each channel's spatial maximum, then its flat argmax (row * w + col) as float."""
     keras = import_keras()
     output = model.get_layer(layer_name).output
-    if len(output.shape) == 4 and pooling != "none":
+    if len(output.shape) == 4 and pooling == "maxarg":
+        flat = keras.ops.reshape(output, (-1, output.shape[1] * output.shape[2], output.shape[3]))
+        output = keras.ops.concatenate([keras.ops.max(flat, axis=1),
+                                        keras.ops.cast(keras.ops.argmax(flat, axis=1), "float32")], axis=-1)
+    elif len(output.shape) == 4 and pooling != "none":
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
         output = pool(name=f"{pooling}pool_{layer_name}")(output)  # unique: one pass may pool a layer both ways
     return keras.Model(model.input, output, name=f"{model.name}_features")
