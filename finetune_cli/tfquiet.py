@@ -4,6 +4,10 @@ TensorFlow's native logger prints oneDNN/CUDA notices to file descriptor 2
 before Python can configure it (TF_CPP_MIN_LOG_LEVEL no longer silences
 them), so stderr is pointed at /dev/null for the import alone. Import errors
 still raise as usual.
+
+`FINETUNE_CPU_DEVICES=N` in the environment splits the CPU into N logical
+devices right after TensorFlow's import, before anything starts its runtime
+(`train.distribute`: the multi-device path on a CPU-only machine, for tests).
 """
 
 from __future__ import annotations
@@ -15,11 +19,17 @@ import sys
 def import_keras():
     """`keras`, imported (with TensorFlow) quietly; interactive logging off."""
     if "keras" not in sys.modules:
+        cpus = _cpu_devices()
         sys.stderr.flush()
         saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         try:
             import tensorflow  # noqa: F401
+
+            if cpus:
+                from finetune_cli.train.distribute import split_cpu
+
+                split_cpu(cpus)
             import keras  # noqa: F401
         finally:
             os.dup2(saved, 2)
@@ -29,3 +39,20 @@ def import_keras():
     keras.config.disable_interactive_logging()
     sys.modules["tensorflow"].get_logger().setLevel("ERROR")
     return keras
+
+
+def _cpu_devices() -> int | None:
+    """FINETUNE_CPU_DEVICES (see the module docstring) as a count, or None when unset; checked before the import.
+
+    Raises:
+        SettingsError: not a count >= 1.
+    """
+    from finetune_cli.errors import SettingsError
+    from finetune_cli.train.distribute import CPU_DEVICES_ENV
+
+    value = os.environ.get(CPU_DEVICES_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise SettingsError(f"Expected {CPU_DEVICES_ENV} to be a count >= 1. Received: {value!r}")
+    return int(value)

@@ -10,6 +10,10 @@ A use of the engine supplies what differs, and nothing else:
 
 `fit_with_retries` wraps `fit` with the NaN policy: on divergence, restore the
 starting weights and try again at a tenth of every rate.
+
+A trainer made inside a `tf.distribute` strategy's scope (`train.distribute`,
+`train --devices N`) runs each step on every replica, on its slice of the
+global batch; outside one, the step is the plain single-device one.
 """
 
 from __future__ import annotations
@@ -94,14 +98,21 @@ class Trainer:
         groups: variable groups; empty groups are skipped.
         signature: the tf.function input signature of one batch.
         optimizer: rate -> Keras optimizer.
+
+    Attributes:
+        strategy: the `tf.distribute` strategy whose scope the trainer was made
+            in (the model's variables must come from the same scope), or None.
     """
 
     def __init__(self, model, loss: Loss, groups: Sequence[Group], signature, *,
                  optimizer: Callable[[float], object] = adam, callbacks: Sequence[Callback] = ()):
+        from finetune_cli.train.distribute import active
+
         self.model, self.loss, self.signature = model, loss, signature
         self.groups = [g for g in groups if g.variables]
         self.optimizer, self.callbacks = optimizer, list(callbacks)
         self.optimizers, self.compiled = [], None
+        self.strategy = active()
 
     def set_scale(self, scale: float) -> None:
         """Set every group's rate to its base rate times `scale`."""
@@ -110,6 +121,11 @@ class Trainer:
 
     def begin(self, scale: float = 1.0) -> None:
         """Make fresh optimizers (every group at its base rate x `scale`) and trace the step; `fit` starts here."""
+        if self.strategy is not None:
+            with self.strategy.scope():  # optimizer slots mirrored like the model's variables
+                self.optimizers = [self.optimizer(g.rate * scale) for g in self.groups]
+                self.compiled = self._replicated_step()
+            return
         self.optimizers = [self.optimizer(g.rate * scale) for g in self.groups]
         self.compiled = self._step()
 
@@ -171,13 +187,51 @@ class Trainer:
             with tf.GradientTape() as tape:
                 loss, weight, counts = self.loss(*batch)
                 total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
-            grads = tape.gradient(total, variables)
-            start = 0
-            for group, optimizer in zip(self.groups, self.optimizers):
-                end = start + len(group.variables)
-                optimizer.apply_gradients(zip(grads[start:end], variables[start:end]))
-                start = end
+            self._apply(tape.gradient(total, variables), variables)
             return loss * weight, weight, counts
+
+        return step
+
+    def _apply(self, grads, variables) -> None:
+        """Each group's optimizer applies its slice of `grads` (in `variables` order)."""
+        start = 0
+        for group, optimizer in zip(self.groups, self.optimizers):
+            end = start + len(group.variables)
+            optimizer.apply_gradients(zip(grads[start:end], variables[start:end]))
+            start = end
+
+    def _replicated_step(self):
+        """`_step` on every replica of `self.strategy`, each on its slice of the global batch.
+
+        Each replica's objective is its slice's summed loss over the global
+        batch's summed weight (plus regularisation / replicas), so the optimizers'
+        sum of the replicas' gradients is the gradient of the global batch's
+        weighted mean loss: the same step as on one device. Returns the same
+        (loss sum, weight sum, counts) as `_step`, summed over replicas.
+        """
+        import tensorflow as tf
+
+        strategy, variables = self.strategy, [v for g in self.groups for v in g.variables]
+        replicas = strategy.num_replicas_in_sync
+        for group, optimizer in zip(self.groups, self.optimizers):
+            optimizer.build(group.variables)
+
+        def replica_step(*batch):
+            context = tf.distribute.get_replica_context()
+            batch = _slice(batch, context.replica_id_in_sync_group, replicas)
+            with tf.GradientTape() as tape:
+                loss, weight, counts = self.loss(*batch)
+                total_weight = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(weight))
+                objective = loss * weight / tf.maximum(total_weight, 1e-8)
+                if self.model.losses:
+                    objective += tf.add_n(self.model.losses) / replicas
+            self._apply(tape.gradient(objective, variables), variables)
+            return loss * weight, weight, counts
+
+        @tf.function(input_signature=self.signature)
+        def step(*batch):
+            sums = strategy.run(replica_step, args=batch)
+            return tf.nest.map_structure(lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), sums)
 
         return step
 
@@ -191,6 +245,19 @@ class Trainer:
                 counts[name] = counts.get(name, 0.0) + float(value)
         mean = lambda value: value / max(seen, 1e-8)
         return {"loss": mean(total), **{name: mean(value) for name, value in counts.items()}, "images": seen}
+
+
+def _slice(batch, replica, replicas: int):
+    """Replica `replica`'s contiguous share of each tensor's rows (0-d tensors whole): sizes differ by <= 1.
+
+    Sliced on the host, so each device receives its share only.
+    """
+    import tensorflow as tf
+
+    with tf.device("/cpu:0"):
+        rows = tf.shape(batch[0])[0]
+        start, end = rows * replica // replicas, rows * (replica + 1) // replicas
+        return tuple(t[start:end] if t.shape.rank else t for t in batch)
 
 
 class NanGuard(Callback):

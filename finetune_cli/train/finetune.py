@@ -60,7 +60,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     steps = {"linear_head": clock[1] - clock[0], "inputs": clock[2] - clock[1], "epochs": epochs,
              "validation_and_checkpoints": clock[3] - clock[2] - epochs}
     metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch,
-               "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}, **averaging}
+               "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}, **averaging, **_devices()}
     result = TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
     if after is not None:
         result = after(result, trainable, val_data)
@@ -245,6 +245,14 @@ def _announce(ctx: Context, plan) -> None:
     rates = plan.learning_rates
     ctx.reporter.on_phase(f"phase 2: fine-tuning stages {list(plan.train_stages)} (head lr {rates['head']:.2g}, "
                           f"top {rates['top']:.2g}, intermediate {rates['intermediate']:.2g})")
+
+
+def _devices() -> dict:
+    """{"devices": n} when the engine's steps ran on n > 1 replicas (`train --devices`, `train.distribute`), else {}."""
+    from finetune_cli.train.distribute import replicas
+
+    n = replicas()
+    return {"devices": n} if n > 1 else {}
 
 
 def _slow_note(history: list[dict]) -> list[str]:

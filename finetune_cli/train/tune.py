@@ -42,13 +42,14 @@ def tune(
     time_limit: float | None = None, cv: int = TUNE.cv, seed: int = 0, recipe: str | None = None,
     weights: str = "imagenet", image_size: int | None = None, batch_size: int = 32, cache_dir=None,
     use_cache: bool = True, config: ScanConfig = SCAN, settings: TuneConfig = TUNE,
-    train_settings: TrainConfig = TRAIN, reporter: Reporter = QUIET,
+    train_settings: TrainConfig = TRAIN, reporter: Reporter = QUIET, engine=None,
 ) -> dict:
     """Search a linear or fine-tuning plan's hyper-parameters; returns the summary (also TUNE_DIR/summary.json).
 
     A linear recipe (or a small folder) is searched here; a fine-tuning one
     (or a large folder, which `train` would fine-tune) by `train.tune_finetune`.
-    See `api.tune` for the arguments and what is raised.
+    See `api.tune` for the arguments and what is raised. `engine`: None runs the
+    trials here one by one; a `tune_ray.RayTrials` runs each batch of them on a Ray cluster.
     """
     started = time.perf_counter()
     check_options(method, budget, time_limit, cv)
@@ -72,13 +73,13 @@ def tune(
 
             return search_finetune(folder, ctx, profile, chosen, similarity, facts, definition(ctx, seed, cv, settings),
                                    method=method, budget=budget, time_limit=time_limit, seed=seed, started=started,
-                                   settings=settings, train_settings=train_settings)
+                                   settings=settings, train_settings=train_settings, engine=engine)
         space = space_for(ctx, settings)
         folder.record_definition(definition(ctx, seed, cv, settings))  # a mismatch is refused before any pass
         bank = FeatureBank(ctx, space)
         folds = walk.cv_folds(bank.labels, cv, settings.repeat_below, settings.repeats, seed)
         searcher = Searcher(bank, folds, TrialLog(folder), profile.imbalance >= config.imbalance_warn_ratio,
-                            started + time_limit if time_limit else None, reporter)
+                            started + time_limit if time_limit else None, reporter, engine)
         used = walk.pick_method(method, space)
         notes = run(searcher, used, space, budget, time_limit, seed, settings)
         return finish(folder, searcher, space, chosen, notes, {**facts, "method": used}, started, settings)
@@ -222,9 +223,9 @@ class Searcher:
     """Runs trials: each one cross-validated on the same folds, logged, skipped when already in trials.csv."""
 
     def __init__(self, bank: FeatureBank, folds: walk.Folds, log: TrialLog, balanced: bool,
-                 deadline: float | None, reporter: Reporter):
+                 deadline: float | None, reporter: Reporter, engine=None):
         self.bank, self.folds, self.log, self.balanced = bank, folds, log, balanced
-        self.deadline, self.reporter, self.stopped = deadline, reporter, False
+        self.deadline, self.reporter, self.stopped, self.engine = deadline, reporter, False, engine
 
     @property
     def n_full(self) -> int:
@@ -255,8 +256,17 @@ class Searcher:
                              "std_accuracy": float(np.std(scores)), "n_splits": len(scores),
                              "seconds": round(time.perf_counter() - start, 4)})
 
+    def trials(self, candidates: list[dict], rows: np.ndarray | None = None,
+               folds: walk.Folds | None = None) -> list[dict | None]:
+        """`trial` of each candidate, in order: here one by one, or all at once by the engine (`tune_ray`)."""
+        if self.engine is not None:
+            return self.engine.run(self, [(params, rows, folds) for params in candidates])
+        return [self.trial(params, rows, folds) for params in candidates]
+
     def run_list(self, candidates: list[dict]) -> list[dict]:
         """Trials of `candidates` in order, until the time is up; returns their rows."""
+        if self.engine is not None:
+            return [row for row in self.trials(candidates) if row is not None]
         rows = []
         for i, params in enumerate(candidates):
             row = self.trial(params)
@@ -303,7 +313,7 @@ def halving(searcher: Searcher, candidates: list[dict], seed: int, settings: Tun
         rows = walk.subsample(labels, n_images, seed)
         rung = folds if len(rows) == searcher.n_full else walk.cv_folds(
             labels[rows], folds.folds, settings.repeat_below, settings.repeats, seed)
-        scored = [(params, searcher.trial(params, rows, rung)) for params in survivors]
+        scored = list(zip(survivors, searcher.trials(survivors, rows, rung)))
         scored = [(p, r) for p, r in scored if r is not None]
         survivors = [p for p, _ in sorted(scored, key=lambda pr: -pr[1]["mean_accuracy"])]
         searcher.reporter.on_progress(rung_index + 1, len(schedule))

@@ -82,7 +82,7 @@ class _ProgressOnly(Reporter):
 def search_finetune(folder: TuneFolder, ctx: Context, profile, recipe: recipe_files.Recipe, similarity: str,
                     facts: dict, definition: dict, *, method: str, budget: int | None, time_limit: float | None,
                     seed: int, started: float, settings: TuneConfig = TUNE,
-                    train_settings: TrainConfig = TRAIN) -> dict:
+                    train_settings: TrainConfig = TRAIN, engine=None) -> dict:
     """Search `recipe`'s fine-tuning hyper-parameters on `ctx`'s training split; returns the summary.
 
     Args:
@@ -90,6 +90,7 @@ def search_finetune(folder: TuneFolder, ctx: Context, profile, recipe: recipe_fi
         ctx: from `train.run.prepare`: ctx.train the searched images, ctx.val the held-out ones.
         similarity: `similar` or `different`, wording the plans' reasons only.
         facts, definition: what `train.tune.tune` knows of the search, and its tune.json entries.
+        engine: None (trials here, one by one) or a `tune_ray.RayTrials` (each rung's on a Ray cluster).
 
     Raises:
         SettingsError: a setting out of range, grid, or no trial finished within --time.
@@ -104,7 +105,7 @@ def search_finetune(folder: TuneFolder, ctx: Context, profile, recipe: recipe_fi
     ctx = dataclasses.replace(ctx, cache=CountingCache(ctx.cache) if ctx.cache is not None else None)
     trials = Trials(ctx, recipe, (trial_train, trial_val), TrialLog(folder, FINETUNE_TABLE),
                     Decider(profile.size_category, similarity, n_stages(ctx)), is_balanced(ctx, profile),
-                    started + time_limit if time_limit else None, train_settings)
+                    started + time_limit if time_limit else None, train_settings, engine)
     n = budget or settings.finetune_budget
     candidates = walk.finetune_candidates(space, n, seed)
     first, most = space.epochs
@@ -255,9 +256,10 @@ class Trials:
     """
 
     def __init__(self, ctx: Context, recipe, scans: tuple, log: TrialLog, decider: Decider, balanced: bool,
-                 deadline: float | None, settings: TrainConfig):
+                 deadline: float | None, settings: TrainConfig, engine=None):
         self.ctx, self.recipe, self.scans, self.log, self.decider = ctx, recipe, scans, log, decider
         self.balanced, self.deadline, self.settings, self.stopped = balanced, deadline, settings, False
+        self.engine = engine
 
     def time_up(self) -> bool:
         self.stopped = self.stopped or (self.deadline is not None and time.perf_counter() >= self.deadline)
@@ -290,17 +292,25 @@ class Trials:
 
 
 def run_rungs(trials: Trials, candidates: list[dict], rungs: list[tuple[int, int]]) -> None:
-    """Successive halving: each rung's survivors trained for its epochs, the best (`finetune_rank`) go on."""
+    """Successive halving: each rung's survivors trained for its epochs, the best (`finetune_rank`) go on.
+
+    With `trials.engine` (`tune_ray`), a rung's trials run at once on the cluster; else here, one by one.
+    """
     survivors, total, done = candidates, sum(k for k, _ in rungs), 0
     for rung, (keep, epochs) in enumerate(rungs):
-        scored = []
-        for params in survivors[:keep]:
-            row = trials.trial(params, epochs, rung)
-            if row is None:
-                return
-            scored.append((params, row))
-            done += 1
-            trials.ctx.reporter.on_progress(done, total)
+        if trials.engine is not None:
+            rows = trials.engine.run(trials, [(params, epochs, rung) for params in survivors[:keep]])
+        else:
+            rows = []
+            for params in survivors[:keep]:
+                rows.append(trials.trial(params, epochs, rung))
+                if rows[-1] is None:
+                    break
+                done += 1
+                trials.ctx.reporter.on_progress(done, total)
+        if None in rows:
+            return
+        scored = list(zip(survivors[:keep], rows))
         survivors = [p for p, _ in sorted(scored, key=lambda pair: walk.finetune_rank(pair[1]))]
 
 
