@@ -599,11 +599,13 @@ def export(
                       overwrite=overwrite, force=force, min_agreement=min_agreement, calibration=calibration)
 
 
-def report(run: str | os.PathLike) -> Path:
+def report(run: str | os.PathLike, *, explain: str | None = None) -> Path:
     """(Re)build `RUN/report.html` from the files of a finished run folder alone; returns the page's path.
 
     Args:
         run: a run folder (the --out of `train`), or `last` (the newest under ./runs).
+        explain: also draw `occlusion` or `gradcam` maps over the misclassified validation images
+            (`explain.mistake_tiles`; loads the model); None: the files alone.
 
     Raises:
         ModelFileError: not a finished run folder (no readable metrics.json).
@@ -617,7 +619,12 @@ def report(run: str | os.PathLike) -> Path:
     if not folder.is_dir():
         raise ModelFileError(f"{folder} is not a run folder: `finetune report` takes the --out folder of a "
                              "finished `finetune train`")
-    return write_report(folder)
+    if explain is None:
+        return write_report(folder)
+    from finetune_cli.explain import mistake_tiles
+
+    tiles = mistake_tiles(folder, explain)
+    return write_report(folder, [(f"What the model looked at in its mistakes ({explain})", tiles)] if tiles else ())
 
 
 def audit(

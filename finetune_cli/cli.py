@@ -466,10 +466,12 @@ def evaluate(folder, model_dir, as_json, tta, html, overwrite):
 
 @cli.command("report")
 @click.argument("run", type=str)
+@click.option("--explain", type=click.Choice(["occlusion", "gradcam"]), default=None,
+              help="Also draw heat maps over the misclassified validation images (loads the model).")
 @handle_errors
-def report_page(run: str) -> None:
+def report_page(run: str, explain: str | None) -> None:
     """(Re)build RUN/report.html from a finished run folder. RUN: a run folder, or `last`."""
-    click.echo(f"wrote {api.report(run)}")
+    click.echo(f"wrote {api.report(run, explain=explain)}")
 
 
 @cli.command()

@@ -155,6 +155,46 @@ def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | Non
     return summary
 
 
+def mistake_tiles(run_dir, method: str = "gradcam", limit: int = 24, config: ExplainConfig = EXPLAIN) -> list:
+    """Heat maps (for the predicted class) of a run's misclassified validation images, as report tiles.
+
+    Reads RUN/predictions_val.csv (written by `train`); the `limit` most
+    confident mistakes whose files still exist, most confident first.
+
+    Returns:
+        [pages.Tile] (empty when there are no mistakes, no predictions file, or the images are gone).
+
+    Raises:
+        ModelFileError, SettingsError (method).
+    """
+    import pandas as pd
+
+    from finetune_cli import saliency
+    from finetune_cli.pages import Tile
+
+    if method not in saliency.METHODS:
+        raise SettingsError(f"--explain must be one of {', '.join(saliency.METHODS)}. Received: {method!r}")
+    run = Run.load(run_dir)
+    try:
+        frame = pd.read_csv(run.path / "predictions_val.csv", dtype={"path": str, "true": str, "predicted": str},
+                            keep_default_na=False)
+    except (OSError, ValueError):
+        return []
+    wrong = frame[(frame["true"] != frame["predicted"]) & frame["path"].map(lambda p: Path(p).is_file())]
+    wrong = wrong.sort_values("probability", ascending=False).head(limit)
+    if wrong.empty:
+        return []
+    from finetune_cli.predict import collect
+
+    images = decode(collect(list(wrong["path"])), run.classes, run.image_size)
+    rows = wrong.set_index("path").loc[images.paths]
+    targets = np.array([run.classes.index(name) for name in rows["predicted"]])
+    maps = saliency.heat_maps(run.model, images.pixels, targets, method, config)
+    return [Tile(overlay_png(pixels, heat, config), f"{Path(path).name}\ntrue {row.true}, predicted "
+                 f"{row.predicted} ({row.probability:.0%})", flagged=True)
+            for pixels, heat, path, row in zip(images.pixels, maps, images.paths, rows.itertuples())]
+
+
 def _rows(images: Decoded, probs: np.ndarray, targets: np.ndarray, checks, classes: list[str]) -> list[dict]:
     rows = []
     for i, path in enumerate(images.paths):

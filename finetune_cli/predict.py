@@ -9,6 +9,7 @@ import numpy as np
 
 from finetune_cli.calibration import ece, nll
 from finetune_cli.config import PREDICT, SCAN, TRAIN, ScanConfig
+from finetune_cli.data.lists import expand_lists, is_uri
 from finetune_cli.data.scan import ImageRecord, Scan, Skipped, _probe, scan_folder
 from finetune_cli.errors import FolderError, SettingsError
 from finetune_cli.files import check_output_file, shown, writing
@@ -16,7 +17,7 @@ from finetune_cli.run import Run
 
 
 def collect(inputs, config: ScanConfig = SCAN) -> Scan:
-    """Files and folders to predict on, as one unlabeled scan rooted at "/".
+    """Files, folders and list files (`data.lists`) to predict on, as one unlabeled scan rooted at "/".
 
     A folder with no usable image is skipped with its reason, like a bad
     file; only when no input holds a usable image is it an error.
@@ -25,7 +26,11 @@ def collect(inputs, config: ScanConfig = SCAN) -> Scan:
         FolderError: an input does not exist, or nothing usable was found.
     """
     records, skipped = [], []
-    paths = [Path(p).expanduser().absolute() for p in inputs]
+    entries = expand_lists(inputs)
+    remote = [e for e in entries if is_uri(e)]
+    if remote:
+        raise FolderError(f"{remote[0]} is a URI: the local engine reads local files; use --engine ray for URIs")
+    paths = [Path(p).expanduser().absolute() for p in entries]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FolderError(f"not found: {', '.join(missing)}")

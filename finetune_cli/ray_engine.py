@@ -30,6 +30,7 @@ import numpy as np
 
 from finetune_cli.config import IMAGE_SUFFIXES, SCALE, SCAN, ScaleConfig, ScanConfig
 from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
+from finetune_cli.data.lists import expand_lists, is_uri
 from finetune_cli.data.scan import Skipped, _check_layout, _walk_files, is_ignored, natural_key
 from finetune_cli.errors import FinetuneError, FolderError, OutputError, SettingsError
 from finetune_cli.files import shown
@@ -38,7 +39,6 @@ ENGINES = ("local", "ray")
 MANIFEST = "manifest.json"
 FORMAT = "finetune-shards/1"
 #: A local input file with one of these endings lists inputs, one per line ('#' starts a comment).
-LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
 def checked_engine(engine: str, address: str | None) -> str:
@@ -71,10 +71,6 @@ def require_ray():
 # ---------------------------------------------------------------- inputs
 
 
-def is_uri(text: str) -> bool:
-    return "://" in str(text)
-
-
 def filesystem(location: str):
     """(pyarrow FileSystem, path in it) for a URI, or the local file system and an absolute path."""
     from pyarrow import fs as pafs
@@ -91,7 +87,7 @@ def list_inputs(inputs: list[str], labelled: bool | None, relative: bool = False
     """The files to process, in order, without reading them: (items, URI roots they come from).
 
     Args:
-        inputs: folders, image files, list files (`LIST_SUFFIXES`) and URIs.
+        inputs: folders, image files, list files (`data.lists`) and URIs.
         labelled: True/None as `scan_folder` (class subfolders; None: if any), False: no labels.
         relative: local paths shown relative to their folder input (as `extract-features`), else absolute.
 
@@ -103,7 +99,7 @@ def list_inputs(inputs: list[str], labelled: bool | None, relative: bool = False
         FolderError: an input does not exist, or holds no file.
     """
     items, roots = [], []
-    for entry in _expand_lists(inputs):
+    for entry in expand_lists(inputs):
         if is_uri(entry):
             roots.append(entry)
             found = _remote_files(entry, labelled, len(roots) - 1)
@@ -113,23 +109,6 @@ def list_inputs(inputs: list[str], labelled: bool | None, relative: bool = False
     if not items:
         raise FolderError(f"no files among the inputs: {', '.join(map(str, inputs))}")
     return [dict(item, index=i) for i, item in enumerate(items)], roots
-
-
-def _expand_lists(inputs: list[str]) -> list[str]:
-    """Inputs with each local list file replaced by its lines (relative lines: from the list's folder)."""
-    expanded = []
-    for entry in map(str, inputs):
-        path = Path(entry).expanduser()
-        if is_uri(entry) or not (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
-            expanded.append(entry)
-            continue
-        try:
-            lines = [line.strip() for line in path.read_text("utf-8", "surrogateescape").splitlines()]
-        except OSError as exc:
-            raise FolderError(f"cannot read the list file {shown(entry)}: {exc.strerror or exc}") from None
-        expanded += [line if is_uri(line) else str(path.parent / Path(line).expanduser())
-                     for line in lines if line and not line.startswith("#")]
-    return expanded
 
 
 def _local_files(path: Path, labelled: bool | None, relative: bool) -> list[dict]:

@@ -370,6 +370,20 @@ def test_item15_predict_skips_garbage_folder(trained, tmp_path):
     assert "garbage" in result.stderr and "skip" in result.stderr.lower(), result.stderr
 
 
+def test_predict_reads_a_list_file_and_refuses_a_uri_locally(trained, tmp_path):
+    shapes, _, model = trained
+    listing = tmp_path / "todo.txt"
+    circles = sorted((shapes / "circle").iterdir())
+    listing.write_text(f"# two circles and a folder\n{circles[0]}\n\n{circles[1]}\n{shapes / 'square'}\n")
+    result = run("predict", listing, "--model", model)
+    assert_ok(result)
+    frame = pd.read_csv(io.StringIO(result.stdout))
+    assert sorted(frame["path"]) == sorted(map(str, circles[:2] + sorted((shapes / "square").iterdir())))
+    remote = tmp_path / "remote.lst"
+    remote.write_text("s3://bucket/photo.jpg\n")
+    assert_user_error(run("predict", remote, "--model", model), "s3://bucket/photo.jpg is a URI", "--engine ray")
+
+
 # ---------------------------------------------------------------- item 17b: truncated .keras
 
 

@@ -101,6 +101,22 @@ def test_report_command_rebuilds_a_deleted_page_and_says_when_images_are_gone(tr
     assert seen.scroll_width <= 390
 
 
+@requires_browser
+def test_report_explain_draws_a_map_over_each_mistake(trained):
+    _, run = trained
+    wrong = misclassified(run)
+    assert len(wrong) > 0, "precondition: the tiny run makes mistakes"
+    result = CliRunner().invoke(cli, ["report", str(run), "--explain", "occlusion"])
+    assert result.exit_code == 0, result.output
+    text = (run / "report.html").read_text("utf-8")
+    section = text[text.index("What the model looked at in its mistakes (occlusion)"):]
+    assert section.count(FLAGGED) == min(len(wrong), 24)
+    assert_page_reads(run / "report.html", least_images=2 * len(wrong))
+    bad = CliRunner().invoke(cli, ["report", str(run), "--explain", "saliency"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert CliRunner().invoke(cli, ["report", str(run)]).exit_code == 0  # the plain page again, for the others
+
+
 def test_report_reads_only_the_run_folder_and_copes_with_an_older_run(trained, tmp_path):
     _, run = trained
     older = tmp_path / "older"
