@@ -281,12 +281,17 @@ class LinearConfig:
             "best"`, small data unlike the pretraining data), the raw-pixel
             candidate: images resized to this side, RGB, flattened
             (3 * side**2 features).
+        scale_floor: standardisation divides each feature by its standard
+            deviation, but by no less than this fraction of the median one
+            (`train.linear.floored_scaler`): nearly constant features are not
+            blown up into noise the head would lean on.
     """
 
     c_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
     folds: int = 3
     tol: float = 1e-3
     pixel_side: int = 16
+    scale_floor: float = 0.1
 
 
 @dataclass(frozen=True)

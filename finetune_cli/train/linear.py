@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.preprocessing import StandardScaler
 
 from finetune_cli.config import LINEAR, LinearConfig
 
@@ -72,7 +73,6 @@ def fit_linear(
 
 def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: int, config: LinearConfig):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
     groups = np.arange(len(labels)) if groups is None else groups
     weight = "balanced" if balanced else None
@@ -85,7 +85,7 @@ def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: 
         best = max(scores, key=lambda s: (round(s["cv_accuracy"], 6), -s["C"]))["C"]
     else:  # too few images to fold: the one C given, else a moderate one
         best = config.c_grid[0] if len(config.c_grid) == 1 else 0.1
-    scaler = StandardScaler().fit(features)
+    scaler = floored_scaler(features, config.scale_floor)
     model = LogisticRegression(C=best, max_iter=1000, tol=config.tol, class_weight=weight).fit(scaler.transform(features), labels)
     return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores)
 
@@ -99,17 +99,43 @@ def _cv_path(features, labels, groups, folds: int, weight, seed: int, config: Li
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.preprocessing import StandardScaler
 
     hits = {c: [] for c in config.c_grid}
     for train, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(features, labels, groups):
-        scaler = StandardScaler().fit(features[train])
+        scaler = floored_scaler(features[train], config.scale_floor)
         x_train, x_test = scaler.transform(features[train]), scaler.transform(features[test])
         model = LogisticRegression(max_iter=1000, tol=config.tol, class_weight=weight, warm_start=True)
         for c in sorted(config.c_grid):
             model.set_params(C=c).fit(x_train, labels[train])
             hits[c].append(float((model.predict(x_test) == labels[test]).mean()))
     return {c: float(np.mean(v)) for c, v in hits.items()}
+
+
+class FlooredScaler(StandardScaler):
+    """A StandardScaler whose per-feature scale is at least `floor` x the median (positive) scale.
+
+    A nearly constant feature (a channel almost always 0) would otherwise be
+    blown up to unit variance: the head then leans on its noise, with weights
+    of 1/std once folded (measured: up to 252 against a mean of 0.5), and any
+    small change of that feature (8-bit quantisation of the backbone, a
+    perturbation of a few grey levels) swings the prediction.
+    """
+
+    def __init__(self, floor: float = 0.1):
+        super().__init__()
+        self.floor = floor
+
+    def fit(self, X, y=None, sample_weight=None):
+        super().fit(X, y, sample_weight)
+        positive = self.scale_[self.scale_ > 0]
+        if self.floor > 0 and positive.size:
+            self.scale_ = np.maximum(self.scale_, self.floor * float(np.median(positive)))
+        return self
+
+
+def floored_scaler(features: np.ndarray, floor: float) -> FlooredScaler:
+    """`FlooredScaler(floor)` fitted on `features` (n, d)."""
+    return FlooredScaler(floor).fit(features)
 
 
 def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -209,10 +209,10 @@ def fit_head(x: np.ndarray, y: np.ndarray, c: float, balanced: bool):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from finetune_cli.threads import one_blas_thread
+    from finetune_cli.train.linear import FlooredScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, tol=LINEAR.tol,
+    model = make_pipeline(FlooredScaler(LINEAR.scale_floor), LogisticRegression(C=c, max_iter=1000, tol=LINEAR.tol,
                                                                class_weight="balanced" if balanced else None))
     with warnings.catch_warnings(), one_blas_thread():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a large C may stop at max_iter: still a model
