@@ -1,4 +1,4 @@
-"""`finetune audit`: probable label errors, near-duplicate pairs (and leakage across folders), outliers.
+"""`finetune audit`: possible label errors, near-duplicate pairs (and leakage across folders), outliers.
 
 Steps, each a plain value to the next:
 
@@ -199,7 +199,7 @@ def write_outputs(folder: Path, summary: dict, settings: AuditConfig, config: Sc
     return {k: str(v) for k, v in files.items()}
 
 
-TITLES = {"label": "Probable label errors", "leakage": "Leakage: near-duplicate pairs across folders",
+TITLES = {"label": "Possible label errors", "leakage": "Leakage: near-duplicate pairs across folders",
           "duplicate": "Near-duplicate pairs within a folder", "outlier": "Outliers"}
 
 

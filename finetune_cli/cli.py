@@ -19,15 +19,8 @@ import click
 from rich.console import Console
 
 from finetune_cli import __version__, api, report
-from finetune_cli.config import DEFAULT_BASE, FEATURES, IMAGE_SIZE_RANGE, LR_FIND, PRETRAIN, RUNS_DIR
-from finetune_cli.config import TUNE
-from finetune_cli.config import PREDICT, TRAIN
-from finetune_cli.config import ENSEMBLE
-from finetune_cli.config import DISTILL
-from finetune_cli.config import SCALE
-from finetune_cli.config import EXPORT
-from finetune_cli.config import ATTACK
-from finetune_cli.config import FILTERS, PATCHES
+from finetune_cli.config import (ATTACK, AUDIT, DEFAULT_BASE, DISTILL, ENSEMBLE, EXPORT, FEATURES, FILTERS,
+                                 IMAGE_SIZE_RANGE, LR_FIND, PATCHES, PREDICT, PRETRAIN, RUNS_DIR, SCALE, TRAIN, TUNE)
 from finetune_cli.errors import FinetuneError
 from finetune_cli.models import registry
 from finetune_cli.strategy import recipes
@@ -179,7 +172,9 @@ def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_si
         with report.progress_bar(err_console(), "probing features") as progress:
             reporter = report.RichReporter(Console(file=io.StringIO()), progress)  # the bar alone
             _, evidence, plan = api.plan(folder, base, weights=weights, image_size=image_size, reporter=reporter)
-        suspects = api.audit(folder, base, weights=weights, image_size=image_size, write=False)["counts"]
+        suspects = None  # the audit reads every image's features: only for folders up to a size
+        if profile.n_images <= AUDIT.inspect_max_images:
+            suspects = api.audit(folder, base, weights=weights, image_size=image_size, write=False)["counts"]
     if as_json:
         info = profile.to_dict()
         if plan:
@@ -189,7 +184,10 @@ def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_si
         report.profile_tables(profile, Console())
         if plan:
             report.plan_panel(Console(), plan, evidence)
-            if any(suspects.values()):
+            if suspects is None:
+                click.echo(f"{profile.n_images} images: `finetune audit {folder} --base {base}` looks for label "
+                           "errors, near-duplicates and outliers")
+            elif any(suspects.values()):
                 found = ", ".join(f"{n} {AUDIT_WORDS[k]}" for k, n in suspects.items() if n)
                 click.echo(f"{found}: run `finetune audit {folder} --base {base}`")
 
@@ -710,7 +708,7 @@ AUDIT_WORDS = {"label": "possible label errors (out-of-fold predictions disagree
 @json_option
 @handle_errors
 def audit(folder, base, weights, image_size, val_dir, test_dir, out, seed, batch_size, cache_dir, no_cache, as_json):
-    """Find probable label errors (out-of-fold probabilities of a linear head on the features), near-duplicate pairs
+    """Find possible label errors (out-of-fold probabilities of a linear head on the features), near-duplicate pairs
     (leakage when across FOLDER / --val-dir / --test-dir) and outliers; write audit.csv and index.html.
 
     \b

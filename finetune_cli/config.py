@@ -697,7 +697,7 @@ class AuditConfig:
         C: inverse L2 strength of the logistic regression on standardised features. Strong: less
             over-confident out-of-fold probabilities rank planted errors better (signs benchmark, 3 flip
             seeds: precision at k 0.82-0.83 at C = 0.003 against 0.66-0.74 at C = 1).
-        label_margin: an image is a probable label error when the best other class's out-of-fold
+        label_margin: an image is a possible label error when the best other class's out-of-fold
             probability exceeds its given class's by more than this (score in [-1, 1]).
         duplicate_similarity: cosine similarity (of mean-centred features, in [-1, 1]) at or above which
             two images are a near-duplicate pair; an exact copy scores 1.
@@ -706,6 +706,8 @@ class AuditConfig:
             image is an outlier.
         max_shown: suspects per kind shown in index.html (audit.csv lists all).
         thumb: thumbnail side in pixels in the gallery.
+        inspect_max_images: `inspect --base` runs the audit (every image's features) on folders
+            of at most this many usable images; above, it only points to `finetune audit`.
     """
 
     folds: int = 5
@@ -716,6 +718,7 @@ class AuditConfig:
     outlier_z: float = 4.0
     max_shown: int = 48
     thumb: int = 112
+    inspect_max_images: int = 2000
 
 
 @dataclass(frozen=True)

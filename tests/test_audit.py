@@ -77,7 +77,7 @@ def test_flipped_labels_rank_first_and_a_copy_is_leakage(colours, tiny_base, tmp
     if HAS_BROWSER:  # the gallery: one thumbnail per finding (at most max_shown a kind), all load
         shown = sum(min(n, AUDIT.max_shown) for n in info["counts"].values())
         seen = assert_page_reads(info["files"]["html"], least_images=shown)
-        assert "Probable label errors" in seen.text and "Leakage" in seen.text
+        assert "Possible label errors" in seen.text and "Leakage" in seen.text
 
 
 def test_inspect_points_at_audit(colours, tiny_base):
@@ -85,6 +85,20 @@ def test_inspect_points_at_audit(colours, tiny_base):
     result = CliRunner().invoke(cli, ["inspect", str(root), "--base", str(tiny_base), "--image-size", "32"])
     assert result.exit_code == 0, result.output
     assert "possible label errors" in result.stdout and f"finetune audit {root} --base" in result.stdout
+
+
+def test_inspect_of_a_large_folder_only_points_at_audit(colours, tiny_base, monkeypatch):
+    import dataclasses
+
+    import finetune_cli.cli as cli_module
+
+    root, _ = colours
+    monkeypatch.setattr(cli_module, "AUDIT", dataclasses.replace(AUDIT, inspect_max_images=3))
+    result = CliRunner().invoke(cli, ["inspect", str(root), "--base", str(tiny_base), "--image-size", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["audit"] is None
+    text = CliRunner().invoke(cli, ["inspect", str(root), "--base", str(tiny_base), "--image-size", "32"]).stdout
+    assert "possible label errors" not in text and f"`finetune audit {root} --base" in text
 
 
 def test_audit_errors_are_one_line(tmp_path, tiny_base):
