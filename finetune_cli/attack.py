@@ -11,6 +11,8 @@ to [0, 255]. The loss attacked is the cross-entropy -log p(label).
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 
@@ -183,7 +185,8 @@ def attack(run_dir, root, *, eps=ATTACK.eps, methods=ATTACK.methods, out=None, c
 
     eps, methods = parse_eps(eps), parse_methods(methods)
     run = Run.load(run_dir)
-    images = decode(labelled_test_scan(root, run.classes, scan_config), run.classes, run.image_size, scan_config)
+    scan, total = sampled(labelled_test_scan(root, run.classes, scan_config), config)
+    images = decode(scan, run.classes, run.image_size, scan_config)
     folder = output_folder(out, run, "attack")
     curves, examples = {}, {}
     chosen = np.unique(np.linspace(0, len(images.labels) - 1, config.examples).round().astype(int))
@@ -198,11 +201,26 @@ def attack(run_dir, root, *, eps=ATTACK.eps, methods=ATTACK.methods, out=None, c
                "eps": list(eps), "accuracy": curves,
                "halving_eps": {m: halving_eps(eps, a) for m, a in curves.items()},
                "rows": [{"method": m, "eps": e, "accuracy": round(a, 4)} for m in methods for e, a in zip(eps, curves[m])],
-               "warnings": masking_warnings(curves, eps, len(images.labels), config),
+               "warnings": masking_warnings(curves, eps, len(images.labels), config) + (
+                   [f"attacked a random {len(scan.images)} of the {total} images (AttackConfig.max_images); "
+                    "the figures are estimates for the folder"] if total > len(scan.images) else []),
                "corruptions": corruption_rows(run.model, images.pixels, images.labels, config) if corruptions else None,
                "skipped": [{"path": shown(s.path), "reason": s.reason} for s in images.skipped]}
     _write_outputs(folder, summary, images, (chosen, examples), run)
     return summary
+
+
+def sampled(scan, config: AttackConfig = ATTACK):
+    """(`scan` cut to a seeded random `config.max_images` of its images, in their order; the original count).
+
+    Every image is held in memory with its perturbed copies, so the number
+    attacked is bounded: memory stays flat however large the folder.
+    """
+    total = len(scan.images)
+    if total <= config.max_images:
+        return scan, total
+    keep = np.sort(np.random.default_rng(config.seed).permutation(total)[:config.max_images])
+    return dataclasses.replace(scan, images=tuple(scan.images[i] for i in keep)), total
 
 
 def corruption_rows(model, images: np.ndarray, labels: np.ndarray, config: AttackConfig = ATTACK) -> list[dict]:

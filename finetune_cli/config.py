@@ -633,6 +633,7 @@ class ExplainConfig:
         sanity_seed: seed of the randomised head's weights.
         overlay_alpha: opacity (0-1) of the heat map's peak drawn over the photo (0 where the map is 0).
         min_view: the side (px) pictures are enlarged to, at least, in the gallery.
+        chunk: images decoded and explained at a time (memory stays flat as folders grow).
     """
 
     patch_fraction: float = 1 / 8
@@ -643,6 +644,7 @@ class ExplainConfig:
     sanity_seed: int = 0
     overlay_alpha: float = 0.5
     min_view: int = 160
+    chunk: int = 64
 
 
 @dataclass(frozen=True)
@@ -658,6 +660,8 @@ class AttackConfig:
         seed: seed of the random start and of the noise corruption.
         batch_size: images per gradient step.
         examples: adversarial examples shown in index.html.
+        max_images: images attacked at most (a seeded random sample of a larger folder, said so):
+            each is held in memory with its perturbed copies.
         masking_floor: gradient-masking check: at the largest eps, PGD accuracy above
             this fraction (0-1) of the clean accuracy is warned about.
         tolerance_images: accuracy may rise with eps (or PGD exceed FGSM) by this many
@@ -677,6 +681,7 @@ class AttackConfig:
     batch_size: int = 32
     examples: int = 6
     masking_floor: float = 0.5
+    max_images: int = 500
     tolerance_images: int = 1
     noise: tuple[float, ...] = (8.0, 16.0, 32.0)
     blur: tuple[float, ...] = (0.5, 1.0, 2.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,18 +139,23 @@ def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | Non
         raise SettingsError(f"--method must be one of {', '.join(saliency.METHODS)}. Received: method={method!r}")
     run = Run.load(run_dir)
     fixed = class_index(class_name, run.classes)
-    images = decode(scan_inputs(list(inputs), run.classes, scan_config), run.classes, run.image_size, scan_config)
+    scan = scan_inputs(list(inputs), run.classes, scan_config)
     folder = output_folder(out, run, "explain")
-    probs = np.concatenate([saliency.call(run.model, images.pixels[s:s + 64]).numpy()
-                            for s in range(0, len(images.pixels), 64)])
-    targets = np.full(len(probs), fixed) if fixed is not None else probs.argmax(1)
-    maps = saliency.heat_maps(run.model, images.pixels, targets, method, config)
-    checks = saliency.sanity(run.model, images.pixels, targets, maps, method, config) if sanity else None
-    rows = _rows(images, probs, targets, checks, run.classes)
-    _write_maps(folder, images, maps, rows, config)
-    page = _write_page(folder, rows, method, run, checks is not None, config)
+    rows, skipped = [], list(scan.skipped)
+    for start in range(0, len(scan.images), config.chunk):  # a chunk of images in memory at a time
+        part = dataclasses.replace(scan, images=scan.images[start:start + config.chunk], skipped=())
+        try:
+            images = decode(part, run.classes, run.image_size, scan_config)
+        except FolderError:  # none of this chunk could be read now
+            skipped += [Skipped(str(path), "could not be read") for path in part.paths()]
+            continue
+        rows += _explain_chunk(run, images, fixed, method, sanity, folder, len(rows), config)
+        skipped += images.skipped
+    if not rows:
+        raise FolderError("none of the images could be read")
+    page = _write_page(folder, rows, method, run, sanity, config)
     summary = {"out": str(folder), "page": str(page), "method": method, "target": class_name or "predicted",
-               "images": rows, "skipped": [{"path": shown(s.path), "reason": s.reason} for s in images.skipped],
+               "images": rows, "skipped": [{"path": shown(s.path), "reason": s.reason} for s in skipped],
                "flagged": sum(bool(r["flagged"]) for r in rows)}
     atomic_write_bytes(folder / "explain.json", json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
     return summary
@@ -195,12 +201,28 @@ def mistake_tiles(run_dir, method: str = "gradcam", limit: int = 24, config: Exp
             for pixels, heat, path, row in zip(images.pixels, maps, images.paths, rows.itertuples())]
 
 
-def _rows(images: Decoded, probs: np.ndarray, targets: np.ndarray, checks, classes: list[str]) -> list[dict]:
+def _explain_chunk(run: Run, images: Decoded, fixed: int | None, method: str, sanity: bool, folder: Path,
+                   first: int, config: ExplainConfig) -> list[dict]:
+    """Maps of one chunk of decoded images, written under folder/maps; their rows (numbered from `first`)."""
+    from finetune_cli import saliency
+
+    probs = np.concatenate([saliency.call(run.model, images.pixels[s:s + config.batch_size]).numpy()
+                            for s in range(0, len(images.pixels), config.batch_size)])
+    targets = np.full(len(probs), fixed) if fixed is not None else probs.argmax(1)
+    maps = saliency.heat_maps(run.model, images.pixels, targets, method, config)
+    checks = saliency.sanity(run.model, images.pixels, targets, maps, method, config) if sanity else None
+    rows = _rows(images, probs, targets, checks, run.classes, first)
+    _write_maps(folder, images, maps, rows, config)
+    return rows
+
+
+def _rows(images: Decoded, probs: np.ndarray, targets: np.ndarray, checks, classes: list[str],
+          first: int = 0) -> list[dict]:
     rows = []
     for i, path in enumerate(images.paths):
         label = int(images.labels[i])
         rows.append({
-            "path": shown(path), "map": f"maps/{i:04d}-{_safe_stem(path)}.png",
+            "path": shown(path), "map": f"maps/{first + i:04d}-{_safe_stem(path)}.png",
             "predicted": classes[int(probs[i].argmax())], "probability": round(float(probs[i].max()), 4),
             "label": classes[label] if label >= 0 else None,
             "correct": None if label < 0 else bool(probs[i].argmax() == label),

@@ -128,3 +128,20 @@ def test_non_run_folder_and_bad_method(square_run, tmp_path):
         api.attack(test_dir, test_dir, methods="cw")
     assert parse_eps("8, 0,2,2") == (0.0, 2.0, 8.0)
     assert parse_eps("4,1") == (0.0, 1.0, 4.0)  # the clean accuracy is always measured
+
+
+def test_a_large_folder_is_sampled_and_says_so(square_run, tmp_path):
+    """At most AttackConfig.max_images are attacked (held in memory with their copies): a seeded sample."""
+    import dataclasses
+
+    from finetune_cli.attack import attack
+    from finetune_cli.config import ATTACK
+
+    run, _, test_dir, _, _ = square_run
+    config = dataclasses.replace(ATTACK, max_images=10)
+    first = attack(run, test_dir, eps="0,4", methods="fgsm", out=tmp_path / "a", config=config)
+    again = attack(run, test_dir, eps="0,4", methods="fgsm", out=tmp_path / "b", config=config)
+    assert first["n_images"] == 10 and first["accuracy"] == again["accuracy"]
+    assert any("random 10 of the 24 images" in w for w in first["warnings"])
+    whole = attack(run, test_dir, eps="0,4", methods="fgsm", out=tmp_path / "c")
+    assert whole["n_images"] == 24 and not any("random" in w for w in whole["warnings"])

@@ -221,6 +221,24 @@ def test_cli_skips_and_lists_an_undecodable_file(trained, tmp_path):
     assert all(r["label"] is None and r["flagged"] is None for r in summary["images"])
 
 
+def test_explaining_in_chunks_gives_the_same_maps(trained, tmp_path):
+    """Memory stays flat: images are decoded and explained a chunk at a time, with the same result."""
+    import dataclasses
+
+    from finetune_cli.config import EXPLAIN
+    from finetune_cli.explain import explain
+
+    folder, _, images, labels, _ = trained
+    write_images(tmp_path / "test", images[:5], labels[:5])
+    whole = explain(folder, [str(tmp_path / "test")], method="occlusion", out=tmp_path / "whole")
+    chunked = explain(folder, [str(tmp_path / "test")], method="occlusion", out=tmp_path / "chunked",
+                      config=dataclasses.replace(EXPLAIN, chunk=2))
+    assert [r["map"] for r in chunked["images"]] == [r["map"] for r in whole["images"]]
+    assert len({r["map"] for r in chunked["images"]}) == 5
+    for row in whole["images"]:
+        assert (tmp_path / "whole" / row["map"]).read_bytes() == (tmp_path / "chunked" / row["map"]).read_bytes()
+
+
 def test_errors_are_one_line(trained, tmp_path):
     folder, model, images, labels, _ = trained
     paths = write_images(tmp_path / "flat", images[:1], labels[:1], labelled=False)
