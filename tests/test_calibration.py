@@ -116,7 +116,9 @@ def test_linear_run_is_calibrated_in_model_keras(shapes, tiny_base, tmp_path):
 
 
 def test_fine_tuning_calibrates_the_kept_model_after_the_comparison(shapes, tiny_base, tmp_path):
-    val = make_shapes_folder(tmp_path / "val", per_class=6, size=32, seed=3)
+    # drawn like the training shapes (seed 1): on other draws this tiny random base is at chance, and a
+    # model at chance wants T at the top of its range, which is refused, so nothing would be calibrated
+    val = make_shapes_folder(tmp_path / "val", per_class=6, size=32, seed=1)
     out = tmp_path / "run"
     metrics = api.train(shapes, str(tiny_base), out=out, image_size=32, similarity="similar", val_dir=val,
                         recipe=recipe_file(tmp_path, epochs=2))
