@@ -212,25 +212,20 @@ def train(
     """Inspect, decide, train and write a run folder (see `train.run` for the steps).
 
     Args:
-        base: a registry name or a .keras file; None only with `unlabeled`.
-        out: the run folder to create; None: a new `runs/<folder name>-<N>`.
-        strategy: auto, linear, partial or full (overrides the decision table).
-        similarity: auto (measured), similar or different (stated).
-        recipe: a shipped recipe name or a .toml path.
-        unlabeled: pretrain an encoder on these images first (from `base`'s early stages when
-            given), with `pretrain_settings` (see `pretrain_config`) and `greedy`.
-        resume: continue the run in `out` (see `train.resume`).
-        settings: how training runs beyond the recipe (`config.TrainConfig`).
+        base: a registry name or a .keras file; None only with `unlabeled`. out: the run folder to
+            create; None: a new `runs/<folder name>-<N>`. recipe: a shipped recipe name or a .toml path.
+        strategy: auto, linear, partial or full (overrides the decision table); similarity: auto
+            (measured), similar or different (stated).
+        unlabeled: pretrain an encoder on these images first (`pretrain_settings`, `greedy`).
+        resume: continue the run in `out` (`train.resume`). settings: beyond the recipe (`TrainConfig`).
         lr: the head's rate (> 0, or its text), or "auto": `lr_find`'s valley on the plan's model;
             other groups keep their ratio. Fine-tuning only; None: the recipe's. Recorded as "lr".
         ensemble, ensemble_mode, average: see `config.TrainConfig` (text accepted), `train.ensemble`.
-        devices: fine-tune on this many devices (or "all": every GPU) under a MirroredStrategy,
-            the global batch split across them (`train.distribute`); 1: the plain single-device path.
+        devices: fine-tune on N devices (or "all" GPUs) under a MirroredStrategy (`train.distribute`).
 
     Returns the run's metrics (also in `out/metrics.json`).
 
-    Raises:
-        FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError, SettingsError,
+    Raises: FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError, SettingsError,
         ModelFileError, TrainingError.
     """
     from finetune_cli.train.distribute import scope
@@ -466,27 +461,20 @@ def tune(
     Methods: `train.search`; steps: `train.tune`.
 
     Args:
-        out: a new search folder, or an earlier search's to continue (only new
-            trials run); None: a new `runs/<folder name>-tune-<N>`.
+        out: a new search folder, or an earlier search's to continue; None: a new `runs/<folder>-tune-<N>`.
         method: auto (grid for 1-2 varying parameters, random from 3; fine-tuning: halving), grid (linear
             only), random or halving.
         budget: trials at most (halving: first-rung candidates); None: `settings.budget`,
             or with `time_limit` alone `settings.max_trials`; fine-tuning: `settings.finetune_budget`.
-        time_limit: seconds after which no new trial starts.
-        cv: folds (2-100; fewer when a class has fewer images).
-        recipe: the recipe whose plan is searched (linear, trouble, partial,
-            partial-2, full or a .toml file); None: `linear` for a small folder,
-            for a large one the recipe `train` would decide (a fine-tuning one).
+        time_limit: seconds after which no new trial starts. cv: folds (2-100; fewer for small classes).
+        recipe: the recipe whose plan is searched (linear, trouble, partial, partial-2, full or a .toml
+            file); None: `linear` for a small folder, else the recipe `train` would decide.
         settings: the space and defaults (`config.TuneConfig`); train_settings: its val_fraction
             (and for fine-tuning trials its retries and activation cache).
-        engine: local (trials one by one here) or ray (each batch of trials, a rung of halving, as
-            Ray Tune trials on the cluster at `address`, at most `max_concurrent` at once; same
-            trials.csv): see `tune_ray`.
+        engine: local, or ray: batches of trials as Ray Tune trials at `address` (`tune_ray`).
 
-    Returns:
-        The summary (also out/summary.json): best, estimate (held-out accuracy,
-        n_images, interval95), leaderboard, warnings (edge values), notes,
-        trials, files; beside it trials.csv, best.toml (for `train --recipe`), search.png.
+    Returns the summary (also out/summary.json): best, estimate (held-out accuracy, n_images,
+    interval95), leaderboard, warnings, notes, trials, files (trials.csv, best.toml, search.png).
 
     Raises:
         SettingsError, FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError.
