@@ -39,6 +39,12 @@ Examples:
   finetune lr-find ./images --strategy full a learning-rate sweep: lr.csv, lr.png, suggestions
   finetune train ./images --lr auto         fine-tune at the sweep's suggested rate
   finetune tune ./images --budget 40        search the linear head's settings: runs/images-tune-1/best.toml
+  finetune report last --explain gradcam    the run on one page, with maps over its mistakes
+  finetune export last --format tflite      a checked deployment file (export.json)
+  finetune explain last ./test-images       heat maps of what decides each prediction
+  finetune attack last ./test-images        accuracy against adversarial pixel budgets
+  finetune audit ./images                   possible label errors, duplicates, leakage
+  finetune predict ./photos --model last --engine ray --out preds/
   finetune bases | layers --base B | cache info
 """
 
