@@ -230,6 +230,17 @@ def predictions_frame(paths: list[str], classes: list[str], labels, probs):
                          "p_true": probs[rows, labels].round(6)})
 
 
+def read_predictions(path: Path):
+    """A `predictions_frame` read back (class names kept as text, "" not NaN), or None if unreadable or not one."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype={"path": str, "true": str, "predicted": str}, keep_default_na=False)
+    except (OSError, ValueError):
+        return None
+    return frame if {"path", "true", "predicted", "probability", "p_true"} <= set(frame.columns) else None
+
+
 def save_model_atomic(model, target: Path, facts: dict | None = None) -> Path:
     """Save a Keras model via a temp file and a rename: an old file stays loadable until then.
 

@@ -173,18 +173,15 @@ def mistake_tiles(run_dir, method: str = "gradcam", limit: int = 24, config: Exp
     Raises:
         ModelFileError, SettingsError (method).
     """
-    import pandas as pd
-
     from finetune_cli import saliency
+    from finetune_cli.artifacts import read_predictions
     from finetune_cli.pages import Tile
 
     if method not in saliency.METHODS:
         raise SettingsError(f"--explain must be one of {', '.join(saliency.METHODS)}. Received: {method!r}")
     run = Run.load(run_dir)
-    try:
-        frame = pd.read_csv(run.path / "predictions_val.csv", dtype={"path": str, "true": str, "predicted": str},
-                            keep_default_na=False)
-    except (OSError, ValueError):
+    frame = read_predictions(run.path / "predictions_val.csv")
+    if frame is None:
         return []
     wrong = frame[(frame["true"] != frame["predicted"]) & frame["path"].map(lambda p: Path(p).is_file())]
     wrong = wrong.sort_values("probability", ascending=False).head(limit)

@@ -150,13 +150,12 @@ def held_out(run: Run, data, check_dir, seed: int, n_calibration: int) -> Images
 
 def _recorded_validation(run: Run) -> tuple[list[str], list[int]] | None:
     """(paths, class indices) of RUN/predictions_val.csv when every listed image still exists, else None."""
-    import pandas as pd
+    from finetune_cli.artifacts import read_predictions
 
-    try:
-        frame = pd.read_csv(run.path / "predictions_val.csv", dtype={"true": str})
-        labels = [run.classes.index(name) for name in frame["true"]]
-    except (OSError, ValueError, KeyError):
+    frame = read_predictions(run.path / "predictions_val.csv")
+    if frame is None or not set(frame["true"]) <= set(run.classes):
         return None
+    labels = [run.classes.index(name) for name in frame["true"]]
     paths = [str(p) for p in frame["path"]]
     return (paths, labels) if paths and all(Path(p).is_file() for p in paths) else None
 

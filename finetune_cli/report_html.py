@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from finetune_cli.artifacts import read_predictions
 from finetune_cli.config import REPORT, SCAN, ReportConfig
 from finetune_cli.errors import ModelFileError
 from finetune_cli.pages import Tile, figure, page, preformatted, section, table, tiles, write_page
@@ -44,7 +45,7 @@ def run_document(folder: Path, extra: Extra = (), config: ReportConfig = REPORT)
     """The whole report of the run in `folder`, as an HTML document."""
     metrics = _read_json(folder / "metrics.json", required=True)
     plan = _read_json(folder / "plan.json") or {}
-    frame = _read_predictions(folder / "predictions_val.csv")
+    frame = read_predictions(folder / "predictions_val.csv")
     classes = list(metrics.get("classes") or [])
     parts = [diagnosis_section(metrics)]  # results first, then how they were reached
     if frame is not None and classes:
@@ -319,16 +320,6 @@ def _read_json(path: Path, required: bool = False):
             raise ModelFileError(f"{path.parent} is not a finished run: {path.name} is missing or unreadable "
                                  "(give the --out folder of a finished `finetune train`)") from None
         return None
-
-
-def _read_predictions(path: Path):
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path, dtype={"path": str, "true": str, "predicted": str}, keep_default_na=False)
-    except (OSError, ValueError):
-        return None
-    return frame if {"path", "true", "predicted", "probability", "p_true"} <= set(frame.columns) else None
 
 
 def _indices(names, classes: list[str]) -> np.ndarray:
