@@ -21,7 +21,7 @@ import numpy as np
 from finetune_cli.config import ATTACK, EXPLAIN, SCAN, AttackConfig, ScanConfig
 from finetune_cli.errors import SettingsError
 from finetune_cli.files import atomic_write_bytes, shown
-from finetune_cli.run import Run
+from finetune_cli.run import Run, output_folder
 from finetune_cli.saliency import call
 
 CORRUPTIONS = ("noise", "blur", "jpeg", "brightness")
@@ -180,14 +180,14 @@ def attack(run_dir, root, *, eps=ATTACK.eps, methods=ATTACK.methods, out=None, c
     Raises:
         SettingsError (eps, method), ModelFileError, FolderError, OutputError.
     """
-    from finetune_cli.explain import decode, output_folder
+    from finetune_cli.explain import decode
     from finetune_cli.predict import labelled_test_scan
 
     eps, methods = parse_eps(eps), parse_methods(methods)
     run = Run.load(run_dir)
     scan, total = sampled(labelled_test_scan(root, run.classes, scan_config), config)
     images = decode(scan, run.classes, run.image_size, scan_config)
-    folder = output_folder(out, run, "attack")
+    folder = output_folder(out, f"{run.path.name}-attack")
     curves, examples = {}, {}
     chosen = np.unique(np.linspace(0, len(images.labels) - 1, config.examples).round().astype(int))
     sign = gradient_sign_fn(run.model)

@@ -158,7 +158,7 @@ def audit(root, base: str, *, val_dir=None, test_dir=None, out=None, write: bool
     ref = resolve(base, weights, image_size)
     folder = None
     if write:
-        from finetune_cli.units import output_folder
+        from finetune_cli.run import output_folder
 
         folder = output_folder(out, f"{Path(root).resolve().name}-audit")
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None

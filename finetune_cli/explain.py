@@ -7,7 +7,6 @@ randomised-head check -> overlay PNGs + index.html + explain.json.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import dataclasses
@@ -16,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune_cli.config import EXPLAIN, RUNS_DIR, SCAN, ExplainConfig, ScanConfig
+from finetune_cli.config import EXPLAIN, SCAN, ExplainConfig, ScanConfig
 from finetune_cli.data.scan import Scan, Skipped
 from finetune_cli.errors import FolderError, SettingsError
-from finetune_cli.files import atomic_write_bytes, check_writable_folder, shown
-from finetune_cli.run import Run, numbered
+from finetune_cli.files import atomic_write_bytes, shown
+from finetune_cli.run import Run, output_folder
 
 
 @dataclass(frozen=True)
@@ -82,20 +81,6 @@ def class_index(name: str | None, classes: list[str]) -> int | None:
     return classes.index(name)
 
 
-def output_folder(out, run: Run, stem: str) -> Path:
-    """`out` created if needed (a new numbered `runs/<run>-<stem>-N` when None), checked writable.
-
-    Raises:
-        OutputError: it cannot be written.
-    """
-    folder = Path(out) if out is not None else numbered(f"{run.path.name}-{stem}", root=RUNS_DIR)
-    folder = folder.expanduser().absolute()
-    if folder.parent.is_dir() or out is None:
-        folder.mkdir(parents=True, exist_ok=True)
-    check_writable_folder(folder)
-    return folder
-
-
 def overlay_png(image: np.ndarray, heat: np.ndarray, config: ExplainConfig = EXPLAIN) -> bytes:
     """PNG bytes of `heat` (S, S; its positive part scaled to its peak) drawn over `image` (S, S, 3), in the
     'jet' colours, up to `overlay_alpha` opaque at the peak, enlarged to at least `min_view` px (nearest neighbour)."""
@@ -110,16 +95,12 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, config: ExplainConfig = EXP
 
 
 def png_bytes(pixels: np.ndarray, min_view: int = EXPLAIN.min_view) -> bytes:
-    """uint8 (H, W, 3) as PNG bytes, enlarged by a whole factor to at least `min_view` px wide."""
-    from PIL import Image
+    """uint8 (H, W, 3) as PNG bytes, enlarged by a whole factor (each pixel repeated) to at least `min_view` px wide."""
+    from finetune_cli.units import png_bytes as encoded
 
-    picture = Image.fromarray(np.asarray(pixels, np.uint8))
-    factor = max(1, -(-min_view // picture.width))
-    if factor > 1:
-        picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG", optimize=True)
-    return buffer.getvalue()
+    pixels = np.asarray(pixels, np.uint8)
+    factor = max(1, -(-min_view // pixels.shape[1]))
+    return encoded(pixels.repeat(factor, axis=0).repeat(factor, axis=1))
 
 
 def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | None = None, sanity: bool = False,
@@ -140,7 +121,7 @@ def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | Non
     run = Run.load(run_dir)
     fixed = class_index(class_name, run.classes)
     scan = scan_inputs(list(inputs), run.classes, scan_config)
-    folder = output_folder(out, run, "explain")
+    folder = output_folder(out, f"{run.path.name}-explain")
     rows, skipped = [], list(scan.skipped)
     for start in range(0, len(scan.images), config.chunk):  # a chunk of images in memory at a time
         part = dataclasses.replace(scan, images=scan.images[start:start + config.chunk], skipped=())

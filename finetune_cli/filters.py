@@ -27,7 +27,8 @@ import numpy as np
 from finetune_cli.config import FILTERS, SCAN, FiltersConfig
 from finetune_cli.errors import SettingsError
 from finetune_cli.files import writing
-from finetune_cli.units import grid, layer_name, output_folder, pick_units, png_bytes
+from finetune_cli.run import output_folder
+from finetune_cli.units import grid, layer_name, pick_units, png_bytes
 
 
 def load_layer_model(base: str | None, run: str | None, layer, weights: str, image_size: int | None):

@@ -24,7 +24,8 @@ import numpy as np
 from finetune_cli.config import FEATURES, PATCHES, SCAN, PatchesConfig, ScanConfig
 from finetune_cli.data.scan import scan_folder
 from finetune_cli.files import shown, writing
-from finetune_cli.units import grid, layer_name, output_folder, pick_units, png_bytes
+from finetune_cli.run import output_folder
+from finetune_cli.units import grid, layer_name, pick_units, png_bytes
 
 
 def patches(root, base: str, *, layer, units: int | None = None, unit_ids=None, top: int | None = None, out=None,

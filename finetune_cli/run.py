@@ -16,7 +16,8 @@ from pathlib import Path
 
 from finetune_cli.artifacts import MODEL_FACTS
 from finetune_cli.config import DEFAULT_IMAGE_SIZE, RUNS_DIR
-from finetune_cli.errors import ModelFileError
+from finetune_cli.errors import ModelFileError, OutputError
+from finetune_cli.files import check_writable_folder
 from finetune_cli.models.files import archive_entries, input_of, input_side, load_model_file
 
 
@@ -120,6 +121,27 @@ def numbered(stem: str, suffix: str = "", root: Path = RUNS_DIR) -> Path:
     pattern = re.compile(rf"^{re.escape(stem)}-(\d+){re.escape(suffix)}$")
     taken = [int(m[1]) for p in (root.iterdir() if root.is_dir() else ()) if (m := pattern.match(p.name))]
     return root / f"{stem}-{max(taken, default=0) + 1}{suffix}"
+
+
+def output_folder(out, stem: str) -> Path:
+    """`out`, or a new numbered `runs/<stem>-<N>`: created if missing, checked writable.
+
+    An explicit `out` is created only inside an existing folder (a typo in its
+    parent is refused, not built); the default one with its parents.
+
+    Raises:
+        OutputError: `out` is a file, cannot be created, or does not accept new files.
+    """
+    folder = (Path(out) if out is not None else numbered(stem)).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--out {folder} is a file: give a folder")
+    if out is None or folder.parent.is_dir():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {folder}: {exc.strerror or exc}; choose another --out") from None
+    check_writable_folder(folder)
+    return folder
 
 
 def last_run(root: Path = RUNS_DIR) -> Path:

@@ -1,15 +1,14 @@
-"""Shared pieces of `patches` and `filters`: naming a layer and its units, output folders, picture grids."""
+"""Shared pieces of `patches` and `filters`: naming a layer and its units, picture grids."""
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from finetune_cli.errors import BackboneError, OutputError, SettingsError
+from finetune_cli.errors import BackboneError, SettingsError
 from finetune_cli.models.stages import select_layer
 
 
@@ -47,24 +46,6 @@ def pick_units(channels: int, count: int, unit_ids: Sequence[int] | None, rankin
         raise SettingsError(f"--units must be at least 1. Received: --units {count}")
     order = list(ranking) if ranking is not None else list(range(channels))
     return [int(u) for u in order[: min(count, channels)]]
-
-
-def output_folder(out, stem: str) -> Path:
-    """`out` (created if missing), or a new numbered `runs/<stem>-N`.
-
-    Raises:
-        OutputError: `out` is a file or cannot be created.
-    """
-    from finetune_cli.run import numbered
-
-    folder = Path(out).expanduser() if out is not None else numbered(stem)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"--out {folder} is a file: give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {folder}: {exc.strerror or exc}; choose another --out") from None
-    return folder
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

@@ -6,6 +6,7 @@ import io
 import json
 
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -77,3 +78,20 @@ def test_pretrain_without_out_writes_a_numbered_encoder(shapes, tmp_path, monkey
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "shapes-encoder-1.keras").is_file()
     assert unwrapped(result.output).count("runs/shapes-encoder-1.keras") >= 2  # at the start and the end
+
+
+def test_output_folder_of_the_gallery_commands(tmp_path, monkeypatch):
+    """explain, attack, audit, patches, filters: one rule for --out (run.output_folder)."""
+    from finetune_cli.errors import OutputError
+    from finetune_cli.run import output_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert output_folder(None, "x-explain") == (tmp_path / "runs" / "x-explain-1").absolute()
+    assert output_folder(None, "x-explain").name == "x-explain-2"  # each default call: a new folder
+    assert output_folder(tmp_path / "mine", "ignored") == tmp_path / "mine" and (tmp_path / "mine").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        output_folder(tmp_path / "file", "s")
+    with pytest.raises(OutputError, match="does not exist"):
+        output_folder(tmp_path / "typo" / "out", "s")
+    assert not (tmp_path / "typo").exists()
