@@ -55,11 +55,9 @@ def decode(scan: Scan, classes: list[str], size: int, config: ScanConfig = SCAN)
     Raises:
         FolderError: no image could be read.
     """
-    from finetune_cli.data.pipeline import batched_images
+    from finetune_cli.data.pipeline import decoded_arrays
 
-    batches = [(x.numpy(), ok.numpy()) for x, ok in batched_images(scan.paths(), size, 64, config)]
-    pixels = np.concatenate([b[0] for b in batches]).astype(np.float32)
-    ok = np.concatenate([b[1] for b in batches])
+    pixels, ok = decoded_arrays(scan.paths(), size, config)
     labels = np.array([classes.index(r.label) if scan.labelled else -1 for r in scan.images], np.int64)
     paths = [str(p) for p in scan.paths()]
     late = [Skipped(p, "could not be read") for p, good in zip(paths, ok) if not good]

@@ -120,6 +120,7 @@ def held_out(run: Run, data, check_dir, seed: int, n_calibration: int) -> Images
         ExportError: no images to check on, or int8 without training images.
         FolderError: a folder is unusable, or holds classes the run does not know.
     """
+    from finetune_cli.data.pipeline import decoded_arrays
     from finetune_cli.predict import labelled_test_scan
     from finetune_cli.train.context import split
 
@@ -141,7 +142,7 @@ def held_out(run: Run, data, check_dir, seed: int, n_calibration: int) -> Images
     else:
         paths, labels = val.paths(), [run.classes.index(r.label) for r in val.images]
         source = f"validation split of {data} (seed {seed})"
-    pixels, ok = decoded(paths, run.image_size)
+    pixels, ok = decoded_arrays(paths, run.image_size)
     calibration = None
     if n_calibration:
         calibration = _representative(train, set(map(str, paths)), n_calibration, seed, run.image_size)
@@ -170,18 +171,10 @@ def _representative(train, exclude: set[str], n: int, seed: int, size: int) -> n
     """Up to `n` decoded training images (float32 (m, S, S, 3)), none of them in `exclude` (the check set)."""
     candidates = [p for p in map(str, train.paths()) if p not in exclude]
     chosen = sorted(np.random.default_rng(seed).permutation(len(candidates))[:n])
-    pixels, fine = decoded([candidates[i] for i in chosen], size)
+    from finetune_cli.data.pipeline import decoded_arrays
+
+    pixels, fine = decoded_arrays([candidates[i] for i in chosen], size)
     return pixels[fine]
-
-
-def decoded(paths, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 (n, size, size, 3) in [0, 255], ok bool (n,)) via the shared tf.data loader."""
-    from finetune_cli.data.pipeline import batched_images
-
-    batches = [(images.numpy(), ok.numpy()) for images, ok in batched_images(paths, size, 64, SCAN)]
-    if not batches:
-        return np.zeros((0, size, size, 3), np.float32), np.zeros(0, bool)
-    return np.concatenate([b[0] for b in batches]).astype(np.float32), np.concatenate([b[1] for b in batches])
 
 
 def verify(run: Run, fmt: str, path: Path, images: Images, settings: ExportConfig) -> dict:

@@ -69,7 +69,7 @@ def test_the_exported_file_runs_on_its_own_and_matches_keras(trained, tmp_path):
     import numpy as np
 
     from finetune_cli import export_formats as formats
-    from finetune_cli.export import decoded
+    from finetune_cli.data.pipeline import decoded_arrays as decoded
     from finetune_cli.run import Run
 
     run, data = trained

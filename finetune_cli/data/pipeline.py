@@ -84,6 +84,19 @@ def batched_images(
     return decode_dataset(paths, size, config, view).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def decoded_arrays(paths: Sequence[Path], size: int, config: ScanConfig = SCAN,
+                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """All of `paths` decoded in memory: (images float32 (n, size, size, 3) in [0, 255], ok bool (n,)).
+
+    For the few images a command holds at once (a chunk to explain, a set to
+    check an export on); larger sets stream `batched_images` instead.
+    """
+    batches = [(x.numpy(), ok.numpy()) for x, ok in batched_images(paths, size, batch_size, config)]
+    if not batches:
+        return np.zeros((0, size, size, 3), np.float32), np.zeros(0, bool)
+    return np.concatenate([b[0] for b in batches]).astype(np.float32), np.concatenate([b[1] for b in batches])
+
+
 def augmenter(strength: str):
     """A Keras layer stack augmenting float image batches in [0, 255], or None.
 
