@@ -301,7 +301,8 @@ def pretrain(
     """Pretrain a denoising autoencoder on unlabeled images; save its encoder as a backbone file.
 
     Args:
-        out: the encoder file to create; None: `runs/<folder name>-encoder-<N>.keras`.
+        out: the encoder file to create; None: a new `runs/<folder name>-encoder-<N>.keras`, claimed
+            at once (two pretrainings started together never share a name).
         settings: from `pretrain_config(...)`; None for the defaults.
         init_from: a backbone whose early stages start the encoder.
 
@@ -311,14 +312,15 @@ def pretrain(
     Raises:
         FolderError, OutputError, BackboneError, WeightsUnavailableError, TrainingError.
     """
+    from finetune_cli.files import claim_numbered, drop_if_empty
     from finetune_cli.train.pretrain import pretrain as run_pretraining
 
-    if out is None:
-        from finetune_cli.run import numbered
-
-        out = numbered(f"{Path(unlabeled).resolve().name}-encoder", ".keras")
-    return run_pretraining(unlabeled, out, config=checked_pretrain_config(settings or PRETRAIN), init_from=init_from,
-                           init_weights=init_weights, greedy=greedy, seed=seed, reporter=reporter)
+    config = checked_pretrain_config(settings or PRETRAIN)
+    claimed = out is None  # the default name is claimed now, as an empty file: never shared with another run
+    out = claim_numbered(f"{Path(unlabeled).resolve().name}-encoder", ".keras", file=True) if claimed else out
+    with drop_if_empty(out if claimed else None):  # no encoder saved: the name is given back
+        return run_pretraining(unlabeled, out, config=config, init_from=init_from, init_weights=init_weights,
+                               greedy=greedy, seed=seed, reporter=reporter, claimed=claimed)
 
 
 def pretrain_config(arch: str | None = None, noise: float | None = None, noise_type: str | None = None,
@@ -533,10 +535,6 @@ def distill(
     from finetune_cli.distill import distill as run_distillation
 
     settings = dataclasses.replace(DISTILL, epochs=epochs or DISTILL.epochs, views=views or DISTILL.views)
-    if out is None:
-        from finetune_cli.run import numbered
-
-        out = numbered(f"{Path(root).resolve().name}-distill")
     return run_distillation(root, teachers, student, out=out, student_weights=student_weights, unlabeled=unlabeled,
                             temperature=temperature, alpha=alpha, image_size=image_size, val_dir=val_dir,
                             test_dir=test_dir, seed=seed, cache_dir=cache_dir, use_cache=use_cache,
@@ -591,7 +589,7 @@ def report(run: str | os.PathLike, *, explain: str | None = None) -> Path:
     """(Re)build `RUN/report.html` from the files of a finished run folder alone; returns the page's path.
 
     Args:
-        run: a run folder (the --out of `train`), or `last` (the newest under ./runs).
+        run: a run folder (the --out of `train`), or `last` (the last finished run under ./runs: `run.last_run`).
         explain: also draw `occlusion` or `gradcam` maps over the misclassified validation images
             (`explain.mistake_tiles`; loads the model); None: the files alone.
 
@@ -623,6 +621,7 @@ def audit(
     test_dir: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     write: bool = True,
+    overwrite: bool = False,
     weights: str = "imagenet",
     image_size: int | None = None,
     batch_size: int = FEATURES.batch_size,
@@ -637,6 +636,8 @@ def audit(
         val_dir, test_dir: also compared with `root` (a near-duplicate across folders is leakage).
         out: the folder for audit.csv and index.html; None: a new `runs/<folder name>-audit-N`.
         write: False returns the findings without writing anything (`inspect --base` uses it).
+        overwrite: replace an earlier audit in `out` (refused without it when `out` holds files; a folder
+            holding other files than audit.csv and index.html is refused even with it).
 
     Returns (the `audit --json` contract):
         {"folder", "base", "images": {"train": n[, "val": n][, "test": n]},
@@ -652,7 +653,8 @@ def audit(
     """
     from finetune_cli.audit import audit as run_audit
 
-    return run_audit(root, base, val_dir=val_dir, test_dir=test_dir, out=out, write=write, weights=weights,
+    return run_audit(root, base, val_dir=val_dir, test_dir=test_dir, out=out, write=write, overwrite=overwrite,
+                     weights=weights,
                      image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache,
                      seed=seed, progress=progress)
 
@@ -666,6 +668,7 @@ def patches(
     unit_ids: list[int] | None = None,
     top: int | None = None,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     weights: str = "imagenet",
     image_size: int | None = None,
     batch_size: int = FEATURES.batch_size,
@@ -680,6 +683,7 @@ def patches(
         units: how many units (default `config.PATCHES.units`): the most active (highest mean per-image maximum).
         unit_ids: these units instead (0..C-1).
         out: the folder for patches.png, patches.csv, index.html; None: a new `runs/<folder name>-patches-N`.
+        overwrite: replace an earlier patches output in `out` (refused without it when `out` holds files).
 
     Returns:
         {"folder", "base", "layer", "image_size", "receptive_field": {"size", "jump", "start"} (per axis),
@@ -692,7 +696,8 @@ def patches(
     """
     from finetune_cli.patches import patches as run_patches
 
-    return run_patches(root, base, layer=layer, units=units, unit_ids=unit_ids, top=top, out=out, weights=weights,
+    return run_patches(root, base, layer=layer, units=units, unit_ids=unit_ids, top=top, out=out, overwrite=overwrite,
+                       weights=weights,
                        image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache,
                        progress=progress)
 
@@ -705,6 +710,7 @@ def filters(
     units: int | None = None,
     unit_ids: list[int] | None = None,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     weights: str = "imagenet",
     image_size: int | None = None,
     dream: str | os.PathLike | None = None,
@@ -715,6 +721,7 @@ def filters(
     Args:
         units: how many (default `config.FILTERS.units`), the first ones; unit_ids: these instead.
         out: the folder for filters.png, index.html (and dream.png); None: a new `runs/<base>-filters-N`.
+        overwrite: replace an earlier filters output in `out` (refused without it when `out` holds files).
 
     Returns:
         {"base", "layer", "image_size", "units": [{"unit", "activation", "noise_activation"}] (mean activation
@@ -727,11 +734,12 @@ def filters(
     from finetune_cli.filters import filters as run_filters
 
     return run_filters(base, None if model is None else str(model), layer=layer, units=units, unit_ids=unit_ids,
-                       out=out, weights=weights, image_size=image_size, dream_image=dream, seed=seed)
+                       out=out, overwrite=overwrite, weights=weights, image_size=image_size, dream_image=dream,
+                       seed=seed)
 
 
 def explain(run: str | os.PathLike, images: list, *, method: str = "occlusion", class_name: str | None = None,
-            sanity: bool = False, out: str | os.PathLike | None = None) -> dict:
+            sanity: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
     """Heat maps of a run's decisions (occlusion or Grad-CAM) over image files or a folder, with a gallery.
 
     Args:
@@ -741,6 +749,7 @@ def explain(run: str | os.PathLike, images: list, *, method: str = "occlusion", 
         class_name: map this class instead of each image's predicted one.
         sanity: also map with the head randomised; a map that barely changes is flagged.
         out: the folder for maps/, index.html, explain.json; None: a new `runs/<run>-explain-<N>`.
+        overwrite: replace an earlier gallery in `out` as a whole (refused without it when `out` holds files).
 
     Returns:
         See `explain.explain` (rows per image, skipped files, flagged count).
@@ -750,17 +759,18 @@ def explain(run: str | os.PathLike, images: list, *, method: str = "occlusion", 
     """
     from finetune_cli.explain import explain as run_explain
 
-    return run_explain(run, images, method=method, class_name=class_name, sanity=sanity, out=out)
+    return run_explain(run, images, method=method, class_name=class_name, sanity=sanity, out=out, overwrite=overwrite)
 
 
 def attack(run: str | os.PathLike, root: str | os.PathLike, *, eps=None, methods=None,
-           out: str | os.PathLike | None = None, corruptions: bool = False) -> dict:
+           out: str | os.PathLike | None = None, corruptions: bool = False, overwrite: bool = False) -> dict:
     """Accuracy of a run against adversarial budgets eps (0-255 pixel units; FGSM, PGD) on a labelled folder,
     and optionally under common corruptions; writes robustness.json, robustness.png and index.html.
 
     Args:
         eps, methods: comma-separated text or sequences; None: `config.AttackConfig`'s (eps 0,1,2,4,8; fgsm,pgd).
         out: the folder to write; None: a new `runs/<run>-attack-<N>`.
+        overwrite: replace an earlier attack's files in `out` (refused without it when `out` holds files).
 
     Returns:
         See `attack.attack` (accuracy per method and eps, halving eps, warnings, corruptions).
@@ -772,4 +782,5 @@ def attack(run: str | os.PathLike, root: str | os.PathLike, *, eps=None, methods
     from finetune_cli.config import ATTACK
 
     return run_attack(run, root, eps=ATTACK.eps if eps is None else eps,
-                      methods=ATTACK.methods if methods is None else methods, out=out, corruptions=corruptions)
+                      methods=ATTACK.methods if methods is None else methods, out=out, corruptions=corruptions,
+                      overwrite=overwrite)

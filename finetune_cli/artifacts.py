@@ -19,6 +19,8 @@
 The class names and input size also travel inside model.keras (`finetune.json`
 in its archive), so an edited labels.json cannot silently relabel a model.
 A run that fails before it has anything to resume removes what it wrote.
+A folder the run creates also holds `config.OUTPUT_MARKER` (scans skip it); a
+folder holding only that marker counts as empty.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from pathlib import Path
 from typing import Iterator
 
 from finetune_cli.errors import OutputError, TrainingError
-from finetune_cli.files import check_writable_folder, remove_stale_temps, writing
+from finetune_cli.files import (check_writable_folder, claim_numbered, create_folder, held_names, remove_created,
+                                 remove_stale_temps, writing)
+from finetune_cli.files import read_json
 
 #: The entry inside a saved model.keras archive that holds the run's facts.
 MODEL_FACTS = "finetune.json"
@@ -47,14 +51,14 @@ class RunFolder:
             cannot be written (read-only, disk full).
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume: bool = False):
+    def __init__(self, path: str | os.PathLike, *, resume: bool = False, command: str | None = None):
         self.path = Path(path).expanduser().absolute()
         self.written: set[str] = set()
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"--out {self.path} is a file: give a folder for the run")
         if self.path.is_dir():
             remove_stale_temps(self.path)
-        held = self.path.is_dir() and any(self.path.iterdir())
+        held = self.path.is_dir() and bool(held_names(self.path))  # the output marker alone: empty
         if not resume and held:
             raise OutputError(
                 f"run folder {self.path} already holds a run: choose a new --out, "
@@ -62,34 +66,19 @@ class RunFolder:
             )
         if resume:
             self._check_resumable()
-        self.created = not self.path.exists()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+        self.created = create_folder(self.path, command=command, parents=True)  # with the output marker
         check_writable_folder(self.path)
 
     @classmethod
-    def new(cls, stem: str) -> "RunFolder":
-        """A new numbered folder `runs/<stem>-<N>`, created exclusively (never an existing one).
+    def new(cls, stem: str, command: str | None = None) -> "RunFolder":
+        """A new numbered folder `runs/<stem>-<N>`, created exclusively (never an existing one; `files.claim_numbered`).
 
         Raises:
             OutputError: ./runs cannot be written.
         """
-        from finetune_cli.run import numbered
-
-        for _ in range(100):
-            path = numbered(stem)
-            try:
-                path.mkdir(parents=True)
-            except FileExistsError:
-                continue  # another run took it a moment ago
-            except OSError as exc:
-                raise OutputError(f"cannot create {path}: {exc.strerror or exc}; give --out") from None
-            folder = cls(path)
-            folder.created = True
-            return folder
-        raise OutputError(f"cannot find a free run folder name for {stem} under runs/: give --out")
+        folder = cls(claim_numbered(stem, command=command))
+        folder.created = True
+        return folder
 
     def _check_resumable(self) -> None:
         if (self.path / "plan.json").exists():
@@ -135,10 +124,7 @@ class RunFolder:
             (self.path / name).unlink(missing_ok=True)
         remove_stale_temps(self.path)
         if self.created:
-            try:
-                self.path.rmdir()
-            except OSError:
-                pass
+            remove_created(self.path)
         return bool(self.written)
 
     def file(self, name: str) -> Path:
@@ -157,7 +143,12 @@ class RunFolder:
         return self.write_text(name, json.dumps(value, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
 
     def read_json(self, name: str):
-        return json.loads(self.file(name).read_text(encoding="utf-8"))
+        """A JSON file of the folder, read within `config.JSON_MAX_BYTES` (`files.read_json`).
+
+        Raises:
+            OSError: missing or unreadable; `files.JSONFileError` (a ValueError): too large, not JSON, too deep.
+        """
+        return read_json(self.file(name))
 
     def write_frame(self, name: str, frame) -> Path:
         return self.write_text(name, frame.to_csv(index=False))

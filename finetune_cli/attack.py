@@ -20,8 +20,8 @@ import numpy as np
 
 from finetune_cli.config import ATTACK, EXPLAIN, SCAN, AttackConfig, ScanConfig
 from finetune_cli.errors import SettingsError
-from finetune_cli.files import atomic_write_bytes, shown
-from finetune_cli.run import Run, output_folder
+from finetune_cli.files import output_folder, shown, writing
+from finetune_cli.run import Run
 from finetune_cli.saliency import call
 
 CORRUPTIONS = ("noise", "blur", "jpeg", "brightness")
@@ -168,9 +168,16 @@ def masking_warnings(curves: dict[str, list[float]], eps: tuple[float, ...], n: 
     return warnings
 
 
+#: What `attack` writes into its folder (all that --overwrite replaces there).
+OUTPUTS = ("robustness.json", "robustness.png", "index.html")
+
+
 def attack(run_dir, root, *, eps=ATTACK.eps, methods=ATTACK.methods, out=None, corruptions: bool = False,
-           config: AttackConfig = ATTACK, scan_config: ScanConfig = SCAN) -> dict:
+           overwrite: bool = False, config: AttackConfig = ATTACK, scan_config: ScanConfig = SCAN) -> dict:
     """Accuracy against eps on the labelled folder `root`; see the module docstring.
+
+    `out` must be new or empty unless `overwrite` (then only an earlier attack's files are replaced, as a
+    whole: `files.output_folder`); the files are staged and moved in when all are written.
 
     Returns (also out/robustness.json):
         {"out", "page", "n_images", "eps", "accuracy": {method: [per eps]}, "halving_eps": {method: eps or None},
@@ -187,7 +194,17 @@ def attack(run_dir, root, *, eps=ATTACK.eps, methods=ATTACK.methods, out=None, c
     run = Run.load(run_dir)
     scan, total = sampled(labelled_test_scan(root, run.classes, scan_config), config)
     images = decode(scan, run.classes, run.image_size, scan_config)
-    folder = output_folder(out, f"{run.path.name}-attack")
+    target = output_folder(out, f"{run.path.name}-attack", command="attack", owned=OUTPUTS, overwrite=overwrite)
+    with target.staged() as staging:
+        summary, chosen, examples = _attacked(run, images, eps, methods, corruptions, scan, total, target.path,
+                                              config)
+        _write_outputs(staging, summary, images, (chosen, examples), run)
+    return summary
+
+
+def _attacked(run: Run, images, eps: tuple, methods: tuple, corruptions: bool, scan, total: int, folder,
+              config: AttackConfig) -> tuple[dict, np.ndarray, dict]:
+    """(the summary, the example images' indices, {(method, eps): their perturbed copies}) of every attack."""
     curves, examples = {}, {}
     chosen = np.unique(np.linspace(0, len(images.labels) - 1, config.examples).round().astype(int))
     sign = gradient_sign_fn(run.model)
@@ -206,8 +223,7 @@ def attack(run_dir, root, *, eps=ATTACK.eps, methods=ATTACK.methods, out=None, c
                     "the figures are estimates for the folder"] if total > len(scan.images) else []),
                "corruptions": corruption_rows(run.model, images.pixels, images.labels, config) if corruptions else None,
                "skipped": [{"path": shown(s.path), "reason": s.reason} for s in images.skipped]}
-    _write_outputs(folder, summary, images, (chosen, examples), run)
-    return summary
+    return summary, chosen, examples
 
 
 def sampled(scan, config: AttackConfig = ATTACK):
@@ -282,8 +298,10 @@ def _write_outputs(folder, summary: dict, images, chosen_examples: tuple, run: R
     from finetune_cli.pages import figure, page, section, table, write_page
 
     curve = curve_png(summary)
-    atomic_write_bytes(folder / "robustness.png", curve)
-    atomic_write_bytes(folder / "robustness.json", json.dumps(summary, indent=2, ensure_ascii=False).encode())
+    for name, data in (("robustness.png", curve),
+                       ("robustness.json", json.dumps(summary, indent=2, ensure_ascii=False).encode())):
+        with writing(folder / name) as tmp:
+            tmp.write_bytes(data)
     parts = [section("accuracy against eps", figure("robustness.png", "accuracy against eps"),
                      table(summary["rows"], ["method", "eps", "accuracy"]),
                      notes=[f"{m.upper()}: accuracy halves at eps {h:g}" if h is not None else

@@ -29,11 +29,15 @@ import numpy as np
 
 from finetune_cli.config import AUDIT, FEATURES, SCAN, AuditConfig, ScanConfig
 from finetune_cli.data.scan import Scan, scan_folder
+from finetune_cli.data.splits import content_groups
 from finetune_cli.errors import FolderError
-from finetune_cli.files import shown, writing
+from finetune_cli.files import output_folder, shown, writing
 
 KINDS = ("label", "leakage", "duplicate", "outlier")
 COLUMNS = ("kind", "path", "other_path", "given_label", "suggested_label", "score")
+#: What `audit` writes into its folder, by kind (all that --overwrite replaces there).
+FILES = {"csv": "audit.csv", "html": "index.html"}
+OUTPUTS = tuple(FILES.values())
 BLOCK = 1024
 
 
@@ -56,22 +60,26 @@ def combined_scan(root, val_dir=None, test_dir=None, config: ScanConfig = SCAN) 
     return Scan(Path("/"), True, main.classes, tuple(records), tuple(skipped)), splits, main.classes
 
 
-def out_of_fold(features: np.ndarray, labels: np.ndarray, settings: AuditConfig = AUDIT, seed: int = 0) -> np.ndarray:
+def out_of_fold(features: np.ndarray, labels: np.ndarray, settings: AuditConfig = AUDIT, seed: int = 0,
+                groups: np.ndarray | None = None) -> np.ndarray:
     """Out-of-fold class probabilities (n, k) of a standardised logistic regression, stratified folds.
 
     labels: int (n,) in 0..k-1, every class at least 2 images (the scan guarantees it).
+    groups: int (n,) content groups (`data.splits.content_groups`): identical files share a fold, so a
+        copy in another fold cannot vouch for an image's label.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from finetune_cli.data.splits import distinct_per_class, grouped_folds
     from finetune_cli.threads import one_blas_thread
 
-    folds = int(max(2, min(settings.folds, np.bincount(labels).min())))
+    folds = int(max(2, min(settings.folds, distinct_per_class(labels, groups).min())))
     model = make_pipeline(StandardScaler(), LogisticRegression(C=settings.C, max_iter=2000))
     with one_blas_thread():
-        return cross_val_predict(model, features, labels, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+        return cross_val_predict(model, features, labels, cv=grouped_folds(labels, groups, folds, seed),
                                  method="predict_proba")
 
 
@@ -124,7 +132,8 @@ def find(scan: Scan, splits: list[str], classes: tuple, features: np.ndarray, se
     paths = [shown(r.path) for r in scan.images]
     given = [r.label for r in scan.images]
     labels = np.array([classes.index(given[i]) for i in np.flatnonzero(train)])
-    scores, suggested = label_scores(out_of_fold(features[train], labels, settings, seed), labels)
+    groups = content_groups(r.digest for r, t in zip(scan.images, train) if t)
+    scores, suggested = label_scores(out_of_fold(features[train], labels, settings, seed, groups), labels)
     rows = [_row("label", paths[i], "", given[i], classes[suggested[p]], scores[p])
             for p, i in enumerate(np.flatnonzero(train)) if scores[p] > settings.label_margin]
     rows.sort(key=lambda r: -r["score"])
@@ -146,21 +155,37 @@ def _row(kind: str, path: str, other: str, given: str, suggested: str, score: fl
             "score": round(float(score), 6)}
 
 
-def audit(root, base: str, *, val_dir=None, test_dir=None, out=None, write: bool = True, weights: str = "imagenet",
-          image_size: int | None = None, batch_size: int = FEATURES.batch_size, cache_dir=None,
-          use_cache: bool = True, seed: int = 0, config: ScanConfig = SCAN, settings: AuditConfig = AUDIT,
-          progress=None) -> dict:
-    """Audit DIR (and val/test folders) with `base`'s features; see the module docstring and `api.audit`."""
-    from finetune_cli.features import FeatureCache, extract
+def audit(root, base: str, *, val_dir=None, test_dir=None, out=None, write: bool = True, overwrite: bool = False,
+          weights: str = "imagenet", image_size: int | None = None, batch_size: int = FEATURES.batch_size,
+          cache_dir=None, use_cache: bool = True, seed: int = 0, config: ScanConfig = SCAN,
+          settings: AuditConfig = AUDIT, progress=None) -> dict:
+    """Audit DIR (and val/test folders) with `base`'s features; see the module docstring and `api.audit`.
+
+    With `write`, `out` must be new or empty unless `overwrite` (then only an earlier audit's files are
+    replaced, as a whole: `files.output_folder`); a folder created here is removed again when the audit fails.
+    """
     from finetune_cli.models.backbones import resolve
 
     scan, splits, classes = combined_scan(root, val_dir, test_dir, config)
     ref = resolve(base, weights, image_size)
-    folder = None
-    if write:
-        from finetune_cli.run import output_folder
+    if not write:
+        return _audited(root, scan, splits, classes, ref, batch_size, cache_dir, use_cache, seed, config, settings,
+                        progress)
+    target = output_folder(out, f"{Path(root).resolve().name}-audit", command="audit", owned=OUTPUTS,
+                           overwrite=overwrite)
+    with target.staged() as staging:
+        summary = _audited(root, scan, splits, classes, ref, batch_size, cache_dir, use_cache, seed, config,
+                           settings, progress)
+        write_outputs(staging, summary, settings, config)
+        summary["files"] = {kind: str(target.path / name) for kind, name in FILES.items()}
+    return summary
 
-        folder = output_folder(out, f"{Path(root).resolve().name}-audit")
+
+def _audited(root, scan: Scan, splits: list[str], classes: tuple, ref, batch_size: int, cache_dir, use_cache: bool,
+             seed: int, config: ScanConfig, settings: AuditConfig, progress) -> dict:
+    """The audit's summary (see `api.audit`), its "files" empty: features, then the findings."""
+    from finetune_cli.features import FeatureCache, extract
+
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
     table = extract(scan, ref, pooling=FEATURES.pooling, batch_size=batch_size, cache=cache, config=config,
                     progress=progress)
@@ -181,14 +206,12 @@ def audit(root, base: str, *, val_dir=None, test_dir=None, out=None, write: bool
                      "outlier_z": settings.outlier_z},
         "files": {},
     }
-    if folder is not None:
-        summary["files"] = write_outputs(folder, summary, settings, config)
     return summary
 
 
 def write_outputs(folder: Path, summary: dict, settings: AuditConfig, config: ScanConfig) -> dict:
     """audit.csv (every finding) and index.html (thumbnails, at most `max_shown` per kind); returns their paths."""
-    files = {"csv": folder / "audit.csv", "html": folder / "index.html"}
+    files = {kind: folder / name for kind, name in FILES.items()}
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()

@@ -49,8 +49,36 @@ Examples:
 """
 
 
+#: What Ctrl-C leaves behind, by command (its function's name); `{out}` is --out, else OUT, explained.
+INTERRUPTED = {
+    "train": "a fine-tuning run keeps its last checkpoint in {out}: `finetune train ... --out {out} --resume` "
+             "continues it (a run stopped before its first checkpoint, a linear one for instance, was removed: "
+             "start it again)",
+    "pretrain": "the last good encoder (saved each time the held-out loss improved, if any epoch did) is kept "
+                "as {out} and works as --base; pretrain has no --resume: run it again to start over",
+    "tune": "the trials finished so far are kept in trials.csv in {out}: the same `finetune tune` with --out "
+            "{out} continues the search (with no trial finished, the folder was removed)",
+    "export": "nothing was exported (the staging folder and a new output folder were removed); the run's "
+              "files are untouched",
+    "distill": "the distill run was discarded (nothing of it is kept in {out}); teacher outputs already "
+               "computed stay in the feature cache, so a rerun is faster",
+    "extract_features": "no table was written; the features computed so far are in the feature cache (unless "
+                        "--no-cache), so a rerun starts where this one stopped",
+}
+INTERRUPTED_DEFAULT = "files already saved are intact: nothing was half-written; run the command again"
+
+
+def interrupted_message(command: str, out=None) -> str:
+    """The one line Ctrl-C prints after `command` (a function name of this module): what is kept, what to do."""
+    text = INTERRUPTED.get(command, INTERRUPTED_DEFAULT)
+    if out or "{out}" not in text:
+        return "Interrupted: " + text.format(out=out)
+    shown = "the encoder file" if command == "pretrain" else "the folder"
+    return "Interrupted: " + text.format(out="OUT") + f" (OUT: {shown} named at the start)"
+
+
 def handle_errors(command):
-    """Turn library errors and Ctrl-C into one line and an exit code."""
+    """Turn library errors and Ctrl-C into one line and an exit code (2; 130 for Ctrl-C)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -60,8 +88,7 @@ def handle_errors(command):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("Interrupted: files already saved are intact (`finetune train ... --resume` continues a "
-                       "fine-tuning run; `pretrain` keeps the last good encoder).", err=True)
+            click.echo(interrupted_message(command.__name__, kwargs.get("out")), err=True)
             sys.exit(130)
 
     return wrapper
@@ -95,7 +122,8 @@ size_option = click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE
                            help="Input side in pixels (images are squashed to a square). Default: the base's "
                                 "native size; a model file with a fixed input needs that size.")
 model_option = click.option("--model", "model_dir", required=True, type=str,
-                            help=f"A run folder from `finetune train`, or `last` (the newest under {RUNS_DIR}/).")
+                            help=f"A run folder from `finetune train`, or `last` (the last finished run under "
+                                 f"{RUNS_DIR}/; a folder named last: give ./last).")
 tta_option = click.option("--tta", default=PREDICT.tta, show_default=True, metavar="K", type=str,
                           help=f"Test-time augmentation: average the probabilities of K deterministic views per "
                                f"image (the image, then flips and crops), 1 to {PREDICT.max_tta}; 1 is off.")
@@ -121,6 +149,21 @@ def echo_sharded(manifest: dict, skipped, out) -> None:
     click.echo(f"wrote {out}: {manifest['rows']} rows in {len(manifest['shards'])} Parquet shard(s) + manifest.json "
                f"({engine['workers']} workers on {engine['nodes']} node(s)"
                + (f", {len(skipped)} files skipped" if skipped else "") + ")")
+
+
+def chosen_run(run: str) -> str:
+    """The run folder RUN names, absolute (`last`: the last finished run under runs/, `run.resolve_run`).
+
+    When the current folder also holds a folder named `last`, a note on stderr says which is used.
+    """
+    from finetune_cli.run import resolve_run
+
+    return str(resolve_run(run, note=lambda text: click.echo(text, err=True)))
+
+
+def echo_run(run: str, role: str = "run") -> None:
+    """Which run the command read: one line on stderr (after its result, so stdout stays clean)."""
+    click.echo(f"{role}: {run}", err=True)
 
 
 def base_options(default: str | None):
@@ -242,7 +285,7 @@ def extract_features(folder, base, weights, image_size, out, overwrite, layer, p
     """Write one row of features per usable image: path, label, f0, f1, ..."""
     from pathlib import Path
 
-    from finetune_cli.run import numbered
+    from finetune_cli.files import claim_numbered, drop_if_empty
 
     if engine == "ray":
         with report.progress_bar(err_console(), "extracting (ray)") as progress:
@@ -252,14 +295,14 @@ def extract_features(folder, base, weights, image_size, out, overwrite, layer, p
                 progress=progress)
         echo_sharded(manifest, skipped, out)
         return
-    if out is None:
-        out = numbered(f"{Path(folder).resolve().name}-features", ".parquet")
-        out.parent.mkdir(parents=True, exist_ok=True)
+    claimed = out is None  # the default name is claimed now (an empty file): never shared with another run
+    out = claim_numbered(f"{Path(folder).resolve().name}-features", ".parquet", file=True) if claimed else out
     console = err_console()
-    with report.progress_bar(console, "scanning", "files") as scan_progress, \
+    with drop_if_empty(out if claimed else None), \
+            report.progress_bar(console, "scanning", "files") as scan_progress, \
             report.progress_bar(console, "extracting") as progress:
         table, scan = api.extract_features(
-            folder, base, out=out, overwrite=overwrite, weights=weights, layer=layer, pooling=pooling,
+            folder, base, out=out, overwrite=overwrite or claimed, weights=weights, layer=layer, pooling=pooling,
             image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
             progress=progress, scan_progress=scan_progress,
         )
@@ -308,6 +351,8 @@ def cache_clear(cache_dir):
               help="Validation folder (same classes); default: a stratified 20 %% split.")
 @click.option("--test-dir", type=click.Path(file_okay=False), default=None,
               help="Also evaluate the trained model on this labelled folder (as `finetune evaluate`, in one start-up).")
+@click.option("--drop-overlap", is_flag=True,
+              help="Leave out --val-dir/--test-dir images that are copies of training images (refused by default).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--lr", default=None, metavar="auto|FLOAT",
@@ -335,9 +380,9 @@ def cache_clear(cache_dir):
                    "when given), then train from its encoder.")
 @pretrain_options(epochs_flag="--pretrain-epochs")
 @handle_errors
-def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, seed, resume,
-          batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs, greedy,
-          lr, no_calibrate, ensemble, ensemble_mode, average, devices):
+def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, drop_overlap, seed,
+          resume, batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs,
+          greedy, lr, no_calibrate, ensemble, ensemble_mode, average, devices):
     """Decide how to reuse the base, train, and write a run folder."""
     given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
     if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
@@ -354,7 +399,7 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
             unlabeled=unlabeled, pretrain_settings=api.pretrain_config(**given) if unlabeled else None,
             greedy=greedy, reporter=report.RichReporter(console, progress), lr=lr,
-            settings=dataclasses.replace(TRAIN, calibrate=False) if no_calibrate else TRAIN,
+            settings=dataclasses.replace(TRAIN, calibrate=not no_calibrate, drop_overlap=drop_overlap),
             ensemble=ensemble, ensemble_mode=ensemble_mode, average=average, devices=devices,
         )
     report.metrics_summary(Console(), metrics, metrics.get("run_folder", out))
@@ -427,12 +472,14 @@ def predict(inputs, model_dir, out, overwrite, top_k, tta, engine, address, work
     """Predict the class of image files and folders."""
     from finetune_cli.files import shown
 
+    model_dir = chosen_run(model_dir)
     if engine == "ray":
         with report.progress_bar(err_console(), "predicting (ray)") as progress:
             manifest, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite,
                                             tta=tta, engine=engine, address=address, workers=workers,
                                             progress=progress)
         echo_sharded(manifest, skipped, out)
+        echo_run(model_dir)
         return
     frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite, tta=tta,
                                  engine=engine, address=address)
@@ -442,6 +489,7 @@ def predict(inputs, model_dir, out, overwrite, top_k, tta, engine, address, work
         click.echo(f"wrote {len(frame)} predictions to {out}")
     else:
         click.echo(frame.to_csv(index=False), nl=False)
+    echo_run(model_dir)
 
 
 @cli.command()
@@ -455,9 +503,10 @@ def predict(inputs, model_dir, out, overwrite, top_k, tta, engine, address, work
 @handle_errors
 def evaluate(folder, model_dir, as_json, tta, html, overwrite):
     """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and confusion matrix on a labelled folder."""
+    model_dir = chosen_run(model_dir)
     result = api.evaluate(folder, model_dir, tta=tta, html=html, overwrite=overwrite)
-    if as_json:
-        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    if as_json:  # the run it read is in the object, stdout stays one JSON object
+        click.echo(json.dumps({**result, "run": model_dir}, indent=2, ensure_ascii=False))
         return
     console = Console()
     views = f" (mean of {result['tta']} views per image)" if result["tta"] > 1 else ""
@@ -466,6 +515,7 @@ def evaluate(folder, model_dir, as_json, tta, html, overwrite):
     report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
     if html:
         console.print(f"page: {result['html']}", highlight=False)
+    echo_run(model_dir)
 
 
 @cli.command("report")
@@ -475,7 +525,9 @@ def evaluate(folder, model_dir, as_json, tta, html, overwrite):
 @handle_errors
 def report_page(run: str, explain: str | None) -> None:
     """(Re)build RUN/report.html from a finished run folder. RUN: a run folder, or `last`."""
+    run = chosen_run(run)
     click.echo(f"wrote {api.report(run, explain=explain)}")
+    echo_run(run)
 
 
 @cli.command()
@@ -484,11 +536,12 @@ def report_page(run: str, explain: str | None) -> None:
 @handle_errors
 def diagnose(run: str, as_json: bool) -> None:
     """Read a run's training history: a verdict and the next step to take. RUN: a run folder, or `last`."""
-    result = api.diagnose(run)
-    if as_json:
+    result = api.diagnose(chosen_run(run))
+    if as_json:  # holds "run"
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
     report.diagnosis(Console(), result)
+    echo_run(result["run"])
 
 
 @cli.command()
@@ -580,8 +633,9 @@ def distill(folder, teachers, student, student_weights, unlabeled, temperature, 
     """Train a small student on teacher runs' soft targets (knowledge distillation); compare it with the
     teachers and with the same student trained on hard labels alone (distill.json)."""
     console = err_console()
+    teachers = [chosen_run(t) for t in teachers]
     with report.progress_bar(console, "distill", "steps") as progress:
-        metrics = api.distill(folder, list(teachers), student, out=out, student_weights=student_weights,
+        metrics = api.distill(folder, teachers, student, out=out, student_weights=student_weights,
                               unlabeled=unlabeled, temperature=temperature, alpha=alpha, image_size=image_size,
                               epochs=epochs, views=views, val_dir=val_dir, test_dir=test_dir, seed=seed,
                               cache_dir=cache_dir, use_cache=not no_cache,
@@ -594,6 +648,8 @@ def distill(folder, teachers, student, student_weights, unlabeled, temperature, 
                       f"distillation (T={summary['temperature']:g}, alpha={summary['alpha']:g}; accuracy on the "
                       f"{summary['scored_on']} images)")
     click.echo(f"run folder: {metrics['run_folder']}")
+    for teacher in teachers:
+        echo_run(teacher, "teacher run")
 
 
 @cli.command()
@@ -624,10 +680,11 @@ def distill(folder, teachers, student, student_weights, unlabeled, temperature, 
 def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement, force, overwrite, seed, as_json):
     """Export a run for deployment (keras, savedmodel, tflite, onnx) and verify the file with its own runtime
     against the Keras model: accuracy, top-1 agreement, probability difference, size, CPU ms per image."""
+    run = chosen_run(run)
     result = api.export(run, format=fmt, quantize=quantize, out=out, data=data, check_dir=check_dir,
                         calibration=calibration, min_agreement=min_agreement, force=force, overwrite=overwrite,
                         seed=seed)
-    if as_json:
+    if as_json:  # holds "run"
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
     r = result
@@ -637,6 +694,7 @@ def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement,
                f"{r['ms_per_image']:.2f} ms per image at batch 1 (Keras {r['ms_per_image_keras']:.2f})")
     forced = " (forced: below --min-agreement)" if result["agreement"] < result["min_agreement"] else ""
     click.echo(f"wrote {result['out']}/{result['file']}, labels.json, export.json{forced}")
+    echo_run(run)
 
 
 @cli.command()
@@ -650,19 +708,24 @@ def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement,
                                              "change (Spearman rank correlation; Adebayo et al. 2018).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help=f"Folder for maps/, index.html, explain.json. [default: a new {RUNS_DIR}/RUN-explain-N]")
+@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
+                                                "--out holds other files).")
 @handle_errors
-def explain(run, images, method, class_name, sanity, out):
+def explain(run, images, method, class_name, sanity, out, overwrite):
     """Heat maps of what RUN looks at in IMAGES (files, or a folder; a folder of class subfolders puts the
     misclassified first in the gallery)."""
     from finetune_cli.files import shown
 
-    result = api.explain(run, list(images), method=method, class_name=class_name, sanity=sanity, out=out)
+    run = chosen_run(run)
+    result = api.explain(run, list(images), method=method, class_name=class_name, sanity=sanity, out=out,
+                         overwrite=overwrite)
     for item in result["skipped"]:
         click.echo(f"skipped {item['path']}: {shown(item['reason'])}", err=True)
     if sanity:
         click.echo(f"sanity: {result['flagged']} of {len(result['images'])} maps barely change when the head is "
                    "randomised (flagged: they do not explain the model)")
     click.echo(f"wrote {len(result['images'])} {method} maps: {result['page']}")
+    echo_run(run)
 
 
 @cli.command()
@@ -676,10 +739,13 @@ def explain(run, images, method, class_name, sanity, out):
                                                   "severities.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help=f"Folder for robustness.json/.png and index.html. [default: a new {RUNS_DIR}/RUN-attack-N]")
+@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
+                                                "--out holds other files).")
 @handle_errors
-def attack(run, folder, eps, methods, corruptions, out):
+def attack(run, folder, eps, methods, corruptions, out, overwrite):
     """Accuracy of RUN on a labelled FOLDER under adversarial perturbations of growing eps (and corruptions)."""
-    result = api.attack(run, folder, eps=eps, methods=methods, out=out, corruptions=corruptions)
+    run = chosen_run(run)
+    result = api.attack(run, folder, eps=eps, methods=methods, out=out, corruptions=corruptions, overwrite=overwrite)
     console = Console()
     report.rows_table(console, result["rows"], ["method", "eps", "accuracy"],
                       f"accuracy against eps on {result['n_images']} images")
@@ -694,6 +760,7 @@ def attack(run, folder, eps, methods, corruptions, out):
     for item in result["skipped"]:
         click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
     click.echo(f"wrote {result['page']}, robustness.json, robustness.png")
+    echo_run(run)
 
 
 AUDIT_WORDS = {"label": "possible label errors (out-of-fold predictions disagree)",
@@ -708,12 +775,15 @@ AUDIT_WORDS = {"label": "possible label errors (out-of-fold predictions disagree
 @click.option("--test-dir", type=click.Path(file_okay=False), default=None, help="Test folder, as --val-dir.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help=f"Folder for audit.csv and index.html. [default: a new {RUNS_DIR}/FOLDER-audit-N]")
+@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
+                                                "--out holds other files).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the cross-validation folds.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @cache_options
 @json_option
 @handle_errors
-def audit(folder, base, weights, image_size, val_dir, test_dir, out, seed, batch_size, cache_dir, no_cache, as_json):
+def audit(folder, base, weights, image_size, val_dir, test_dir, out, overwrite, seed, batch_size, cache_dir, no_cache,
+          as_json):
     """Find possible label errors (out-of-fold probabilities of a linear head on the features), near-duplicate pairs
     (leakage when across FOLDER / --val-dir / --test-dir) and outliers; write audit.csv and index.html.
 
@@ -726,9 +796,9 @@ def audit(folder, base, weights, image_size, val_dir, test_dir, out, seed, batch
     [{path, reason}], settings, files {csv, html}.
     """
     with report.progress_bar(err_console(), "features") as progress:
-        result = api.audit(folder, base, val_dir=val_dir, test_dir=test_dir, out=out, weights=weights,
-                           image_size=image_size, batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
-                           seed=seed, progress=progress)
+        result = api.audit(folder, base, val_dir=val_dir, test_dir=test_dir, out=out, overwrite=overwrite,
+                           weights=weights, image_size=image_size, batch_size=batch_size, cache_dir=cache_dir,
+                           use_cache=not no_cache, seed=seed, progress=progress)
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
@@ -760,18 +830,20 @@ def _unit_list(text: str | None) -> list[int] | None:
 @click.option("--top", type=click.IntRange(1, 100), default=PATCHES.top, show_default=True, help="Crops per unit.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help=f"Folder for patches.png, patches.csv, index.html. [default: a new {RUNS_DIR}/FOLDER-patches-N]")
+@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
+                                                "--out holds other files).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @cache_options
 @json_option
 @handle_errors
-def patches(folder, base, weights, image_size, layer, units, unit_ids, top, out, batch_size, cache_dir, no_cache,
-            as_json):
+def patches(folder, base, weights, image_size, layer, units, unit_ids, top, out, overwrite, batch_size, cache_dir,
+            no_cache, as_json):
     """For each unit of a layer, the image crops (its receptive field at the strongest position) that excite it
     most across FOLDER."""
     with report.progress_bar(err_console(), "activations") as progress:
         result = api.patches(folder, base, layer=layer, units=units, unit_ids=_unit_list(unit_ids), top=top, out=out,
-                             weights=weights, image_size=image_size, batch_size=batch_size, cache_dir=cache_dir,
-                             use_cache=not no_cache, progress=progress)
+                             overwrite=overwrite, weights=weights, image_size=image_size, batch_size=batch_size,
+                             cache_dir=cache_dir, use_cache=not no_cache, progress=progress)
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
@@ -795,19 +867,24 @@ def patches(folder, base, weights, image_size, layer, units, unit_ids, top, out,
               help="Also amplify the layer's patterns in this photo over a few octaves (DeepDream): dream.png.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help=f"Folder for filters.png and index.html. [default: a new {RUNS_DIR}/BASE-filters-N]")
+@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
+                                                "--out holds other files).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
 @handle_errors
-def filters(base, model_dir, weights, image_size, layer, units, unit_ids, dream, out, seed, as_json):
+def filters(base, model_dir, weights, image_size, layer, units, unit_ids, dream, out, overwrite, seed, as_json):
     """Pictures that maximise chosen units of a layer (gradient ascent with jitter, blur and decay)."""
+    model_dir = chosen_run(model_dir) if model_dir is not None else None
     result = api.filters(base, model_dir, layer=layer, units=units, unit_ids=_unit_list(unit_ids), out=out,
-                         weights=weights, image_size=image_size, dream=dream, seed=seed)
+                         overwrite=overwrite, weights=weights, image_size=image_size, dream=dream, seed=seed)
     if as_json:
-        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        click.echo(json.dumps({**result, **({"run": model_dir} if model_dir else {})}, indent=2, ensure_ascii=False))
         return
     ratios = [u["activation"] / u["noise_activation"] for u in result["units"] if u["noise_activation"] > 0]
     median = f"; median {statistics.median(ratios):.1f}x the activation on noise" if ratios else ""
     click.echo(f"{len(result['units'])} units of {result['layer']}{median}; wrote {', '.join(result['files'].values())}")
+    if model_dir is not None:
+        echo_run(model_dir)
 
 
 def main() -> None:

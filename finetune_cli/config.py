@@ -26,11 +26,33 @@ DEFAULT_IMAGE_SIZE = 224
 #: Where runs, feature tables and encoders go when no --out is given (runs/NAME-N).
 RUNS_DIR = Path("runs")
 
+#: The file every output folder of the tool carries (and the default runs/ root too):
+#: scans skip a folder that holds it, so the tool never reads its own output as data.
+OUTPUT_MARKER = ".finetune-output"
+
 #: The backbone `train` and `extract-features` use when no --base is given.
 DEFAULT_BASE = "efficientnet_lite0"
 
 #: Names that are never images and never counted: OS and tool litter.
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX", ".ipynb_checkpoints"})
+
+#: Largest JSON file of the tool's own (labels.json, plan.json, metrics.json, state.json, tune.json,
+#: manifest.json, a cache's meta.json) that is read; a larger one is refused before parsing. These
+#: files are kilobytes; 64 MB is a margin of thousands, and keeps a crafted file from filling memory.
+JSON_MAX_BYTES = 64 << 20
+
+#: Largest JSON member (config.json, metadata.json, finetune.json) of a `.keras` archive, by its
+#: declared size and by the bytes actually inflated: a real EfficientNet's config.json is a few
+#: hundred KB, so 64 MB is a margin of 100 or more; a zip bomb (2 GB of spaces in 2 MB) is refused
+#: before anything is inflated.
+ARCHIVE_JSON_MAX_BYTES = 64 << 20
+
+#: Largest total a `.keras` archive's members (the weights above all) may declare and inflate to:
+#: 16 GB, four billion float32 weights, well above any backbone this tool fine-tunes on one machine.
+ARCHIVE_MAX_BYTES = 16 << 30
+
+#: Largest recipe (TOML) file read; shipped recipes are under 1 KB.
+RECIPE_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -83,12 +105,21 @@ class FeatureConfig:
             does); None means the backbone's native size.
         init_seed: seed for `--weights none`, so a fresh initialisation is
             reproducible and its features can be cached.
+        memory_budget_mb: a forward pass is kept under about this many MB: the
+            batch is lowered (and a note says so) when `batch * bytes_per_image`
+            would exceed it (`features.memory_batch`). 2 GB fits a laptop.
+        activation_factor: the memory of one image in a forward pass as a
+            multiple of its float32 input (S * S * 3 * 4 bytes): the input plus
+            the live activations and decode buffers. 8 is what a 2048 px pass
+            measured (9 GB for 30 images at 2048 px is 6x their input).
     """
 
     batch_size: int = 32
     pooling: str = "avg"
     image_size: int | None = None
     init_seed: int = 0
+    memory_budget_mb: int = 2048
+    activation_factor: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -213,6 +244,9 @@ class TrainConfig:
             each of the last `EnsembleConfig.swa_epochs` epochs) or `ema`
             (exponential moving average, per epoch, decay
             `EnsembleConfig.ema_decay`); see `train.averaging`.
+        drop_overlap: a --val-dir or --test-dir holding copies of training
+            images (same content) is refused (False), or those images are
+            left out of it and the run says how many (True, `--drop-overlap`).
     """
 
     val_fraction: float = 0.2
@@ -230,6 +264,7 @@ class TrainConfig:
     ensemble: int = 1
     ensemble_mode: str = "seeds"
     average: str = "none"
+    drop_overlap: bool = False
 
 
 @dataclass(frozen=True)

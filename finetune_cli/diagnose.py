@@ -37,7 +37,6 @@ estimated from the loss scale as exp(first validation loss), rounded, within
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import warnings
@@ -46,6 +45,7 @@ from pathlib import Path
 
 from finetune_cli.config import DIAGNOSE, DiagnoseConfig
 from finetune_cli.errors import ModelFileError
+from finetune_cli.files import read_json
 
 #: Every verdict `Diagnosis.verdict` can hold.
 VERDICTS = ("healthy", "diverged", "too-low", "overfitting", "underfitting", "linear")
@@ -203,7 +203,7 @@ def _read_history(folder: Path) -> list[dict]:
 def _optional_json(path: Path) -> dict | None:
     """A JSON object file, or None when it is absent, unreadable or not an object."""
     try:
-        value = json.loads(path.read_text("utf-8"))
+        value = read_json(path)
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -214,7 +214,7 @@ def _n_classes(folder: Path, metrics: dict) -> int | None:
     classes = metrics.get("classes")
     if not isinstance(classes, list):
         try:
-            classes = json.loads((folder / "labels.json").read_text("utf-8"))
+            classes = read_json(folder / "labels.json")
         except (OSError, ValueError):
             classes = None
     return len(classes) if isinstance(classes, list) and len(classes) >= 2 else None

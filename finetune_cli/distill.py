@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune_cli.artifacts import RunFolder
 from finetune_cli.config import DISTILL, SCAN, TRAIN, DistillConfig, ScanConfig
-from finetune_cli.data.scan import Scan, scan_folder
+from finetune_cli.data.scan import Scan, check_out_outside, scan_folder
 from finetune_cli.errors import ModelFileError, SettingsError, TrainingError
 from finetune_cli.features import FeatureCache
 from finetune_cli.models.backbones import BaseRef, file_digest, resolve
@@ -169,8 +170,7 @@ def distill(root, teachers, student: str, *, out=None, student_weights: str = "i
         other classes), FolderError, BackboneError, OutputError, TrainingError.
     """
     from finetune_cli.predict import labelled_test_scan
-    from finetune_cli.train.context import split
-    from finetune_cli.train.run import open_run
+    from finetune_cli.train.context import split, without_overlap
 
     started = time.perf_counter()
     settings = dataclasses.replace(settings, temperature=settings.temperature if temperature is None else temperature,
@@ -182,8 +182,13 @@ def distill(root, teachers, student: str, *, out=None, student_weights: str = "i
     extra = scan_folder(unlabeled, labelled=False, config=config, for_training=False) if unlabeled else None
     test_scan = labelled_test_scan(test_dir, list(scan.classes), config) if test_dir else None
     val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
+    val_scan, test_scan = (without_overlap(scan, s, option, False) if s is not None else None
+                           for s, option in ((val_scan, "--val-dir"), (test_scan, "--test-dir")))
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
-    run = open_run(out, root, False, reporter)
+    check_out_outside(out, root)
+    run = RunFolder(out, command="distill") if out is not None else RunFolder.new(
+        f"{Path(root).resolve().name}-distill", command="distill")  # created exclusively: never a shared folder
+    reporter.on_phase(f"run folder: {run.path}")
     with run.guarded():
         train_scan, val_scan = split(scan, val_scan, TRAIN.val_fraction, seed=seed)
         data = _Data(train_scan, val_scan, extra, test_scan or val_scan, list(scan.classes), ref, batch_size, config)

@@ -2,7 +2,8 @@
 
 Steps: load the run -> scan the images (a labelled folder keeps its labels)
 -> decode -> predict -> maps of the target class (`saliency`) -> optional
-randomised-head check -> overlay PNGs + index.html + explain.json.
+randomised-head check -> overlay PNGs + index.html + explain.json, written
+into a staging folder and moved into --out only when complete.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import numpy as np
 from finetune_cli.config import EXPLAIN, SCAN, ExplainConfig, ScanConfig
 from finetune_cli.data.scan import Scan, Skipped
 from finetune_cli.errors import FolderError, SettingsError
-from finetune_cli.files import atomic_write_bytes, shown
-from finetune_cli.run import Run, output_folder
+from finetune_cli.files import output_folder, shown, writing
+from finetune_cli.run import Run
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,18 @@ def png_bytes(pixels: np.ndarray, min_view: int = EXPLAIN.min_view) -> bytes:
     return encoded(pixels.repeat(factor, axis=0).repeat(factor, axis=1))
 
 
+#: What `explain` writes into its folder (all that --overwrite replaces there).
+OUTPUTS = ("maps", "index.html", "explain.json")
+
+
 def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | None = None, sanity: bool = False,
-            out=None, config: ExplainConfig = EXPLAIN, scan_config: ScanConfig = SCAN) -> dict:
+            out=None, overwrite: bool = False, config: ExplainConfig = EXPLAIN, scan_config: ScanConfig = SCAN) -> dict:
     """Heat maps for the predicted class (or `class_name`) of each image; see the module docstring.
+
+    The gallery is built in a staging folder inside `out` and moved in place
+    when complete: a failure, Ctrl-C or SIGTERM leaves no partial maps (and no
+    `out` this call created); `out` must be new or empty unless `overwrite`
+    (then only an earlier gallery is replaced: `files.output_folder`).
 
     Returns:
         {"out", "page", "method", "target", "images": [{path, map, predicted, probability, label,
@@ -119,9 +129,28 @@ def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | Non
     run = Run.load(run_dir)
     fixed = class_index(class_name, run.classes)
     scan = scan_inputs(list(inputs), run.classes, scan_config)
-    folder = output_folder(out, f"{run.path.name}-explain")
+    target = output_folder(out, f"{run.path.name}-explain", command="explain", owned=OUTPUTS, overwrite=overwrite)
+    with target.staged() as staging:
+        rows, skipped = _explain_all(run, scan, fixed, method, sanity, staging, config, scan_config)
+        _write_page(staging, rows, method, run, sanity, config)
+        summary = {"out": str(target.path), "page": str(target.path / "index.html"), "method": method,
+                   "target": class_name or "predicted", "images": rows,
+                   "skipped": [{"path": shown(s.path), "reason": s.reason} for s in skipped],
+                   "flagged": sum(bool(r["flagged"]) for r in rows)}
+        with writing(staging / "explain.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False), "utf-8")
+    return summary
+
+
+def _explain_all(run: Run, scan: Scan, fixed: int | None, method: str, sanity: bool, folder: Path,
+                 config: ExplainConfig, scan_config: ScanConfig) -> tuple[list[dict], list[Skipped]]:
+    """(rows, skipped files): the maps of every image, a chunk at a time in memory, written under folder/maps.
+
+    Raises:
+        FolderError: none of the images could be read.
+    """
     rows, skipped = [], list(scan.skipped)
-    for start in range(0, len(scan.images), config.chunk):  # a chunk of images in memory at a time
+    for start in range(0, len(scan.images), config.chunk):
         part = dataclasses.replace(scan, images=scan.images[start:start + config.chunk], skipped=())
         try:
             images = decode(part, run.classes, run.image_size, scan_config)
@@ -132,12 +161,7 @@ def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | Non
         skipped += images.skipped
     if not rows:
         raise FolderError("none of the images could be read")
-    page = _write_page(folder, rows, method, run, sanity, config)
-    summary = {"out": str(folder), "page": str(page), "method": method, "target": class_name or "predicted",
-               "images": rows, "skipped": [{"path": shown(s.path), "reason": s.reason} for s in skipped],
-               "flagged": sum(bool(r["flagged"]) for r in rows)}
-    atomic_write_bytes(folder / "explain.json", json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
-    return summary
+    return rows, skipped
 
 
 def mistake_tiles(run_dir, method: str = "gradcam", limit: int = 24, config: ExplainConfig = EXPLAIN) -> list:
@@ -218,7 +242,8 @@ def _safe_stem(path: str) -> str:
 def _write_maps(folder: Path, images: Decoded, maps: np.ndarray, rows: list[dict], config: ExplainConfig) -> None:
     (folder / "maps").mkdir(exist_ok=True)
     for image, heat, row in zip(images.pixels, maps, rows):
-        atomic_write_bytes(folder / row["map"], overlay_png(image, heat, config))
+        with writing(folder / row["map"]) as tmp:
+            tmp.write_bytes(overlay_png(image, heat, config))
 
 
 def _write_page(folder: Path, rows: list[dict], method: str, run: Run, checked: bool, config: ExplainConfig) -> Path:

@@ -1,8 +1,14 @@
 """`finetune export`: write a run's model as keras, savedmodel, tflite or onnx, and verify the written file.
 
-    run folder -> held-out (and calibration) images -> file in a temporary folder -> the file run by its
+    run folder -> held-out (and calibration) images -> file in a staging folder -> the file run by its
     own runtime vs the Keras model -> accepted: moved into DIR with labels.json and export.json
                                    -> refused (agreement < min_agreement, no --force): removed
+
+DIR (default: a new RUN/exports/FORMAT-QUANTIZE-N) is created exclusively when it is picked, with the
+output marker; a DIR this export created is removed again when it fails. The staging folder beside DIR
+is named as `files.staging_folder` names them, so it fits the file-name limit and the next export
+removes it when a killed one left it; SIGTERM cleans up as Ctrl-C does. A write that fails (disk
+full, read-only, a name too long) is one OutputError naming the path.
 
 Which converter and runtime each format uses: `export_formats`. The held-out images are those of
 `check_dir` (a labelled folder), or the validation split `finetune train --seed SEED` made of `data`
@@ -16,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +31,9 @@ import numpy as np
 from finetune_cli import export_formats as formats
 from finetune_cli.config import EXPORT, SCAN, TRAIN, ExportConfig
 from finetune_cli.errors import ExportError, OutputError, SettingsError
-from finetune_cli.files import check_writable_folder
-from finetune_cli.run import Run, numbered
+from finetune_cli.files import (WRITE_ERRNOS, check_writable_folder, claim_numbered, create_folder, remove_created,
+                                remove_stale_temps, sigterm_as_interrupt, staging_folder, write_error)
+from finetune_cli.run import Run
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,25 @@ def export_run(run_dir, *, fmt: str, quantize: str = "none", out=None, data=None
                             f"Received: min_agreement={min_agreement}, calibration={calibration}")
     formats.check_runtime(fmt)
     run = Run.load(run_dir)
-    out = _output_folder(out, run, fmt, quantize, overwrite)
+    out, created = _output_folder(out, run, fmt, quantize, overwrite)
+    try:
+        with sigterm_as_interrupt():  # SIGTERM cleans up as Ctrl-C does: no staging folder left
+            return _export(run, out, fmt, quantize, data, check_dir, seed, force, min_agreement, calibration,
+                           settings)
+    except BaseException as exc:
+        if created:
+            remove_created(out)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise write_error(out, exc, "write into") from None
+        raise
+
+
+def _export(run: Run, out: Path, fmt: str, quantize: str, data, check_dir, seed: int, force: bool,
+            min_agreement: float, calibration: int, settings: ExportConfig) -> dict:
+    """Write the file into a staging folder beside `out`, verify it, and move the accepted files into `out`."""
     images = held_out(run, data, check_dir, seed, calibration if quantize == "int8" else 0)
     model = formats.split_head(run.model) if quantize in ("dynamic", "int8") else run.model
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.~export~", dir=out.parent))
+    staging = staging_folder(out.parent, out.name)  # a name `remove_stale_temps` recognises, within NAME_MAX
     try:
         path = formats.write(model, run.path / "model.keras", fmt, quantize, staging, run.image_size,
                              run.classes, images.calibration, settings.onnx_opset)
@@ -85,26 +106,28 @@ def export_run(run_dir, *, fmt: str, quantize: str = "none", out=None, data=None
     return report
 
 
-def _output_folder(out, run: Run, fmt: str, quantize: str, overwrite: bool) -> Path:
-    """DIR, absolute, checked before any work: its parent accepts files, and the names to write are free.
+def _output_folder(out, run: Run, fmt: str, quantize: str, overwrite: bool) -> tuple[Path, bool]:
+    """(DIR, absolute; True when created here), checked before any work: it accepts files, the names to write are free.
 
-    Default: a new numbered RUN/exports/<format>-<quantize>-N.
+    Default: a new numbered RUN/exports/<format>-<quantize>-N, created exclusively now (two exports started
+    together never share one). Staging folders that killed exports left (beside DIR) are removed first.
 
     Raises:
         OutputError.
     """
     if out is None:
-        (run.path / "exports").mkdir(exist_ok=True)
-        return numbered(f"{fmt}-{quantize}", root=run.path / "exports")
+        remove_stale_temps(run.path / "exports")
+        return claim_numbered(f"{fmt}-{quantize}", root=run.path / "exports", command="export"), True
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file: give a folder (new, or one to add the export to)")
     check_writable_folder(out.parent)
+    remove_stale_temps(out.parent, out.name)
     taken = [name for name in (formats.FILE_NAME[fmt], "labels.json", "export.json") if (out / name).exists()]
     if taken and not overwrite:
         raise OutputError(f"{out} already holds {', '.join(taken)}: pass --overwrite to replace them, "
                           "or choose another --out")
-    return out
+    return out, create_folder(out, command="export")
 
 
 def held_out(run: Run, data, check_dir, seed: int, n_calibration: int) -> Images:
@@ -238,4 +261,4 @@ def _publish(staging: Path, out: Path, names: list[str]) -> None:
         try:
             os.replace(staging / name, target)
         except OSError as exc:
-            raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+            raise write_error(target, exc) from None

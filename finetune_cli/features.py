@@ -13,16 +13,16 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from finetune_cli.config import SCAN, ScanConfig, default_cache_dir
+from finetune_cli.config import FEATURES, SCAN, FeatureConfig, ScanConfig, default_cache_dir
 from finetune_cli.data.scan import ImageRecord, Scan, Skipped
 from finetune_cli.errors import OutputError
-from finetune_cli.files import atomic_write_bytes, check_output_file, remove_stale_temps, shown, writing
+from finetune_cli.files import atomic_write_bytes, check_output_file, read_json, remove_stale_temps, shown, writing
 from finetune_cli.models.backbones import BaseRef
 
 CHECKSUM_BYTES = 16
@@ -50,8 +50,9 @@ class FeatureCache:
     deleted.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, option: str = "--cache-dir"):
         self.root = Path(root)
+        self.option = option  # where `root` came from, for messages: --cache-dir or $FINETUNE_CACHE_DIR
 
     @classmethod
     def at(cls, cache_dir: str | os.PathLike | None = None, *, write: bool = False) -> "FeatureCache":
@@ -64,8 +65,18 @@ class FeatureCache:
             OutputError: (write) the folder cannot be created or written, or
                 it holds other files and is not a feature cache.
         """
-        cache = cls(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+        option = "--cache-dir" if cache_dir or not os.environ.get("FINETUNE_CACHE_DIR") else "$FINETUNE_CACHE_DIR"
+        cache = cls(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), option)
         return cache.prepare() if write else cache
+
+    def check_folder(self) -> None:
+        """Refuse a cache path that exists but is not a folder (a file, a special file).
+
+        Raises:
+            OutputError: naming the path and the setting it came from.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"feature cache {self.root} is a file, not a folder: point {self.option} at a folder")
 
     def is_cache(self) -> bool:
         """True when the folder carries our tag, or is an older untagged cache: namespace folders only.
@@ -151,12 +162,17 @@ class FeatureCache:
         return [p for p in space.glob("??/*.f*") if ENTRY.match(p.name)]
 
     def info(self) -> dict:
-        """Location, entry count and bytes, per namespace and in total (an unreadable meta.json is shown as such)."""
+        """Location, entry count and bytes, per namespace and in total (an unreadable meta.json is shown as such).
+
+        Raises:
+            OutputError: the cache path is a file (`check_folder`).
+        """
+        self.check_folder()
         spaces = []
         for space in self._namespaces():
             files = self._entries(space)
             try:
-                described = json.loads((space / "meta.json").read_text("utf-8"))
+                described = read_json(space / "meta.json")
                 described = described if isinstance(described, dict) else {}
             except (OSError, ValueError):
                 described = {"backbone": "? (unreadable meta.json)"}
@@ -178,10 +194,11 @@ class FeatureCache:
         """Delete every entry this cache wrote; returns how many. Anything else stays.
 
         Raises:
-            OutputError: the folder is not a feature cache (nothing is deleted).
+            OutputError: the path is a file, or a folder that is not a feature cache (nothing is deleted).
         """
         if not self.root.exists():
             return 0
+        self.check_folder()
         if not self.is_cache():
             raise OutputError(f"{self.root} is not a finetune feature cache (it has no {TAG_NAME}): nothing was "
                               "deleted; give the folder `finetune cache info` shows")
@@ -214,6 +231,7 @@ class FeatureTable:
         layer: the layer the features come from.
         skipped: files that failed at decode time (after the scan), if any.
         computed: how many rows were computed (the rest came from the cache).
+        notes: what the user should know (a batch lowered to fit memory).
     """
 
     records: list[ImageRecord]
@@ -221,6 +239,24 @@ class FeatureTable:
     layer: str
     skipped: list[Skipped]
     computed: int
+    notes: list[str] = field(default_factory=list)
+
+
+def memory_batch(batch_size: int, image_size: int, settings: FeatureConfig = FEATURES) -> int:
+    """The largest batch, 1 to `batch_size`, whose forward pass stays under `settings.memory_budget_mb`.
+
+    The estimate is by pixels: one image costs S * S * 3 * 4 bytes (its float32 input) times
+    `settings.activation_factor` (the activations and buffers alongside): at the defaults (2 GB, 8x)
+    batch 32 stays 32 up to 836 px, and becomes 21 at 1024 px, 9 at 1500 px, 5 at 2048 px.
+    """
+    per_image = image_size * image_size * 3 * 4 * settings.activation_factor
+    return max(1, min(batch_size, int(settings.memory_budget_mb * (1 << 20) // per_image)))
+
+
+def batch_note(batch_size: int, batch: int, image_size: int, settings: FeatureConfig = FEATURES) -> str:
+    """The note saying a batch was lowered by `memory_batch`."""
+    return (f"batch {batch_size} -> {batch} at {image_size} px to stay under {settings.memory_budget_mb / 1024:g} GB "
+            "of memory (a lower --image-size allows larger batches)")
 
 
 def extract(scan: Scan, ref: BaseRef, *, layer: str | int | None = None, **options) -> FeatureTable:
@@ -242,11 +278,13 @@ def extract_many(
     backbone=None,
     dtype: str | tuple[str, ...] = "float32",
     keep: bool | tuple[bool, ...] = True,
+    note: Callable[[str], None] | None = None,
 ) -> list[FeatureTable]:
     """Features of every usable image in `scan`, from the cache where possible.
 
     Images missing from the cache for any layer go through the backbone once,
     every requested layer computed in that pass; each batch is cached at once.
+    At large image sizes the batch is lowered to fit memory (`memory_batch`).
 
     Args:
         layers: each None (final features), a stage index, or a layer name.
@@ -258,24 +296,22 @@ def extract_many(
             flat however large the maps (needs a cache); one, or one per layer.
         view: 0 for the image as is; k >= 1 the k-th deterministic augmented view (flip, crop).
         backbone: an already built `Backbone` for `ref`, to avoid rebuilding.
+        note: told once when the batch is lowered (also in each table's notes).
 
     Returns:
         One `FeatureTable` per layer, rows following `scan.images` (minus late failures).
     """
-    poolings, dtypes, keeps = (_each(v, len(layers)) for v in (pooling, dtype, keep))
-    if not set(poolings) <= {"avg", "max", "none", "maxarg"}:
-        raise ValueError(f"Expected pooling 'avg', 'max', 'none' or 'maxarg'. Received: pooling={pooling!r}")
-    if not all(keeps) and cache is None:
-        raise ValueError("keep=False needs a cache to fill")
+    poolings, dtypes, keeps = _options(layers, pooling, dtype, keep, cache)
     keys = ["final" if layer in (None, "") else str(layer) for layer in layers]
     spaces = [cache.namespace(ref, *k) if cache else "" for k in zip(keys, poolings, [view] * len(keys), dtypes)]
     grids, missing = _lookup(scan, cache, spaces, dtypes, keeps)
-    failed = set()
+    failed, notes = set(), []
     if missing:
         from finetune_cli.models.features import feature_batches
 
+        batch, notes = _fitting_batch(batch_size, ref.image_size, note)
         paths = [scan.root / scan.images[i].path for i in missing]
-        for start, matrices, ok in feature_batches(ref, paths, layers, poolings, batch_size, config, view, backbone):
+        for start, matrices, ok in feature_batches(ref, paths, layers, poolings, batch, config, view, backbone):
             rows = missing[start : start + len(ok)]
             failed.update(i for i, good in zip(rows, ok) if not good)
             _store(scan, cache, grids, spaces, matrices, rows, ok, dtypes, keeps)
@@ -287,7 +323,28 @@ def extract_many(
     rows = [i for i in range(len(scan.images)) if i not in failed]
     records = [scan.images[i] for i in rows]
     return [FeatureTable(records, np.stack([grid[i] for i in rows]).astype(np.float32) if kept else None, key,
-                         skipped, len(missing)) for grid, key, kept in zip(grids, keys, keeps)]
+                         skipped, len(missing), list(notes)) for grid, key, kept in zip(grids, keys, keeps)]
+
+
+def _options(layers, pooling, dtype, keep, cache) -> tuple[tuple, tuple, tuple]:
+    """(poolings, dtypes, keeps), one per layer, checked (see `extract_many`)."""
+    poolings, dtypes, keeps = (_each(v, len(layers)) for v in (pooling, dtype, keep))
+    if not set(poolings) <= {"avg", "max", "none", "maxarg"}:
+        raise ValueError(f"Expected pooling 'avg', 'max', 'none' or 'maxarg'. Received: pooling={pooling!r}")
+    if not all(keeps) and cache is None:
+        raise ValueError("keep=False needs a cache to fill")
+    return poolings, dtypes, keeps
+
+
+def _fitting_batch(batch_size: int, image_size: int, note) -> tuple[int, list[str]]:
+    """(`memory_batch`, [the note saying so] or []), the note also told to `note` when given."""
+    batch = memory_batch(batch_size, image_size)
+    if batch == batch_size:
+        return batch, []
+    text = batch_note(batch_size, batch, image_size)
+    if note:
+        note(text)
+    return batch, [text]
 
 
 def _lookup(scan: Scan, cache, spaces, dtypes, keeps) -> tuple[list[list], list[int]]:

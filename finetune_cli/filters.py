@@ -26,8 +26,7 @@ import numpy as np
 
 from finetune_cli.config import FILTERS, SCAN, FiltersConfig
 from finetune_cli.errors import SettingsError
-from finetune_cli.files import writing
-from finetune_cli.run import output_folder
+from finetune_cli.files import output_folder, writing
 from finetune_cli.units import grid, layer_name, pick_units, png_bytes
 
 
@@ -121,26 +120,38 @@ def dream(layer_model, photo: np.ndarray, units: list[int] | None, settings: Fil
     return tf.image.resize(current, (side, side))[0].numpy()
 
 
+#: What `filters` writes into its folder, by kind (all that --overwrite replaces there).
+FILES = {"grid": "filters.png", "html": "index.html", "dream": "dream.png"}
+
+
 def filters(base: str | None = None, run: str | None = None, *, layer, units: int | None = None, unit_ids=None,
-            out=None, weights: str = "imagenet", image_size: int | None = None, dream_image=None, seed: int = 0,
-            settings: FiltersConfig = FILTERS) -> dict:
-    """Unit pictures (and a DeepDream) for `layer`; returns the summary (see `api.filters`)."""
+            out=None, overwrite: bool = False, weights: str = "imagenet", image_size: int | None = None,
+            dream_image=None, seed: int = 0, settings: FiltersConfig = FILTERS) -> dict:
+    """Unit pictures (and a DeepDream) for `layer`; returns the summary (see `api.filters`).
+
+    `out` must be new or empty unless `overwrite` (then only earlier filters files are replaced, as a whole:
+    `files.output_folder`); a folder created here is removed again when the command fails.
+    """
     layer_model, name, side, label = load_layer_model(base, run, layer, weights, image_size)
     channels = int(layer_model.output.shape[-1])
     chosen = pick_units(channels, units or settings.units, unit_ids)
     photo = _photo(dream_image, side) if dream_image is not None else None
-    folder = output_folder(out, f"{label.replace('.keras', '')}-filters")
-    pictures = ascend(layer_model, chosen, side, settings, seed)
-    noise = np.random.default_rng(seed).uniform(0, 255, (8, side, side, 3)).astype(np.float32)
-    reached, baseline = np.diag(unit_means(layer_model, pictures, chosen)), unit_means(layer_model, noise, chosen).mean(0)
-    summary = {"base": label, "layer": name, "image_size": side,
-               "units": [{"unit": u, "activation": float(a), "noise_activation": float(b)}
-                         for u, a, b in zip(chosen, reached, baseline)]}
-    files = {"grid": folder / "filters.png", "html": folder / "index.html"}
-    if photo is not None:
-        files["dream"] = folder / "dream.png"
-        _write_png(files["dream"], dream(layer_model, photo, list(unit_ids) if unit_ids else None, settings))
-    summary["files"] = _write(folder, files, summary, pictures, settings)
+    target = output_folder(out, f"{label.replace('.keras', '')}-filters", command="filters",
+                           owned=tuple(FILES.values()), overwrite=overwrite)
+    with target.staged() as staging:
+        pictures = ascend(layer_model, chosen, side, settings, seed)
+        noise = np.random.default_rng(seed).uniform(0, 255, (8, side, side, 3)).astype(np.float32)
+        reached = np.diag(unit_means(layer_model, pictures, chosen))
+        baseline = unit_means(layer_model, noise, chosen).mean(0)
+        summary = {"base": label, "layer": name, "image_size": side,
+                   "units": [{"unit": u, "activation": float(a), "noise_activation": float(b)}
+                             for u, a, b in zip(chosen, reached, baseline)]}
+        kinds = ("grid", "html", "dream") if photo is not None else ("grid", "html")
+        files = {kind: staging / FILES[kind] for kind in kinds}
+        if photo is not None:
+            _write_png(files["dream"], dream(layer_model, photo, list(unit_ids) if unit_ids else None, settings))
+        _write(staging, files, summary, pictures, settings)
+        summary["files"] = {kind: str(target.path / FILES[kind]) for kind in kinds}
     return summary
 
 

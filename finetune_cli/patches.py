@@ -23,16 +23,23 @@ import numpy as np
 
 from finetune_cli.config import FEATURES, PATCHES, SCAN, PatchesConfig, ScanConfig
 from finetune_cli.data.scan import scan_folder
-from finetune_cli.files import shown, writing
-from finetune_cli.run import output_folder
+from finetune_cli.files import output_folder, shown, writing
 from finetune_cli.units import grid, layer_name, pick_units, png_bytes
 
 
+#: What `patches` writes into its folder, by kind (all that --overwrite replaces there).
+FILES = {"grid": "patches.png", "csv": "patches.csv", "html": "index.html"}
+
+
 def patches(root, base: str, *, layer, units: int | None = None, unit_ids=None, top: int | None = None, out=None,
-            weights: str = "imagenet", image_size: int | None = None, batch_size: int = FEATURES.batch_size,
-            cache_dir=None, use_cache: bool = True, config: ScanConfig = SCAN, settings: PatchesConfig = PATCHES,
-            progress=None) -> dict:
-    """Top crops per unit of `layer`; see the module docstring. Returns the summary (see `api.patches`)."""
+            overwrite: bool = False, weights: str = "imagenet", image_size: int | None = None,
+            batch_size: int = FEATURES.batch_size, cache_dir=None, use_cache: bool = True, config: ScanConfig = SCAN,
+            settings: PatchesConfig = PATCHES, progress=None) -> dict:
+    """Top crops per unit of `layer`; see the module docstring. Returns the summary (see `api.patches`).
+
+    `out` must be new or empty unless `overwrite` (then only earlier patches files are replaced, as a whole:
+    `files.output_folder`); a folder created here is removed again when the command fails.
+    """
     from finetune_cli.features import FeatureCache, extract
     from finetune_cli.models.backbones import build, resolve
     from finetune_cli.models.receptive import receptive_field
@@ -45,14 +52,25 @@ def patches(root, base: str, *, layer, units: int | None = None, unit_ids=None, 
     channels = int(backbone.model.get_layer(name).output.shape[-1])
     if unit_ids:
         pick_units(channels, 1, unit_ids)  # an out-of-range unit fails before the pass over the folder
-    folder = output_folder(out, f"{Path(root).resolve().name}-patches")
-    cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
-    table = extract(scan, ref, layer=name, pooling="maxarg", batch_size=batch_size, cache=cache, config=config,
-                    progress=progress, backbone=backbone)
-    maxima, where = table.features[:, :channels], table.features[:, channels:].astype(np.int64)
-    chosen = pick_units(channels, units or settings.units, unit_ids, np.argsort(-maxima.mean(axis=0), kind="stable"))
-    rows = top_rows(maxima, where, chosen, top or settings.top, field, ref.image_size)
-    crops = crop_all(scan.root, [r.path for r in table.records], rows, ref.image_size, config)
+    target = output_folder(out, f"{Path(root).resolve().name}-patches", command="patches",
+                           owned=tuple(FILES.values()), overwrite=overwrite)
+    with target.staged() as staging:
+        cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
+        table = extract(scan, ref, layer=name, pooling="maxarg", batch_size=batch_size, cache=cache, config=config,
+                        progress=progress, backbone=backbone)
+        maxima, where = table.features[:, :channels], table.features[:, channels:].astype(np.int64)
+        chosen = pick_units(channels, units or settings.units, unit_ids,
+                            np.argsort(-maxima.mean(axis=0), kind="stable"))
+        rows = top_rows(maxima, where, chosen, top or settings.top, field, ref.image_size)
+        crops = crop_all(scan.root, [r.path for r in table.records], rows, ref.image_size, config)
+        summary = _summary(scan, table, ref, name, field, chosen, rows, maxima)
+        write_outputs(staging, summary, crops, settings.cell)
+        summary["files"] = {kind: str(target.path / file) for kind, file in FILES.items()}
+    return summary
+
+
+def _summary(scan, table, ref, name: str, field, chosen: list[int], rows: list[dict], maxima: np.ndarray) -> dict:
+    """The summary of `api.patches`, its "files" still missing."""
     summary = {"folder": str(scan.root), "base": ref.label, "layer": name, "image_size": ref.image_size,
                "receptive_field": {"size": list(field.size), "jump": list(field.jump), "start": list(field.start)},
                "units": [], "skipped": [{"path": shown(s.path), "reason": s.reason}
@@ -61,7 +79,6 @@ def patches(root, base: str, *, layer, units: int | None = None, unit_ids=None, 
         mine = [r for r in rows if r["unit"] == unit]
         summary["units"].append({"unit": unit, "mean_max": float(maxima[:, unit].mean()),
                                  "patches": [{**r, "path": shown(table.records[r["row"]].path)} for r in mine]})
-    summary["files"] = write_outputs(folder, summary, crops, settings.cell)
     return summary
 
 
@@ -101,7 +118,7 @@ def write_outputs(folder: Path, summary: dict, crops: dict, cell: int) -> dict:
 
     units = summary["units"]
     picture = png_bytes(grid([[crops[u["unit"], p["rank"]] for p in u["patches"]] for u in units], cell))
-    files = {"grid": folder / "patches.png", "csv": folder / "patches.csv", "html": folder / "index.html"}
+    files = {kind: folder / name for kind, name in FILES.items()}
     with writing(files["grid"]) as tmp:
         tmp.write_bytes(picture)
     text = io.StringIO()

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune_cli.config import IMAGE_SUFFIXES, SCALE, SCAN, ScaleConfig, ScanConfig
+from finetune_cli.config import IMAGE_SUFFIXES, JSON_MAX_BYTES, SCALE, SCAN, ScaleConfig, ScanConfig
 from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
 from finetune_cli.data.lists import expand_lists, is_uri
 from finetune_cli.data.scan import Skipped, _check_layout, _walk_files, is_ignored, natural_key
 from finetune_cli.errors import FinetuneError, FolderError, OutputError, SettingsError
-from finetune_cli.files import shown
+from finetune_cli.files import parse_json, shown
 
 ENGINES = ("local", "ray")
 MANIFEST = "manifest.json"
@@ -125,7 +125,7 @@ def _local_files(path: Path, labelled: bool | None, relative: bool) -> list[dict
         _check_layout(path, classes)
     tops = classes if labelled else [path]
     return [_item(file.relative_to(path).as_posix() if relative else str(file), top.name if labelled else "",
-                  os.fsencode(file), -1) for top in tops for file in _walk_files(top)]
+                  os.fsencode(file), -1) for top in tops for file in _walk_files(top, [])]
 
 
 def _remote_files(uri: str, labelled: bool | None, fs_index: int) -> list[dict]:
@@ -501,7 +501,7 @@ def read_output(out: str):
     system, folder = filesystem(out)
     try:
         with system.open_input_stream(f"{folder}/{MANIFEST}") as stream:
-            manifest = json.loads(stream.read())
+            manifest = parse_json(stream.read(JSON_MAX_BYTES + 1), f"{out}/{MANIFEST}", max_bytes=JSON_MAX_BYTES)
     except (OSError, ValueError) as exc:
         raise OutputError(f"{out} has no readable {MANIFEST} ({exc}): not a finished sharded output") from None
     frames = [pq.read_table(f"{folder}/{s['file']}", filesystem=system).to_pandas() for s in manifest["shards"]]

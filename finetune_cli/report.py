@@ -121,10 +121,15 @@ class RichReporter(Reporter):
         plan_panel(self.console, plan, similarity)
 
     def on_epoch(self, logs: dict, epochs: int) -> None:
+        """One line per epoch: a classifier's loss and accuracy, a distilled student's distillation loss and
+        agreement with the teachers (`agreement` in its logs), or an autoencoder's reconstruction loss."""
         head = f"  epoch {logs['epoch']}/{epochs}: "
         if "accuracy" in logs:
             line = (f"loss {logs['loss']:.4f} acc {logs['accuracy']:.1%}  val_loss {logs['val_loss']:.4f} "
                     f"val_acc {logs['val_accuracy']:.1%}")
+        elif "agreement" in logs:
+            line = (f"distillation loss {logs['loss']:.4f} agreement with the teachers {logs['agreement']:.1%}  "
+                    f"val_loss {logs['val_loss']:.4f} val_acc {logs['val_accuracy']:.1%}")
         else:
             line = (f"reconstruction loss {logs['loss']:.5f}  held-out {logs['val_loss']:.5f}  "
                     f"({logs['images'] / max(logs['seconds'], 1e-9):,.0f} images/s)")
@@ -207,9 +212,11 @@ def diagnosis(console: Console, result: dict) -> None:
 
 
 def extraction_summary(table, scan, out) -> None:
-    """One line on stdout: what `extract-features` wrote, computed or cached, skipped."""
+    """One line on stdout: what `extract-features` wrote, computed or cached, skipped; its notes on stderr."""
     import click
 
+    for note in getattr(table, "notes", ()):
+        click.echo(f"note: {note}", err=True)
     skipped = len(scan.skipped) + len(table.skipped)
     cached = len(table.records) - table.computed
     click.echo(

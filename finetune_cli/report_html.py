@@ -311,10 +311,10 @@ def _png(path: Path) -> bytes | None:
 
 
 def _read_json(path: Path, required: bool = False):
-    import json
+    from finetune_cli.files import read_json
 
     try:
-        return json.loads(path.read_text("utf-8"))
+        return read_json(path)
     except (OSError, ValueError):
         if required:
             raise ModelFileError(f"{path.parent} is not a finished run: {path.name} is missing or unreadable "

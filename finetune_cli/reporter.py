@@ -19,7 +19,10 @@ class Reporter:
 
     def on_epoch(self, logs: dict, epochs: int) -> None:
         """An epoch ended. `logs`: epoch (1-based), loss, val_loss, images, seconds,
-        and for classifiers accuracy and val_accuracy, for pretraining phase."""
+        and for classifiers accuracy and val_accuracy, for a distilled student
+        agreement (top-1 matching the teachers', 0-1; its loss is the
+        distillation loss) and val_accuracy, for pretraining phase (its loss is
+        the reconstruction loss)."""
 
     def on_plan(self, plan, similarity) -> None:
         """The plan `train` decided (a `Plan`) and its evidence (a `Similarity`)."""

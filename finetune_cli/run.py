@@ -10,14 +10,15 @@ the names travelled in the model fall back on a validated `labels.json`.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_cli.artifacts import MODEL_FACTS
 from finetune_cli.config import DEFAULT_IMAGE_SIZE, RUNS_DIR
-from finetune_cli.errors import ModelFileError, OutputError
-from finetune_cli.files import check_writable_folder
+from finetune_cli.errors import ModelFileError
+from finetune_cli import files
+from finetune_cli.files import numbered  # noqa: F401  (kept importable from here)
+from finetune_cli.files import read_json
 from finetune_cli.models.files import archive_entries, input_of, input_side, load_model_file
 
 
@@ -44,7 +45,7 @@ class Run:
 
     @classmethod
     def load(cls, path) -> "Run":
-        """Load a run folder (or a model.keras inside one); `last` is the newest run under ./runs.
+        """Load a run folder (or a model.keras inside one); `last` is the last finished run under ./runs.
 
         Raises:
             ModelFileError: not a run, a truncated or corrupt model, a model
@@ -77,13 +78,19 @@ def _classes(inside: list | None, labels_file: Path) -> list[str]:
 
 
 def _read_labels(labels_file: Path) -> list[str]:
-    """labels.json validated: a JSON list of distinct, non-empty class names."""
+    """labels.json validated: a JSON list of distinct, non-empty class names (read within `JSON_MAX_BYTES`)."""
     try:
-        value = json.loads(labels_file.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFileError(f"{labels_file} is unreadable ({exc}): restore it from the run") from None
+        value = read_json(labels_file)
+    except OSError as exc:
+        raise ModelFileError(f"{labels_file} is unreadable ({exc.strerror or exc}): restore it from the run") from None
+    except ValueError as exc:  # too large, not UTF-8, not JSON, nested too deeply: the message names the file
+        raise ModelFileError(f"{exc}; it should be the run's list of class names") from None
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ModelFileError(f"{labels_file} must be a JSON list of class names; it holds {json.dumps(value)[:80]}")
+        try:
+            held = json.dumps(value)[:80]
+        except (RecursionError, ValueError):
+            held = f"a {type(value).__name__} nested too deeply"
+        raise ModelFileError(f"{labels_file} must be a JSON list of class names; it holds {held}")
     if len(set(value)) != len(value):
         raise ModelFileError(f"{labels_file} names a class twice: {value}")
     return value
@@ -99,8 +106,9 @@ def _check_classifier(model, model_file: Path, classes: list[str]) -> None:
 
 
 def _optional_json(path: Path) -> dict | None:
+    """A JSON file's value (read within `JSON_MAX_BYTES`), or None when absent, unreadable, too large or too deep."""
     try:
-        return json.loads(path.read_text("utf-8"))
+        return read_json(path)
     except (OSError, ValueError):
         return None
 
@@ -112,45 +120,51 @@ def _optional_text(path: Path) -> str | None:
         return None
 
 
-def numbered(stem: str, suffix: str = "", root: Path = RUNS_DIR) -> Path:
-    """The next free `root/<stem>-<N><suffix>`, N one more than the highest taken (from 1).
-
-    The caller creates it (exclusively, so two runs never share one).
-    """
-    stem = re.sub(r"[^\w.-]+", "_", stem).strip("._") or "run"
-    pattern = re.compile(rf"^{re.escape(stem)}-(\d+){re.escape(suffix)}$")
-    taken = [int(m[1]) for p in (root.iterdir() if root.is_dir() else ()) if (m := pattern.match(p.name))]
-    return root / f"{stem}-{max(taken, default=0) + 1}{suffix}"
-
-
-def output_folder(out, stem: str) -> Path:
-    """`out`, or a new numbered `runs/<stem>-<N>`: created if missing, checked writable.
-
-    An explicit `out` is created only inside an existing folder (a typo in its
-    parent is refused, not built); the default one with its parents.
+def output_folder(out, stem: str, *, overwrite: bool = False) -> Path:
+    """The folder of `files.output_folder` (the one rule of every command's output), for a caller that needs
+    the path alone: `out` checked (or created), or a new `runs/<stem>-<N>` created exclusively now.
 
     Raises:
-        OutputError: `out` is a file, cannot be created, or does not accept new files.
+        OutputError.
     """
-    folder = (Path(out) if out is not None else numbered(stem)).expanduser().absolute()
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"--out {folder} is a file: give a folder")
-    if out is None or folder.parent.is_dir():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create {folder}: {exc.strerror or exc}; choose another --out") from None
-    check_writable_folder(folder)
-    return folder
+    return files.output_folder(out, stem, command=stem.rsplit("-", 1)[-1], overwrite=overwrite).path
 
 
 def last_run(root: Path = RUNS_DIR) -> Path:
-    """The run folder under `root` whose model.keras is newest.
+    """The last finished run under `root`: the folder whose metrics.json (the last file a run writes) is newest,
+    among those holding a model.keras. An unfinished run (no metrics.json yet, or killed) is never `last`.
 
     Raises:
         ModelFileError: there is none.
     """
-    models = sorted(root.glob("*/model.keras"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not models:
-        raise ModelFileError(f"--model last: no finished run under {root.absolute()}; give a run folder")
-    return models[-1].parent.absolute()
+    finished = [p for p in root.glob("*/metrics.json") if (p.parent / "model.keras").is_file()] if root.is_dir() else []
+    if not finished:
+        raise ModelFileError(f"--model last: no finished run under {root.absolute()} (a run is finished once it "
+                             "has written metrics.json); give a run folder")
+    return max(finished, key=lambda p: p.stat().st_mtime).parent.absolute()
+
+
+def resolve_run(path, note=None) -> Path:
+    """The run folder `path` names, absolute; `last` is the last finished run under ./runs (`last_run`).
+
+    `last` is the keyword even when the current folder holds a folder named
+    `last`: scripts that say `--model last` keep meaning the newest finished
+    run whatever folder they run in. Such a folder is then named in a note
+    (`note(text)`, e.g. a line on stderr): it is used when given as `./last`.
+    Any other `path` (a run folder or its model file) is returned absolute, unchecked (`Run.load` checks).
+
+    Raises:
+        ModelFileError: `last` with no finished run.
+    """
+    if str(path) != "last":
+        return Path(path).expanduser().absolute()
+    try:
+        chosen = last_run()
+    except ModelFileError as exc:
+        if Path("last").is_dir():
+            raise ModelFileError(f"{exc}; to use the folder {Path('last').absolute()}, give it as ./last") from None
+        raise
+    if Path("last").is_dir() and note is not None:
+        note(f"note: `last` means the last finished run under {RUNS_DIR}/ ({chosen}); to use the folder "
+             f"{Path('last').absolute()}, give it as ./last")
+    return chosen

@@ -55,6 +55,7 @@ from PIL import Image, ImageDraw
 import finetune_cli
 from finetune_cli import api
 from finetune_cli.cli import cli
+from finetune_cli.config import OUTPUT_MARKER
 from finetune_cli.synthetic import make_shapes_folder
 from tests.conftest import Recorder, save_tiny_backbone
 
@@ -568,7 +569,8 @@ def test_sigkill_then_resume_leaves_no_hidden_files_item16b(shapes, tiny_base, t
         wait_for(lambda: (run / "state.json").exists(), proc, 120, "RUN/state.json appeared", log)
         # Most hostile moment: while a checkpoint is being written (a temporary file exists), else soon.
         deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline and not any(n.startswith(".") for n in os.listdir(run)):
+        while time.monotonic() < deadline and not any(n.startswith(".") and n != OUTPUT_MARKER
+                                                      for n in os.listdir(run)):
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
@@ -577,7 +579,7 @@ def test_sigkill_then_resume_leaves_no_hidden_files_item16b(shapes, tiny_base, t
     resumed = invoke("train", shapes, "--base", tiny_base, "--image-size", "32", "--out", run, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert (run / "model.keras").is_file()
-    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != OUTPUT_MARKER] == []
 
 
 def test_resume_removes_stale_temp_files_of_dead_processes_only_item16c(world, interrupted_run, tmp_path):

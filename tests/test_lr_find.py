@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from finetune_cli import api
 from finetune_cli.cli import cli
-from finetune_cli.config import LR_FIND, LrFindConfig
+from finetune_cli.config import LR_FIND, OUTPUT_MARKER, LrFindConfig
 from finetune_cli.strategy.decide import decide
 from finetune_cli.strategy.recipes import Recipe
 from finetune_cli.tfquiet import import_keras
@@ -139,7 +139,7 @@ def test_lr_find_writes_the_curve_and_the_suggestions(shapes, tmp_path):
     base = save_tiny_backbone(tmp_path / "tiny.keras")
     out = tmp_path / "sweep"
     finding = api.lr_find(shapes, str(base), out=out, image_size=32)
-    assert {p.name for p in out.iterdir()} == {"lr.csv", "lr.png", "lr.json"}
+    assert {p.name for p in out.iterdir()} == {"lr.csv", "lr.png", "lr.json", OUTPUT_MARKER}
     frame = pd.read_csv(out / "lr.csv")
     assert list(frame.columns) == ["step", "lr", "loss", "smoothed"]
     assert frame["step"].tolist() == list(range(1, len(frame) + 1)) and frame["lr"].iloc[0] == pytest.approx(1e-7)

@@ -22,7 +22,8 @@ class Profile:
         class_counts: usable images per class, in class order.
         duplicates: groups (>= 2 paths) of byte-identical files.
         warnings: one line each, for the user.
-        size_category: `small` or `large` (see `ScanConfig.small_max_per_class`).
+        size_category: `small` or `large` (see `ScanConfig.small_max_per_class`), from the
+            median number of distinct images (by content) per class: copies add nothing.
         imbalance: largest class count / smallest (1.0 when balanced).
     """
 
@@ -78,7 +79,8 @@ def profile_scan(scan: Scan, config: ScanConfig = SCAN) -> Profile:
         )
     if scan.skipped:
         warnings.append(f"{len(scan.skipped)} file(s) could not be used and were skipped")
-    per_class = pd.Series(list(counts.values()) or [len(frame)]).median()
+    distinct = {name: len({r.digest for r in scan.images if r.label == name}) for name in scan.classes}
+    per_class = pd.Series(list(distinct.values()) or [len({r.digest for r in scan.images})]).median()
     category = "small" if per_class < config.small_max_per_class else "large"
     return Profile(scan, frame, counts, duplicates, warnings, category, float(imbalance))
 

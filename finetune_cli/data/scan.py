@@ -17,6 +17,10 @@ Rules (documented in the README, tested in tests/test_scan.py):
   are skipped with a reason, and so is a file larger than `ScanConfig.max_bytes`.
 - Every other file is decoded by content, never by its name, and is either
   kept or skipped with a reason.
+- The tool's own output is never data: a folder holding `OUTPUT_MARKER` (every
+  run, gallery and export folder, and the default `runs/`) is skipped with a
+  warning, wherever it sits; so is a run folder of an older version (one that
+  holds model.keras beside labels.json).
 - File names need not be UTF-8 (old archives hold Latin-1 bytes); they are
   shown with \\xNN escapes (`files.shown`). Class folder names must be UTF-8,
   since they are saved with the model.
@@ -32,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from finetune_cli.config import IGNORED_NAMES, IMAGE_SUFFIXES, SCAN, ScanConfig
+from finetune_cli.config import IGNORED_NAMES, IMAGE_SUFFIXES, OUTPUT_MARKER, SCAN, ScanConfig
 from finetune_cli.data.images import DECODE_ERRORS, UnusableImage, open_checked, read_image_file
-from finetune_cli.errors import FolderError
+from finetune_cli.errors import FolderError, OutputError
 from finetune_cli.files import shown
 
 #: progress(done, total): called from the calling thread as files finish.
@@ -145,27 +149,69 @@ def scan_folder(
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise FolderError(f"{root} is not a folder: give the folder that holds your images")
+    if is_output(root):
+        raise FolderError(f"{root} is an output folder of finetune (a run, gallery or export), not images: "
+                          "give the folder that holds your images")
+    outputs: list[Path] = []
     class_dirs = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not is_ignored(p.name)),
+        (p for p in root.iterdir() if p.is_dir() and not is_ignored(p.name) and not _skip_output(p, outputs)),
         key=lambda p: natural_key(p.name),
     )
     if labelled is None:
         labelled = bool(class_dirs)
     if not labelled:
-        files = [(p, "") for p in _walk_files(root)]
-        return _finish(root, False, (), files, [], config, progress, for_training)
+        files = [(p, "") for p in _walk_files(root, outputs)]
+        return _finish(root, False, (), files, _output_notes(root, outputs), config, progress, for_training)
 
     _check_layout(root, class_dirs)
     files, warnings, classes = [], [], []
     for class_dir in class_dirs:
-        found = list(_walk_files(class_dir))
+        found = list(_walk_files(class_dir, outputs))
         if not found:
             warnings.append(f"class folder '{class_dir.name}' is empty and was ignored")
             continue
         classes.append(_class_name(class_dir))
         files.extend((p, class_dir.name) for p in found)
     _check_class_count(root, classes, 2 if for_training else 1)
+    warnings = _output_notes(root, outputs) + warnings
     return _finish(root, True, tuple(classes), files, warnings, config, progress, for_training)
+
+
+def is_output(folder: Path) -> bool:
+    """True for a folder the tool wrote: it holds `OUTPUT_MARKER`, or it is an older run (model.keras + labels.json)."""
+    try:
+        return (folder / OUTPUT_MARKER).is_file() or ((folder / "model.keras").is_file()
+                                                       and (folder / "labels.json").is_file())
+    except OSError:
+        return False
+
+
+def _skip_output(folder: Path, outputs: list[Path]) -> bool:
+    """True (and `folder` recorded in `outputs`) when `folder` is the tool's own output."""
+    if is_output(folder):
+        outputs.append(folder)
+        return True
+    return False
+
+
+def _output_notes(root: Path, outputs: list[Path]) -> list[str]:
+    """One warning per skipped output folder, relative to `root`."""
+    return [f"skipped '{shown(p.relative_to(root).as_posix())}': it holds finetune's own output (a run, "
+            "gallery or export), never read as images" for p in outputs]
+
+
+def check_out_outside(out, root, option: str = "--out") -> None:
+    """Refuse an output folder inside the data folder `root` (its files would be scanned as images next time).
+
+    Raises:
+        OutputError: `out` is `root` or lies under it.
+    """
+    if out is None:
+        return
+    out_path, root_path = Path(out).expanduser().resolve(), Path(root).expanduser().resolve()
+    if out_path == root_path or root_path in out_path.parents:
+        raise OutputError(f"{option} {out_path} is inside the data folder {root_path}: its files would be read as "
+                          f"images by the next run; choose an {option} outside {root_path}")
 
 
 def _class_name(class_dir: Path) -> str:
@@ -210,10 +256,13 @@ def _check_class_count(root: Path, classes: list[str], least: int) -> None:
         )
 
 
-def _walk_files(top: Path) -> Iterable[Path]:
-    """Every non-ignored file under `top`, in a stable order; folder links not followed."""
+def _walk_files(top: Path, outputs: list[Path]) -> Iterable[Path]:
+    """Every non-ignored file under `top`, in a stable order; folder links not followed.
+
+    Folders of the tool's own output are not entered; they are appended to `outputs`.
+    """
     for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d) and not _skip_output(Path(dirpath, d), outputs))
         for name in sorted(filenames):
             if not is_ignored(name):
                 yield Path(dirpath, name)

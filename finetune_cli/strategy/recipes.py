@@ -9,6 +9,8 @@ has its default here, in `Recipe`, and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +20,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from finetune_cli.config import RECIPE_MAX_BYTES
 from finetune_cli.errors import RecipeError
 
 STRATEGIES = ("linear", "partial", "full")
@@ -35,7 +38,8 @@ class Recipe:
             (top stages fine-tuned) or `full` (all stages fine-tuned).
         description: one line for users.
         feature_stage: linear only: `final`, `best` (cross-validated over
-            stages) or a stage index (1 = earliest).
+            stages) or a stage index, 1 (the earliest) to the backbone's
+            number of stages (negative indices are refused).
         pooling: linear only: how a stage's map becomes a vector, `avg` or
             `max` over its spatial axes.
         linear_c: linear only: the logistic regression's inverse
@@ -95,7 +99,9 @@ _CHECKS = {
     "strategy": (lambda v: v in STRATEGIES, f"one of {STRATEGIES}"),
     "augmentation": (lambda v: v in AUGMENTATIONS, f"one of {AUGMENTATIONS}"),
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
-    "feature_stage": (lambda v: v in ("final", "best") or str(v).lstrip("-").isdigit(), "'final', 'best' or a stage index"),
+    "feature_stage": (lambda v: v in ("final", "best") or (re.fullmatch("[0-9]+", v) is not None and int(v) >= 1),
+                      "'final', 'best' or a stage index from 1 (the earliest stage) to the backbone's last "
+                      "(`finetune layers` lists them)"),
     "feature_views": (lambda v: 0 <= v <= 16, "between 0 and 16"),
     "pooling": (lambda v: v in ("avg", "max"), "'avg' or 'max'"),
     "linear_c": (lambda v: 0 <= v < float("inf"), "0 (cross-validated) or a positive number"),
@@ -144,8 +150,14 @@ def load(name_or_path: str) -> tuple[Recipe, str]:
 
 
 def _read_recipe(path: Path) -> str:
+    """The file's text, at most `config.RECIPE_MAX_BYTES` (a larger file is refused unread)."""
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(RECIPE_MAX_BYTES + 1)
+        if len(data) > RECIPE_MAX_BYTES:
+            raise RecipeError(f"recipe file {path} is larger than {RECIPE_MAX_BYTES // 1024} KB: a recipe is a few "
+                              "lines of TOML; give the right file")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except OSError as exc:
@@ -153,25 +165,56 @@ def _read_recipe(path: Path) -> str:
 
 
 def parse(text: str, origin: str = "recipe") -> Recipe:
-    """Validate TOML text into a `Recipe` (see `load`)."""
+    """Validate TOML text into a `Recipe` (see `load`).
+
+    Every field is checked: its type, a finite value for every number (inf and nan are refused by
+    name), and its range (`_CHECKS`).
+
+    Raises:
+        RecipeError: not TOML (or nested too deeply to read), an unknown field, a bad value; naming it.
+    """
     try:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{origin} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{origin} is not a recipe: its TOML is nested too deeply to read (an array or table "
+                          "hundreds of levels deep); a recipe holds only plain values") from None
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise RecipeError(f"{origin}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(fields)}")
     for key, value in values.items():
-        expected = type(getattr(Recipe(), key))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = value = float(value)
-        if key == "feature_stage":
-            values[key] = value = str(value)
-        elif not isinstance(value, expected) or isinstance(value, bool):
-            raise RecipeError(f"{origin}: {key} must be a {expected.__name__}. Received: {key}={value!r}")
-        check, wanted = _CHECKS.get(key, (lambda v: True, ""))
-        if not check(value):
-            raise RecipeError(f"{origin}: {key} must be {wanted}. Received: {key}={value!r}")
+        values[key] = _checked(key, value, origin)
     values.setdefault("name", Path(origin).stem)
     return Recipe(**values)
+
+
+def _checked(key: str, value, origin: str):
+    """One field's value, converted (an int where a float is expected, a stage index as text) and checked.
+
+    Raises:
+        RecipeError: a wrong type, a number that is not finite, or a value out of `_CHECKS`' range.
+    """
+    expected = type(getattr(Recipe(), key))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value) if abs(value) < 2**1023 else math.inf  # a 400-digit integer is no finite float
+    if key == "feature_stage" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # feature_stage = 2 and "2" alike
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise RecipeError(f"{origin}: {key} must be a {expected.__name__}. Received: {key}={_shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{origin}: {key} must be a finite number, not {value}. Received: {key}={value!r}")
+    check, wanted = _CHECKS.get(key, (lambda v: True, ""))
+    if not check(value):
+        raise RecipeError(f"{origin}: {key} must be {wanted}. Received: {key}={_shown(value)}")
+    return value
+
+
+def _shown(value) -> str:
+    """repr of a value, at most 80 characters (a nested array may be long, or too deep for repr)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"a {type(value).__name__} nested too deeply"
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -115,7 +115,9 @@ def probe_layers(n_stages: int) -> list[int | None]:
 
 def measure(train, n_stages: int, features: Callable, top1: Callable | None = None, seed: int = 0,
             config: SimilarityConfig = SIMILARITY) -> Similarity:
-    """Measure the evidence on a stratified sample of the training images, then `judge` it.
+    """Measure the evidence on a stratified sample of the distinct training images, then `judge` it.
+
+    One file of each group of identical files is sampled: copies in two folds would inflate the probe.
 
     Args:
         train: the training `Scan` (labelled).
@@ -125,9 +127,13 @@ def measure(train, n_stages: int, features: Callable, top1: Callable | None = No
             probability on `scan`, given its final-stage pooled features
             `final` (n, C); or None.
     """
-    labels = np.array(train.label_indices())
+    first = {}
+    for record in train.images:
+        first.setdefault(record.digest, record)
+    distinct = replace(train, images=tuple(first.values()))
+    labels = np.array(distinct.label_indices())
     keep = sample_indices(labels, config.sample, seed=seed)
-    sample = replace(train, images=tuple(train.images[i] for i in keep))
+    sample = replace(distinct, images=tuple(distinct.images[i] for i in keep))
     layers = probe_layers(n_stages)
     y = np.array(sample.label_indices())
     tables = features(sample, layers)

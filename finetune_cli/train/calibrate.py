@@ -43,7 +43,7 @@ def calibrate(ctx: Context, result: TrainResult, settings: TrainConfig) -> Train
         return result
     ctx.reporter.on_phase(f"calibrating: temperature scaling on {len(labels)} validation images")
     fitted = fit_temperature(probs, labels, settings.temperature_range)
-    reason = refusal(fitted, probs, labels, settings.temperature_range)
+    reason = missing_classes(getattr(ctx, "classes", None) or [], labels) or refusal(fitted, probs, labels, settings.temperature_range)
     model = None if reason else fold_temperature(result.model, fitted)
     if model is None and not reason:
         reason = ("the model's output layer is not a softmax Dense layer named `classifier` (an ensemble "
@@ -58,6 +58,15 @@ def calibrate(ctx: Context, result: TrainResult, settings: TrainConfig) -> Train
         return dataclasses.replace(result, calibration=calibration, notes=result.notes + [note])
     return dataclasses.replace(result, model=model, val_probs=after.astype(np.float32),
                                score=tempered(result.score, fitted), calibration=calibration)
+
+
+def missing_classes(classes: list[str], labels: np.ndarray) -> str:
+    """Why a temperature fitted on these validation labels (n,) must not be applied: a class is absent; else ""."""
+    absent = [name for i, name in enumerate(classes) if not np.any(np.asarray(labels) == i)]
+    if not absent:
+        return ""
+    return (f"the validation images hold no image of {', '.join(repr(a) for a in absent)}: a temperature "
+            "fitted without a class is not applied")
 
 
 def refusal(fitted: float, probs: np.ndarray, labels: np.ndarray, bounds: tuple[float, float]) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from finetune_cli.artifacts import RunFolder
 from finetune_cli.config import ScanConfig
 from finetune_cli.data.scan import Scan
+from finetune_cli.data.splits import content_groups, grouped_split, overlap
 from finetune_cli.errors import FolderError
 from finetune_cli.features import FeatureCache, extract_many
 from finetune_cli.models.backbones import Backbone
@@ -57,7 +58,14 @@ class Context:
         """Feature tables of `scan` for `layers` (see `features.extract_many`), cached."""
         return extract_many(scan, self.backbone.ref, layers=layers, view=view, cache=self.cache,
                             batch_size=self.batch_size, config=self.config, backbone=self.backbone,
-                            progress=self.reporter.on_progress, **options)
+                            progress=self.reporter.on_progress, note=self.note_once, **options)
+
+    def note_once(self, text: str) -> None:
+        """`reporter.on_note`, each text once per run (a lowered batch is said once, not per pass)."""
+        said = self.__dict__.setdefault("_said", set())
+        if text not in said:
+            said.add(text)
+            self.reporter.on_note(text)
 
 
 #: score(scan) -> (probabilities (n, k), ok (n,)) for scan.images, through the trained model's math.
@@ -92,7 +100,20 @@ class TrainResult:
 
 
 def split(scan: Scan, val_scan: Scan | None, fraction: float, seed: int = 0) -> tuple[Scan, Scan]:
-    """(train, validation) scans: --val-dir's, or a stratified seeded split of `fraction`.
+    """(train, validation) scans: --val-dir's, or a content-grouped stratified seeded split of `fraction`.
+
+    Identical files stay on one side (`data.splits.grouped_split`); see
+    `split_scan` for what the split grouped and which classes it could not validate.
+
+    Raises:
+        FolderError: the validation folder's classes differ from the training folder's.
+    """
+    train, val, _ = split_scan(scan, val_scan, fraction, seed)
+    return train, val
+
+
+def split_scan(scan: Scan, val_scan: Scan | None, fraction: float, seed: int = 0):
+    """(train scan, validation scan, `data.splits.SplitResult` or None for a --val-dir).
 
     Raises:
         FolderError: the validation folder's classes differ from the training folder's.
@@ -103,14 +124,53 @@ def split(scan: Scan, val_scan: Scan | None, fraction: float, seed: int = 0) -> 
                 f"validation classes {sorted(val_scan.classes)} differ from training classes "
                 f"{sorted(scan.classes)}: the --val-dir must hold the same class folders"
             )
-        return scan, dataclasses.replace(val_scan, classes=scan.classes)
-    from sklearn.model_selection import train_test_split
-
+        return scan, dataclasses.replace(val_scan, classes=scan.classes), None
     labels = np.array(scan.label_indices())
-    n_val = max(len(scan.classes), int(round(len(labels) * fraction)))
-    train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=seed)
-    pick = lambda idx: dataclasses.replace(scan, images=tuple(scan.images[i] for i in sorted(idx)))
-    return pick(train_idx), pick(val_idx)
+    result = grouped_split(labels, content_groups(r.digest for r in scan.images), fraction, seed)
+    pick = lambda idx: dataclasses.replace(scan, images=tuple(scan.images[i] for i in idx))
+    return pick(result.train), pick(result.val), result
+
+
+def split_notes(scan: Scan, result) -> list[str]:
+    """Lines for the user about a split (`split_scan`'s result): duplicates grouped, classes not validated."""
+    if result is None:
+        return []
+    notes = []
+    if result.n_duplicates:
+        notes.append(f"{result.n_duplicates} duplicate file(s) (identical content) in {result.n_groups} group(s): "
+                     "each group stays on one side of the split, so no validation image has a copy in training")
+    for index in result.unvalidated:
+        notes.append(f"class '{scan.classes[index]}' has only one distinct image: it cannot be validated "
+                     "(it trains, and the validation scores and calibration leave it out); add images to it")
+    return notes
+
+
+def without_overlap(train: Scan, other: Scan, option: str, drop: bool, reporter: Reporter | None = None) -> Scan:
+    """`other` (a --val-dir or --test-dir scan) checked against the training images by content.
+
+    Args:
+        drop: False refuses any overlap; True drops the overlapping images from `other` and says so.
+
+    Raises:
+        FolderError: images of `other` are also training images (same content) and `drop` is False,
+            or every image of `other` is.
+    """
+    shared = overlap(other.images, train.images)
+    if not shared:
+        return other
+    where = "is the training folder" if len(shared) == len(other.images) else "overlaps the training images"
+    if not drop:
+        raise FolderError(f"{option} {other.root} {where}: {len(shared)} of its {len(other.images)} images have "
+                          f"an identical copy among the training images (e.g. '{shared[0].path}'), so its scores "
+                          f"would be inflated; give a separate folder, or pass --drop-overlap to leave them out")
+    if len(shared) == len(other.images):
+        raise FolderError(f"{option} {other.root} {where}: all {len(shared)} of its images are training images; "
+                          "give a separate folder")
+    digests = {r.digest for r in shared}
+    if reporter is not None:
+        reporter.on_note(f"{option}: left out {len(shared)} of {len(other.images)} images that are also training "
+                         f"images (same content), e.g. '{shared[0].path}'")
+    return dataclasses.replace(other, images=tuple(r for r in other.images if r.digest not in digests))
 
 
 def class_weights(labels: np.ndarray, n_classes: int, balanced: bool) -> np.ndarray:

@@ -103,8 +103,6 @@ def average_model(members: list, name: str = "finetune_ensemble"):
 
 def record(ctx, mode: str, choice: dict, details: list[dict]) -> dict:
     """metrics["ensemble"]: the mode, each member's details and scores, the choice; also into plan.json; a note."""
-    import json
-
     members = [{**d, **m} for d, m in zip(details, choice["members"])]
     facts = {"mode": mode, **choice, "members": members}
     ctx.reporter.on_note(f"ensemble of {len(members)} ({mode}): validation cross-entropy "
@@ -112,7 +110,7 @@ def record(ctx, mode: str, choice: dict, details: list[dict]) -> dict:
                          f"{members[choice['fallback']]['val_loss']:.4f}; kept the {choice['kept']}")
     path = ctx.run.file("plan.json") if ctx.run is not None else None
     if path is not None and path.exists():
-        ctx.run.write_json("plan.json", {**json.loads(path.read_text()), "ensemble": {
+        ctx.run.write_json("plan.json", {**ctx.run.read_json("plan.json"), "ensemble": {
             "mode": mode, "members": details, "kept": choice["kept"]}})
     return facts
 

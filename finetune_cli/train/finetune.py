@@ -115,6 +115,7 @@ def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> Baseline:
     of view 0 (training and validation images), so the frozen stages run once
     for the head, the comparison and fine-tuning.
     """
+    from finetune_cli.data.splits import content_groups
     from finetune_cli.train.linear import fit_linear
 
     ctx.reporter.on_phase("phase 1: linear head on frozen final features")
@@ -124,7 +125,8 @@ def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> Baseline:
         table, val_table = (ctx.features(scan, [None, cut.layer], pooling=("avg", "none"),
                                          dtype=("float32", settings.activation_dtype), keep=(True, False))[0]
                             for scan in (ctx.train, ctx.val))
-    head = fit_linear(table.features, ctx.labels(table.records), len(ctx.classes), balanced=balanced, seed=ctx.seed)
+    head = fit_linear(table.features, ctx.labels(table.records), len(ctx.classes), balanced=balanced, seed=ctx.seed,
+                      groups=content_groups(r.digest for r in table.records))
     model.get_layer("classifier").set_weights([head.kernel, head.bias])
     return Baseline(head, head.probabilities(val_table.features), ctx.labels(val_table.records),
                     ctx.backbone.model.get_weights())

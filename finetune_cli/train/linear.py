@@ -74,9 +74,11 @@ def fit_linear(
 def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: int, config: LinearConfig):
     from sklearn.linear_model import LogisticRegression
 
+    from finetune_cli.data.splits import distinct_per_class
+
     groups = np.arange(len(labels)) if groups is None else groups
     weight = "balanced" if balanced else None
-    per_class = np.bincount(labels, minlength=n_classes)
+    per_class = distinct_per_class(labels, groups)  # a fold cannot divide one image's copies or views
     folds = int(min(config.folds, per_class[per_class > 0].min()))
     scores = []
     if folds >= 2:
@@ -248,13 +250,11 @@ def _fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):
 
 def _record_candidates(ctx, sources, heads, best: int) -> list[dict]:
     """The candidates' cross-validated accuracies, as a note, in metrics and in plan.json."""
-    import json
-
     table = [{"features": s.name, "cv_accuracy": round(h.best_cv, 4), "C": h.C, "dims": int(h.kernel.shape[0]),
               "chosen": i == best} for i, (s, h) in enumerate(zip(sources, heads))]
     ctx.reporter.on_note("features compared by cross-validated accuracy on the training images: " + "; ".join(
         f"{row['features']} {row['cv_accuracy']:.1%}" for row in table) + f"; kept {sources[best].name}")
     path = ctx.run.file("plan.json")
     if path.exists():
-        ctx.run.write_json("plan.json", {**json.loads(path.read_text()), "candidates": table})
+        ctx.run.write_json("plan.json", {**ctx.run.read_json("plan.json"), "candidates": table})
     return table

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from finetune_cli.config import LR_FIND, SCAN, TRAIN, LrFindConfig, ScanConfig, TrainConfig
+from finetune_cli.data.scan import check_out_outside
 from finetune_cli.errors import SettingsError, TrainingError
 from finetune_cli.reporter import QUIET, Reporter
 
@@ -379,6 +380,7 @@ def lr_find(root, base: str, *, out=None, weights: str = "imagenet", image_size:
     if recipe is not None and recipe_files.load(recipe)[0].strategy not in SWEPT:  # validate before any work
         raise SettingsError(f"lr-find needs a fine-tuning recipe ({', '.join(SWEPT)}); {recipe} is linear")
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
+    check_out_outside(out, root)
     run = RunFolder(out) if out is not None else RunFolder.new(f"{Path(root).resolve().name}-lr")
     reporter.on_phase(f"output folder: {run.path}")
     with run.guarded():

@@ -22,7 +22,7 @@ import numpy as np
 
 from finetune_cli.config import PRETRAIN, SCAN, PretrainConfig, ScanConfig
 from finetune_cli.errors import FolderError, OutputError, TrainingError
-from finetune_cli.files import check_writable_folder, remove_stale_temps
+from finetune_cli.files import check_writable_folder, create_folder, remove_stale_temps
 from finetune_cli.reporter import QUIET, Reporter
 
 
@@ -36,8 +36,12 @@ def companion(encoder_path: Path, suffix: str) -> Path:
 COMPANIONS = ("reconstructions.png", "curves.png", "history.csv", "pretrain.json")
 
 
-def check_output(out) -> Path:
+def check_output(out, claimed: bool = False) -> Path:
     """The encoder path, refused when it or a companion file exists, or is not `.keras`.
+
+    Args:
+        claimed: `out` is the empty placeholder the default name was claimed with
+            (`files.claim_numbered`, so that two pretrainings never pick one name): not refused.
 
     Raises:
         OutputError: with what to do instead.
@@ -45,14 +49,11 @@ def check_output(out) -> Path:
     path = Path(out).expanduser().absolute()
     if path.suffix != ".keras":
         raise OutputError(f"--out {path.name} must end in .keras (the encoder is saved as a Keras model file)")
-    taken = [p for p in (path, *(companion(path, s) for s in COMPANIONS)) if p.exists()]
+    taken = [p for p in (path, *(companion(path, s) for s in COMPANIONS)) if p.exists() and not (claimed and p == path)]
     if taken:
         raise OutputError(f"{taken[0]} already exists: choose another --out or delete the old encoder and its files")
     if not path.parent.is_dir():
-        try:
-            path.parent.mkdir(parents=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
+        create_folder(path.parent, command="pretrain", parents=True)
     check_writable_folder(path.parent)
     for name in (path.name, *(companion(path, s).name for s in COMPANIONS)):
         remove_stale_temps(path.parent, name)
@@ -220,13 +221,14 @@ def greedy_phases(ae, config: PretrainConfig) -> list[Phase]:
 def pretrain(
     unlabeled, out, *, config: PretrainConfig = PRETRAIN, init_from: str | None = None,
     init_weights: str = "imagenet", greedy: bool = False, seed: int = 0,
-    scan_config: ScanConfig = SCAN, reporter: Reporter = QUIET,
+    scan_config: ScanConfig = SCAN, reporter: Reporter = QUIET, claimed: bool = False,
 ) -> dict:
     """Pretrain a denoising autoencoder on the images under `unlabeled`; save its encoder at `out`.
 
     Args:
         unlabeled: a folder of images, flat or in subfolders (labels are ignored).
         out: the encoder file to create (.keras); companion files go beside it.
+        claimed: `out` is an empty placeholder claimed for the default name (see `check_output`).
         config: architecture and training settings (see `PretrainConfig`).
         init_from: a registry name or .keras file whose early stages start the encoder.
         greedy: for `mlp`, train layer by layer before the whole stack.
@@ -240,7 +242,7 @@ def pretrain(
     from finetune_cli.data.scan import scan_folder
 
     started = time.perf_counter()
-    path = check_output(out)
+    path = check_output(out, claimed)
     reporter.on_phase(f"encoder: {path}")
     ref = None
     if init_from is not None:

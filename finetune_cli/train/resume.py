@@ -13,7 +13,6 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 from finetune_cli.artifacts import RunFolder
@@ -135,6 +134,6 @@ def already_finished(run: RunFolder) -> dict:
         ModelFileError: metrics.json is damaged.
     """
     try:
-        return json.loads(run.file("metrics.json").read_text("utf-8"))
+        return run.read_json("metrics.json")
     except (OSError, ValueError) as exc:
         raise _damaged(run, "metrics.json", str(exc)) from None

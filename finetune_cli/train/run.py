@@ -21,7 +21,7 @@ import numpy as np
 from finetune_cli.artifacts import RunFolder, write_run
 from finetune_cli.config import LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, ScanConfig, TrainConfig
 from finetune_cli.data.profile import profile_scan
-from finetune_cli.data.scan import Scan, scan_folder
+from finetune_cli.data.scan import Scan, check_out_outside, scan_folder
 from finetune_cli.errors import BackboneError, SettingsError, TrainingError
 from finetune_cli.features import FeatureCache
 from finetune_cli.files import shown
@@ -33,7 +33,7 @@ from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import decide, table_recipe
 from finetune_cli.train.calibrate import calibrate
-from finetune_cli.train.context import Context, TrainResult, split
+from finetune_cli.train.context import Context, TrainResult, split_notes, split_scan, without_overlap
 from finetune_cli.train.resume import already_finished, check_unchanged, read_saved
 
 
@@ -103,10 +103,11 @@ def open_run(out, root, resume: bool, reporter: Reporter) -> RunFolder:
     """The run folder: `out`, or a new numbered one; says which, and whether a resumed run is finished.
 
     Raises:
-        OutputError, SettingsError.
+        OutputError (also an `out` inside the data folder `root`), SettingsError.
     """
     if out is None and resume:
         raise SettingsError("--resume continues the run in --out: give --out")
+    check_out_outside(out, root)
     run = RunFolder(out, resume=resume) if out is not None else RunFolder.new(Path(root).resolve().name)
     reporter.on_phase(f"run folder: {run.path}")
     if resume and run.finished:
@@ -132,13 +133,30 @@ def prepare(run: RunFolder, root, base: str, *, weights: str, image_size: int | 
     ref = resolve(base, weights, image_size or (saved.image_size if saved else None), seed)
     if saved:
         check_unchanged(saved, scan.classes, ref, recipe)
-    val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
-    test_scan = labelled_test_scan(test_dir, list(scan.classes), config) if test_dir else None
-    train_scan, val_scan = split(scan, val_scan, settings.val_fraction, seed=seed)
+    val_scan, test_scan = held_out_scans(scan, val_dir, test_dir, config, settings.drop_overlap, reporter)
+    train_scan, val_scan, result = split_scan(scan, val_scan, settings.val_fraction, seed=seed)
+    for note in split_notes(scan, result):
+        reporter.on_note(note)
     reporter.on_phase(f"building {ref.label} ({ref.weights} weights, {ref.image_size} px)")
     backbone = build(ref)
     ctx = Context(run, scan, train_scan, val_scan, backbone, cache, config, reporter, seed, batch_size)
     return ctx, profile, test_scan
+
+
+def held_out_scans(scan: Scan, val_dir, test_dir, config: ScanConfig, drop: bool, reporter: Reporter):
+    """(--val-dir scan or None, --test-dir scan or None), each checked against `scan`'s images by content.
+
+    Raises:
+        FolderError: a folder is unusable, or shares images with the training folder and `drop` is
+            False (`train.context.without_overlap`).
+    """
+    val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
+    test_scan = labelled_test_scan(test_dir, list(scan.classes), config) if test_dir else None
+    if val_scan is not None:
+        val_scan = without_overlap(scan, val_scan, "--val-dir", drop, reporter)
+    if test_scan is not None:
+        test_scan = without_overlap(scan, test_scan, "--test-dir", drop, reporter)
+    return val_scan, test_scan
 
 
 def n_stages(ctx: Context) -> int:

@@ -213,24 +213,27 @@ class Folds:
         return f"{self.folds}-fold stratified" + (f", repeated {self.repeats}x" if self.repeats > 1 else "")
 
 
-def cv_folds(labels: np.ndarray, cv: int, repeat_below: int, repeats: int, seed: int) -> Folds:
+def cv_folds(labels: np.ndarray, cv: int, repeat_below: int, repeats: int, seed: int,
+             groups: np.ndarray | None = None) -> Folds:
     """Stratified K-fold splits of `labels` (int (n,)), repeated with new folds when the smallest class is tiny.
 
-    Raises:
-        FolderError: a class has fewer than 2 rows (nothing to cross-validate).
-    """
-    from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
+    `groups` (n,) int, when given, keeps rows of one group (identical files,
+    `data.splits.content_groups`) in one fold; K is then bounded by the
+    smallest class's number of distinct images.
 
-    smallest = int(np.bincount(labels)[np.unique(labels)].min())
+    Raises:
+        FolderError: a class has fewer than 2 distinct rows (nothing to cross-validate).
+    """
+    from finetune_cli.data.splits import distinct_per_class, grouped_folds
+
+    per_class = distinct_per_class(labels, groups)
+    smallest = int(per_class[np.unique(labels)].min())
     folds = min(cv, smallest)
     if folds < 2:
-        raise FolderError(f"a class has {smallest} image(s) outside the held-out set: cross-validation needs "
-                          "at least 2 per class; add images")
-    if smallest < repeat_below and repeats > 1:
-        splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
-    else:
-        splitter, repeats = StratifiedKFold(folds, shuffle=True, random_state=seed), 1
-    return Folds(list(splitter.split(np.zeros(len(labels)), labels)), folds, repeats)
+        raise FolderError(f"a class has {smallest} distinct image(s) outside the held-out set: cross-validation "
+                          "needs at least 2 per class; add images")
+    repeats = repeats if smallest < repeat_below and repeats > 1 else 1
+    return Folds(grouped_folds(labels, groups, folds, seed, repeats), folds, repeats)
 
 
 def best_trial(rows: list[dict]) -> dict | None:

@@ -26,7 +26,8 @@ import warnings
 import numpy as np
 
 from finetune_cli.config import LINEAR, SCAN, TRAIN, TUNE, ScanConfig, TrainConfig, TuneConfig
-from finetune_cli.data.scan import Scan
+from finetune_cli.data.scan import Scan, check_out_outside
+from finetune_cli.data.splits import content_groups
 from finetune_cli.errors import SettingsError
 from finetune_cli.features import FeatureCache
 from finetune_cli.reporter import QUIET, Reporter
@@ -57,6 +58,7 @@ def tune(
     if chosen is not None and chosen.strategy != "linear":
         walk.pick_finetune_method(method)  # grid is refused before any work
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
+    check_out_outside(out, root)
     folder = TuneFolder.open(out, root)
     reporter.on_phase(f"tune folder: {folder.path}" + (" (continuing its search)" if folder.continued else ""))
     with folder.guarded():
@@ -77,8 +79,9 @@ def tune(
         space = space_for(ctx, settings)
         folder.record_definition(definition(ctx, seed, cv, settings))  # a mismatch is refused before any pass
         bank = FeatureBank(ctx, space)
-        folds = walk.cv_folds(bank.labels, cv, settings.repeat_below, settings.repeats, seed)
-        searcher = Searcher(bank, folds, TrialLog(folder), profile.imbalance >= config.imbalance_warn_ratio,
+        folds = walk.cv_folds(bank.labels, cv, settings.repeat_below, settings.repeats, seed, bank.groups)
+        searcher = Searcher(bank, folds, TrialLog(folder, reporter=reporter),
+                            profile.imbalance >= config.imbalance_warn_ratio,
                             started + time_limit if time_limit else None, reporter, engine)
         used = walk.pick_method(method, space)
         notes = run(searcher, used, space, budget, time_limit, seed, settings)
@@ -149,7 +152,8 @@ class FeatureBank:
 
     Attributes:
         searched: the images cross-validated on (the training split, minus
-            files that failed to decode); `labels` int (n,) their classes.
+            files that failed to decode); `labels` int (n,) their classes;
+            `groups` int (n,) their content groups (identical files share a fold).
         held_out: the images the search never sees (the validation split).
         seconds: time spent getting features (backbone passes and cache reads).
     """
@@ -163,6 +167,7 @@ class FeatureBank:
         self.searched = [r for r in ctx.train.images if r.path in rows]
         self.held_out = [r for r in ctx.val.images if r.path in rows]
         self.labels = ctx.labels(self.searched)
+        self.groups = content_groups(r.digest for r in self.searched)
         pick = lambda records: {k: m[[rows[r.path] for r in records]] for k, m in first.items()}
         everywhere = lambda records: np.ones(len(records), bool)
         self.views = {0: (pick(self.searched), everywhere(self.searched))}
@@ -312,7 +317,7 @@ def halving(searcher: Searcher, candidates: list[dict], seed: int, settings: Tun
         survivors = survivors[:keep]
         rows = walk.subsample(labels, n_images, seed)
         rung = folds if len(rows) == searcher.n_full else walk.cv_folds(
-            labels[rows], folds.folds, settings.repeat_below, settings.repeats, seed)
+            labels[rows], folds.folds, settings.repeat_below, settings.repeats, seed, searcher.bank.groups[rows])
         scored = list(zip(survivors, searcher.trials(survivors, rows, rung)))
         scored = [(p, r) for p, r in scored if r is not None]
         survivors = [p for p, _ in sorted(scored, key=lambda pr: -pr[1]["mean_accuracy"])]

@@ -13,12 +13,15 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
 
 from finetune_cli.artifacts import RunFolder, _pyplot
 from finetune_cli.errors import OutputError
+from finetune_cli.files import held_names
+from finetune_cli.reporter import QUIET, Reporter
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.train.search import FINETUNE_PARAMETERS, PARAMETERS, FinetuneSpace, Space, finetune_key, key
 
@@ -73,7 +76,7 @@ class TuneFolder(RunFolder):
         if out is None:
             return cls.new(f"{Path(root).resolve().name}-tune")
         path = Path(out).expanduser().absolute()
-        return cls(path, resume=path.is_dir() and any(path.iterdir()))
+        return cls(path, resume=path.is_dir() and bool(held_names(path)))
 
     def _check_resumable(self) -> None:
         if not self.file("tune.json").is_file():
@@ -106,38 +109,71 @@ class TuneFolder(RunFolder):
         changed = [k for k in MUST_MATCH if (kind(saved) != kind(definition) if k == "kind"
                                              else saved.get(k) != definition.get(k))]
         if changed:
-            raise OutputError(f"{self.path} holds a search with a different {', '.join(changed)}: continue it with "
-                              "the same folder, --base, --image-size, --seed and --cv, or choose a new --out")
+            raise OutputError(f"{self.path} holds another search (different {', '.join(changed)}): continue it "
+                              "with the same folder, --base, --image-size, --seed and --cv, or choose a new --out")
 
 
 class TrialLog:
     """The rows of trials.csv, read from an earlier search and written after every new trial.
 
+    A row that does not read back (cut off, a field missing or extra, a number that is not one) is
+    dropped with a note naming how many: that trial runs again; the other rows are kept.
+
     Attributes:
         rows: dicts with the table's columns, in the order they were run.
         n_old: rows that came from the earlier search.
+        dropped: the line numbers (from 2, after the header) of the earlier rows left out as malformed.
     """
 
-    def __init__(self, folder: TuneFolder, table: TrialTable = LINEAR_TABLE):
+    def __init__(self, folder: TuneFolder, table: TrialTable = LINEAR_TABLE, reporter: Reporter = QUIET):
         self.folder, self.table = folder, table
-        self.rows = self._read(folder.file("trials.csv"))
+        self.rows, self.dropped = self._read(folder.file("trials.csv"))
         self.n_old = len(self.rows)
         self._index = {table.identity(r): r for r in self.rows}
+        if self.dropped:
+            reporter.on_note(f"{folder.file('trials.csv')}: dropped {len(self.dropped)} malformed row(s) (line(s) "
+                             f"{', '.join(map(str, self.dropped[:10]))}{', ...' if len(self.dropped) > 10 else ''}: "
+                             f"cut off or edited); kept {len(self.rows)}; those trials run again")
 
-    def _read(self, path: Path) -> list[dict]:
+    def _read(self, path: Path) -> tuple[list[dict], list[int]]:
+        """(rows that read back, line numbers of those that did not), from trials.csv as text, each field
+        then parsed by Python (correctly rounded: a rewrite reproduces every number).
+
+        Raises:
+            OutputError: unreadable, or its header is not the table's columns.
+        """
         if not path.exists():
-            return []
-        import pandas as pd
-
-        columns, types = self.table.columns, self.table.types
-        try:  # as text, then Python's own (correctly rounded) parsing: a rewrite reproduces every number
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-            if tuple(frame.columns) != columns:
-                raise ValueError(f"columns {list(frame.columns)}, not {', '.join(columns)}")
-            return [{k: types.get(k, str)(v) for k, v in row.items()} for row in frame.to_dict("records")]
-        except (OSError, ValueError) as exc:
+            return [], []
+        columns = self.table.columns
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                lines = list(csv.reader(handle))
+        except (OSError, ValueError, csv.Error) as exc:
             raise OutputError(f"{path} is not a readable trial table ({exc}): move it away to start the search "
                               "afresh") from None
+        header = tuple(lines[0]) if lines else ()
+        if header != columns:
+            raise OutputError(f"{path} is not a readable trial table (columns {list(header)}, not "
+                              f"{', '.join(columns)}): move it away to start the search afresh")
+        rows, dropped = [], []
+        for number, fields in enumerate(lines[1:], start=2):
+            if not fields:  # a blank line
+                continue
+            row = self._row(fields)
+            if row is None:
+                dropped.append(number)
+            else:
+                rows.append(row)
+        return rows, dropped
+
+    def _row(self, fields: list[str]) -> dict | None:
+        """One line's fields as a row of typed values, or None when it does not read back as one."""
+        if len(fields) != len(self.table.columns):
+            return None
+        try:
+            return {k: self.table.types.get(k, str)(v) for k, v in zip(self.table.columns, fields)}
+        except ValueError:
+            return None
 
     def get(self, trial: dict) -> dict | None:
         """The row of the trial `trial` names (its parameters, and n_images or epochs), or None."""

@@ -103,7 +103,7 @@ def search_finetune(folder: TuneFolder, ctx: Context, profile, recipe: recipe_fi
     folder.record_definition({**definition, "kind": "fine-tuning", "recipe": dataclasses.asdict(recipe),
                               "folds": {"trial_val_fraction": train_settings.val_fraction}})
     ctx = dataclasses.replace(ctx, cache=CountingCache(ctx.cache) if ctx.cache is not None else None)
-    trials = Trials(ctx, recipe, (trial_train, trial_val), TrialLog(folder, FINETUNE_TABLE),
+    trials = Trials(ctx, recipe, (trial_train, trial_val), TrialLog(folder, FINETUNE_TABLE, ctx.reporter),
                     Decider(profile.size_category, similarity, n_stages(ctx)), is_balanced(ctx, profile),
                     started + time_limit if time_limit else None, train_settings, engine)
     n = budget or settings.finetune_budget
