@@ -1,15 +1,25 @@
-"""`finetune train` with `config.TrainConfig` fields changed, as one process (for benchmarks/prefix.py).
+"""`finetune train` with `config.TrainConfig` (and `config.LinearConfig`) fields changed, as one process.
 
-Usage: python benchmarks/train_with.py '{"cache_prefix": false}' TRAIN_DIR BASE OUT CACHE TEST_DIR
+Usage: python benchmarks/train_with.py CHANGES TRAIN_DIR BASE OUT CACHE TEST_DIR
+
+CHANGES is a JSON object of TrainConfig fields, plus optionally "linear" (an
+object of LinearConfig fields, e.g. the old 3-point C grid), "strategy"
+(default "partial", as benchmarks/prefix.py uses it) and "similarity"
+(default "similar").
 """
 
 import dataclasses
 import json
 import sys
 
-from finetune_cli import api
-from finetune_cli.config import TRAIN
+from finetune_cli import api, config
 
 changes, train, base, out, cache, test = sys.argv[1:7]
-api.train(train, base, out=out, strategy="partial", similarity="similar", cache_dir=cache, test_dir=test,
-          settings=dataclasses.replace(TRAIN, **json.loads(changes)))
+changes = json.loads(changes)
+linear = changes.pop("linear", None)
+if linear:  # read at call time by the linear head (`train.linear._fit_source`)
+    config.LINEAR = dataclasses.replace(config.LINEAR, **{k: tuple(v) if isinstance(v, list) else v
+                                                          for k, v in linear.items()})
+strategy, similarity = changes.pop("strategy", "partial"), changes.pop("similarity", "similar")
+api.train(train, base, out=out, strategy=strategy, similarity=similarity, cache_dir=cache, test_dir=test,
+          settings=dataclasses.replace(config.TRAIN, **changes))

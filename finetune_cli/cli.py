@@ -361,6 +361,9 @@ def cache_clear(cache_dir):
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
 @click.option("--no-calibrate", is_flag=True,
               help="Keep the trained probabilities: no temperature scaling on the validation images.")
+@click.option("--no-pilot", is_flag=True,
+              help=f"Fine-tuning: run the whole schedule even when its first {TRAIN.pilot_epochs} epochs do not "
+                   "beat the linear head (by default it stops there and keeps the head).")
 @click.option("--ensemble", default=str(TRAIN.ensemble), show_default=True, metavar="N",
               help=f"Average N members (1-{ENSEMBLE.max_members}; 1: off) in one model.keras: linear plans vary "
                    "seed, views and stage (almost free); fine-tuning see --ensemble-mode. Kept only if its "
@@ -382,7 +385,7 @@ def cache_clear(cache_dir):
 @handle_errors
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, drop_overlap, seed,
           resume, batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs,
-          greedy, lr, no_calibrate, ensemble, ensemble_mode, average, devices):
+          greedy, lr, no_calibrate, no_pilot, ensemble, ensemble_mode, average, devices):
     """Decide how to reuse the base, train, and write a run folder."""
     given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
     if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
@@ -399,7 +402,8 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
             unlabeled=unlabeled, pretrain_settings=api.pretrain_config(**given) if unlabeled else None,
             greedy=greedy, reporter=report.RichReporter(console, progress), lr=lr,
-            settings=dataclasses.replace(TRAIN, calibrate=not no_calibrate, drop_overlap=drop_overlap),
+            settings=dataclasses.replace(TRAIN, calibrate=not no_calibrate, drop_overlap=drop_overlap,
+                                         pilot_epochs=0 if no_pilot else TRAIN.pilot_epochs),
             ensemble=ensemble, ensemble_mode=ensemble_mode, average=average, devices=devices,
         )
     report.metrics_summary(Console(), metrics, metrics.get("run_folder", out))
@@ -689,7 +693,8 @@ def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement,
         return
     r = result
     click.echo(f"{r['format']} ({r['quantize']}), {r['bytes']:,} bytes; checked on {r['n_images']} images "
-               f"({r['checked_on']}): accuracy {r['accuracy']:.1%} (Keras {r['accuracy_keras']:.1%}), top-1 "
+               f"({r['checked_on']}): accuracy {r['accuracy']:.1%} (Keras {r['accuracy_keras']:.1%}"
+               f"{'' if r.get('held_out', True) else ', training images'}), top-1 "
                f"agreement {r['agreement']:.1%}, largest probability difference {r['max_prob_diff']:.2g}; "
                f"{r['ms_per_image']:.2f} ms per image at batch 1 (Keras {r['ms_per_image_keras']:.2f})")
     forced = " (forced: below --min-agreement)" if result["agreement"] < result["min_agreement"] else ""

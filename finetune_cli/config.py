@@ -247,6 +247,13 @@ class TrainConfig:
         drop_overlap: a --val-dir or --test-dir holding copies of training
             images (same content) is refused (False), or those images are
             left out of it and the run says how many (True, `--drop-overlap`).
+        pilot_epochs: with the keep rule on, fine-tuning's first epochs are a
+            pilot with the linear head as the bar: when its best epoch does
+            not beat the head on validation by then (`train.finetune.Pilot`),
+            fine-tuning stops and the head is kept; 0: no pilot.
+        cross_validate: a linear plan (one head, no --val-dir) is validated
+            out-of-fold on every labelled image and refitted on all of them
+            (`train.context.all_labels`); False keeps the `val_fraction` hold-out.
     """
 
     val_fraction: float = 0.2
@@ -265,6 +272,8 @@ class TrainConfig:
     ensemble_mode: str = "seeds"
     average: str = "none"
     drop_overlap: bool = False
+    cross_validate: bool = True
+    pilot_epochs: int = 2
 
 
 @dataclass(frozen=True)
@@ -308,8 +317,15 @@ class LinearConfig:
     """The linear head: L2-regularised logistic regression, C by grouped cross-validation.
 
     Attributes:
-        c_grid: inverse regularisation strengths tried (features standardised).
-        folds: cross-validation folds at most (fewer when a class is smaller).
+        c_grid: inverse regularisation strengths tried first (features
+            standardised): log-spaced, half a decade apart, warm-started from
+            the strongest regularisation up.
+        c_range: how far the grid is extended (by its own step, `c_extend`
+            points at a time) while the best C sits on one of its ends; a best
+            C still on an end at these limits is reported "on the edge".
+        folds: cross-validation folds at most (fewer when a class is smaller);
+            with no --val-dir a linear plan is validated out-of-fold on every
+            labelled image with these folds, then refitted on all of them.
         tol: L-BFGS tolerance; on standardised features tighter tolerances
             change no decision but cost seconds.
         pixel_side: for a plan that takes the best features (`feature_stage =
@@ -322,8 +338,10 @@ class LinearConfig:
             blown up into noise the head would lean on.
     """
 
-    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
-    folds: int = 3
+    c_grid: tuple[float, ...] = (0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0)
+    c_range: tuple[float, float] = (1e-5, 1e3)
+    c_extend: int = 2
+    folds: int = 5
     tol: float = 1e-3
     pixel_side: int = 16
     scale_floor: float = 0.1

@@ -346,8 +346,11 @@ def _healthy(f: dict) -> Diagnosis:
 def _linear(history: list[dict], classes: int | None, config: DiagnoseConfig) -> Diagnosis:
     """Judge the cross-validation curve over C (best C chosen as `train.linear.fit_linear` does)."""
     rows = sorted(((float(r["C"]), float(r["cv_accuracy"])) for r in history), key=lambda r: r[0])
+    loss = {float(r["C"]): float(r["cv_log_loss"]) for r in history if _finite_text(r.get("cv_log_loss"))}
     grid = [c for c, _ in rows]
-    best = max(range(len(rows)), key=lambda i: (round(rows[i][1], 6), -rows[i][0]))
+    # as `train.linear.best_c`: accuracy, then the lower log loss, then the smaller C
+    best = max(range(len(rows)), key=lambda i: (round(rows[i][1], 6), -round(loss.get(rows[i][0], 0.0), 6),
+                                                -rows[i][0]))
     (c, accuracy), chance = rows[best], (1 / classes if classes else 0.0)
     evidence = {"classes": classes, "grid": grid, "cv_accuracy": [a for _, a in rows], "best_C": c,
                 "best_cv_accuracy": accuracy, "chance_accuracy": chance, "edge": None}
@@ -361,7 +364,10 @@ def _linear(history: list[dict], classes: int | None, config: DiagnoseConfig) ->
     side = best - 1 if best == len(rows) - 1 else best + 1
     if len(rows) >= 2 and best in (0, len(rows) - 1) and accuracy - rows[side][1] >= config.linear_edge_margin:
         return _linear_edge(evidence, rows[side], strong=best == 0)
-    reason = f"cross-validated accuracy {accuracy:.1%} at C = {c:g}, inside the grid {grid}"
+    where = (f"on the edge of the grid {_grid(grid)} but within {config.linear_edge_margin:.0%} of its neighbour "
+             f"({rows[side][1]:.1%} at C = {rows[side][0]:g}): a plateau, not a limit"
+             if len(rows) >= 2 and best in (0, len(rows) - 1) else f"inside the grid {_grid(grid)}")
+    reason = f"cross-validated accuracy {accuracy:.1%} at C = {c:g}, {where}"
     step = "nothing to fix: use the run; to go further, fine-tune the top stages (--strategy partial)"
     return Diagnosis("healthy", reason, step, evidence)
 
@@ -370,7 +376,7 @@ def _linear_edge(evidence: dict, neighbour: tuple[float, float], strong: bool) -
     """The best C is the grid's smallest (`strong` regularisation) or largest: say which and what it means."""
     c, accuracy = evidence["best_C"], evidence["best_cv_accuracy"]
     end = "strongest" if strong else "weakest"
-    reason = (f"best C is on the edge of the grid {evidence['grid']}: cross-validated accuracy {accuracy:.1%} at "
+    reason = (f"best C is on the edge of the grid {_grid(evidence['grid'])}: cross-validated accuracy {accuracy:.1%} at "
               f"C = {c:g}, the {end} regularisation tried, vs {neighbour[1]:.1%} at C = {neighbour[0]:g}")
     if strong:
         step = ("the head is limited by noise, not by its flexibility: more images, or more augmented views "
@@ -382,6 +388,19 @@ def _linear_edge(evidence: dict, neighbour: tuple[float, float], strong: bool) -
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _grid(grid: list[float]) -> str:
+    """A C grid in a line: `[0.001 .. 10, 9 values]` (or the values themselves, up to four)."""
+    return f"[{', '.join(f'{c:g}' for c in grid)}]" if len(grid) <= 4 else f"[{grid[0]:g} .. {grid[-1]:g}, {len(grid)} values]"
+
+
+def _finite_text(value) -> bool:
+    """True for a finite number, or text (a CSV cell) that reads as one."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _finite(value) -> bool:

@@ -44,12 +44,15 @@ class Images:
         check: the held-out images the exported file is verified on; labels: their classes.
         calibration: the representative set of int8 (at most `ExportConfig.calibration` images), or None.
         source: where `check` came from, in words.
+        held_out: False when `check` are training images of the saved model (a run that trained on every
+            image): the agreement is measured, but their accuracy is not a held-out score.
     """
 
     check: np.ndarray
     labels: np.ndarray
     calibration: np.ndarray | None
     source: str
+    held_out: bool = True
 
 
 def export_run(run_dir, *, fmt: str, quantize: str = "none", out=None, data=None, check_dir=None,
@@ -144,32 +147,46 @@ def held_out(run: Run, data, check_dir, seed: int, n_calibration: int) -> Images
         FolderError: a folder is unusable, or holds classes the run does not know.
     """
     from finetune_cli.data.pipeline import decoded_arrays
+    from finetune_cli.data.splits import overlap
     from finetune_cli.predict import labelled_test_scan
     from finetune_cli.train.context import split
 
-    recorded = _recorded_validation(run)
+    every_image = (run.metrics or {}).get("validation", {}).get("method") == "out-of-fold"
+    recorded = None if every_image else _recorded_validation(run)  # out-of-fold: those images trained the model
     data = data if data is not None else _recorded_root(run)
     if data is None and ((check_dir is None and recorded is None) or n_calibration):
         need = "full int8 takes its representative images from" if n_calibration else "verification needs"
         raise ExportError(f"{need} the training images, and this run did not record them (or they moved): give "
                           "--data DIR (the folder the run was trained on; its validation split is checked)"
                           + ("" if check_dir else ", or --check-dir DIR (a labelled folder)"))
-    train = val = None
+    train = val = everything = None
     if data is not None:
-        train, val = split(labelled_test_scan(data, run.classes, SCAN), None, TRAIN.val_fraction, seed=seed)
+        everything = labelled_test_scan(data, run.classes, SCAN)
+        train, val = split(everything, None, TRAIN.val_fraction, seed=seed)
+    held = True
     if check_dir is not None:
         check = labelled_test_scan(check_dir, run.classes, SCAN)
         paths, labels, source = check.paths(), [run.classes.index(r.label) for r in check.images], str(check_dir)
+        trained_on = everything if every_image else train
+        shared = overlap(check.images, trained_on.images) if trained_on is not None else []
+        if shared:
+            held = False
+            source += (f" ({len(shared)} of its {len(check.images)} images are training images, by content: "
+                       "agreement is measured, the accuracy is not held out)")
     elif recorded is not None:
         paths, labels, source = recorded[0], recorded[1], "the run's validation images (predictions_val.csv)"
     else:
         paths, labels = val.paths(), [run.classes.index(r.label) for r in val.images]
         source = f"validation split of {data} (seed {seed})"
+        if every_image:
+            source = (f"a split of {data} (seed {seed}), which the run trained on (it used every image): "
+                      "agreement is measured, the accuracy is not held out; --check-dir gives a held-out one")
     pixels, ok = decoded_arrays(paths, run.image_size)
     calibration = None
     if n_calibration:
         calibration = _representative(train, set(map(str, paths)), n_calibration, seed, run.image_size)
-    return Images(pixels[ok], np.asarray(labels)[ok], calibration, source)
+    return Images(pixels[ok], np.asarray(labels)[ok], calibration, source, held if check_dir is not None
+                  else not every_image)
 
 
 def _recorded_validation(run: Run) -> tuple[list[str], list[int]] | None:
@@ -220,6 +237,7 @@ def verify(run: Run, fmt: str, path: Path, images: Images, settings: ExportConfi
         "accuracy_keras": float((reference.argmax(1) == images.labels).mean()),
         "accuracy": float((exported.argmax(1) == images.labels).mean()),
         "agreement": float((exported.argmax(1) == reference.argmax(1)).mean()),
+        "held_out": images.held_out,
         "max_prob_diff": float(np.abs(exported - reference).max()),
         "ms_per_image": round(ms, 3),
         "ms_per_image_keras": round(keras_ms, 3),

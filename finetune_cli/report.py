@@ -165,7 +165,8 @@ def metrics_summary(console: Console, metrics: dict, out) -> None:
         f"[bold green]done[/bold green]: {metrics['strategy']}"
         f"{' (kept the linear head: fine-tuning did not beat it)' if metrics.get('kept') == 'linear-head' else ''}"
         f" on {metrics['n_train']} images, "
-        f"validation accuracy [bold]{metrics['val_accuracy']:.1%}[/bold] on {metrics['n_val']} "
+        f"{'out-of-fold' if metrics.get('validation', {}).get('method') == 'out-of-fold' else 'validation'} "
+        f"accuracy [bold]{metrics['val_accuracy']:.1%}[/bold] on {metrics['n_val']} "
         f"in {metrics['timings_s']['total']:.1f} s", highlight=False)
     if "test" in metrics:
         console.print(f"test accuracy [bold]{metrics['test_accuracy']:.1%}[/bold] on {metrics['test']['n_images']} images",

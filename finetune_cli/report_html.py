@@ -49,7 +49,8 @@ def run_document(folder: Path, extra: Extra = (), config: ReportConfig = REPORT)
     classes = list(metrics.get("classes") or [])
     parts = [diagnosis_section(metrics)]  # results first, then how they were reached
     if frame is not None and classes:
-        parts += prediction_sections(frame, classes, "validation", _png(folder / "confusion.png"), config)
+        name = "out-of-fold validation" if _out_of_fold(metrics) else "validation"
+        parts += prediction_sections(frame, classes, name, _png(folder / "confusion.png"), config)
     else:
         parts.append(section("Validation", *_figures(folder, "confusion.png"),
                              notes=["predictions_val.csv is missing (a run from an older version): no per-class "
@@ -183,6 +184,12 @@ def thumbnail(path: str, config: ReportConfig = REPORT) -> bytes | None:
         return None
 
 
+def _out_of_fold(metrics: dict) -> bool:
+    """Whether the run's validation figures are out-of-fold probabilities of its training images."""
+    validation = metrics.get("validation")
+    return isinstance(validation, dict) and validation.get("method") == "out-of-fold"
+
+
 def summary_notes(folder: Path, metrics: dict, plan: dict) -> list[str]:
     """The lines under the title: what was trained on what, and how well."""
     lines = [f"run folder: {folder}"]
@@ -190,7 +197,8 @@ def summary_notes(folder: Path, metrics: dict, plan: dict) -> list[str]:
     if base:
         lines.append(f"base: {base} ({plan.get('weights')} weights, {plan.get('image_size')} px)")
     if "val_accuracy" in metrics:
-        lines.append(f"{metrics.get('strategy', '?')} on {metrics.get('n_train', '?')} images: validation "
+        kind = "out-of-fold (cross-validation on every image)" if _out_of_fold(metrics) else "validation"
+        lines.append(f"{metrics.get('strategy', '?')} on {metrics.get('n_train', '?')} images: {kind} "
                      f"accuracy {metrics['val_accuracy']:.1%} on {metrics.get('n_val', '?')}"
                      + (f"; test accuracy {metrics['test_accuracy']:.1%}" if "test_accuracy" in metrics else ""))
     if metrics.get("kept") == "linear-head":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from PIL import Image
 
 from finetune_cli import api
 from finetune_cli.cli import cli
+from finetune_cli.config import TRAIN
 from finetune_cli.errors import ExportError, ModelFileError, OutputError, SettingsError
 from finetune_cli.synthetic import make_shapes_folder
 from tests.conftest import save_tiny_backbone
@@ -159,8 +161,12 @@ def test_bad_choices_are_refused_before_any_work(trained, tmp_path):
 
 
 def test_by_default_the_runs_own_validation_images_are_checked_and_int8_calibrates_on_the_rest(trained, tmp_path):
-    run, data = trained
+    _, data = trained
+    run = tmp_path / "held"  # a run with a hold-out: its validation images never trained the model
+    api.train(data, str(save_tiny_backbone(tmp_path / "tiny.keras")), out=run, image_size=32,
+              cache_dir=tmp_path / "cache", settings=dataclasses.replace(TRAIN, cross_validate=False))
     recorded = pd.read_csv(run / "predictions_val.csv")
+    assert len(recorded) < 24
     report = api.export(run, format="keras", out=tmp_path / "k")
     assert report["checked_on"] == "the run's validation images (predictions_val.csv)"
     assert report["n_images"] == len(recorded) and report["agreement"] == 1.0
@@ -168,6 +174,18 @@ def test_by_default_the_runs_own_validation_images_are_checked_and_int8_calibrat
     int8 = api.export(run, format="tflite", quantize="int8", out=tmp_path / "q", force=True)
     training_images = sum(1 for p in data.rglob("*") if p.is_file()) - len(recorded)
     assert int8["calibration_images"] == training_images
+
+
+def test_a_run_that_trained_on_every_image_is_not_checked_on_them_as_if_held_out(trained, tmp_path):
+    run, data = trained  # a linear run: validated out-of-fold, its head refitted on all 24 images
+    assert json.loads((run / "metrics.json").read_text())["validation"]["method"] == "out-of-fold"
+    report = api.export(run, format="keras", out=tmp_path / "k")
+    assert report["held_out"] is False and "which the run trained on" in report["checked_on"]
+    assert report["n_images"] < 24 and report["agreement"] == 1.0
+    given = api.export(run, format="keras", check_dir=data, out=tmp_path / "c")  # the training folder itself
+    assert given["held_out"] is False and "24 of its 24 images are training images" in given["checked_on"]
+    other = make_shapes_folder(tmp_path / "other", per_class=3, size=32, seed=9)
+    assert api.export(run, format="keras", check_dir=other, out=tmp_path / "o")["held_out"] is True
 
 
 def test_default_output_is_a_numbered_folder_inside_the_run(trained):

@@ -324,7 +324,7 @@ def test_resume_after_real_sigint_ends_with_the_best_weights_item2(shapes, tiny_
 
     # --no-calibrate: the saved model must be the best epoch's itself, not a tempered copy
     proc = start_cli(log, "train", shapes, "--base", tiny_base, "--image-size", "32", "--similarity", "similar",
-                     "--recipe", recipe, "--val-dir", val, "--out", run, "--no-calibrate")
+                     "--recipe", recipe, "--val-dir", val, "--out", run, "--no-calibrate", "--no-pilot")
     try:
         wait_for(epoch_done, proc, 120, "epoch 3 was checkpointed", log)
         proc.send_signal(signal.SIGINT)

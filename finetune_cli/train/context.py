@@ -16,7 +16,7 @@ import numpy as np
 from finetune_cli.artifacts import RunFolder
 from finetune_cli.config import ScanConfig
 from finetune_cli.data.scan import Scan
-from finetune_cli.data.splits import content_groups, grouped_split, overlap
+from finetune_cli.data.splits import content_groups, distinct_per_class, grouped_split, overlap
 from finetune_cli.errors import FolderError
 from finetune_cli.features import FeatureCache, extract_many
 from finetune_cli.models.backbones import Backbone
@@ -32,6 +32,8 @@ class Context:
         scan: the whole labelled training folder; `train` and `val` its split
             (or `val` from --val-dir).
         cache: the feature cache, or None with --no-cache.
+        out_of_fold: `train` and `val` are both the whole folder, and the run is
+            validated on out-of-fold probabilities (`all_labels`).
     """
 
     run: RunFolder | None
@@ -44,6 +46,7 @@ class Context:
     reporter: Reporter
     seed: int
     batch_size: int = 32
+    out_of_fold: bool = False
 
     @property
     def classes(self) -> list[str]:
@@ -129,6 +132,27 @@ def split_scan(scan: Scan, val_scan: Scan | None, fraction: float, seed: int = 0
     result = grouped_split(labels, content_groups(r.digest for r in scan.images), fraction, seed)
     pick = lambda idx: dataclasses.replace(scan, images=tuple(scan.images[i] for i in idx))
     return pick(result.train), pick(result.val), result
+
+
+def all_labels(ctx: Context, plan: Plan, held_out_given: bool, ensemble: int = 1) -> Context:
+    """The context a plan trains in: for a single linear head with no --val-dir, every labelled image.
+
+    A linear head needs no early stopping, so the hold-out has no job that
+    cross-validation cannot do: C (and the features) are chosen by grouped
+    k-fold CV on all images, the head is refitted on all of them, and the
+    out-of-fold probabilities validate and calibrate it. Fine-tuning plans
+    and ensembles keep the hold-out (early stopping, the keep rule, members'
+    weights need it); so does a class with fewer than two distinct images.
+    """
+    if plan.strategy != "linear" or held_out_given or ensemble > 1 or ctx.out_of_fold:
+        return ctx
+    labels = np.array(ctx.scan.label_indices())
+    per_class = distinct_per_class(labels, content_groups(r.digest for r in ctx.scan.images))
+    if per_class.min() < 2:
+        return ctx
+    ctx.reporter.on_note(f"validation: out-of-fold, by cross-validation on all {len(labels)} labelled images "
+                         "(a linear head needs no hold-out); the head is refitted on all of them")
+    return dataclasses.replace(ctx, train=ctx.scan, val=ctx.scan, out_of_fold=True)
 
 
 def split_notes(scan: Scan, result) -> list[str]:

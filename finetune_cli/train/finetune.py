@@ -49,8 +49,10 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
     clock.append(time.perf_counter())
     averager = _averager(settings)
+    piloted = _piloted(baseline, averager, after, callbacks, settings, plan.epochs)
+    pilot = Pilot(baseline, settings.pilot_epochs) if piloted else None
     state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries,
-                              list(callbacks) + ([averager] if averager else []))
+                              list(callbacks) + ([averager] if averager else []) + ([pilot] if pilot else []))
     clock.append(time.perf_counter())
     averaging = _keep_average(ctx, averager, trainable, val_data, notes)
     probs, labels = predict_batches(trainable, val_data)
@@ -64,6 +66,10 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     result = TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
     if after is not None:
         result = after(result, trainable, val_data)
+    if pilot is not None:
+        result = dataclasses.replace(result, metrics={**result.metrics, "pilot": pilot.record()})
+        if pilot.abandoned:
+            return keep_linear(ctx, result, baseline, pilot.note())
     if baseline is None or not settings.keep_better:
         if baseline is None:
             ctx.reporter.on_note("resumed: the linear head of the first start is not kept, so no comparison with it")
@@ -132,6 +138,72 @@ def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> Baseline:
                     ctx.backbone.model.get_weights())
 
 
+def _piloted(baseline, averager, after, callbacks, settings, epochs: int) -> bool:
+    """Whether fine-tuning runs as a pilot first: a new run (a linear head to beat), the keep rule on, a
+    schedule longer than the pilot (else the keep rule alone judges), and no weight averaging, ensemble
+    members or extra callbacks that ask for the whole schedule."""
+    return (baseline is not None and settings.keep_better and 0 < settings.pilot_epochs < epochs
+            and averager is None and after is None and not callbacks)
+
+
+class Pilot:
+    """Fine-tuning's first `epochs` epochs as a pilot, with the linear head of phase 1 as the bar to beat.
+
+    After the pilot's last epoch the best epoch so far must beat the linear
+    head on the same validation images: a higher accuracy, or the same
+    accuracy and a cross-entropy lower by `margin` (a fraction). Otherwise
+    training stops there (`abandoned`) and the linear head is kept, so
+    fine-tuning that cannot win costs its pilot epochs, not its schedule.
+    An engine callback (`train.engine.Callback`).
+    """
+
+    def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01):
+        from finetune_cli.calibration import nll
+
+        self.epochs, self.margin = epochs, margin
+        self.bar = (float((baseline.val_probs.argmax(1) == baseline.val_labels).mean()),
+                    float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
+        self.best = (-1.0, float("inf"))
+        self.abandoned = False
+
+    def on_train_begin(self, trainer, state) -> None:
+        pass
+
+    def on_epoch_end(self, trainer, state, logs: dict) -> None:
+        if (logs["val_accuracy"], -logs["val_loss"]) > (self.best[0], -self.best[1]):
+            self.best = (float(logs["val_accuracy"]), float(logs["val_loss"]))
+        if logs["epoch"] == self.epochs and not self.wins():
+            self.abandoned, state.stop = True, True
+
+    def on_train_end(self, trainer, state) -> None:
+        pass
+
+    def wins(self) -> bool:
+        """Whether the best pilot epoch beats the linear head (see the class docstring)."""
+        (accuracy, loss), (bar_accuracy, bar_loss) = self.best, self.bar
+        return accuracy > bar_accuracy + 1e-9 or (abs(accuracy - bar_accuracy) <= 1e-9
+                                                 and loss < bar_loss * (1 - self.margin))
+
+    def note(self) -> str:
+        (accuracy, loss), (bar_accuracy, bar_loss) = self.best, self.bar
+        return (f"fine-tuning abandoned after its {self.epochs}-epoch pilot: best validation accuracy {accuracy:.1%} "
+                f"(cross-entropy {loss:.3f}) does not beat the linear head's {bar_accuracy:.1%} ({bar_loss:.3f}); "
+                "kept the linear head")
+
+    def record(self) -> dict:
+        """metrics["pilot"]: the bar, the pilot's best epoch, and whether it was abandoned."""
+        return {"epochs": self.epochs, "linear_head": {"val_accuracy": self.bar[0], "val_loss": self.bar[1]},
+                "best": {"val_accuracy": self.best[0], "val_loss": self.best[1]}, "abandoned": self.abandoned,
+                "margin": self.margin}
+
+
+def keep_linear(ctx: Context, result: TrainResult, baseline: Baseline, note: str) -> TrainResult:
+    """The linear head of phase 1 as the run's model (after an abandoned pilot), with `note` said and kept."""
+    ctx.reporter.on_note(note)
+    metrics = {**result.metrics, "kept": "linear-head"}
+    return _linear_result(ctx, result, baseline, metrics, result.notes + [note])
+
+
 def keep_better(ctx: Context, result: TrainResult, baseline: Baseline) -> TrainResult:
     """Keep the fine-tuned model only if it beats the linear head on the same validation images.
 
@@ -141,8 +213,6 @@ def keep_better(ctx: Context, result: TrainResult, baseline: Baseline) -> TrainR
     overfitting). Both scores, the paired bootstrap interval of the accuracy
     difference and the choice go into metrics["comparison"] and a note.
     """
-    from finetune_cli.models.heads import classifier
-    from finetune_cli.predict import probabilities
     from finetune_cli.train.compare import compare_on_validation
 
     comparison = compare_on_validation(result.val_probs, result.val_labels, baseline.val_probs,
@@ -152,6 +222,14 @@ def keep_better(ctx: Context, result: TrainResult, baseline: Baseline) -> TrainR
     notes = result.notes + [comparison["note"]]
     if comparison["kept"] == "fine-tuned":
         return dataclasses.replace(result, metrics=metrics, notes=notes)
+    return _linear_result(ctx, result, baseline, metrics, notes)
+
+
+def _linear_result(ctx: Context, result: TrainResult, baseline: Baseline, metrics: dict, notes: list) -> TrainResult:
+    """`result` with the linear head on the original frozen features as its model (the fine-tuned one dropped)."""
+    from finetune_cli.models.heads import classifier
+    from finetune_cli.predict import probabilities
+
     ctx.backbone.model.set_weights(baseline.frozen)  # the fine-tuned model shares these layers; it is dropped
     head = baseline.head
     model = classifier(ctx.backbone.model, ctx.backbone.model.layers[-1].name, len(ctx.classes),

@@ -25,13 +25,17 @@ class LinearHead:
         kernel: float32 (d, k), applied to raw (unstandardised) features.
         bias: float32 (k,).
         C: the chosen inverse regularisation strength.
-        scores: one dict per C tried: {"C", "cv_accuracy"}.
+        scores: one dict per C tried, by increasing C: {"C", "cv_accuracy", "cv_log_loss"}.
+        oof: float32 (m, k) out-of-fold probabilities at `C` for the first m rows
+            of the features (the `primary` rows: each image once, no augmented
+            view), each from a head that never saw that image; None without folds.
     """
 
     kernel: np.ndarray
     bias: np.ndarray
     C: float
     scores: list = field(default_factory=list)
+    oof: np.ndarray | None = None
 
     @property
     def best_cv(self) -> float:
@@ -55,8 +59,9 @@ def fit_linear(
     balanced: bool = False,
     seed: int = 0,
     config: LinearConfig = LINEAR,
+    n_primary: int | None = None,
 ) -> LinearHead:
-    """Fit a multinomial logistic regression, C chosen by grouped cross-validation.
+    """Fit a multinomial logistic regression on all rows, C chosen by grouped cross-validation.
 
     Args:
         features: float (n, d).
@@ -64,53 +69,109 @@ def fit_linear(
         groups: image id per row, so augmented views of one image never sit on
             both sides of a fold; None when each row is its own image.
         balanced: weight classes inversely to their frequency.
+        n_primary: the first `n_primary` rows are the images themselves (the
+            rest augmented views of them): the out-of-fold probabilities are
+            theirs; None: every row.
     """
     from finetune_cli.threads import one_blas_thread
 
     with one_blas_thread():
-        return _fit_linear(features, labels, n_classes, groups, balanced, seed, config)
+        return _fit_linear(features, labels, n_classes, groups, balanced, seed, config,
+                           len(labels) if n_primary is None else n_primary)
 
 
-def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: int, config: LinearConfig):
+def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: int, config: LinearConfig,
+                n_primary: int) -> LinearHead:
     from sklearn.linear_model import LogisticRegression
 
-    from finetune_cli.data.splits import distinct_per_class
+    from finetune_cli.data.splits import distinct_per_class, grouped_folds
 
     groups = np.arange(len(labels)) if groups is None else groups
     weight = "balanced" if balanced else None
     per_class = distinct_per_class(labels, groups)  # a fold cannot divide one image's copies or views
-    folds = int(min(config.folds, per_class[per_class > 0].min()))
-    scores = []
-    if folds >= 2:
-        accuracy = _cv_path(features, labels, groups, folds, weight, seed, config)
-        scores = [{"C": c, "cv_accuracy": float(a)} for c, a in accuracy.items()]
-        best = max(scores, key=lambda s: (round(s["cv_accuracy"], 6), -s["C"]))["C"]
+    n_folds = int(min(config.folds, per_class[per_class > 0].min()))
+    scores, oof = [], None
+    if n_folds >= 2:
+        path = CPath(features, labels, grouped_folds(labels, groups, n_folds, seed), n_classes, n_primary, weight,
+                     config).search()
+        scores = [{"C": c, "cv_accuracy": a, "cv_log_loss": loss} for c, (a, loss, _) in sorted(path.items())]
+        best = best_c(scores)
+        oof = path[best][2]
     else:  # too few images to fold: the one C given, else a moderate one
         best = config.c_grid[0] if len(config.c_grid) == 1 else 0.1
     scaler = floored_scaler(features, config.scale_floor)
     model = LogisticRegression(C=best, max_iter=1000, tol=config.tol, class_weight=weight).fit(scaler.transform(features), labels)
-    return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores)
+    return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores, oof=oof)
 
 
-def _cv_path(features, labels, groups, folds: int, weight, seed: int, config: LinearConfig) -> dict[float, float]:
-    """Mean grouped-CV accuracy for each C of `config.c_grid`.
+def best_c(scores: list[dict]) -> float:
+    """The C of the best row: highest cross-validated accuracy, ties (to 1e-6) by the lower log loss, then
+    the smaller C. Accuracy on a few dozen images ties often; the log loss separates the tied Cs."""
+    return max(scores, key=lambda s: (round(s["cv_accuracy"], 6), -round(s.get("cv_log_loss", 0.0), 6),
+                                      -s["C"]))["C"]
 
-    Each fold walks the grid from the strongest regularisation up, every fit
-    warm-started from the previous solution: the same optimum, about a third
-    of the time of fitting each C from zero.
+
+class CPath:
+    """Grouped-CV scores of a logistic regression along C, on a grid extended while its best is on an end.
+
+    Each fold walks its Cs from the strongest regularisation up, every fit
+    warm-started from the previous solution (the same optimum, about a third
+    of the time of fitting each C from zero). When the best C is the grid's
+    smallest or largest, `config.c_extend` more points of the same log step
+    are tried beyond it, up to `config.c_range`.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold
 
-    hits = {c: [] for c in config.c_grid}
-    for train, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(features, labels, groups):
-        scaler = floored_scaler(features[train], config.scale_floor)
-        x_train, x_test = scaler.transform(features[train]), scaler.transform(features[test])
-        model = LogisticRegression(max_iter=1000, tol=config.tol, class_weight=weight, warm_start=True)
-        for c in sorted(config.c_grid):
-            model.set_params(C=c).fit(x_train, labels[train])
-            hits[c].append(float((model.predict(x_test) == labels[test]).mean()))
-    return {c: float(np.mean(v)) for c, v in hits.items()}
+    def __init__(self, features, labels, folds, n_classes: int, n_primary: int, weight, config: LinearConfig):
+        self.x, self.y, self.folds, self.k, self.weight, self.config = features, labels, folds, n_classes, weight, config
+        self.primary = np.arange(len(labels)) < n_primary
+        self.position = np.cumsum(self.primary) - 1  # row -> its row among the primary ones
+        self.n_primary = n_primary
+        self.models = [None] * len(folds)
+
+    def search(self) -> dict[float, tuple[float, float, np.ndarray]]:
+        """{C: (mean accuracy over folds, mean log loss, out-of-fold probabilities (n_primary, k))}."""
+        path = self.scores(sorted(self.config.c_grid))
+        while len(path) > 1:
+            grid = sorted(path)
+            best = best_c([{"C": c, "cv_accuracy": path[c][0], "cv_log_loss": path[c][1]} for c in grid])
+            step = grid[1] / grid[0] if best == grid[0] else grid[-1] / grid[-2]
+            low, high = self.config.c_range
+            if best == grid[0] and grid[0] / step >= low * 0.999:
+                more = sorted(grid[0] / step ** i for i in range(1, self.config.c_extend + 1) if grid[0] / step ** i >= low * 0.999)
+                self.models = [None] * len(self.folds)  # walk the new low end up from scratch
+            elif best == grid[-1] and grid[-1] * step <= high * 1.001:
+                more = [grid[-1] * step ** i for i in range(1, self.config.c_extend + 1) if grid[-1] * step ** i <= high * 1.001]
+            else:
+                return path
+            more = [c for c in (float(f"{c:.3g}") for c in more) if c not in path]
+            if not more:
+                return path
+            path.update(self.scores(more))
+        return path
+
+    def scores(self, cs: list[float]) -> dict[float, tuple[float, float, np.ndarray]]:
+        """Scores at each C of `cs` (ascending), each fold continuing from its last fitted model."""
+        from sklearn.linear_model import LogisticRegression
+
+        hits = {c: [] for c in cs}
+        losses = {c: [] for c in cs}
+        oof = {c: np.zeros((self.n_primary, self.k), np.float32) for c in cs}
+        for i, (train, test) in enumerate(self.folds):
+            scaler = floored_scaler(self.x[train], self.config.scale_floor)
+            x_train, x_test = scaler.transform(self.x[train]), scaler.transform(self.x[test])
+            if self.models[i] is None:
+                self.models[i] = LogisticRegression(max_iter=1000, tol=self.config.tol, class_weight=self.weight,
+                                                    warm_start=True)
+            keep = self.primary[test]
+            for c in cs:
+                model = self.models[i].set_params(C=c).fit(x_train, self.y[train])
+                probs = np.zeros((len(test), self.k))
+                probs[:, model.classes_] = model.predict_proba(x_test)
+                truth = probs[np.arange(len(test)), self.y[test]]
+                hits[c].append(float((probs.argmax(1) == self.y[test]).mean()))
+                losses[c].append(float(-np.log(np.clip(truth, 1e-15, None)).mean()))
+                oof[c][self.position[test[keep]]] = probs[keep]
+        return {c: (float(np.mean(hits[c])), float(np.mean(losses[c])), oof[c]) for c in cs}
 
 
 class FlooredScaler(StandardScaler):
@@ -187,7 +248,7 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe
     extra = {}
     if len(sources) > 1:
         extra["candidates"] = _record_candidates(ctx, sources, [f[1] for f in fits], best)
-    val = source.rows(ctx, ctx.val)
+    val_probs, val_labels = validation(ctx, source, head, y)
     model = source.model(ctx, head.kernel, head.bias)
 
     def score(scan):
@@ -201,8 +262,27 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe
 
     metrics = {"train_accuracy": float((head.probabilities(x).argmax(1) == y).mean()), "C": head.C,
                "features": source.name, **extra}
-    return TrainResult(model, plan, head.scores, head.probabilities(val.features), ctx.labels(val.records),
-                       metrics, score)
+    if ctx.out_of_fold:
+        metrics["validation"] = out_of_fold_record(head, len(val_labels))
+    return TrainResult(model, plan, head.scores, val_probs, val_labels, metrics, score)
+
+
+def validation(ctx, source, head: LinearHead, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (n, k), labels (n,)) the run is validated on: the held-out images through the head, or
+    with `ctx.out_of_fold` (the training images are the validation images) the head's out-of-fold
+    probabilities of every training image, in `ctx.train.images` order."""
+    if not ctx.out_of_fold:
+        val = source.rows(ctx, ctx.val)
+        return head.probabilities(val.features), ctx.labels(val.records)
+    if head.oof is None:
+        raise ValueError("out-of-fold validation needs cross-validation folds (2 distinct images per class)")
+    return head.oof, y[:len(head.oof)]
+
+
+def out_of_fold_record(head: LinearHead, n: int) -> dict:
+    """metrics["validation"] for a head validated out-of-fold on all n labelled images."""
+    return {"method": "out-of-fold", "n_images": n, "C": head.C,
+            "c_range_tried": [head.scores[0]["C"], head.scores[-1]["C"]] if head.scores else []}
 
 
 def candidate_sources(plan, similarity, n_stages: int, pooling: str = "avg") -> list:
@@ -244,7 +324,7 @@ def _fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):
     ctx.reporter.on_phase(f"fitting the linear head on {source.name} features (cross-validated C)")
     config = dataclasses.replace(LINEAR, c_grid=(c,)) if c > 0 else LINEAR
     head = fit_linear(x, y, len(ctx.classes), groups=np.unique(groups, return_inverse=True)[1],
-                      balanced=balanced, seed=ctx.seed, config=config)
+                      balanced=balanced, seed=ctx.seed, config=config, n_primary=len(parts[0].features))
     return source, head, (x, y)
 
 

@@ -33,7 +33,7 @@ from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import decide, table_recipe
 from finetune_cli.train.calibrate import calibrate
-from finetune_cli.train.context import Context, TrainResult, split_notes, split_scan, without_overlap
+from finetune_cli.train.context import Context, TrainResult, all_labels, split_notes, split_scan, without_overlap
 from finetune_cli.train.resume import already_finished, check_unchanged, read_saved
 
 
@@ -92,6 +92,7 @@ def train(
                                                            test_scan)
         reporter.on_plan(plan, evidence)
         plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
+        ctx = all_labels(ctx, plan, val_dir is not None or not settings.cross_validate, getattr(settings, "ensemble", 1))
         clock["plan"] = time.perf_counter() - started - clock["prepare"]
         result = calibrate(ctx, fit(ctx, profile, plan, evidence, recipe_obj, resume, settings), settings)
         result.metrics.update(lr_record)
