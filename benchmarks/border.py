@@ -7,9 +7,11 @@ For each pair of sign-language classes (../shared/datasets/sign_language_digits)
 100 per class) and the rest of each class as a held-out test folder:
 - `finetune train` as decided (fine-tunes, then keeps the fine-tuned model only
   if it beats its own linear head on validation; metrics.json says which);
+- the same with `--no-pilot` (the whole fine-tuning schedule is paid before the check);
 - `finetune train --strategy linear` (the linear head alone);
 - the Keras guide's recipe (keras_guide_baseline.py), same backbone.
-It prints each one's test accuracy and wall time, and the comparison `train` made.
+It prints each one's test accuracy and wall time (each run with its own cold cache), the pilot's
+verdict and the comparison `train` made.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ def two_classes(root: Path, pair: tuple[str, str], per_class: int, seed: int = 0
 def run_pair(pair: tuple[str, str], per_class: int, tmp: Path) -> None:
     train_dir, test_dir = two_classes(tmp / "-".join(pair), pair, per_class)
     rows = {}
-    for label, extra in (("decided", []), ("linear", ["--strategy", "linear"])):
-        out = tmp / f"run-{label}-{'-'.join(pair)}"
+    for label, extra in (("decided", []), ("no pilot", ["--no-pilot"]), ("linear", ["--strategy", "linear"])):
+        out = tmp / f"run-{label.replace(' ', '-')}-{'-'.join(pair)}"
+        cache = tmp / f"cache-{label.replace(' ', '-')}-{'-'.join(pair)}"  # each its own cold cache: a first run
         done = measure(finetune_cmd("train", train_dir, "--base", BACKBONE, "--out", out, "--test-dir", test_dir,
-                                    "--cache-dir", tmp / "cache", *extra))
+                                    "--cache-dir", cache, *extra))
         rows[label] = (json.loads((out / "metrics.json").read_text()), done["wall"])
     guide = measure([sys.executable, HERE / "keras_guide_baseline.py", train_dir, test_dir, BACKBONE])
     guide_acc = float(guide["output"].split("TEST_ACCURACY")[-1])
@@ -56,6 +59,14 @@ def run_pair(pair: tuple[str, str], per_class: int, tmp: Path) -> None:
           f"{decided.get('kept', 'n/a')}: test {decided['test_accuracy']:.1%} in {wall:.0f} s | linear head alone: "
           f"test {rows['linear'][0]['test_accuracy']:.1%} in {rows['linear'][1]:.0f} s | Keras guide: test "
           f"{guide_acc:.1%} in {guide['wall']:.0f} s", flush=True)
+    pilot = decided.get("pilot")
+    if pilot:
+        print(f"  pilot: abandoned {pilot['abandoned']}; best pilot epoch {pilot['best']['val_accuracy']:.1%} "
+              f"(loss {pilot['best']['val_loss']:.3f}) vs linear head {pilot['linear_head']['val_accuracy']:.1%} "
+              f"({pilot['linear_head']['val_loss']:.3f}); kept {decided.get('kept')}", flush=True)
+    whole, whole_wall = rows["no pilot"]
+    print(f"  without the pilot: test {whole['test_accuracy']:.1%} in {whole_wall:.0f} s, kept {whole.get('kept')}; "
+          f"decided / linear time {wall / rows['linear'][1]:.2f}x", flush=True)
     if comparison:
         print(f"  comparison: {comparison['note']}", flush=True)
 

@@ -9,9 +9,9 @@ seed (a different draw of the labelled photos), as whole processes:
 - `finetune train` as it now decides (no --val-dir: C, and the features where
   the plan compares them, by k-fold CV on every labelled image, the head
   refitted on all of them, calibrated on out-of-fold probabilities);
-  (each of these two is run twice, in the order A B A B, each run with its
-  own cold feature cache: the wall time is their median; the accuracy is the
-  same both times)
+  (after one untimed warm-up run, each of these two is run twice, in the
+  order A B A B, each run with its own cold feature cache: the wall time is
+  their median; the accuracy is the same both times)
 - the same with the previous settings: a 20 % hold-out and the 3-point grid
   C in (0.01, 0.1, 1), 3 folds (benchmarks/train_with.py);
 - a logistic regression on the raw pixels of the same labelled images
@@ -91,6 +91,10 @@ def raw_pixel_accuracy(train_dir: Path, test_dir: Path) -> tuple[float, str]:
 def run_seed(seed: int, args, tmp: Path, guide: bool) -> dict:
     train_dir, test_dir = draw(tmp / f"seed{seed}", args.per_class, args.test_per_class, seed)
     rows = {"all labels (now)": [], "hold-out, 3 C (before)": []}
+    # an untimed first run: the first process after the photos are drawn is measurably slower (about 10 s
+    # here, whichever variant it is), which would otherwise be charged to one side
+    measure(finetune_cmd("train", train_dir, "--base", BACKBONE, "--out", tmp / f"warm-{seed}", "--test-dir", test_dir,
+                         "--cache-dir", tmp / f"cache-warm-{seed}"))
     for turn, name in enumerate(["all labels (now)", "hold-out, 3 C (before)"] * 2):  # A B A B: order effects cancel
         out, cache = tmp / f"run-{seed}-{turn}", tmp / f"cache-{seed}-{turn}"  # each run with its own cold cache
         if name.endswith("(now)"):
