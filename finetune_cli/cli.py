@@ -517,6 +517,12 @@ def evaluate(folder, model_dir, as_json, tta, html, overwrite):
     console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] on {result['n_images']} images{views}; "
                   f"ECE {result['ece']:.1%} ({TRAIN.ece_bins} bins), NLL {result['nll']:.3f}", highlight=False)
     report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
+    if result.get("n_training_images"):
+        rest = (f"; on the other {result['n_held_out']}: accuracy {result['held_out_accuracy']:.1%}"
+                if "n_held_out" in result else "")
+        console.print(f"[yellow]warning:[/yellow] {result['n_training_images']} of these {result['n_images']} images "
+                      f"trained this model (same content): the accuracy above is not a held-out score{rest}",
+                      highlight=False)
     if html:
         console.print(f"page: {result['html']}", highlight=False)
     echo_run(model_dir)

@@ -13,7 +13,7 @@ from finetune_cli.data.lists import expand_lists, is_uri
 from finetune_cli.data.scan import ImageRecord, Scan, Skipped, _probe, scan_folder
 from finetune_cli.errors import FolderError, SettingsError
 from finetune_cli.files import check_output_file, shown, writing
-from finetune_cli.run import Run
+from finetune_cli.run import Run, trained_on
 
 
 def collect(inputs, config: ScanConfig = SCAN) -> Scan:
@@ -160,12 +160,32 @@ def evaluate(root, run_dir, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN
     run = Run.load(run_dir)
     scan = labelled_test_scan(root, run.classes, config)
     probs, ok = probabilities(run.model, scan, run.image_size, config=config, tta=tta)
-    result = scores(probs, ok, scan, run.classes, tta=tta)
+    result = {**scores(probs, ok, scan, run.classes, tta=tta), **training_overlap(run, scan, probs, ok)}
     if page is not None:
         from finetune_cli.report_html import write_evaluation
 
         result["html"] = str(write_evaluation(page, run, scan, probs, ok, result))
     return result
+
+
+def training_overlap(run: Run, scan: Scan, probs: np.ndarray, ok: np.ndarray) -> dict:
+    """{"n_training_images": images of `scan` that trained the run (by content), and, when some but not all
+    did, "held_out_accuracy" on the others (0-1) and "n_held_out"}; {} when the run records no training images.
+
+    A run that trained on every image (a linear plan validated out-of-fold) scores its own folder almost
+    perfectly; that number is not a held-out score, and the result says so.
+    """
+    trained = trained_on(run.path)
+    if trained is None:
+        return {}
+    seen = np.array([r.digest in trained for r in scan.images], bool)
+    facts = {"n_training_images": int((seen & ok).sum())}
+    rest = ~seen & ok
+    if facts["n_training_images"] and rest.any():
+        labels = np.array([run.classes.index(r.label) for r in scan.images])
+        facts.update(n_held_out=int(rest.sum()),
+                     held_out_accuracy=float((probs[rest].argmax(1) == labels[rest]).mean()))
+    return facts
 
 
 def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> Scan:

@@ -80,6 +80,11 @@ def write_evaluation(path: Path, run, scan, probs, ok, result: dict, extra: Extr
     notes = [f"model: {run.path}", f"folder: {scan.root}",
              f"accuracy {result['accuracy']:.1%} on {result['n_images']} images{views}; "
              f"ECE {result['ece']:.1%}, NLL {result['nll']:.3f}"]
+    if result.get("n_training_images"):
+        notes.append(f"{result['n_training_images']} of these images trained this model (same content): the "
+                     "accuracy is not a held-out score" + (f"; on the other {result['n_held_out']}: "
+                                                           f"{result['held_out_accuracy']:.1%}"
+                                                           if "n_held_out" in result else ""))
     parts = prediction_sections(frame, run.classes, "evaluation", None, config)
     if result.get("skipped"):
         parts.append(section("Skipped files", table(result["skipped"], ["path", "reason"])))

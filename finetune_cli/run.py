@@ -10,6 +10,7 @@ the names travelled in the model fall back on a validated `labels.json`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,22 @@ class Run:
         _check_classifier(model, model_file, classes)
         return cls(folder, model, classes, side, _optional_json(folder / "plan.json"),
                    _optional_text(folder / "recipe.toml"), _optional_json(folder / "metrics.json"))
+
+
+TRAINED_ON = "trained_on.txt"
+
+
+def trained_on(folder: Path) -> frozenset[str] | None:
+    """The content digests (32 hex digits) of the images that trained the run in `folder` (its
+    `TRAINED_ON`, one per line, written by `train`); None for a run from an older version or a bad file."""
+    path = Path(folder) / TRAINED_ON
+    try:
+        if path.stat().st_size > 64 * 1024 * 1024:
+            return None
+        lines = path.read_text("ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return frozenset(lines) if all(re.fullmatch(r"[0-9a-f]{32}", line) for line in lines) else None
 
 
 def _classes(inside: list | None, labels_file: Path) -> list[str]:

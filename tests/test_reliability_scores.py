@@ -170,3 +170,28 @@ def test_item4_a_small_class_is_validated_and_a_missing_one_is_not_calibrated(tm
     assert any("class 'bees' has only one distinct image" in n for n in reporter.notes)
     assert metrics["calibration"]["applied"] is False
     assert "no image of 'bees'" in metrics["calibration"]["reason"]
+
+
+def test_evaluate_says_when_its_images_trained_the_model(tmp_path, tiny_base):
+    """A linear run trains on every image; `evaluate` on its own folder must not pass that off as held out."""
+    shapes = make_shapes_folder(tmp_path / "shapes", per_class=8, size=32, seed=1)
+    out = tmp_path / "run"
+    api.train(shapes, str(tiny_base), out=out, image_size=32, similarity="similar")
+    own = api.evaluate(shapes, out)
+    assert own["n_training_images"] == 24 and "held_out_accuracy" not in own
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shapes, mixed)
+    fresh = make_shapes_folder(tmp_path / "fresh", per_class=4, size=32, seed=11)
+    for path in fresh.rglob("*.jpg"):
+        shutil.copy(path, mixed / path.parent.name / f"new_{path.name}")
+    partly = api.evaluate(mixed, out)
+    assert partly["n_training_images"] == 24 and partly["n_held_out"] == 12
+    assert partly["held_out_accuracy"] == api.evaluate(fresh, out)["accuracy"]
+    assert api.evaluate(fresh, out)["n_training_images"] == 0
+    shown = CliRunner().invoke(cli, ["evaluate", str(mixed), "--model", str(out)])
+    assert shown.exit_code == 0 and "24 of these 36 images trained this model" in " ".join(shown.output.split())
+    page = tmp_path / "eval.html"
+    api.evaluate(shapes, out, html=page)
+    assert "24 of these images trained this model" in page.read_text("utf-8")
+    (out / "trained_on.txt").unlink()  # a run from an older version: nothing to check against, nothing claimed
+    assert "n_training_images" not in api.evaluate(shapes, out)

@@ -16,7 +16,7 @@ from finetune_cli.tfquiet import import_keras
 from tests.conftest import Recorder
 
 RUN_FILES = {"model.keras", "labels.json", "plan.json", "recipe.toml", "history.csv", "metrics.json",
-             "curves.png", "confusion.png", "skipped.csv"}
+             "curves.png", "confusion.png", "skipped.csv", "trained_on.txt"}
 
 
 def recipe_file(tmp_path, **fields):

@@ -28,6 +28,7 @@ from finetune_cli.files import shown
 from finetune_cli.models.backbones import build, resolve
 from finetune_cli.models.stages import find_stages
 from finetune_cli.predict import labelled_test_scan, scores
+from finetune_cli.run import TRAINED_ON
 from finetune_cli.reporter import QUIET, Reporter
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
@@ -85,11 +86,8 @@ def train(
                                           cache=cache, batch_size=batch_size, config=config,
                                           settings=settings, reporter=reporter)
         clock = {"prepare": time.perf_counter() - started}
-        if saved:
-            plan, evidence, recipe_obj = saved.plan, saved.evidence, saved.recipe
-        else:
-            plan, evidence, recipe_obj = decide_and_record(ctx, profile, similarity, strategy, recipe, pretrained,
-                                                           test_scan)
+        plan, evidence, recipe_obj = (saved.plan, saved.evidence, saved.recipe) if saved else decide_and_record(
+            ctx, profile, similarity, strategy, recipe, pretrained, test_scan)
         reporter.on_plan(plan, evidence)
         plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
         ctx = all_labels(ctx, plan, val_dir is not None or not settings.cross_validate, getattr(settings, "ensemble", 1))
@@ -256,6 +254,7 @@ def finish(ctx: Context, result: TrainResult, profile, evidence, pretrained: dic
     counts = {"n_train": len(ctx.train.images), "n_val": len(ctx.val.images), "n_skipped": len(ctx.scan.skipped)}
     result = with_diagnosis(ctx, result, extra)
     ctx.reporter.on_phase(f"saving to {ctx.run.path}")
+    ctx.run.write_text(TRAINED_ON, "".join(f"{d}\n" for d in sorted({r.digest for r in ctx.train.images})))
     timings = lambda: {**{k: round(v, 3) for k, v in clock.items()},
                        "total": round(time.perf_counter() - started, 3)}
     metrics = write_run(ctx.run, result, ctx.classes, ctx.backbone.ref.image_size,
