@@ -251,6 +251,11 @@ class TrainConfig:
             pilot with the linear head as the bar: when its best epoch does
             not beat the head on validation by then (`train.finetune.Pilot`),
             fine-tuning stops and the head is kept; 0: no pilot.
+        headroom_check: before fine-tuning is paid for, skip it and keep the
+            linear head when that head makes no validation error and reaches
+            `headroom_cv_accuracy` in cross-validation on the training images
+            (`train.finetune.headroom`); off when the user forces the plan
+            (--strategy or --recipe).
         cross_validate: a linear plan (one head, no --val-dir) is validated
             out-of-fold on every labelled image and refitted on all of them
             (`train.context.all_labels`); False keeps the `val_fraction` hold-out.
@@ -274,6 +279,8 @@ class TrainConfig:
     drop_overlap: bool = False
     cross_validate: bool = True
     pilot_epochs: int = 2
+    headroom_check: bool = True
+    headroom_cv_accuracy: float = 0.995
 
 
 @dataclass(frozen=True)

@@ -39,3 +39,26 @@ def test_without_a_pilot_the_same_plan_pays_its_whole_schedule(tmp_path, tiny_ba
     metrics = api.train(shapes, str(tiny_base), out=out, image_size=32, recipe=frozen_recipe(tmp_path),
                         similarity="similar", settings=dataclasses.replace(NO_CALIBRATION, pilot_epochs=0))
     assert len(pd.read_csv(out / "history.csv")) == 6 and "pilot" not in metrics
+
+
+def test_fine_tuning_with_no_headroom_is_skipped_before_it_is_paid_for(tmp_path, tiny_base):
+    """A `large` auto plan whose linear head is already perfect on validation and in CV never fine-tunes."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "flat"  # two classes of flat colours, 100 distinct images each: trivially separable
+    rng = np.random.default_rng(0)
+    for name, base in (("dark", 40), ("light", 210)):
+        (root / name).mkdir(parents=True)
+        for i in range(100):
+            pixels = np.clip(base + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    out = tmp_path / "run"
+    metrics = api.train(root, str(tiny_base), out=out, image_size=32, similarity="similar", settings=NO_CALIBRATION)
+    assert metrics["size_category"] == "large" and metrics["strategy"] == "partial"
+    assert metrics["kept"] == "linear-head" and metrics["pilot"]["skipped"] == "no headroom"
+    assert metrics["val_accuracy"] == 1.0 and not (out / "checkpoint.keras").exists()  # no epoch was run
+    assert any(note.startswith("fine-tuning skipped") for note in metrics["notes"])
+    forced = api.train(root, str(tiny_base), out=tmp_path / "forced", image_size=32, similarity="similar",
+                       strategy="partial", settings=NO_CALIBRATION)
+    assert "skipped" not in forced.get("pilot", {})  # --strategy forces the fine-tuning

@@ -45,6 +45,9 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     model, state = _start(ctx, recipe, resume)
     cut = _cut(ctx, model, plan, settings)
     baseline = _fit_head(ctx, model, cut, balanced, settings) if state is None else None
+    plain = getattr(settings, "average", "none") == "none" and after is None and not callbacks  # no ensemble
+    if baseline is not None and plain and settings.headroom_check and not headroom(baseline, settings):
+        return linear_only(ctx, model, plan, baseline, settings)
     clock.append(time.perf_counter())
     trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
     clock.append(time.perf_counter())
@@ -136,6 +139,33 @@ def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> Baseline:
     model.get_layer("classifier").set_weights([head.kernel, head.bias])
     return Baseline(head, head.probabilities(val_table.features), ctx.labels(val_table.records),
                     ctx.backbone.model.get_weights())
+
+
+def headroom(baseline: Baseline, settings) -> bool:
+    """Whether fine-tuning could be seen to beat the linear head on these validation images: False when the
+    head makes no validation error and its cross-validated accuracy on the training images is at least
+    `settings.headroom_cv_accuracy` (there is no accuracy left to win that the check could measure)."""
+    perfect = bool((baseline.val_probs.argmax(1) == baseline.val_labels).all())
+    cv = baseline.head.best_cv
+    return not (perfect and np.isfinite(cv) and cv >= settings.headroom_cv_accuracy)
+
+
+def linear_only(ctx: Context, model, plan, baseline: Baseline, settings) -> TrainResult:
+    """The linear head of phase 1 as the run's result, fine-tuning skipped before it was paid for (no headroom)."""
+    from finetune_cli.predict import probabilities
+
+    note = (f"fine-tuning skipped: the linear head makes no error on the {len(baseline.val_labels)} validation "
+            f"images and {baseline.head.best_cv:.1%} cross-validated accuracy on the training images (at least "
+            f"{settings.headroom_cv_accuracy:.1%}), so no gain could be measured; kept the linear head "
+            "(--strategy partial or full forces fine-tuning)")
+    ctx.reporter.on_note(note)
+    size = ctx.backbone.ref.image_size
+    score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)  # noqa: E731
+    metrics = {"C": baseline.head.C, "kept": "linear-head",
+               "pilot": {"skipped": "no headroom", "linear_head_cv_accuracy": baseline.head.best_cv,
+                         "linear_head_val_accuracy": 1.0, "n_val": int(len(baseline.val_labels))}}
+    return TrainResult(model, plan, baseline.head.scores, baseline.val_probs, baseline.val_labels, metrics, score,
+                       [note])
 
 
 def _piloted(baseline, averager, after, callbacks, settings, epochs: int) -> bool:

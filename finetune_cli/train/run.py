@@ -68,6 +68,8 @@ def train(
                             "unless --unlabeled pretrains an encoder first")
     if recipe is not None:
         recipe_files.load(recipe)  # validate before any work
+    if recipe is not None or strategy != "auto":  # the user chose fine-tuning: no skipping it for lack of headroom
+        settings = dataclasses.replace(settings, headroom_check=False)
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
     run = open_run(out, root, resume, reporter)
     if resume and run.finished:
