@@ -60,7 +60,11 @@ def run_pair(pair: tuple[str, str], per_class: int, tmp: Path) -> None:
           f"test {rows['linear'][0]['test_accuracy']:.1%} in {rows['linear'][1]:.0f} s | Keras guide: test "
           f"{guide_acc:.1%} in {guide['wall']:.0f} s", flush=True)
     pilot = decided.get("pilot")
-    if pilot:
+    if pilot and "skipped" in pilot:
+        print(f"  fine-tuning skipped ({pilot['skipped']}): linear head {pilot['linear_head_val_accuracy']:.1%} on "
+              f"{pilot['n_val']} validation images, {pilot['linear_head_cv_accuracy']:.1%} cross-validated",
+              flush=True)
+    elif pilot:
         print(f"  pilot: abandoned {pilot['abandoned']}; best pilot epoch {pilot['best']['val_accuracy']:.1%} "
               f"(loss {pilot['best']['val_loss']:.3f}) vs linear head {pilot['linear_head']['val_accuracy']:.1%} "
               f"({pilot['linear_head']['val_loss']:.3f}); kept {decided.get('kept')}", flush=True)
