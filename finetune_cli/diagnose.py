@@ -346,11 +346,11 @@ def _healthy(f: dict) -> Diagnosis:
 def _linear(history: list[dict], classes: int | None, config: DiagnoseConfig) -> Diagnosis:
     """Judge the cross-validation curve over C (best C chosen as `train.linear.fit_linear` does)."""
     rows = sorted(((float(r["C"]), float(r["cv_accuracy"])) for r in history), key=lambda r: r[0])
+    from finetune_cli.train.linear import best_c
+
     loss = {float(r["C"]): float(r["cv_log_loss"]) for r in history if _finite_text(r.get("cv_log_loss"))}
     grid = [c for c, _ in rows]
-    # as `train.linear.best_c`: accuracy, then the lower log loss, then the smaller C
-    best = max(range(len(rows)), key=lambda i: (round(rows[i][1], 6), -round(loss.get(rows[i][0], 0.0), 6),
-                                                -rows[i][0]))
+    best = grid.index(best_c([{"C": c, "cv_accuracy": a, "cv_log_loss": loss.get(c, 0.0)} for c, a in rows]))
     (c, accuracy), chance = rows[best], (1 / classes if classes else 0.0)
     evidence = {"classes": classes, "grid": grid, "cv_accuracy": [a for _, a in rows], "best_C": c,
                 "best_cv_accuracy": accuracy, "chance_accuracy": chance, "edge": None}

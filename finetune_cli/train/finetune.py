@@ -21,6 +21,7 @@ import numpy as np
 
 from finetune_cli.errors import TrainingError
 from finetune_cli.train.context import Context, TrainResult, class_weights
+from finetune_cli.train.engine import Callback
 
 BEST_WEIGHTS = "best.weights.h5"
 
@@ -109,6 +110,11 @@ class Baseline:
     val_labels: np.ndarray
     frozen: list
 
+    @property
+    def val_accuracy(self) -> float:
+        """The linear head's accuracy (0-1) on the validation images."""
+        return float((self.val_probs.argmax(1) == self.val_labels).mean())
+
 
 def _cut(ctx: Context, model, plan, settings):
     """Where the frozen prefix ends (`train.prefix.split`), or None: no cache, or caching turned off."""
@@ -145,9 +151,8 @@ def headroom(baseline: Baseline, settings) -> bool:
     """Whether fine-tuning could be seen to beat the linear head on these validation images: False when the
     head makes no validation error and its cross-validated accuracy on the training images is at least
     `settings.headroom_cv_accuracy` (there is no accuracy left to win that the check could measure)."""
-    perfect = bool((baseline.val_probs.argmax(1) == baseline.val_labels).all())
     cv = baseline.head.best_cv
-    return not (perfect and np.isfinite(cv) and cv >= settings.headroom_cv_accuracy)
+    return not (baseline.val_accuracy == 1.0 and np.isfinite(cv) and cv >= settings.headroom_cv_accuracy)
 
 
 def linear_only(ctx: Context, model, plan, baseline: Baseline, settings) -> TrainResult:
@@ -176,7 +181,7 @@ def _piloted(baseline, averager, after, callbacks, settings, epochs: int) -> boo
             and averager is None and after is None and not callbacks)
 
 
-class Pilot:
+class Pilot(Callback):
     """Fine-tuning's first `epochs` epochs as a pilot, with the linear head of phase 1 as the bar to beat.
 
     After the pilot's last epoch the best epoch so far must beat the linear
@@ -184,29 +189,21 @@ class Pilot:
     accuracy and a cross-entropy lower by `margin` (a fraction). Otherwise
     training stops there (`abandoned`) and the linear head is kept, so
     fine-tuning that cannot win costs its pilot epochs, not its schedule.
-    An engine callback (`train.engine.Callback`).
     """
 
     def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01):
         from finetune_cli.calibration import nll
 
         self.epochs, self.margin = epochs, margin
-        self.bar = (float((baseline.val_probs.argmax(1) == baseline.val_labels).mean()),
-                    float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
+        self.bar = (baseline.val_accuracy, float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
         self.best = (-1.0, float("inf"))
         self.abandoned = False
-
-    def on_train_begin(self, trainer, state) -> None:
-        pass
 
     def on_epoch_end(self, trainer, state, logs: dict) -> None:
         if (logs["val_accuracy"], -logs["val_loss"]) > (self.best[0], -self.best[1]):
             self.best = (float(logs["val_accuracy"]), float(logs["val_loss"]))
         if logs["epoch"] == self.epochs and not self.wins():
             self.abandoned, state.stop = True, True
-
-    def on_train_end(self, trainer, state) -> None:
-        pass
 
     def wins(self) -> bool:
         """Whether the best pilot epoch beats the linear head (see the class docstring)."""

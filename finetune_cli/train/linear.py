@@ -131,21 +131,21 @@ class CPath:
     def search(self) -> dict[float, tuple[float, float, np.ndarray]]:
         """{C: (mean accuracy over folds, mean log loss, out-of-fold probabilities (n_primary, k))}."""
         path = self.scores(sorted(self.config.c_grid))
+        low, high = self.config.c_range
         while len(path) > 1:
             grid = sorted(path)
             best = best_c([{"C": c, "cv_accuracy": path[c][0], "cv_log_loss": path[c][1]} for c in grid])
-            step = grid[1] / grid[0] if best == grid[0] else grid[-1] / grid[-2]
-            low, high = self.config.c_range
-            if best == grid[0] and grid[0] / step >= low * 0.999:
-                more = sorted(grid[0] / step ** i for i in range(1, self.config.c_extend + 1) if grid[0] / step ** i >= low * 0.999)
-                self.models = [None] * len(self.folds)  # walk the new low end up from scratch
-            elif best == grid[-1] and grid[-1] * step <= high * 1.001:
-                more = [grid[-1] * step ** i for i in range(1, self.config.c_extend + 1) if grid[-1] * step ** i <= high * 1.001]
-            else:
+            if best not in (grid[0], grid[-1]):
                 return path
-            more = [c for c in (float(f"{c:.3g}") for c in more) if c not in path]
+            down = best == grid[0]
+            ratio = grid[0] / grid[1] if down else grid[-1] / grid[-2]  # the grid's own log step, outwards
+            beyond = (best * ratio ** i for i in range(1, self.config.c_extend + 1))
+            more = sorted(float(f"{c:.3g}") for c in beyond if low * 0.999 <= c <= high * 1.001)
+            more = [c for c in more if c not in path]
             if not more:
                 return path
+            if down:
+                self.models = [None] * len(self.folds)  # walk the new low end up from scratch
             path.update(self.scores(more))
         return path
 
