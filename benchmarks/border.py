@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from common import BACKBONE, SIGNS, finetune_cmd, measure, require
 
 HERE = Path(__file__).parent

@@ -23,9 +23,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from common import finetune_cmd, measure
+from PIL import Image
 
 
 def write_digits(root: Path, train_per_class: int, test_per_class: int, size: int = 32,

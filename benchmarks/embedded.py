@@ -25,9 +25,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from common import BACKBONE, BACKBONE_WITH_TOP, REPO, SIGNS, finetune_cmd, measure, require
+from PIL import Image
 from train import split_signs
 
 #: scikit-image photo -> the ImageNet-1k class indices that count as right.

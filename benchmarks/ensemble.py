@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from common import BACKBONE, SIGNS, finetune_cmd, measure, require
 from train import split_signs, write_digits
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import BACKBONE, SIGNS, finetune_cmd, measure, require, subset
 
-from finetune_cli.synthetic import SHAPES, make_shapes_folder
+from finetune_cli.data.synthetic import SHAPES, make_shapes_folder
 
 ROUNDS = 3
 

@@ -20,8 +20,8 @@ import dataclasses, tempfile
 from pathlib import Path
 from finetune_cli import api
 from finetune_cli.config import TRAIN
-from finetune_cli.synthetic import make_shapes_folder
-from finetune_cli.train.distribute import resolve
+from finetune_cli.data.synthetic import make_shapes_folder
+from finetune_cli.runtime.devices import resolve
 
 work = Path(tempfile.mkdtemp(prefix="devices-"))
 folder = make_shapes_folder(work / "shapes", per_class=40, size=96, seed=0)

@@ -33,7 +33,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 from common import BACKBONE, SIGNS, finetune_cmd, measure, require
 
 HERE = Path(__file__).parent

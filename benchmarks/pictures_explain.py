@@ -26,9 +26,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from common import REPO, SIGNS, finetune_cmd, measure, require
+from PIL import Image
 
 sys.path.insert(0, str(REPO))
 MAX_BYTES = 250_000
@@ -74,9 +73,9 @@ def map_picture(explained: Path, row: dict, size: int) -> Image.Image:
 
 def attack_picture(run: Path, photo_path: str, label: str, eps: float) -> tuple[Image.Image, str]:
     """photo | perturbation (amplified) | PGD adversarial at `eps`, and a caption."""
-    from finetune_cli.attack import perturb
-    from finetune_cli.run import Run
-    from finetune_cli.saliency import call
+    from finetune_cli.analysis.saliency import call
+    from finetune_cli.runs.run import Run
+    from finetune_cli.tasks.attack import perturb
 
     loaded = Run.load(run)
     size = loaded.image_size

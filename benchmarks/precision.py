@@ -28,7 +28,6 @@ from pathlib import Path
 from common import BACKBONE
 
 
-
 def build(policy: str):
     import keras
 

@@ -18,9 +18,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from common import REPO, SIGNS, finetune_cmd, measure, small_png
+from PIL import Image
 
 sys.path.insert(0, str(REPO))
 from tests.browser import requires_browser, view  # noqa: E402  (the tests' own Chromium driver)

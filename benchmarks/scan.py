@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune_cli.data.scan import scan_folder
-from finetune_cli.synthetic import SHAPES, make_shapes_folder
+from finetune_cli.data.synthetic import SHAPES, make_shapes_folder
 
 
 def main(n: int = 5000) -> None:

@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from common import BACKBONE, SIGNS, finetune_cmd, measure, require
+from PIL import Image
 
 HERE = Path(__file__).parent
 

@@ -10,14 +10,11 @@ import dataclasses
 import os
 from pathlib import Path
 
-from finetune_cli.config import FEATURES, PRETRAIN, SCAN, TRAIN, PretrainConfig, ScanConfig, TrainConfig
-from finetune_cli.config import TUNE, TuneConfig
-from finetune_cli.config import LR_FIND, LrFindConfig
-from finetune_cli.config import PREDICT
-from finetune_cli.config import SCALE
-from finetune_cli.errors import SettingsError
+from finetune_cli.config import (FEATURES, LR_FIND, PREDICT, PRETRAIN, SCALE, SCAN, TRAIN, TUNE, LrFindConfig,
+                                 PretrainConfig, ScanConfig, TrainConfig, TuneConfig, checked_pretrain_config)
 from finetune_cli.data.scan import Progress, scan_folder
-from finetune_cli.reporter import QUIET, Reporter
+from finetune_cli.errors import SettingsError
+from finetune_cli.progress import QUIET, Reporter
 
 
 def inspect(
@@ -59,7 +56,7 @@ def plan(
     Raises:
         FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError.
     """
-    from finetune_cli.train.run import plan_for
+    from finetune_cli.tasks.plan import plan_for
 
     return plan_for(root, base, weights=weights, image_size=image_size, similarity=similarity, strategy=strategy,
                     recipe=recipe, seed=seed, cache_dir=cache_dir, use_cache=use_cache, config=config,
@@ -139,7 +136,7 @@ def extract_features(
     from finetune_cli.models.backbones import resolve
 
     if _ray_engine(engine, address):
-        from finetune_cli import ray_engine
+        from finetune_cli.scale import ray_data as ray_engine
 
         if out is None:
             raise SettingsError("--engine ray writes Parquet shards: give --out FOLDER (or a URI)")
@@ -228,10 +225,10 @@ def train(
     Raises: FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError, SettingsError,
         ModelFileError, TrainingError.
     """
-    from finetune_cli.train.distribute import scope
+    from finetune_cli.runtime.devices import scope
+    from finetune_cli.tasks.train import train as run_training
     from finetune_cli.train.ensemble import checked_settings
-    from finetune_cli.train.lr_find import checked_rate
-    from finetune_cli.train.run import train as run_training
+    from finetune_cli.train.lr_sweep import checked_rate
 
     settings = checked_settings(settings, ensemble, ensemble_mode, average, resume)
     with scope(devices, reporter.on_note):
@@ -280,7 +277,7 @@ def lr_find(
         FolderError, BackboneError, WeightsUnavailableError, RecipeError,
         OutputError, SettingsError, TrainingError.
     """
-    from finetune_cli.train.lr_find import lr_find as run_sweep
+    from finetune_cli.tasks.lr_find import lr_find as run_sweep
 
     return run_sweep(root, base, out=out, weights=weights, image_size=image_size, strategy=strategy, recipe=recipe,
                      seed=seed, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size, config=config,
@@ -338,21 +335,6 @@ def pretrain_config(arch: str | None = None, noise: float | None = None, noise_t
     return checked_pretrain_config(dataclasses.replace(PRETRAIN, **{k: v for k, v in given.items() if v is not None}))
 
 
-def checked_pretrain_config(config: PretrainConfig) -> PretrainConfig:
-    """`config` if its values are in range.
-
-    Raises:
-        SettingsError: saying which value is wrong.
-    """
-    from finetune_cli.errors import SettingsError
-
-    if not 0 < config.noise < 1:
-        raise SettingsError(f"--noise {config.noise} must be between 0 and 1 (e.g. 0.2)")
-    if config.arch not in ("conv", "mlp") or config.noise_type not in ("gaussian", "mask"):
-        raise SettingsError("--arch must be conv or mlp, and --noise-type gaussian or mask")
-    return config
-
-
 def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
             tta: int | str = PREDICT.tta, engine: str = SCALE.engine, address: str | None = None,
             workers: int = SCALE.workers, progress: Progress | None = None):
@@ -368,10 +350,10 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
     Raises:
         OutputError, ModelFileError, FolderError, SettingsError (tta out of range, engine).
     """
-    from finetune_cli import predict as predicting
+    from finetune_cli.tasks import predict as predicting
 
     if _ray_engine(engine, address):
-        from finetune_cli import ray_engine
+        from finetune_cli.scale import ray_data as ray_engine
 
         if out is None:
             raise SettingsError("--engine ray writes Parquet shards: give --out FOLDER (or a URI)")
@@ -387,7 +369,7 @@ def _ray_engine(engine: str, address: str | None) -> bool:
     Raises:
         SettingsError: an unknown engine, --address without ray, or Ray not installed.
     """
-    from finetune_cli import ray_engine
+    from finetune_cli.scale import ray_data as ray_engine
 
     if ray_engine.checked_engine(engine, address) != "ray":
         return False
@@ -407,7 +389,7 @@ def evaluate(root, model, *, tta: int | str = PREDICT.tta, html: str | os.PathLi
     Raises:
         FolderError, ModelFileError, SettingsError (tta out of range), OutputError (html).
     """
-    from finetune_cli import predict as predicting
+    from finetune_cli.tasks import predict as predicting
 
     return predicting.evaluate(root, model, tta=tta, html=html, overwrite=overwrite)
 
@@ -424,7 +406,7 @@ def diagnose(run: str | os.PathLike) -> dict:
     Raises:
         ModelFileError: not a run, or a missing, empty or garbled history.csv.
     """
-    from finetune_cli.diagnose import diagnose_run
+    from finetune_cli.tasks.diagnose import diagnose_run
 
     return diagnose_run(run).to_dict()
 
@@ -481,8 +463,8 @@ def tune(
     Raises:
         SettingsError, FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError.
     """
-    from finetune_cli.train.tune import tune as run_search
-    from finetune_cli.tune_ray import engine as trial_engine
+    from finetune_cli.scale.ray_tune import engine as trial_engine
+    from finetune_cli.tasks.tune.linear import tune as run_search
 
     with trial_engine(engine, address, max_concurrent) as trials:
         return run_search(root, base, out=out, method=method, budget=budget, time_limit=time_limit, cv=cv,
@@ -532,7 +514,7 @@ def distill(
     import dataclasses
 
     from finetune_cli.config import DISTILL
-    from finetune_cli.distill import distill as run_distillation
+    from finetune_cli.tasks.distill import distill as run_distillation
 
     settings = dataclasses.replace(DISTILL, epochs=epochs or DISTILL.epochs, views=views or DISTILL.views)
     return run_distillation(root, teachers, student, out=out, student_weights=student_weights, unlabeled=unlabeled,
@@ -579,7 +561,7 @@ def export(
     Raises:
         SettingsError, ModelFileError, FolderError, OutputError, ExportError (refused, missing runtime).
     """
-    from finetune_cli.export import export_run
+    from finetune_cli.tasks.export import export_run
 
     return export_run(run, fmt=format, quantize=quantize, out=out, data=data, check_dir=check_dir, seed=seed,
                       overwrite=overwrite, force=force, min_agreement=min_agreement, calibration=calibration)
@@ -598,8 +580,8 @@ def report(run: str | os.PathLike, *, explain: str | None = None) -> Path:
         OutputError: the page cannot be written.
     """
     from finetune_cli.errors import ModelFileError
-    from finetune_cli.report_html import write_report
-    from finetune_cli.run import last_run
+    from finetune_cli.runs.report_page import write_report
+    from finetune_cli.runs.run import last_run
 
     folder = last_run() if str(run) == "last" else Path(run).expanduser().absolute()
     if not folder.is_dir():
@@ -607,7 +589,7 @@ def report(run: str | os.PathLike, *, explain: str | None = None) -> Path:
                              "finished `finetune train`")
     if explain is None:
         return write_report(folder)
-    from finetune_cli.explain import mistake_tiles
+    from finetune_cli.tasks.explain import mistake_tiles
 
     tiles = mistake_tiles(folder, explain)
     return write_report(folder, [(f"What the model looked at in its mistakes ({explain})", tiles)] if tiles else ())
@@ -651,7 +633,7 @@ def audit(
     Raises:
         FolderError, BackboneError, WeightsUnavailableError, OutputError.
     """
-    from finetune_cli.audit import audit as run_audit
+    from finetune_cli.tasks.audit import audit as run_audit
 
     return run_audit(root, base, val_dir=val_dir, test_dir=test_dir, out=out, write=write, overwrite=overwrite,
                      weights=weights,
@@ -694,7 +676,7 @@ def patches(
         FolderError, BackboneError (bad layer, unsupported layer on the path), SettingsError (unit out of range),
         OutputError.
     """
-    from finetune_cli.patches import patches as run_patches
+    from finetune_cli.tasks.patches import patches as run_patches
 
     return run_patches(root, base, layer=layer, units=units, unit_ids=unit_ids, top=top, out=out, overwrite=overwrite,
                        weights=weights,
@@ -731,7 +713,7 @@ def filters(
         SettingsError (neither or both of base/model, unit out of range), BackboneError, ModelFileError,
         FolderError (an unusable --dream image), OutputError.
     """
-    from finetune_cli.filters import filters as run_filters
+    from finetune_cli.tasks.filters import filters as run_filters
 
     return run_filters(base, None if model is None else str(model), layer=layer, units=units, unit_ids=unit_ids,
                        out=out, overwrite=overwrite, weights=weights, image_size=image_size, dream_image=dream,
@@ -757,7 +739,7 @@ def explain(run: str | os.PathLike, images: list, *, method: str = "occlusion", 
     Raises:
         ModelFileError, FolderError, SettingsError, OutputError.
     """
-    from finetune_cli.explain import explain as run_explain
+    from finetune_cli.tasks.explain import explain as run_explain
 
     return run_explain(run, images, method=method, class_name=class_name, sanity=sanity, out=out, overwrite=overwrite)
 
@@ -778,8 +760,8 @@ def attack(run: str | os.PathLike, root: str | os.PathLike, *, eps=None, methods
     Raises:
         SettingsError, ModelFileError, FolderError, OutputError.
     """
-    from finetune_cli.attack import attack as run_attack
     from finetune_cli.config import ATTACK
+    from finetune_cli.tasks.attack import attack as run_attack
 
     return run_attack(run, root, eps=ATTACK.eps if eps is None else eps,
                       methods=ATTACK.methods if methods is None else methods, out=out, corruptions=corruptions,

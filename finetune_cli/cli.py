@@ -18,7 +18,8 @@ import sys
 import click
 from rich.console import Console
 
-from finetune_cli import __version__, api, report
+from finetune_cli import __version__, api
+from finetune_cli import render as report
 from finetune_cli.config import (ATTACK, AUDIT, DEFAULT_BASE, DISTILL, ENSEMBLE, EXPORT, FEATURES, FILTERS,
                                  IMAGE_SIZE_RANGE, LR_FIND, PATCHES, PREDICT, PRETRAIN, RUNS_DIR, SCALE, TRAIN, TUNE)
 from finetune_cli.errors import FinetuneError
@@ -156,7 +157,7 @@ def chosen_run(run: str) -> str:
 
     When the current folder also holds a folder named `last`, a note on stderr says which is used.
     """
-    from finetune_cli.run import resolve_run
+    from finetune_cli.runs.run import resolve_run
 
     return str(resolve_run(run, note=lambda text: click.echo(text, err=True)))
 
@@ -592,7 +593,7 @@ def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv,
     """Search hyper-parameters: a linear head's C, stage, pooling and views on cached features, cross-validated,
     or a fine-tuning plan's rates, dropout, l2, unfrozen stages and epochs by successive halving; score the best
     once on held-out images; write trials.csv, best.toml (for train --recipe), search.png."""
-    from finetune_cli.train.search import parse_budget, parse_duration
+    from finetune_cli.tasks.tune.space import parse_budget, parse_duration
 
     budget = parse_budget(budget) if budget is not None else None
     seconds = parse_duration(time_limit) if time_limit is not None else None

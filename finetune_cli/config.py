@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_cli.errors import SettingsError
+
 #: Image file endings considered when deciding whether loose root files are images.
 #: Decoding itself is always by content, never by name.
 IMAGE_SUFFIXES = frozenset(
@@ -836,3 +838,31 @@ class FiltersConfig:
 AUDIT = AuditConfig()
 PATCHES = PatchesConfig()
 FILTERS = FiltersConfig()
+
+
+def checked_tta(tta: int | str) -> int:
+    """`tta` (an int, or its text from the command line) as an int, if it is a whole number in 1..`PREDICT.max_tta`.
+
+    Raises:
+        SettingsError: anything else, saying the range.
+    """
+    try:
+        value = None if isinstance(tta, (bool, float)) else int(tta)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 1 <= value <= PREDICT.max_tta:
+        raise SettingsError(f"--tta takes 1 to {PREDICT.max_tta} views per image (1: off). Received: tta={tta!r}")
+    return value
+
+
+def checked_pretrain_config(config: PretrainConfig) -> PretrainConfig:
+    """`config` if its values are in range.
+
+    Raises:
+        SettingsError: saying which value is wrong.
+    """
+    if not 0 < config.noise < 1:
+        raise SettingsError(f"--noise {config.noise} must be between 0 and 1 (e.g. 0.2)")
+    if config.arch not in ("conv", "mlp") or config.noise_type not in ("gaussian", "mask"):
+        raise SettingsError("--arch must be conv or mlp, and --noise-type gaussian or mask")
+    return config

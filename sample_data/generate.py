@@ -7,7 +7,7 @@ unlabeled/  100 unlabeled JPEGs of the same shapes, for `finetune pretrain`
 import shutil
 from pathlib import Path
 
-from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.data.synthetic import make_shapes_folder
 
 HERE = Path(__file__).parent
 

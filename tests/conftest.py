@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune_cli.reporter import Reporter
-from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.data.synthetic import make_shapes_folder
+from finetune_cli.progress import Reporter
 
 
 class Recorder(Reporter):
@@ -148,7 +148,7 @@ def _huge_png_header() -> bytes:
 def save_tiny_backbone(path, size=None, lam=False, stages=3):
     """A real conv backbone file on raw [0, 255] pixels: (B, S, S, 3) -> (B, S/4, S/4, 16) with 3 stages,
     (B, S/8, S/8, 16) with 4."""
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     keras.utils.set_random_seed(7)

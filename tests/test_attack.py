@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from finetune_cli import api
-from finetune_cli.attack import corrupt, halving_eps, masking_warnings, parse_eps, perturb
 from finetune_cli.cli import cli
 from finetune_cli.errors import SettingsError
+from finetune_cli.tasks.attack import corrupt, halving_eps, masking_warnings, parse_eps, perturb
 from tests.browser import assert_page_reads, requires_browser
 from tests.test_explain import square_images, train_square_run, write_images
 
@@ -134,8 +134,8 @@ def test_a_large_folder_is_sampled_and_says_so(square_run, tmp_path):
     """At most AttackConfig.max_images are attacked (held in memory with their copies): a seeded sample."""
     import dataclasses
 
-    from finetune_cli.attack import attack
     from finetune_cli.config import ATTACK
+    from finetune_cli.tasks.attack import attack
 
     run, _, test_dir, _, _ = square_run
     config = dataclasses.replace(ATTACK, max_images=10)

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from finetune_cli.audit import label_scores, robust_z
 from finetune_cli.cli import cli
 from finetune_cli.config import AUDIT
+from finetune_cli.tasks.audit import label_scores, robust_z
 from tests.browser import assert_page_reads, requires_browser
 
 HAS_BROWSER = not requires_browser.args[0]  # else the page checks are left out, as @requires_browser skips

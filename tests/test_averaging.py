@@ -10,9 +10,9 @@ import pytest
 
 from finetune_cli import api
 from finetune_cli.config import ENSEMBLE, TRAIN
+from finetune_cli.data.synthetic import make_shapes_folder
 from finetune_cli.errors import TrainingError
-from finetune_cli.synthetic import make_shapes_folder
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.averaging import CosineSnapshots, WeightAverage
 from tests.conftest import Recorder
 from tests.test_train import recipe_file
@@ -24,7 +24,7 @@ def run_engine(tiny_base, callback, epochs=5):
 
     from finetune_cli.models.heads import classifier
     from finetune_cli.train.engine import Each, Group, Trainer
-    from finetune_cli.train.loop import cross_entropy
+    from finetune_cli.train.setup import cross_entropy
 
     keras = import_keras()
     backbone = keras.saving.load_model(tiny_base)

@@ -9,7 +9,7 @@ from finetune_cli.errors import BackboneError, WeightsUnavailableError
 from finetune_cli.models import registry
 from finetune_cli.models.backbones import build, resolve
 from finetune_cli.models.stages import find_stages, select_layer
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 from tests.conftest import save_tiny_backbone
 
 

@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from finetune_cli import api
-from finetune_cli.calibration import ece, fit_temperature, nll, reliability, temper
+from finetune_cli.analysis.calibration import ece, fit_temperature, nll, reliability, temper
 from finetune_cli.cli import cli
 from finetune_cli.config import TRAIN
-from finetune_cli.run import Run
-from finetune_cli.synthetic import make_shapes_folder
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.data.synthetic import make_shapes_folder
+from finetune_cli.runs.run import Run
+from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.calibrate import fold_temperature, refusal
 from tests.test_train import recipe_file
 

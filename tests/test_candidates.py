@@ -19,8 +19,8 @@ from finetune_cli.config import SCAN
 from finetune_cli.data.scan import scan_folder
 from finetune_cli.features import FeatureCache
 from finetune_cli.models.backbones import build, resolve
-from finetune_cli.run import Run
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runs.run import Run
+from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.context import Context
 from finetune_cli.train.linear import fit_linear
 from finetune_cli.train.sources import PixelSource, StageSource

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from finetune_cli.cli import cli
-from finetune_cli.report import RichReporter
+from finetune_cli.render import RichReporter
 from finetune_cli.strategy.decide import decide
 from finetune_cli.strategy.recipes import load
 from finetune_cli.strategy.similarity import forced
@@ -83,7 +83,7 @@ def test_pretrain_without_out_writes_a_numbered_encoder(shapes, tmp_path, monkey
 def test_output_folder_of_the_gallery_commands(tmp_path, monkeypatch):
     """explain, attack, audit, patches, filters: one rule for --out (run.output_folder)."""
     from finetune_cli.errors import OutputError
-    from finetune_cli.run import output_folder
+    from finetune_cli.runs.run import output_folder
 
     monkeypatch.chdir(tmp_path)
     assert output_folder(None, "x-explain") == (tmp_path / "runs" / "x-explain-1").absolute()

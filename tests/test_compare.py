@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from finetune_cli import api
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.compare import compare_on_validation, paired_interval
 from tests.conftest import Recorder
 

@@ -31,13 +31,13 @@ from finetune_cli.errors import SettingsError
 ENGINE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import numpy as np
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
     keras = import_keras()
     import tensorflow as tf
     workers = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else None
-    from finetune_cli.train import distribute
+    from finetune_cli.runtime import devices as distribute
     from finetune_cli.train.engine import Group, Trainer
-    from finetune_cli.train.loop import cross_entropy
+    from finetune_cli.train.setup import cross_entropy
 
     def build():
         keras.utils.set_random_seed(3)

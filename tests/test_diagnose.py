@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from finetune_cli import api
-from finetune_cli.artifacts import RunFolder
+from finetune_cli.analysis.diagnose import VERDICTS, Diagnosis, diagnose_history
 from finetune_cli.config import DIAGNOSE
-from finetune_cli.diagnose import VERDICTS, Diagnosis, diagnose_history, diagnose_run
 from finetune_cli.errors import ModelFileError
+from finetune_cli.runs.folder import RunFolder
+from finetune_cli.tasks.diagnose import diagnose_run
 from tests.conftest import save_tiny_backbone
 
 LN3 = math.log(3)

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from finetune_cli import api
 from finetune_cli.cli import cli
+from finetune_cli.data.synthetic import make_shapes_folder
 from finetune_cli.errors import SettingsError
 from finetune_cli.features import FeatureCache
-from finetune_cli.run import Run
-from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.runs.run import Run
 from finetune_cli.train.distill import per_image_loss, soft_targets
 from tests.conftest import Recorder, save_tiny_backbone
 
@@ -56,7 +56,7 @@ def test_loss_equals_hand_computation_with_t_squared(temperature, alpha):
 
 
 def test_soft_term_matches_keras_logits_distillation():
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     # an explicit KLDivergence instance: with the default loss="kl_divergence" (a string), Keras 3.15 resolves

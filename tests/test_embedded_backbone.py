@@ -50,7 +50,7 @@ from finetune_cli import config
 from finetune_cli.errors import BackboneError, UnsafeFileError, WeightsUnavailableError
 from finetune_cli.models import backbones, efficientnet_lite, registry
 from finetune_cli.models.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION, read_state_dict
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "backbones"
@@ -493,7 +493,7 @@ _CONVERTER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from finetune_cli.models import backbones, efficientnet_lite
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
     import_keras()
     folder, ready, go = map(Path, sys.argv[1:4])
     source = efficientnet_lite.source_file()
@@ -611,7 +611,7 @@ def test_cli_bases_lists_lite0_first():
 def test_similarity_reads_imagenet_confidence_from_cached_features(use_converted):
     """`pooled_head` finds the pool + softmax on the trunk's output, and softmax(features @ W + b) equals the
     classifier's own output, so the probe needs no second forward pass."""
-    from finetune_cli.train.run import pooled_head
+    from finetune_cli.train.session import pooled_head
 
     backbone = backbones.build(backbones.resolve("efficientnet_lite0", image_size=64))
     kernel, bias = pooled_head(backbone.classifier, backbone.model)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from finetune_cli.tfquiet import import_keras
-from finetune_cli.train.engine import (Diverged, EarlyStopping, Each, Group, NanGuard, PlateauDecay, Trainer,
+from finetune_cli.runtime.keras import import_keras
+from finetune_cli.train.engine import (Diverged, Each, EarlyStopping, Group, NanGuard, PlateauDecay, Trainer,
                                        fit_with_retries)
 
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from finetune_cli import api
 from finetune_cli.cli import cli
 from finetune_cli.config import TRAIN
-from finetune_cli.synthetic import make_shapes_folder
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.data.synthetic import make_shapes_folder
+from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.ensemble import average_model, choose
 from tests.conftest import Recorder
 from tests.test_train import recipe_file

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from finetune_cli import saliency
+from finetune_cli.analysis import saliency
 from finetune_cli.cli import cli
 from finetune_cli.errors import ModelFileError, SettingsError
 from tests.browser import assert_page_reads, requires_browser
@@ -37,7 +37,7 @@ def square_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def nested_classifier():
     """A transfer-learning-shaped model: the backbone (convs + pooling inside) is a nested Model."""
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     keras.utils.set_random_seed(0)
@@ -112,7 +112,7 @@ def test_gradcam_enters_the_nested_backbone(trained):
     assert tuple(activation.shape) == (4, SIDE // 2, SIDE // 2, 16)
     np.testing.assert_allclose(probs.numpy(), model(images[:4]).numpy(), atol=1e-5)
     # the naive way asks the inner layer for its output on the outer graph, and fails
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     with pytest.raises(ValueError):
         import_keras().Model(model.inputs, [model.get_layer("backbone").get_layer("conv2").output, model.output])
@@ -121,7 +121,7 @@ def test_gradcam_enters_the_nested_backbone(trained):
 def test_gradcam_on_a_keras_application_and_in_a_sequential():
     """The case of tensorflow#44462 (a keras.applications backbone with pooling inside, called as a layer),
     and a nested backbone inside a Sequential."""
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     keras.utils.set_random_seed(1)
@@ -226,7 +226,7 @@ def test_explaining_in_chunks_gives_the_same_maps(trained, tmp_path):
     import dataclasses
 
     from finetune_cli.config import EXPLAIN
-    from finetune_cli.explain import explain
+    from finetune_cli.tasks.explain import explain
 
     folder, _, images, labels, _ = trained
     write_images(tmp_path / "test", images[:5], labels[:5])

@@ -15,8 +15,8 @@ from PIL import Image
 from finetune_cli import api
 from finetune_cli.cli import cli
 from finetune_cli.config import TRAIN
+from finetune_cli.data.synthetic import make_shapes_folder
 from finetune_cli.errors import ExportError, ModelFileError, OutputError, SettingsError
-from finetune_cli.synthetic import make_shapes_folder
 from tests.conftest import save_tiny_backbone
 
 # Keras' tf2onnx shim probes numpy for `np.object`, which numpy 2 warns about
@@ -55,7 +55,7 @@ def test_every_float_format_round_trips_with_full_agreement(trained, tmp_path, f
     assert json.loads((out / "labels.json").read_text()) == _labels(run) == report["classes"]
     assert report["bytes"] > 0 and report["ms_per_image"] > 0 and report["ms_per_image_keras"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
-    from finetune_cli import export_formats as formats
+    from finetune_cli.models import formats
 
     written = out / formats.FILE_NAME[fmt]
     if fmt == "onnx":
@@ -70,9 +70,9 @@ def test_the_exported_file_runs_on_its_own_and_matches_keras(trained, tmp_path):
     """Not the exporter's own check: load the .tflite afresh and compare it with the Keras run on a photo."""
     import numpy as np
 
-    from finetune_cli import export_formats as formats
     from finetune_cli.data.pipeline import decoded_arrays as decoded
-    from finetune_cli.run import Run
+    from finetune_cli.models import formats
+    from finetune_cli.runs.run import Run
 
     run, data = trained
     api.export(run, format="tflite", data=data, out=tmp_path)
@@ -209,8 +209,8 @@ def test_split_head_keeps_the_function_and_groups_rows_by_weight_scale():
     """A folded linear head with a few huge rows (near-constant features): split into per-scale Dense layers."""
     import numpy as np
 
-    from finetune_cli import export_formats as formats
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.models import formats
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     inputs = keras.Input((6,))

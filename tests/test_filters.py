@@ -8,7 +8,7 @@ from PIL import Image
 
 from finetune_cli import api
 from finetune_cli.cli import cli
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 from tests.browser import assert_page_reads, requires_browser
 
 HAS_BROWSER = not requires_browser.args[0]  # else the page checks are left out, as @requires_browser skips

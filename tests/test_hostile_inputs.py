@@ -51,7 +51,7 @@ import pytest
 from click.testing import CliRunner
 
 from finetune_cli.cli import cli
-from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.data.synthetic import make_shapes_folder
 from tests.conftest import jpeg_bytes, save_tiny_backbone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_item7_predict_skips_fifo_given_directly(trained, tmp_path):
 
 
 def huge_input_base(path: Path) -> Path:
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     inputs = keras.Input((30000, 30000, 3))

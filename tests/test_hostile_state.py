@@ -56,7 +56,7 @@ import finetune_cli
 from finetune_cli import api
 from finetune_cli.cli import cli
 from finetune_cli.config import OUTPUT_MARKER
-from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.data.synthetic import make_shapes_folder
 from tests.conftest import Recorder, save_tiny_backbone
 
 PACKAGE_ROOT = Path(finetune_cli.__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def stop(proc: subprocess.Popen) -> None:
 def cross_entropy(model, folder: Path, classes: list[str], size: int = 32) -> float:
     """Mean cross-entropy of `model` on a labelled folder, as the training loop measures validation loss."""
     from finetune_cli.data.scan import scan_folder
-    from finetune_cli.predict import probabilities
+    from finetune_cli.models.inference import probabilities
 
     scan = scan_folder(folder, labelled=True)
     probs, ok = probabilities(model, scan, size)
@@ -342,7 +342,7 @@ def test_resume_after_real_sigint_ends_with_the_best_weights_item2(shapes, tiny_
     assert best_epoch != 30, f"precondition: the best epoch must not be the last\n{history}"
     assert json.loads((run / "metrics.json").read_text())["best_epoch"] == best_epoch
 
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     model = import_keras().saving.load_model(run / "model.keras")
     classes = json.loads((run / "labels.json").read_text())

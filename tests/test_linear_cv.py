@@ -4,18 +4,17 @@ does not stop at an arbitrary edge, and a diagnosis that says when it did."""
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from finetune_cli import api
+from finetune_cli.analysis.diagnose import diagnose_history
+from finetune_cli.analysis.scores import best_c
 from finetune_cli.config import LINEAR, TRAIN
-from finetune_cli.diagnose import diagnose_history
-from finetune_cli.synthetic import make_shapes_folder
-from finetune_cli.tfquiet import import_keras
-from finetune_cli.train.linear import best_c, fit_linear
+from finetune_cli.data.synthetic import make_shapes_folder
+from finetune_cli.runtime.keras import import_keras
+from finetune_cli.train.linear import fit_linear
 
 
 def blobs(n_per_class: int, d: int, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from finetune_cli import api
 from finetune_cli.cli import cli
 from finetune_cli.config import LR_FIND, OUTPUT_MARKER, LrFindConfig
+from finetune_cli.runtime.keras import import_keras
 from finetune_cli.strategy.decide import decide
 from finetune_cli.strategy.recipes import Recipe
-from finetune_cli.tfquiet import import_keras
-from finetune_cli.train import lr_find
+from finetune_cli.train import lr_sweep as lr_find
 from tests.conftest import Recorder, save_tiny_backbone
 from tests.test_train import recipe_file
 
@@ -33,7 +33,7 @@ def tiny_classifier(tmp_path, recipe: Recipe = FULL):
     import tensorflow as tf
 
     from finetune_cli.models.heads import classifier
-    from finetune_cli.train.loop import finetuner
+    from finetune_cli.train.setup import finetuner
 
     keras = import_keras()
     backbone = keras.saving.load_model(save_tiny_backbone(tmp_path / "tiny.keras", size=32))

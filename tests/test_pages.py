@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from finetune_cli.pages import Tile, figure, page, section, table, write_gallery, write_page
+from finetune_cli.pages.html import Tile, figure, page, section, table, write_gallery, write_page
 from tests.browser import assert_page_reads, requires_browser, view
 
 

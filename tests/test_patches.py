@@ -11,7 +11,7 @@ from finetune_cli.cli import cli
 from finetune_cli.data.images import decode_rgb, read_image_file
 from finetune_cli.models.backbones import build, resolve
 from finetune_cli.models.receptive import receptive_field
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 from tests.browser import assert_page_reads, requires_browser
 
 HAS_BROWSER = not requires_browser.args[0]  # else the page checks are left out, as @requires_browser skips

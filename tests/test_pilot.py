@@ -8,7 +8,7 @@ import pandas as pd
 
 from finetune_cli import api
 from finetune_cli.config import TRAIN
-from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.data.synthetic import make_shapes_folder
 from tests.test_train import recipe_file
 
 NO_CALIBRATION = dataclasses.replace(TRAIN, calibrate=False)

@@ -10,7 +10,7 @@ import pytest
 
 from finetune_cli import api
 from finetune_cli.config import TRAIN
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 from tests.conftest import Recorder, save_tiny_backbone
 
 

@@ -15,10 +15,10 @@ from finetune_cli.cli import cli
 from finetune_cli.config import PRETRAIN
 from finetune_cli.data.pipeline import image_batches
 from finetune_cli.data.scan import scan_folder
+from finetune_cli.data.synthetic import make_shapes_folder
 from finetune_cli.errors import BackboneError, FolderError, OutputError, SettingsError
 from finetune_cli.models.autoencoder import mlp_autoencoder
 from finetune_cli.models.backbones import build, resolve
-from finetune_cli.synthetic import make_shapes_folder
 from finetune_cli.train.pretrain import fit_phase, greedy_phases
 from tests.conftest import Recorder
 

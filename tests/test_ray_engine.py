@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from finetune_cli import api, ray_engine
+from finetune_cli import api
 from finetune_cli.cli import cli
 from finetune_cli.errors import FolderError, SettingsError
+from finetune_cli.scale import ray_data as ray_engine
 from tests.conftest import save_tiny_backbone
 
 OBJECT_STORE = 100 << 20
@@ -41,7 +42,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """3 classes x 6 JPEGs of 32 px, plus two files that cannot be used."""
-    from finetune_cli.synthetic import make_shapes_folder
+    from finetune_cli.data.synthetic import make_shapes_folder
 
     root = make_shapes_folder(tmp_path_factory.mktemp("ray") / "shapes", per_class=6, size=32, seed=3)
     (root / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

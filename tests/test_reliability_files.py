@@ -41,8 +41,8 @@ import pytest
 from click.testing import CliRunner
 
 from finetune_cli.cli import cli
+from finetune_cli.data.synthetic import make_shapes_folder
 from finetune_cli.errors import BackboneError, OutputError, RecipeError
-from finetune_cli.synthetic import make_shapes_folder
 from tests.conftest import Recorder, jpeg_bytes, save_tiny_backbone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +228,7 @@ def test_item9_deeply_nested_json_is_one_line_naming_the_file(tiny_file, tmp_pat
         if result.exit_code:
             one_error_line(result)
     # tune.json of a search folder
-    from finetune_cli.train.tune_files import TuneFolder
+    from finetune_cli.tasks.tune.files import TuneFolder
 
     search = tmp_path / "search"
     search.mkdir()
@@ -282,8 +282,8 @@ def test_itema_distill_epoch_lines_say_distillation_loss():
     from rich.console import Console
 
     from finetune_cli.config import DISTILL
-    from finetune_cli.report import RichReporter
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.render import RichReporter
+    from finetune_cli.runtime.keras import import_keras
     from finetune_cli.train.distill import fit_student, soft_targets
 
     keras = import_keras()
@@ -365,7 +365,7 @@ def test_itemc_cache_dir_that_is_a_file_is_one_line_error(tmp_path):
 
 
 def test_itemd_cut_off_trials_row_is_dropped_with_a_note(tmp_path):
-    from finetune_cli.train.tune_files import TrialLog, TuneFolder
+    from finetune_cli.tasks.tune.files import TrialLog, TuneFolder
 
     folder = TuneFolder.open(tmp_path / "search", tmp_path)
     folder.record_definition({"classes": ["a", "b"]})
@@ -389,7 +389,7 @@ def test_itemd_cut_off_trials_row_is_dropped_with_a_note(tmp_path):
 
 
 def test_iteme_search_mismatch_message_reads_well(tmp_path):
-    from finetune_cli.train.tune_files import TuneFolder
+    from finetune_cli.tasks.tune.files import TuneFolder
 
     folder = TuneFolder.open(tmp_path / "search", tmp_path)
     folder.record_definition({"classes": ["a", "b"], "seed": 0})

@@ -38,8 +38,8 @@ import finetune_cli
 from finetune_cli import api
 from finetune_cli.cli import cli
 from finetune_cli.config import OUTPUT_MARKER
+from finetune_cli.data.synthetic import make_shapes_folder
 from finetune_cli.files import HOST
-from finetune_cli.synthetic import make_shapes_folder
 from tests.conftest import save_tiny_backbone
 
 PACKAGE_ROOT = Path(finetune_cli.__file__).resolve().parents[1]
@@ -330,7 +330,7 @@ def test_every_output_folder_carries_the_marker(world, tmp_path, monkeypatch):
 
 def test_a_search_folder_holding_only_the_marker_starts_a_new_search(tmp_path):
     """A tune folder a killed process left with only its marker is empty, not 'another search'."""
-    from finetune_cli.train.tune_files import TuneFolder
+    from finetune_cli.tasks.tune.files import TuneFolder
 
     folder = tmp_path / "search"
     folder.mkdir()

@@ -21,9 +21,9 @@ from finetune_cli.config import TrainConfig
 from finetune_cli.data.profile import profile_scan
 from finetune_cli.data.scan import scan_folder
 from finetune_cli.data.splits import content_groups, grouped_folds, grouped_split
+from finetune_cli.data.synthetic import make_shapes_folder
 from finetune_cli.errors import FolderError, OutputError
-from finetune_cli.synthetic import make_shapes_folder
-from finetune_cli.train.search import cv_folds
+from finetune_cli.tasks.tune.space import cv_folds
 from tests.conftest import Recorder
 
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from finetune_cli.cli import cli
-from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.data.synthetic import make_shapes_folder
 from tests.browser import assert_page_reads, requires_browser
 from tests.conftest import save_tiny_backbone
 

@@ -94,7 +94,7 @@ def test_within_class_duplicate_is_not_a_conflict(shapes):
 
 
 def test_class_order_is_natural(tmp_path):
-    from finetune_cli.synthetic import make_shapes_folder
+    from finetune_cli.data.synthetic import make_shapes_folder
 
     root = make_shapes_folder(tmp_path / "d", classes=("circle", "square", "triangle"), per_class=2, size=16)
     for old, new in (("circle", "10"), ("square", "2"), ("triangle", "1")):
@@ -104,7 +104,7 @@ def test_class_order_is_natural(tmp_path):
 
 
 def test_imbalance_and_size_category(tmp_path):
-    from finetune_cli.synthetic import make_shapes_folder
+    from finetune_cli.data.synthetic import make_shapes_folder
 
     root = make_shapes_folder(tmp_path / "d", classes=("circle",), per_class=12, size=16)
     make_shapes_folder(root, classes=("square",), per_class=2, size=16, seed=3)

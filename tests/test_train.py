@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from finetune_cli import api
 from finetune_cli.cli import cli
 from finetune_cli.errors import FolderError, OutputError, TrainingError
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 from tests.conftest import Recorder
 
 RUN_FILES = {"model.keras", "labels.json", "plan.json", "recipe.toml", "history.csv", "metrics.json",
@@ -51,7 +51,7 @@ def test_linear_run_folder_and_round_trip(shapes, tiny_base, tmp_path):
 
 
 def test_linear_head_beats_chance_on_learnable_data(tmp_path, tiny_base):
-    from finetune_cli.synthetic import make_shapes_folder
+    from finetune_cli.data.synthetic import make_shapes_folder
 
     data = make_shapes_folder(tmp_path / "d", classes=("circle", "cross"), per_class=20, size=32, seed=5)
     test = make_shapes_folder(tmp_path / "t", classes=("circle", "cross"), per_class=6, size=32, seed=9)
@@ -65,7 +65,7 @@ def test_linear_head_beats_chance_on_learnable_data(tmp_path, tiny_base):
 
 
 def test_test_dir_with_unknown_class_is_refused_before_training(shapes, tiny_base, tmp_path):
-    from finetune_cli.synthetic import make_shapes_folder
+    from finetune_cli.data.synthetic import make_shapes_folder
 
     test = make_shapes_folder(tmp_path / "t", classes=("circle", "ring"), per_class=3, size=32, seed=9)
     with pytest.raises(FolderError, match="ring"):
@@ -83,7 +83,7 @@ def test_existing_run_folder_is_never_mixed(shapes, tiny_base, tmp_path):
 
 
 def test_val_dir_with_other_classes_is_refused(shapes, tiny_base, tmp_path):
-    from finetune_cli.synthetic import make_shapes_folder
+    from finetune_cli.data.synthetic import make_shapes_folder
 
     val = make_shapes_folder(tmp_path / "val", classes=("circle", "ring"), per_class=3, size=32)
     with pytest.raises(FolderError, match="validation classes"):

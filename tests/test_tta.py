@@ -11,10 +11,11 @@ from click.testing import CliRunner
 
 from finetune_cli import api
 from finetune_cli.cli import cli
+from finetune_cli.data.inputs import collect
+from finetune_cli.data.synthetic import make_shapes_folder
 from finetune_cli.errors import SettingsError
-from finetune_cli.predict import collect, probabilities
-from finetune_cli.run import Run
-from finetune_cli.synthetic import make_shapes_folder
+from finetune_cli.models.inference import probabilities
+from finetune_cli.runs.run import Run
 from tests.conftest import save_tiny_backbone
 
 

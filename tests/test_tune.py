@@ -15,8 +15,8 @@ from finetune_cli.cli import cli
 from finetune_cli.config import TRAIN, TUNE
 from finetune_cli.errors import OutputError, SettingsError
 from finetune_cli.strategy import recipes
-from finetune_cli.train import search
-from finetune_cli.train.search import Space
+from finetune_cli.tasks.tune import space as search
+from finetune_cli.tasks.tune.space import Space
 
 TUNE_FILES = {"tune.json", "trials.csv", "best.toml", "search.png", "summary.json"}
 SPACE = Space((1e-3, 1e2), ("2", "3", "final"), ("avg", "max"), (0, 1, 2, 3, 4))

@@ -17,9 +17,9 @@ from finetune_cli.cli import cli
 from finetune_cli.config import TUNE, ScanConfig
 from finetune_cli.errors import OutputError, SettingsError
 from finetune_cli.strategy import recipes
-from finetune_cli.train import search
-from finetune_cli.train.search import FinetuneSpace
-from finetune_cli.train.tune_files import FINETUNE_TABLE, TrialLog, TuneFolder
+from finetune_cli.tasks.tune import space as search
+from finetune_cli.tasks.tune.files import FINETUNE_TABLE, TrialLog, TuneFolder
+from finetune_cli.tasks.tune.space import FinetuneSpace
 from tests.conftest import Recorder
 from tests.test_train import recipe_file
 
@@ -38,7 +38,7 @@ class Census(Recorder):
     def on_phase(self, name):
         super().on_phase(name)
         if name.startswith(("trial ", "estimate")):
-            from finetune_cli.tfquiet import import_keras
+            from finetune_cli.runtime.keras import import_keras
 
             keras = import_keras()
             gc.collect()

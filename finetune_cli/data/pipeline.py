@@ -103,7 +103,7 @@ def augmenter(strength: str):
     light: horizontal flip, shifts up to 10 %. strong: also zoom up to 20 %,
     rotation up to 0.05 turns (18 degrees), contrast up to 20 %.
     """
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     if strength == "none":

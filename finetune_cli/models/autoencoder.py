@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from finetune_cli.errors import BackboneError
 from finetune_cli.models.backbones import PREPROCESS_PREFIX
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 
 
 @dataclass

@@ -21,7 +21,7 @@ from finetune_cli.config import DEFAULT_IMAGE_SIZE, default_models_dir
 from finetune_cli.errors import BackboneError, WeightsUnavailableError
 from finetune_cli.models import classic, efficientnet_lite, registry
 from finetune_cli.models.files import declared_input, input_side, load_model_file
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 
 #: Layer-name prefix of the preprocessing layers we add; they never train.
 PREPROCESS_PREFIX = "preprocess_"

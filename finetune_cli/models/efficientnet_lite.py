@@ -166,7 +166,7 @@ def ensure_converted(models_dir: Path, source: Path, digest: str, *, again: bool
         return Converted(top, 0.0, False)
     from finetune_cli.files import check_writable_folder, writing
     from finetune_cli.models.torch_legacy import read_state_dict
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     try:
         Path(models_dir).mkdir(parents=True, exist_ok=True)

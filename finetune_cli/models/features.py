@@ -10,7 +10,7 @@ import numpy as np
 from finetune_cli.config import ScanConfig
 from finetune_cli.models.backbones import BaseRef, build
 from finetune_cli.models.stages import select_layer
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 
 
 def pooled_model(model, layer_name: str, pooling: str):

@@ -16,13 +16,14 @@ and file version, however many checks ask (`checked_members`).
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
 
 from finetune_cli.config import ARCHIVE_JSON_MAX_BYTES, ARCHIVE_MAX_BYTES, IMAGE_SIZE_RANGE
 from finetune_cli.errors import BackboneError, FinetuneError
-from finetune_cli.files import parse_json
+from finetune_cli.files import parse_json, writing
 
 #: The archive members read (and kept) by `archive_entries`: Keras' own and this tool's facts.
 JSON_MEMBERS = ("config.json", "metadata.json", "finetune.json")
@@ -174,7 +175,7 @@ def load_model_file(path: Path, error: type[FinetuneError] = BackboneError):
     Raises:
         `error`: truncated or corrupt, or refused by Keras (Lambda layers, custom objects).
     """
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     declared_input(path, error)
     try:
@@ -184,3 +185,25 @@ def load_model_file(path: Path, error: type[FinetuneError] = BackboneError):
             f"cannot load model file {path}: {str(exc).splitlines()[0][:300]} "
             "(files are loaded in Keras safe mode: Lambda layers and custom code are refused)"
         ) from None
+
+
+def save_model_atomic(model, target: Path, facts: dict | None = None) -> Path:
+    """Save a Keras model via a temp file and a rename: an old file stays loadable until then.
+
+    Args:
+        facts: JSON-able facts stored inside the archive as `finetune.json`
+            (class names, input size); Keras ignores the extra entry.
+
+    Raises:
+        OutputError: the folder cannot be written (read-only, disk full).
+    """
+    with writing(target, ".keras") as tmp:  # Keras picks the format by the ending
+        model.save(tmp)
+        if facts is not None:
+            with zipfile.ZipFile(tmp, "a") as archive:
+                archive.writestr(MODEL_FACTS, json.dumps(facts, ensure_ascii=False))
+    return target
+
+
+#: The entry inside a saved model.keras archive that holds the run's facts.
+MODEL_FACTS = "finetune.json"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune_cli.tfquiet import import_keras
+from finetune_cli.runtime.keras import import_keras
 
 
 def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, dropout: float = 0.0,

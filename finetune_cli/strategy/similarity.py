@@ -24,7 +24,6 @@ import numpy as np
 from finetune_cli.config import SIMILARITY, SimilarityConfig
 
 
-
 @dataclass(frozen=True)
 class Similarity:
     """The verdict and its evidence.
@@ -62,7 +61,7 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> f
     folds = int(min(3, np.bincount(labels).min()))
     if folds < 2:
         return float("nan")
-    from finetune_cli.threads import one_blas_thread
+    from finetune_cli.runtime.threads import one_blas_thread
 
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000, tol=1e-3))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)

@@ -1,0 +1,2 @@
+"""The training machinery every task shares: the engine and its callbacks, the linear head, the prefix
+cache, fine-tuning setup, and the session steps (`session`)."""

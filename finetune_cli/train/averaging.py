@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from finetune_cli.calibration import nll
+from finetune_cli.analysis.calibration import nll
 from finetune_cli.config import ENSEMBLE, EnsembleConfig
 from finetune_cli.errors import TrainingError
 from finetune_cli.train.engine import Callback
@@ -33,7 +33,7 @@ from finetune_cli.train.engine import Callback
 
 def refuse_training_batchnorm(model) -> None:
     """Raise `TrainingError` when a BatchNormalization layer of `model` trains (its statistics would move)."""
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
 
@@ -131,7 +131,7 @@ def keep_average(averager: WeightAverage, trainable, val_data) -> tuple[dict, st
         (metrics["averaging"]: method, epochs or decay, both validation
         cross-entropies and accuracies, kept ("averaged" or "best epoch"), a note).
     """
-    from finetune_cli.train.loop import predict_batches
+    from finetune_cli.train.setup import predict_batches
 
     best_weights = trainable.get_weights()
     probs, labels = predict_batches(trainable, val_data)

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from finetune_cli.calibration import Calibration, fit_temperature, nll, temper
+from finetune_cli.analysis.calibration import Calibration, fit_temperature, nll, temper
 from finetune_cli.config import TrainConfig
 from finetune_cli.train.context import Context, TrainResult
 
@@ -92,7 +92,7 @@ def fold_temperature(model, temperature: float):
     and bias / T. Every other layer is shared with `model`, which keeps its
     own, uncalibrated, output layer.
     """
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune_cli.calibration import per_image_nll
+from finetune_cli.analysis.calibration import per_image_nll
 from finetune_cli.config import TRAIN, TrainConfig
 
 

@@ -13,14 +13,14 @@ from typing import Callable
 
 import numpy as np
 
-from finetune_cli.artifacts import RunFolder
 from finetune_cli.config import ScanConfig
 from finetune_cli.data.scan import Scan
 from finetune_cli.data.splits import content_groups, distinct_per_class, grouped_split, overlap
 from finetune_cli.errors import FolderError
 from finetune_cli.features import FeatureCache, extract_many
 from finetune_cli.models.backbones import Backbone
-from finetune_cli.reporter import Reporter
+from finetune_cli.progress import Reporter
+from finetune_cli.runs.folder import RunFolder
 from finetune_cli.strategy.decide import Plan
 
 

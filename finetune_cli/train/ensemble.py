@@ -89,7 +89,7 @@ def average_model(members: list, name: str = "finetune_ensemble"):
     Members built on one input tensor (heads on a shared backbone) are joined in
     that graph; otherwise each member is a nested model called on a new input.
     """
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     if all(m.inputs[0] is members[0].inputs[0] for m in members):
@@ -174,7 +174,7 @@ def member_head(ctx, source, kernel, bias, suffix: str):
     so that several heads join one graph (one backbone pass)."""
     from finetune_cli.models.heads import classifier
     from finetune_cli.models.stages import select_layer
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     backbone = ctx.backbone.model
     if hasattr(source, "layers"):
@@ -190,7 +190,7 @@ def member_head(ctx, source, kernel, bias, suffix: str):
 
 def _result(ctx, model, plan, history, val_probs, labels, metrics, notes=()):
     """A `TrainResult` whose test scores are `model`'s own forward pass on raw pixels."""
-    from finetune_cli.predict import probabilities
+    from finetune_cli.models.inference import probabilities
     from finetune_cli.train.context import TrainResult
 
     size = ctx.backbone.ref.image_size
@@ -200,7 +200,7 @@ def _result(ctx, model, plan, history, val_probs, labels, metrics, notes=()):
 
 def copy_member(whole, i: int):
     """A standalone copy of `whole` (new layers, the same weights now), named `member_i`."""
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
 
     keras = import_keras()
     clone = keras.models.clone_model(whole)
@@ -219,7 +219,7 @@ def _snapshots(ctx, plan, recipe, balanced: bool, settings, config: EnsembleConf
     """One run of N cosine cycles; each cycle's end is a member. The linear-head comparison follows as usual."""
     from finetune_cli.train.averaging import CosineSnapshots
     from finetune_cli.train.finetune import fit_finetune_plan
-    from finetune_cli.train.loop import predict_batches
+    from finetune_cli.train.setup import predict_batches
 
     n = settings.ensemble
     epochs = n * config.snapshot_cycle
@@ -249,7 +249,7 @@ def _snapshots(ctx, plan, recipe, balanced: bool, settings, config: EnsembleConf
 
 def _seeds(ctx, plan, recipe, balanced: bool, settings):
     """N full fine-tunes from the same start, seeds seed + i; not compared with the linear head (a note says so)."""
-    from finetune_cli.tfquiet import import_keras
+    from finetune_cli.runtime.keras import import_keras
     from finetune_cli.train.finetune import fit_finetune_plan
 
     n, start = settings.ensemble, ctx.backbone.model.get_weights()

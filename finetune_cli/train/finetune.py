@@ -39,8 +39,8 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     Raises:
         TrainingError: still diverging after `settings.max_retries` retries.
     """
-    from finetune_cli.predict import probabilities
-    from finetune_cli.train.loop import predict_batches
+    from finetune_cli.models.inference import probabilities
+    from finetune_cli.train.setup import predict_batches
 
     clock = [time.perf_counter()]
     model, state = _start(ctx, recipe, resume)
@@ -157,7 +157,7 @@ def headroom(baseline: Baseline, settings) -> bool:
 
 def linear_only(ctx: Context, model, plan, baseline: Baseline, settings) -> TrainResult:
     """The linear head of phase 1 as the run's result, fine-tuning skipped before it was paid for (no headroom)."""
-    from finetune_cli.predict import probabilities
+    from finetune_cli.models.inference import probabilities
 
     note = (f"fine-tuning skipped: the linear head makes no error on the {len(baseline.val_labels)} validation "
             f"images and {baseline.head.best_cv:.1%} cross-validated accuracy on the training images (at least "
@@ -192,7 +192,7 @@ class Pilot(Callback):
     """
 
     def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01):
-        from finetune_cli.calibration import nll
+        from finetune_cli.analysis.calibration import nll
 
         self.epochs, self.margin = epochs, margin
         self.bar = (baseline.val_accuracy, float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
@@ -255,7 +255,7 @@ def keep_better(ctx: Context, result: TrainResult, baseline: Baseline) -> TrainR
 def _linear_result(ctx: Context, result: TrainResult, baseline: Baseline, metrics: dict, notes: list) -> TrainResult:
     """`result` with the linear head on the original frozen features as its model (the fine-tuned one dropped)."""
     from finetune_cli.models.heads import classifier
-    from finetune_cli.predict import probabilities
+    from finetune_cli.models.inference import probabilities
 
     ctx.backbone.model.set_weights(baseline.frozen)  # the fine-tuned model shares these layers; it is dropped
     head = baseline.head
@@ -314,7 +314,7 @@ def _keep_average(ctx: Context, averager, trainable, val_data, notes: list) -> d
 def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, state, retries: int, extra=()):
     """Run the engine with checkpoints, the NaN policy and `extra` callbacks; returns (state, plan as run, notes)."""
     from finetune_cli.train.engine import Diverged, fit_with_retries
-    from finetune_cli.train.loop import finetuner
+    from finetune_cli.train.setup import finetuner
 
     notes: list[str] = []
     base_rates = dict(plan.learning_rates)
@@ -356,7 +356,7 @@ def _announce(ctx: Context, plan) -> None:
 
 def _devices() -> dict:
     """{"devices": n} when the engine's steps ran on n > 1 replicas (`train --devices`, `train.distribute`), else {}."""
-    from finetune_cli.train.distribute import replicas
+    from finetune_cli.runtime.devices import replicas
 
     n = replicas()
     return {"devices": n} if n > 1 else {}

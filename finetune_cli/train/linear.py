@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
+from finetune_cli.analysis.scores import best_c
 from finetune_cli.config import LINEAR, LinearConfig
-
 
 
 @dataclass
@@ -73,7 +73,7 @@ def fit_linear(
             rest augmented views of them): the out-of-fold probabilities are
             theirs; None: every row.
     """
-    from finetune_cli.threads import one_blas_thread
+    from finetune_cli.runtime.threads import one_blas_thread
 
     with one_blas_thread():
         return _fit_linear(features, labels, n_classes, groups, balanced, seed, config,
@@ -102,13 +102,6 @@ def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: 
     scaler = floored_scaler(features, config.scale_floor)
     model = LogisticRegression(C=best, max_iter=1000, tol=config.tol, class_weight=weight).fit(scaler.transform(features), labels)
     return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores, oof=oof)
-
-
-def best_c(scores: list[dict]) -> float:
-    """The C of the best row: highest cross-validated accuracy, ties (to 1e-6) by the lower log loss, then
-    the smaller C. Accuracy on a few dozen images ties often; the log loss separates the tied Cs."""
-    return max(scores, key=lambda s: (round(s["cv_accuracy"], 6), -round(s.get("cv_log_loss", 0.0), 6),
-                                      -s["C"]))["C"]
 
 
 class CPath:

@@ -26,8 +26,7 @@ import numpy as np
 
 from finetune_cli.config import TRAIN
 from finetune_cli.models.stages import find_stages
-from finetune_cli.tfquiet import import_keras
-
+from finetune_cli.runtime.keras import import_keras
 
 
 @dataclass

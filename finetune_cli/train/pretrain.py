@@ -23,9 +23,7 @@ import numpy as np
 from finetune_cli.config import PRETRAIN, SCAN, PretrainConfig, ScanConfig
 from finetune_cli.errors import FolderError, OutputError, TrainingError
 from finetune_cli.files import check_writable_folder, create_folder, remove_stale_temps
-from finetune_cli.reporter import QUIET, Reporter
-
-
+from finetune_cli.progress import QUIET, Reporter
 
 
 def companion(encoder_path: Path, suffix: str) -> Path:
@@ -150,7 +148,7 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
     import tensorflow as tf
 
     from finetune_cli.data.pipeline import image_spec
-    from finetune_cli.train.engine import Diverged, EarlyStopping, Each, Group, NanGuard, Trainer
+    from finetune_cli.train.engine import Diverged, Each, EarlyStopping, Group, NanGuard, Trainer
 
     generator = tf.random.Generator.from_seed(seed)
     val_generator = tf.random.Generator.from_seed(seed + 1)
@@ -291,7 +289,7 @@ def _datasets(paths, train_idx, hold_idx, config: PretrainConfig, seed: int, sca
 
 
 def _save_encoder(encoder, path: Path) -> None:
-    from finetune_cli.artifacts import save_model_atomic
+    from finetune_cli.models.files import save_model_atomic
 
     save_model_atomic(encoder, path)
 
@@ -342,8 +340,8 @@ def _summary(ae, config, scan, train_idx, hold_idx, history, facts, greedy, in_m
 def _write_companions(path: Path, history: list[dict], summary: dict, examples) -> None:
     import pandas as pd
 
-    from finetune_cli.artifacts import figure_png, pretrain_curves_figure, reconstructions_figure
     from finetune_cli.files import writing
+    from finetune_cli.pages.figures import figure_png, pretrain_curves_figure, reconstructions_figure
 
     files = {
         "history.csv": pd.DataFrame(history).to_csv(index=False).encode(),

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from finetune_cli.artifacts import RunFolder
 from finetune_cli.errors import ModelFileError, SettingsError
 from finetune_cli.models.files import archive_json
+from finetune_cli.runs.folder import RunFolder
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import Plan

@@ -86,7 +86,7 @@ class PixelSource:
         return Rows(np.concatenate(parts).astype(np.float32), records)
 
     def _features_model(self, size: int):
-        from finetune_cli.tfquiet import import_keras
+        from finetune_cli.runtime.keras import import_keras
 
         keras = import_keras()
         inputs = keras.Input((size, size, 3), name="image")
@@ -97,7 +97,7 @@ class PixelSource:
         return keras.layers.Flatten(name="pixels")(x)
 
     def model(self, ctx, kernel, bias):
-        from finetune_cli.tfquiet import import_keras
+        from finetune_cli.runtime.keras import import_keras
 
         keras = import_keras()
         size = ctx.backbone.ref.image_size

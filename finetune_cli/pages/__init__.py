@@ -1,0 +1,1 @@
+"""Self-contained HTML pages (`html`) and every figure (`figures`)."""

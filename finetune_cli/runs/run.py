@@ -1,0 +1,219 @@
+"""A trained run, loaded once and read by every later command (`predict`, `evaluate`).
+
+`Run.load` accepts the `--out` folder of `finetune train` or its `model.keras`.
+The class names come from inside the model file (`finetune.json` in its
+archive); a `labels.json` beside it must agree, so an edited or damaged list
+is refused instead of silently relabelling every prediction. Runs saved before
+the names travelled in the model fall back on a validated `labels.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from finetune_cli import files
+from finetune_cli.config import DEFAULT_IMAGE_SIZE, RUNS_DIR
+from finetune_cli.data.scan import Scan
+from finetune_cli.errors import ModelFileError
+from finetune_cli.files import read_json
+from finetune_cli.models.files import MODEL_FACTS, archive_entries, input_of, input_side, load_model_file
+
+
+@dataclass(frozen=True)
+class Run:
+    """A loaded run.
+
+    Attributes:
+        path: the run folder.
+        model: Keras model, raw RGB (B, S, S, 3) in [0, 255] -> probabilities (B, k).
+        classes: the k class names, in output order.
+        image_size: S, the input side in pixels.
+        plan, metrics: the run's plan.json and metrics.json, or None if absent.
+        recipe: the run's recipe.toml text, or None.
+    """
+
+    path: Path
+    model: object
+    classes: list[str]
+    image_size: int
+    plan: dict | None = None
+    recipe: str | None = None
+    metrics: dict | None = None
+
+    @classmethod
+    def load(cls, path) -> "Run":
+        """Load a run folder (or a model.keras inside one); `last` is the last finished run under ./runs.
+
+        Raises:
+            ModelFileError: not a run, a truncated or corrupt model, a model
+                that is not a classifier, or class names that disagree.
+        """
+        path = last_run() if str(path) == "last" else Path(path).expanduser().absolute()
+        folder = path.parent if path.suffix == ".keras" else path
+        model_file = path if path.suffix == ".keras" else path / "model.keras"
+        if not model_file.is_file():
+            raise ModelFileError(f"{model_file} not found: --model takes the --out folder of `finetune train`")
+        facts, config = archive_entries(model_file, (MODEL_FACTS, "config.json"), ModelFileError)
+        classes = _classes((facts or {}).get("classes"), folder / "labels.json")
+        declared = input_of(config, model_file, ModelFileError)
+        side = input_side(declared, None, model_file.name, DEFAULT_IMAGE_SIZE)
+        model = load_model_file(model_file, ModelFileError)
+        _check_classifier(model, model_file, classes)
+        return cls(folder, model, classes, side, _optional_json(folder / "plan.json"),
+                   _optional_text(folder / "recipe.toml"), _optional_json(folder / "metrics.json"))
+
+
+TRAINED_ON = "trained_on.txt"
+
+
+def trained_on(folder: Path) -> frozenset[str] | None:
+    """The content digests (32 hex digits) of the images that trained the run in `folder` (its
+    `TRAINED_ON`, one per line, written by `train`); None for a run from an older version or a bad file."""
+    path = Path(folder) / TRAINED_ON
+    try:
+        if path.stat().st_size > 64 * 1024 * 1024:
+            return None
+        lines = path.read_text("ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return frozenset(lines) if all(re.fullmatch(r"[0-9a-f]{32}", line) for line in lines) else None
+
+
+def _classes(inside: list | None, labels_file: Path) -> list[str]:
+    """The class names: the model's own, checked against labels.json when both exist."""
+    listed = _read_labels(labels_file) if labels_file.exists() else None
+    if inside is not None and listed is not None and listed != inside:
+        raise ModelFileError(f"{labels_file} lists {listed} but the model was trained on {inside}, in that "
+                             "order: restore labels.json, or delete it to use the model's own list")
+    if inside is None and listed is None:
+        raise ModelFileError(f"{labels_file} not found: --model takes the --out folder of `finetune train`")
+    return list(inside if inside is not None else listed)
+
+
+def _read_labels(labels_file: Path) -> list[str]:
+    """labels.json validated: a JSON list of distinct, non-empty class names (read within `JSON_MAX_BYTES`)."""
+    try:
+        value = read_json(labels_file)
+    except OSError as exc:
+        raise ModelFileError(f"{labels_file} is unreadable ({exc.strerror or exc}): restore it from the run") from None
+    except ValueError as exc:  # too large, not UTF-8, not JSON, nested too deeply: the message names the file
+        raise ModelFileError(f"{exc}; it should be the run's list of class names") from None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        try:
+            held = json.dumps(value)[:80]
+        except (RecursionError, ValueError):
+            held = f"a {type(value).__name__} nested too deeply"
+        raise ModelFileError(f"{labels_file} must be a JSON list of class names; it holds {held}")
+    if len(set(value)) != len(value):
+        raise ModelFileError(f"{labels_file} names a class twice: {value}")
+    return value
+
+
+def _check_classifier(model, model_file: Path, classes: list[str]) -> None:
+    shape = model.output_shape
+    if not isinstance(shape, tuple) or len(shape) != 2:
+        raise ModelFileError(f"{model_file} is not a classifier: its output is {shape}, not (batch, classes); "
+                             "--model takes the --out folder of `finetune train`")
+    if shape[-1] != len(classes):
+        raise ModelFileError(f"{model_file} has {shape[-1]} outputs but its class list names {len(classes)}")
+
+
+def _optional_json(path: Path) -> dict | None:
+    """A JSON file's value (read within `JSON_MAX_BYTES`), or None when absent, unreadable, too large or too deep."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _optional_text(path: Path) -> str | None:
+    try:
+        return path.read_text("utf-8")
+    except (OSError, ValueError):
+        return None
+
+
+def output_folder(out, stem: str, *, overwrite: bool = False) -> Path:
+    """The folder of `files.output_folder` (the one rule of every command's output), for a caller that needs
+    the path alone: `out` checked (or created), or a new `runs/<stem>-<N>` created exclusively now.
+
+    Raises:
+        OutputError.
+    """
+    return files.output_folder(out, stem, command=stem.rsplit("-", 1)[-1], overwrite=overwrite).path
+
+
+def last_run(root: Path = RUNS_DIR) -> Path:
+    """The last finished run under `root`: the folder whose metrics.json (the last file a run writes) is newest,
+    among those holding a model.keras. An unfinished run (no metrics.json yet, or killed) is never `last`.
+
+    Raises:
+        ModelFileError: there is none.
+    """
+    finished = [p for p in root.glob("*/metrics.json") if (p.parent / "model.keras").is_file()] if root.is_dir() else []
+    if not finished:
+        raise ModelFileError(f"--model last: no finished run under {root.absolute()} (a run is finished once it "
+                             "has written metrics.json); give a run folder")
+    return max(finished, key=lambda p: p.stat().st_mtime).parent.absolute()
+
+
+def resolve_run(path, note=None) -> Path:
+    """The run folder `path` names, absolute; `last` is the last finished run under ./runs (`last_run`).
+
+    `last` is the keyword even when the current folder holds a folder named
+    `last`: scripts that say `--model last` keep meaning the newest finished
+    run whatever folder they run in. Such a folder is then named in a note
+    (`note(text)`, e.g. a line on stderr): it is used when given as `./last`.
+    Any other `path` (a run folder or its model file) is returned absolute, unchecked (`Run.load` checks).
+
+    Raises:
+        ModelFileError: `last` with no finished run.
+    """
+    if str(path) != "last":
+        return Path(path).expanduser().absolute()
+    try:
+        chosen = last_run()
+    except ModelFileError as exc:
+        if Path("last").is_dir():
+            raise ModelFileError(f"{exc}; to use the folder {Path('last').absolute()}, give it as ./last") from None
+        raise
+    if Path("last").is_dir() and note is not None:
+        note(f"note: `last` means the last finished run under {RUNS_DIR}/ ({chosen}); to use the folder "
+             f"{Path('last').absolute()}, give it as ./last")
+    return chosen
+
+
+def training_overlap(run: Run, scan: Scan, probs: np.ndarray, ok: np.ndarray) -> dict:
+    """{"n_training_images": images of `scan` that trained the run (by content), and, when some but not all
+    did, "held_out_accuracy" on the others (0-1) and "n_held_out"}; {} when the run records no training images.
+
+    A run that trained on every image (a linear plan validated out-of-fold) scores its own folder almost
+    perfectly; that number is not a held-out score, and the result says so.
+    """
+    trained = trained_on(run.path)
+    if trained is None:
+        return {}
+    seen = np.array([r.digest in trained for r in scan.images], bool)
+    facts = {"n_training_images": int((seen & ok).sum())}
+    rest = ~seen & ok
+    if facts["n_training_images"] and rest.any():
+        labels = np.array([run.classes.index(r.label) for r in scan.images])
+        facts.update(n_held_out=int(rest.sum()),
+                     held_out_accuracy=float((probs[rest].argmax(1) == labels[rest]).mean()))
+    return facts
+
+
+def read_predictions(path: Path):
+    """A `predictions_frame` read back (class names kept as text, "" not NaN), or None if unreadable or not one."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype={"path": str, "true": str, "predicted": str}, keep_default_na=False)
+    except (OSError, ValueError):
+        return None
+    return frame if {"path", "true", "predicted", "probability", "p_true"} <= set(frame.columns) else None

@@ -1,0 +1,63 @@
+"""Writing a finished run into its folder: the model, labels, history, metrics, figures and the
+validation predictions (`write_run`), metrics.json last.
+"""
+
+from __future__ import annotations
+
+from finetune_cli.pages.figures import confusion_figure, curves_figure, reliability_figure
+from finetune_cli.runs.folder import RunFolder
+
+
+def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts: dict, timings,
+              val_paths: list[str] | None = None) -> dict:
+    """Write a fitted result into the run folder: model, history, plots, then metrics.json (last).
+
+    Args:
+        result: a `train.context.TrainResult`.
+        facts: metrics known before writing (strategy, similarity, counts, test scores).
+        timings: () -> {step: seconds}, read after the model is saved.
+        val_paths: the validation images' absolute paths, in `result.val_probs` order: written with
+            their predictions to predictions_val.csv; None: no such file.
+
+    Returns:
+        The metrics, as written to metrics.json.
+    """
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import confusion_matrix
+
+    probs, labels = result.val_probs, result.val_labels
+    run.save_model(result.model, facts={"classes": classes, "image_size": image_size})
+    matrix = confusion_matrix(labels, probs.argmax(1), labels=list(range(len(classes))))
+    run.write_frame("history.csv", pd.DataFrame(result.history))
+    run.save_figure("curves.png", curves_figure(result.history))
+    run.save_figure("confusion.png", confusion_figure(matrix, classes))
+    if result.calibration is not None:
+        run.save_figure("reliability.png", reliability_figure(result.calibration))
+        facts = {**facts, "calibration": result.calibration.facts()}
+    if val_paths is not None:
+        run.write_frame("predictions_val.csv", predictions_frame(val_paths, classes, labels, probs))
+    metrics = {**facts, "val_accuracy": float(np.mean(probs.argmax(1) == labels)), "classes": classes,
+               "learning_rates": result.plan.learning_rates, "notes": result.notes, "timings_s": timings()}
+    run.write_json("metrics.json", metrics)
+    return metrics
+
+
+def predictions_frame(paths: list[str], classes: list[str], labels, probs):
+    """One row per image: path, true, predicted, probability (of the prediction), p_true (of the truth).
+
+    Args:
+        paths: n paths (shown as printable text); labels: (n,) class indices; probs: (n, k) in [0, 1].
+    """
+    import numpy as np
+    import pandas as pd
+
+    from finetune_cli.files import shown
+
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
+    guess, rows = probs.argmax(1), np.arange(len(labels))
+    return pd.DataFrame({"path": [shown(p) for p in paths], "true": [classes[i] for i in labels],
+                         "predicted": [classes[i] for i in guess], "probability": probs[rows, guess].round(6),
+                         "p_true": probs[rows, labels].round(6)})
+
+

@@ -1,0 +1,1 @@
+"""Where TensorFlow runs: its quiet import and the CPU split (`keras`), devices (`devices`), threads."""

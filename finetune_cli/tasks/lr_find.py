@@ -1,0 +1,52 @@
+"""`finetune lr-find DIR`: a learning-rate sweep on the fine-tuning a plan would run (the sweep itself is
+`train.lr_sweep`); writes lr.csv, lr.png and the suggested rates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune_cli.config import LR_FIND, SCAN, TRAIN, LrFindConfig, ScanConfig, TrainConfig
+from finetune_cli.data.scan import check_out_outside
+from finetune_cli.errors import SettingsError
+from finetune_cli.progress import QUIET, Reporter
+from finetune_cli.train.lr_sweep import SWEPT, LrFinding, checked_config, find, write_sweep
+
+
+def lr_find(root, base: str, *, out=None, weights: str = "imagenet", image_size: int | None = None,
+            strategy: str = "partial", recipe: str | None = None, seed: int = 0, cache_dir=None,
+            use_cache: bool = True, batch_size: int = 32, config: ScanConfig = SCAN,
+            settings: TrainConfig = TRAIN, sweep_config: LrFindConfig = LR_FIND,
+            reporter: Reporter = QUIET) -> LrFinding:
+    """`finetune lr-find`: sweep the head rate of `strategy`'s plan on `root`; write lr.* into `out`.
+
+    `out` None makes a new numbered folder `runs/<root name>-lr-<N>`. The
+    training images are those `train` would use (the same seeded split).
+    A failure removes what was written (and the folder, if it was made).
+
+    Raises:
+        FolderError, BackboneError, WeightsUnavailableError, RecipeError,
+        OutputError, SettingsError, TrainingError.
+    """
+    from finetune_cli.features import FeatureCache
+    from finetune_cli.runs.folder import RunFolder
+    from finetune_cli.strategy import recipes as recipe_files
+    from finetune_cli.train.session import choose, is_imbalanced, prepare
+
+    checked_config(sweep_config)
+    if strategy not in SWEPT:
+        raise SettingsError(f"--strategy must be one of {', '.join(SWEPT)} for lr-find. Received: {strategy}")
+    if recipe is not None and recipe_files.load(recipe)[0].strategy not in SWEPT:  # validate before any work
+        raise SettingsError(f"lr-find needs a fine-tuning recipe ({', '.join(SWEPT)}); {recipe} is linear")
+    cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
+    check_out_outside(out, root)
+    run = RunFolder(out) if out is not None else RunFolder.new(f"{Path(root).resolve().name}-lr")
+    reporter.on_phase(f"output folder: {run.path}")
+    with run.guarded():
+        ctx, profile, _ = prepare(run, root, base, weights=weights, image_size=image_size, saved=None, recipe=recipe,
+                                  val_dir=None, test_dir=None, seed=seed, cache=cache, batch_size=batch_size,
+                                  config=config, settings=settings, reporter=reporter)
+        # the similarity verdict only words the plan's reason; the forced strategy fixes the stages
+        _, plan, recipe_obj, _ = choose(ctx, profile, "similar", strategy, recipe)
+        finding = find(ctx, plan, recipe_obj, is_imbalanced(ctx, profile), settings, sweep_config)
+        return write_sweep(run, finding)

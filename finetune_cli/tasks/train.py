@@ -1,0 +1,260 @@
+"""A whole training run, as named steps that pass plain values:
+
+    prepare   scan, split, resolve and build the backbone, open the cache  -> Context
+    measure   similarity to the pretraining data (strategy.similarity)    -> Similarity
+    plan      the decision table and the recipe (strategy.decide)         -> Plan
+    fit       linear head or fine-tuning, both                            -> TrainResult
+    calibrate temperature scaling of the kept model (train.calibrate)     -> TrainResult
+              (timed with fit as "train")
+    write     the run folder (artifacts.write_run)                        -> metrics
+    report    RUN/report.html, best effort (report_html.write_report)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from finetune_cli.analysis.scores import scores
+from finetune_cli.config import LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, ScanConfig, TrainConfig
+from finetune_cli.data.scan import Scan
+from finetune_cli.errors import BackboneError, TrainingError
+from finetune_cli.features import FeatureCache
+from finetune_cli.files import shown
+from finetune_cli.progress import QUIET, Reporter
+from finetune_cli.runs.folder import RunFolder, open_run
+from finetune_cli.runs.run import TRAINED_ON
+from finetune_cli.runs.write import write_run
+from finetune_cli.strategy import recipes as recipe_files
+from finetune_cli.strategy import similarity as sim
+from finetune_cli.train.calibrate import calibrate
+from finetune_cli.train.context import Context, TrainResult, all_labels
+from finetune_cli.train.resume import already_finished, read_saved
+from finetune_cli.train.session import choose, is_imbalanced, n_stages, prefetch, prepare
+
+
+def train(
+    root, base: str | None, *, out, weights: str = "imagenet", image_size: int | None = None,
+    similarity: str = "auto", strategy: str = "auto", recipe: str | None = None,
+    val_dir=None, test_dir=None, seed: int = 0, resume: bool = False, cache_dir=None, use_cache: bool = True,
+    batch_size: int = 32, unlabeled=None, pretrain_config=None, greedy: bool = False,
+    config: ScanConfig = SCAN, settings: TrainConfig = TRAIN, reporter: Reporter = QUIET,
+    lr: float | str | None = None, lr_config: LrFindConfig = LR_FIND,
+) -> dict:
+    """Train a classifier on `root`'s class folders; returns metrics (also in RUN/metrics.json).
+
+    `out` None makes a new numbered folder `runs/<root name>-<N>`
+    (metrics["run_folder"] says which).
+
+    With `unlabeled`, a denoising autoencoder is first pretrained on those
+    images into RUN/encoder.keras (starting from `base`'s early stages when
+    a base is given) and training starts from that encoder. With
+    `test_dir`, the trained model is evaluated on that labelled folder in the
+    same process (metrics["test"], as `evaluate` returns it). With `resume`,
+    see `train.resume` for what is checked; a finished run is left as it is.
+    With `lr` (a rate, or "auto": swept first), see `set_rate`.
+
+    If training fails before anything worth resuming exists, the files it
+    wrote (and the folder, if it made it) are removed.
+    """
+    started = time.perf_counter()
+    if base is None and unlabeled is None:
+        raise BackboneError("--base is required (a name from `finetune bases` or a .keras file), "
+                            "unless --unlabeled pretrains an encoder first")
+    if recipe is not None:
+        recipe_files.load(recipe)  # validate before any work
+    if recipe is not None or strategy != "auto":  # the user chose fine-tuning: no skipping it for lack of headroom
+        settings = dataclasses.replace(settings, headroom_check=False)
+    cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
+    run = open_run(out, root, resume, reporter)
+    if resume and run.finished:
+        return already_finished(run)
+    saved = read_saved(run) if resume else None
+    with run.guarded():
+        pretrained = None
+        if unlabeled is not None:
+            pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size,
+                                          seed=seed, config=pretrain_config, greedy=greedy, scan_config=config,
+                                          reporter=reporter)
+            base, weights, image_size = str(run.file("encoder.keras")), "imagenet", pretrained["image_size"]
+            similarity = "similar" if similarity == "auto" else similarity
+        ctx, profile, test_scan = prepare(run, root, base, weights=weights, image_size=image_size, saved=saved,
+                                          recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
+                                          cache=cache, batch_size=batch_size, config=config,
+                                          settings=settings, reporter=reporter)
+        clock = {"prepare": time.perf_counter() - started}
+        plan, evidence, recipe_obj = (saved.plan, saved.evidence, saved.recipe) if saved else decide_and_record(
+            ctx, profile, similarity, strategy, recipe, pretrained, test_scan)
+        reporter.on_plan(plan, evidence)
+        plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
+        ctx = all_labels(ctx, plan, val_dir is not None or not settings.cross_validate, getattr(settings, "ensemble", 1))
+        clock["plan"] = time.perf_counter() - started - clock["prepare"]
+        result = calibrate(ctx, fit(ctx, profile, plan, evidence, recipe_obj, resume, settings), settings)
+        result.metrics.update(lr_record)
+        clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
+        return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
+
+
+def decide_and_record(ctx: Context, profile, similarity: str, strategy: str, recipe: str | None,
+                      pretrained: dict | None, test_scan: Scan | None):
+    """Choose the plan (see `choose`) and write plan.json, recipe.toml, labels.json, skipped.csv.
+
+    Returns:
+        (Plan, Similarity, Recipe).
+    """
+    import pandas as pd
+
+    if recipe is None and (strategy == "linear" or (strategy == "auto" and profile.size_category == "small")):
+        # A linear head is all but certain: one pass now serves the probe, the head, validation and test.
+        prefetch(ctx, [ctx.train, ctx.val] + ([test_scan] if test_scan else []), sim.probe_layers(n_stages(ctx)))
+    evidence, plan, recipe_obj, recipe_text = choose(ctx, profile, similarity, strategy, recipe,
+                                                     pretrained is not None)
+    ref, run = ctx.backbone.ref, ctx.run
+    run.write_json("plan.json", {"plan": plan.to_dict(), "similarity": evidence.to_dict(),
+                                 "base": ref.label, "weights": ref.weights, "image_size": ref.image_size,
+                                 "pretrained": pretrained})
+    run.write_text("recipe.toml", recipe_text)
+    run.write_json("labels.json", ctx.classes)
+    skipped = [{"path": shown(s.path), "reason": shown(s.reason)} for s in ctx.scan.skipped]
+    run.write_frame("skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"]))
+    return plan, evidence, recipe_obj
+
+
+def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: TrainConfig) -> TrainResult:
+    """Train what the plan says: the linear head, or fine-tuning."""
+    from finetune_cli.train.finetune import fit_finetune_plan
+    from finetune_cli.train.linear import fit_linear_plan
+
+    balanced = is_imbalanced(ctx, profile)
+    n = getattr(settings, "ensemble", 1)
+    if plan.strategy == "linear":
+        if getattr(settings, "average", "none") != "none":
+            ctx.reporter.on_note(f"--average {settings.average} applies to fine-tuning; this plan is linear: ignored")
+        if n > 1:
+            from finetune_cli.train.ensemble import fit_linear_ensemble
+
+            return fit_linear_ensemble(ctx, plan, evidence, n_stages(ctx), balanced, recipe, n)
+        return fit_linear_plan(ctx, plan, evidence, n_stages(ctx), balanced, recipe)
+    if n > 1:
+        from finetune_cli.train.ensemble import fit_finetune_ensemble
+
+        return fit_finetune_ensemble(ctx, plan, recipe, balanced, settings)
+    return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings)
+
+
+def set_rate(ctx: Context, profile, plan, recipe, lr, saved, settings: TrainConfig, lr_config: LrFindConfig):
+    """`--lr`: (plan, {"lr": record} for metrics.json, or {}), by `train.lr_find.apply_rate`.
+
+    `lr` is a head rate, or "auto" (the sweep first, its valley suggestion);
+    the other groups keep their ratio to the head. Nothing changes without
+    `lr`, for a linear plan (a note says so), or on a resume (its saved rates).
+    """
+    if lr is None:
+        return plan, {}
+    if saved:
+        ctx.reporter.on_note(f"--lr {lr} is ignored on --resume: the saved plan's rates are kept")
+        return plan, {}
+    from finetune_cli.train.lr_sweep import apply_rate
+
+    plan, record = apply_rate(ctx, plan, recipe, lr, is_imbalanced(ctx, profile), settings, lr_config)
+    return plan, {"lr": record} if record else {}
+
+
+def finish(ctx: Context, result: TrainResult, profile, evidence, pretrained: dict | None, test_scan: Scan | None,
+           clock: dict, started: float) -> dict:
+    """Check the result is finite, score the test folder, and write the run folder; returns metrics.
+
+    Raises:
+        TrainingError: the model gives non-finite outputs (nothing is saved).
+    """
+    if not np.isfinite(result.val_probs).all():
+        raise TrainingError("the trained model gives NaN or infinite outputs on the validation images: "
+                            "nothing was saved; lower learning_rate in a --recipe file")
+    extra = dict(result.metrics)
+    if pretrained is not None:
+        extra["pretrained"] = pretrained
+    if test_scan is not None:
+        ctx.reporter.on_phase(f"evaluating on {len(test_scan.images)} test images")
+        extra["test"] = scores(*result.score(test_scan), test_scan, ctx.classes)
+        extra["test_accuracy"] = extra["test"]["accuracy"]
+    header = {"run_folder": str(ctx.run.path), "data_root": str(Path(ctx.scan.root).absolute()), "strategy": result.plan.strategy, "recipe": result.plan.recipe,
+              "similarity": evidence.verdict, "size_category": profile.size_category}
+    counts = {"n_train": len(ctx.train.images), "n_val": len(ctx.val.images), "n_skipped": len(ctx.scan.skipped)}
+    result = with_diagnosis(ctx, result, extra)
+    ctx.reporter.on_phase(f"saving to {ctx.run.path}")
+    ctx.run.write_text(TRAINED_ON, "".join(f"{d}\n" for d in sorted({r.digest for r in ctx.train.images})))
+    timings = lambda: {**{k: round(v, 3) for k, v in clock.items()},
+                       "total": round(time.perf_counter() - started, 3)}
+    metrics = write_run(ctx.run, result, ctx.classes, ctx.backbone.ref.image_size,
+                        {**header, **extra, **counts, "profile": profile_facts(profile)}, timings,
+                        val_paths=val_paths(ctx, result))
+    return with_report(ctx, metrics)
+
+
+def profile_facts(profile) -> dict:
+    """The dataset profile for metrics.json: `Profile.to_dict` without its path lists (skipped.csv has them)."""
+    return {k: v for k, v in profile.to_dict().items() if k not in ("root", "skipped", "duplicates")}
+
+
+def val_paths(ctx: Context, result: TrainResult) -> list[str] | None:
+    """The validation images' absolute paths in `result.val_probs` order; None where they cannot be matched
+    (an image that could not be read left the probabilities shorter than the split)."""
+    images = ctx.val.images
+    if len(images) != len(result.val_probs) or not np.array_equal(ctx.labels(images), result.val_labels):
+        ctx.reporter.on_note("predictions_val.csv not written: the validation predictions do not match the "
+                             "split's images one for one (an image could not be read)")
+        return None
+    return [str(ctx.val.root / r.path) for r in images]
+
+
+def with_report(ctx: Context, metrics: dict) -> dict:
+    """Write RUN/report.html (`report_html.write_report`), best effort: the run is already saved, so a
+    failure is a note (in the returned metrics too), never an error."""
+    from finetune_cli.runs.report_page import write_report
+
+    try:
+        write_report(ctx.run.path)
+    except Exception as exc:  # noqa: BLE001 - the saved run must survive any failure of its report
+        note = f"report.html not written ({type(exc).__name__}: {exc}); `finetune report {ctx.run.path}` retries"
+        ctx.reporter.on_note(note)
+        metrics = {**metrics, "notes": metrics["notes"] + [note]}
+    return metrics
+
+
+def with_diagnosis(ctx: Context, result: TrainResult, extra: dict) -> TrainResult:
+    """Judge the training history (`diagnose`) into extra["diagnosis"]; a verdict other than healthy
+    becomes a note with the next step."""
+    from finetune_cli.analysis.diagnose import diagnose_history
+
+    if not result.history:
+        return result
+    verdict = diagnose_history(result.history, classes=len(ctx.classes)).to_dict()
+    extra["diagnosis"] = {k: verdict[k] for k in ("verdict", "reason", "next_step")}
+    if verdict["verdict"] == "healthy":
+        return result
+    note = f"diagnosis: {verdict['verdict']}: {verdict['reason']}; next: {verdict['next_step']}"
+    ctx.reporter.on_note(note)
+    return dataclasses.replace(result, notes=result.notes + [note])
+
+
+def pretrain_encoder(run: RunFolder, unlabeled, *, base, weights, image_size, seed, config, greedy,
+                     scan_config: ScanConfig, reporter: Reporter) -> dict:
+    """Pretrain RUN/encoder.keras on the unlabeled images (or reuse it on --resume); returns its summary."""
+    from finetune_cli.train.pretrain import companion, pretrain
+
+    path = run.file("encoder.keras")
+    if path.exists() and companion(path, "pretrain.json").exists():
+        reporter.on_note(f"reusing the encoder pretrained earlier in {path}")
+        return run.read_json(companion(path, "pretrain.json").name)
+    from finetune_cli.config import checked_pretrain_config
+
+    config = checked_pretrain_config(config or PRETRAIN)
+    if image_size:
+        config = dataclasses.replace(config, image_size=image_size)
+    return pretrain(unlabeled, path, config=config, init_from=base, init_weights=weights, greedy=greedy,
+                    seed=seed, scan_config=scan_config, reporter=reporter)
+
+

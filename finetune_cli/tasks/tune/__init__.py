@@ -1,0 +1,2 @@
+"""`finetune tune`: the search space (`space`), the trials file (`files`), and the linear-head and
+fine-tuning searches (`linear`, `finetune`)."""
