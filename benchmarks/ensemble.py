@@ -27,7 +27,7 @@ from train import split_signs, write_digits
 def correct(run: Path, test_dir: Path, tmp: Path, tta: int = 1) -> np.ndarray:
     """(n_test,) bool: the run's predictions on the test folder (by `predict`, TTA views averaged) vs the truth."""
     out = tmp / f"{run.name}-tta{tta}.csv"
-    measure(finetune_cmd("predict", test_dir, "--model", run, "--out", out, "--tta", tta))
+    measure(finetune_cmd("predict", run, test_dir, "--out", out, "--tta", tta))
     frame = pd.read_csv(out)
     truth = frame["path"].map(lambda p: Path(p).parent.name)
     return (frame["predicted"].astype(str) == truth.astype(str)).to_numpy()

@@ -2,7 +2,7 @@
 
 The pipeline reads top to bottom, one plain value handed to the next step:
 
-    data.scan -> data.profile -> strategy.decide -> models -> train -> artifacts
+    data.scan -> data.profile -> strategy.decide -> models -> train -> runs
 
 `finetune_cli.api` is the library entry point; `finetune_cli.cli` is a thin
 Click layer over it.

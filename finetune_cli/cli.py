@@ -21,9 +21,13 @@ from rich.console import Console
 from finetune_cli import __version__, api
 from finetune_cli import render as report
 from finetune_cli.config import (ATTACK, AUDIT, DEFAULT_BASE, DISTILL, ENSEMBLE, EXPORT, FEATURES, FILTERS,
-                                 IMAGE_SIZE_RANGE, LR_FIND, PATCHES, PREDICT, PRETRAIN, RUNS_DIR, SCALE, TRAIN, TUNE)
+                                 IMAGE_SIZE_RANGE, LR_FIND, PATCHES, PRETRAIN, RUNS_DIR, TRAIN, TUNE)
 from finetune_cli.errors import FinetuneError
-from finetune_cli.models import registry
+from finetune_cli.files import jsonable
+from finetune_cli.options import (base_options, batch_size_option, cache_dir_option, cache_options, engine_options,
+                                  json_option, model_option, out_option, overwrite_option, pretrain_options,
+                                  replace_output_option, run_and_rest, run_argument, seed_option, size_option,
+                                  tta_option, weights_option)
 from finetune_cli.strategy import recipes
 
 EXAMPLES = f"""
@@ -32,8 +36,8 @@ Examples:
   finetune inspect ./images                 what is in the folder, what is broken
   finetune train ./images                   decide, train, write {RUNS_DIR}/images-1/ (base: {DEFAULT_BASE})
   finetune train ./images --base model.keras --out runs/first
-  finetune predict photo.jpg more/ --model last --out preds.csv
-  finetune evaluate ./test-images --model runs/first
+  finetune predict last photo.jpg more/ --out preds.csv
+  finetune evaluate runs/first ./test-images
   finetune extract-features ./images --base model.keras --out feats.parquet
   finetune pretrain --unlabeled ./raw       an encoder for --base, in {RUNS_DIR}/raw-encoder-1.keras
   finetune train ./images --unlabeled ./raw
@@ -45,7 +49,7 @@ Examples:
   finetune explain last ./test-images       heat maps of what decides each prediction
   finetune attack last ./test-images        accuracy against adversarial pixel budgets
   finetune audit ./images                   possible label errors, duplicates, leakage
-  finetune predict ./photos --model last --engine ray --out preds/
+  finetune predict last ./photos --engine ray --out preds/
   finetune bases | layers --base B | cache info
 """
 
@@ -100,46 +104,6 @@ def err_console() -> Console:
     return Console(stderr=True)
 
 
-def options(*decorators):
-    """Apply option decorators in reading order."""
-    def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-    return apply
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-cache_options = options(
-    click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                 help="Feature cache folder (default: $FINETUNE_CACHE_DIR or ~/.cache/finetune/features)."),
-    click.option("--no-cache", is_flag=True, help="Neither read nor write the feature cache."),
-)
-weights_option = click.option("--weights", default="imagenet", show_default=True,
-                              help="imagenet (pretrained; for a file base, its own weights), none (fresh init), "
-                                   "or a weights file.")
-size_option = click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None,
-                           help="Input side in pixels (images are squashed to a square). Default: the base's "
-                                "native size; a model file with a fixed input needs that size.")
-model_option = click.option("--model", "model_dir", required=True, type=str,
-                            help=f"A run folder from `finetune train`, or `last` (the last finished run under "
-                                 f"{RUNS_DIR}/; a folder named last: give ./last).")
-tta_option = click.option("--tta", default=PREDICT.tta, show_default=True, metavar="K", type=str,
-                          help=f"Test-time augmentation: average the probabilities of K deterministic views per "
-                               f"image (the image, then flips and crops), 1 to {PREDICT.max_tta}; 1 is off.")
-engine_options = options(
-    click.option("--engine", type=click.Choice(["local", "ray"]), default=SCALE.engine, show_default=True,
-                 help="ray: model actors on a Ray cluster write Parquet shards + manifest.json into the --out "
-                      "folder (or URI); inputs may also be list files (.txt) and URIs (s3://, gs://, file://)."),
-    click.option("--address", default=None,
-                 help="With --engine ray: an existing cluster (host:port, ray://host:10001, or auto); "
-                      "default: start Ray on this machine for the run."),
-    click.option("--workers", type=click.IntRange(0, 10_000), default=SCALE.workers, show_default=True,
-                 help="With --engine ray: model actors, each loading the model once (0: one per CPU)."),
-)
-
-
 def echo_sharded(manifest: dict, skipped, out) -> None:
     """What an --engine ray run wrote (stdout), and each skipped file (stderr)."""
     from finetune_cli.files import shown
@@ -165,33 +129,6 @@ def chosen_run(run: str) -> str:
 def echo_run(run: str, role: str = "run") -> None:
     """Which run the command read: one line on stderr (after its result, so stdout stays clean)."""
     click.echo(f"{role}: {run}", err=True)
-
-
-def base_options(default: str | None):
-    """--base, --weights, --image-size: shared by every command that builds a backbone."""
-    names = ", ".join(registry.names())
-    base = click.option("--base", default=default, show_default=bool(default),
-                        help=f"A registry name ({names}) or a .keras model file taking raw RGB in [0, 255].")
-    return options(base, weights_option, size_option)
-
-
-def pretrain_options(epochs_flag: str = "--epochs"):
-    """Autoencoder settings shared by `pretrain` and `train --unlabeled` (defaults: config.PretrainConfig)."""
-    return options(
-        click.option("--arch", type=click.Choice(["conv", "mlp"]), default=None,
-                     help=f"conv: convolutional autoencoder; mlp: dense, tied weights. [default: {PRETRAIN.arch}]"),
-        click.option("--noise", type=float, default=None,
-                     help=f"Corruption: Gaussian std on the [0, 1] pixel scale, or the masked fraction. "
-                          f"[default: {PRETRAIN.noise}]"),
-        click.option("--noise-type", type=click.Choice(["gaussian", "mask"]), default=None,
-                     help=f"[default: {PRETRAIN.noise_type}]"),
-        click.option("--code-size", type=click.IntRange(1, 4096), default=None,
-                     help=f"Units of the code: the encoder's output features. [default: {PRETRAIN.code_size}]"),
-        click.option(epochs_flag, "pretrain_epochs", type=click.IntRange(1, 10_000), default=None,
-                     help=f"Most pretraining epochs; early stopping on held-out images ends sooner. "
-                          f"[default: {PRETRAIN.epochs}]"),
-        click.option("--greedy", is_flag=True, help="mlp: train layer by layer first (stacked denoising autoencoder)."),
-    )
 
 
 @click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
@@ -271,13 +208,12 @@ def layers(base: str, weights: str, image_size: int | None, as_json: bool) -> No
 @cli.command("extract-features")
 @click.argument("folder", type=str)
 @base_options(DEFAULT_BASE)
-@click.option("--out", type=str, default=None,
-              help=f"Output table: .parquet, .csv or .npz. [default: a new {RUNS_DIR}/FOLDER-features-N.parquet] "
-                   "With --engine ray: a folder (or URI) for the shards.")
+@out_option(f"Output table: .parquet, .csv or .npz. [default: a new {RUNS_DIR}/FOLDER-features-N.parquet] "
+                   "With --engine ray: a folder (or URI) for the shards.", kind="any")
 @overwrite_option
 @click.option("--layer", default=None, help="Stage index (1 = earliest, -1 = last) or layer name. Default: final features.")
 @click.option("--pooling", type=click.Choice(["avg", "max"]), default=FEATURES.pooling, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@batch_size_option
 @cache_options
 @engine_options
 @handle_errors
@@ -316,7 +252,7 @@ def cache() -> None:
 
 
 @cache.command("info")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@cache_dir_option
 @json_option
 @handle_errors
 def cache_info(cache_dir, as_json):
@@ -331,7 +267,7 @@ def cache_info(cache_dir, as_json):
 
 
 @cache.command("clear")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@cache_dir_option
 @handle_errors
 def cache_clear(cache_dir):
     """Delete every cached feature (only in a folder marked as a feature cache; nothing else is touched)."""
@@ -341,8 +277,7 @@ def cache_clear(cache_dir):
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
 @base_options(DEFAULT_BASE)
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Run folder to create (model, plan, metrics, plots). [default: a new {RUNS_DIR}/FOLDER-N]")
+@out_option(f"Run folder to create (model, plan, metrics, plots). [default: a new {RUNS_DIR}/FOLDER-N]")
 @click.option("--strategy", type=click.Choice(["auto", *recipes.STRATEGIES]), default="auto", show_default=True,
               help="Override the decision table.")
 @click.option("--similarity", type=click.Choice(["auto", "similar", "different"]), default="auto", show_default=True,
@@ -354,12 +289,12 @@ def cache_clear(cache_dir):
               help="Also evaluate the trained model on this labelled folder (as `finetune evaluate`, in one start-up).")
 @click.option("--drop-overlap", is_flag=True,
               help="Leave out --val-dir/--test-dir images that are copies of training images (refused by default).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option()
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--lr", default=None, metavar="auto|FLOAT",
               help="Fine-tuning: the head's learning rate, or auto (the `lr-find` sweep first, its valley "
                    "suggestion); the other stages keep their ratio to it. [default: the recipe's]")
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@batch_size_option
 @click.option("--no-calibrate", is_flag=True,
               help="Keep the trained probabilities: no temperature scaling on the validation images.")
 @click.option("--no-pilot", is_flag=True,
@@ -383,10 +318,11 @@ def cache_clear(cache_dir):
               help="Pretrain a denoising autoencoder on these unlabeled images first (from --base's early stages "
                    "when given), then train from its encoder.")
 @pretrain_options(epochs_flag="--pretrain-epochs")
+@json_option
 @handle_errors
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, drop_overlap, seed,
           resume, batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs,
-          greedy, lr, no_calibrate, no_pilot, ensemble, ensemble_mode, average, devices):
+          greedy, lr, no_calibrate, no_pilot, ensemble, ensemble_mode, average, devices, as_json):
     """Decide how to reuse the base, train, and write a run folder."""
     given = dict(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size, epochs=pretrain_epochs)
     if unlabeled is None and (any(v is not None for v in given.values()) or greedy):
@@ -407,6 +343,9 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
                                          pilot_epochs=0 if no_pilot else TRAIN.pilot_epochs),
             ensemble=ensemble, ensemble_mode=ensemble_mode, average=average, devices=devices,
         )
+    if as_json:  # metrics.json's object; progress and notes went to stderr
+        click.echo(json.dumps(metrics, indent=2, ensure_ascii=False, default=jsonable))
+        return
     report.metrics_summary(Console(), metrics, metrics.get("run_folder", out))
     from pathlib import Path
 
@@ -424,9 +363,8 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
 @click.option("--strategy", type=click.Choice([s for s in recipes.STRATEGIES if s != "linear"]), default="partial",
               show_default=True, help="The fine-tuning plan to sweep (what `train --strategy` would train).")
 @click.option("--recipe", default=None, help="A fine-tuning recipe (shipped name or .toml file); overrides --strategy.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Folder to create for lr.csv, lr.png, lr.json. [default: a new {RUNS_DIR}/FOLDER-lr-N]")
-@click.option("--seed", type=int, default=0, show_default=True)
+@out_option(f"Folder to create for lr.csv, lr.png, lr.json. [default: a new {RUNS_DIR}/FOLDER-lr-N]")
+@seed_option()
 @cache_options
 @json_option
 @handle_errors
@@ -444,39 +382,43 @@ def lr_find(folder, base, weights, image_size, strategy, recipe, out, seed, cach
 
 @cli.command()
 @click.option("--unlabeled", required=True, type=click.Path(file_okay=False), help="Folder of unlabeled images (flat or nested).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help=f"Encoder file to create (.keras). [default: a new {RUNS_DIR}/FOLDER-encoder-N.keras]")
+@out_option(f"Encoder file to create (.keras). [default: a new {RUNS_DIR}/FOLDER-encoder-N.keras]", kind="file")
 @pretrain_options()
 @click.option("--image-size", type=click.IntRange(*IMAGE_SIZE_RANGE), default=None,
               help=f"Input side in pixels. [default: {PRETRAIN.image_size}]")
 @click.option("--init-from", default=None, help="Start the encoder from the early stages of this backbone (name or .keras file).")
 @weights_option
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option()
+@json_option
 @handle_errors
-def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs, greedy, image_size, init_from, weights, seed):
+def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs, greedy, image_size, init_from, weights, seed,
+             as_json):
     """Learn features from unlabeled images with a denoising autoencoder; save the encoder as a backbone."""
     console = err_console()
     settings = api.pretrain_config(arch=arch, noise=noise, noise_type=noise_type, code_size=code_size,
                                    epochs=pretrain_epochs, image_size=image_size)
     summary = api.pretrain(unlabeled, out, settings=settings, init_from=init_from, init_weights=weights,
                            greedy=greedy, seed=seed, reporter=report.RichReporter(console))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, ensure_ascii=False, default=jsonable))
+        return
     report.pretrain_summary(Console(), summary, summary["encoder"])
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.argument("args", nargs=-1, required=True, type=click.Path(), metavar="RUN INPUTS...")
 @model_option
-@click.option("--out", type=str, default=None,
-              help="Write a CSV here instead of printing. With --engine ray: a folder (or URI) for the shards.")
+@out_option("Write a CSV here instead of printing. With --engine ray: a folder (or URI) for the shards.", kind="any")
 @overwrite_option
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True)
 @tta_option
 @engine_options
 @handle_errors
-def predict(inputs, model_dir, out, overwrite, top_k, tta, engine, address, workers):
-    """Predict the class of image files and folders."""
+def predict(args, model_dir, out, overwrite, top_k, tta, engine, address, workers):
+    """Predict the class of image files and folders (INPUTS) with RUN: a run folder, or `last`."""
     from finetune_cli.files import shown
 
+    model_dir, inputs = run_and_rest(args, model_dir, "INPUTS...")
     model_dir = chosen_run(model_dir)
     if engine == "ray":
         with report.progress_bar(err_console(), "predicting (ray)") as progress:
@@ -498,7 +440,7 @@ def predict(inputs, model_dir, out, overwrite, top_k, tta, engine, address, work
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("args", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=str), metavar="RUN FOLDER")
 @model_option
 @json_option
 @tta_option
@@ -506,8 +448,10 @@ def predict(inputs, model_dir, out, overwrite, top_k, tta, engine, address, work
               help="Also write a self-contained HTML page: confusion matrix, per-class scores, misclassified images.")
 @click.option("--overwrite", is_flag=True, help="Replace the --html page if it exists.")
 @handle_errors
-def evaluate(folder, model_dir, as_json, tta, html, overwrite):
-    """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and confusion matrix on a labelled folder."""
+def evaluate(args, model_dir, as_json, tta, html, overwrite):
+    """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and confusion matrix of RUN (a run
+    folder, or `last`) on a labelled FOLDER."""
+    model_dir, (folder,) = run_and_rest(args, model_dir, "FOLDER", at_most=1)
     model_dir = chosen_run(model_dir)
     result = api.evaluate(folder, model_dir, tta=tta, html=html, overwrite=overwrite)
     if as_json:  # the run it read is in the object, stdout stays one JSON object
@@ -530,7 +474,7 @@ def evaluate(folder, model_dir, as_json, tta, html, overwrite):
 
 
 @cli.command("report")
-@click.argument("run", type=str)
+@run_argument()
 @click.option("--explain", type=click.Choice(["occlusion", "gradcam"]), default=None,
               help="Also draw heat maps over the misclassified validation images (loads the model).")
 @handle_errors
@@ -542,7 +486,7 @@ def report_page(run: str, explain: str | None) -> None:
 
 
 @cli.command()
-@click.argument("run", type=str)
+@run_argument()
 @json_option
 @handle_errors
 def diagnose(run: str, as_json: bool) -> None:
@@ -558,8 +502,7 @@ def diagnose(run: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
 @base_options(DEFAULT_BASE)
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Search folder: new, or an earlier search's to continue it (done trials are skipped). "
+@out_option(f"Search folder: new, or an earlier search's to continue it (done trials are skipped). "
                    f"[default: a new {RUNS_DIR}/FOLDER-tune-N]")
 @click.option("--method", default=TUNE.method, show_default=True,
               help="auto (grid for 1-2 varying parameters, random from 3; fine-tuning: halving), grid, random, or "
@@ -572,12 +515,11 @@ def diagnose(run: str, as_json: bool) -> None:
 @click.option("--cv", type=int, default=TUNE.cv, show_default=True,
               help="Cross-validation folds of a linear search (stratified; repeated when a class has under "
                    f"{TUNE.repeat_below} searched images). Fine-tuning trials are scored on one split.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds the held-out split (that of `train --seed`), the folds and the sampling.")
+@seed_option("Seeds the held-out split (that of `train --seed`), the folds and the sampling.")
 @click.option("--recipe", default=None, help="The recipe whose plan is searched: linear or trouble (a linear head), "
                                              "partial, partial-2 or full (fine-tuning), or a .toml file. [default: "
                                              "linear for a small folder; for a large one the plan train decides]")
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@batch_size_option
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: each batch of trials (a rung of halving) runs as Ray Tune trials on a cluster, one CPU "
                    "each; the same candidates, rungs and trials.csv as local.")
@@ -633,9 +575,8 @@ def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv,
               help="Labelled validation folder (early stopping). [default: a split of FOLDER, as train]")
 @click.option("--test-dir", type=click.Path(file_okay=False), default=None,
               help="Labelled folder the comparison table scores on. [default: the validation split]")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Run folder to create. [default: a new {RUNS_DIR}/FOLDER-distill-N]")
-@click.option("--seed", type=int, default=0, show_default=True)
+@out_option(f"Run folder to create. [default: a new {RUNS_DIR}/FOLDER-distill-N]")
+@seed_option()
 @cache_options
 @json_option
 @handle_errors
@@ -664,14 +605,13 @@ def distill(folder, teachers, student, student_weights, unlabeled, temperature, 
 
 
 @cli.command()
-@click.argument("run", type=str)
+@run_argument()
 @click.option("--format", "fmt", required=True, type=click.Choice(["keras", "savedmodel", "tflite", "onnx"]),
               help="keras (a checked copy), savedmodel (TensorFlow), tflite (LiteRT), onnx (onnxruntime).")
 @click.option("--quantize", default="none", show_default=True, type=click.Choice(["none", "fp16", "dynamic", "int8"]),
               help="tflite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated on --data); "
                    "onnx: int8; keras and savedmodel: none.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder for the file, labels.json and export.json (other files in it are kept). "
+@out_option("Folder for the file, labels.json and export.json (other files in it are kept). "
                    "[default: a new RUN/exports/FORMAT-QUANTIZE-N]")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="The folder the run was trained on: its validation split (as `train --seed`) verifies the "
@@ -685,7 +625,7 @@ def distill(folder, teachers, student, student_weights, unlabeled, temperature, 
                    "a smaller share of the held-out images.")
 @click.option("--force", is_flag=True, help="Keep the export even below --min-agreement.")
 @click.option("--overwrite", is_flag=True, help="Replace this format's file, labels.json and export.json in --out.")
-@click.option("--seed", type=int, default=0, show_default=True, help="The --seed the run was trained with.")
+@seed_option("The --seed the run was trained with.")
 @json_option
 @handle_errors
 def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement, force, overwrite, seed, as_json):
@@ -710,7 +650,7 @@ def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement,
 
 
 @cli.command()
-@click.argument("run", type=str)
+@run_argument()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--method", type=click.Choice(["occlusion", "gradcam"]), default="occlusion", show_default=True,
               help="occlusion: a grey patch slid over the image (any model); gradcam: gradients at the last "
@@ -718,12 +658,11 @@ def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement,
 @click.option("--class", "class_name", default=None, help="Map this class. [default: each image's predicted class]")
 @click.option("--sanity", is_flag=True, help="Also map with the head's weights randomised and flag maps that barely "
                                              "change (Spearman rank correlation; Adebayo et al. 2018).")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Folder for maps/, index.html, explain.json. [default: a new {RUNS_DIR}/RUN-explain-N]")
-@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
-                                                "--out holds other files).")
+@out_option(f"Folder for maps/, index.html, explain.json. [default: a new {RUNS_DIR}/RUN-explain-N]")
+@replace_output_option
+@json_option
 @handle_errors
-def explain(run, images, method, class_name, sanity, out, overwrite):
+def explain(run, images, method, class_name, sanity, out, overwrite, as_json):
     """Heat maps of what RUN looks at in IMAGES (files, or a folder; a folder of class subfolders puts the
     misclassified first in the gallery)."""
     from finetune_cli.files import shown
@@ -731,6 +670,9 @@ def explain(run, images, method, class_name, sanity, out, overwrite):
     run = chosen_run(run)
     result = api.explain(run, list(images), method=method, class_name=class_name, sanity=sanity, out=out,
                          overwrite=overwrite)
+    if as_json:  # skipped files are in the object
+        click.echo(json.dumps({**result, "run": run}, indent=2, ensure_ascii=False))
+        return
     for item in result["skipped"]:
         click.echo(f"skipped {item['path']}: {shown(item['reason'])}", err=True)
     if sanity:
@@ -741,7 +683,7 @@ def explain(run, images, method, class_name, sanity, out, overwrite):
 
 
 @cli.command()
-@click.argument("run", type=str)
+@run_argument()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=str))
 @click.option("--eps", default=",".join(f"{e:g}" for e in ATTACK.eps), show_default=True,
               help="Perturbation budgets in pixels (of 255), comma-separated; 0 (clean) is always included.")
@@ -749,15 +691,17 @@ def explain(run, images, method, class_name, sanity, out, overwrite):
               help="Attacks, comma-separated: fgsm (one step), pgd (projected gradient descent).")
 @click.option("--corruptions", is_flag=True, help="Also score Gaussian noise, blur, JPEG and brightness at three "
                                                   "severities.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Folder for robustness.json/.png and index.html. [default: a new {RUNS_DIR}/RUN-attack-N]")
-@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
-                                                "--out holds other files).")
+@out_option(f"Folder for robustness.json/.png and index.html. [default: a new {RUNS_DIR}/RUN-attack-N]")
+@replace_output_option
+@json_option
 @handle_errors
-def attack(run, folder, eps, methods, corruptions, out, overwrite):
+def attack(run, folder, eps, methods, corruptions, out, overwrite, as_json):
     """Accuracy of RUN on a labelled FOLDER under adversarial perturbations of growing eps (and corruptions)."""
     run = chosen_run(run)
     result = api.attack(run, folder, eps=eps, methods=methods, out=out, corruptions=corruptions, overwrite=overwrite)
+    if as_json:  # warnings and skipped files are in the object
+        click.echo(json.dumps({**result, "run": run}, indent=2, ensure_ascii=False))
+        return
     console = Console()
     report.rows_table(console, result["rows"], ["method", "eps", "accuracy"],
                       f"accuracy against eps on {result['n_images']} images")
@@ -785,12 +729,10 @@ AUDIT_WORDS = {"label": "possible label errors (out-of-fold predictions disagree
 @click.option("--val-dir", type=click.Path(file_okay=False), default=None,
               help="Validation folder: also searched for near-duplicate copies of FOLDER's images (leakage).")
 @click.option("--test-dir", type=click.Path(file_okay=False), default=None, help="Test folder, as --val-dir.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Folder for audit.csv and index.html. [default: a new {RUNS_DIR}/FOLDER-audit-N]")
-@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
-                                                "--out holds other files).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the cross-validation folds.")
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@out_option(f"Folder for audit.csv and index.html. [default: a new {RUNS_DIR}/FOLDER-audit-N]")
+@replace_output_option
+@seed_option("Seeds the cross-validation folds.")
+@batch_size_option
 @cache_options
 @json_option
 @handle_errors
@@ -840,11 +782,9 @@ def _unit_list(text: str | None) -> list[int] | None:
               help=f"How many units: the most active (highest mean per-image maximum). [default: {PATCHES.units}]")
 @click.option("--unit-ids", default=None, metavar="I,J,...", help="These units instead (0-based).")
 @click.option("--top", type=click.IntRange(1, 100), default=PATCHES.top, show_default=True, help="Crops per unit.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Folder for patches.png, patches.csv, index.html. [default: a new {RUNS_DIR}/FOLDER-patches-N]")
-@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
-                                                "--out holds other files).")
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size, show_default=True)
+@out_option(f"Folder for patches.png, patches.csv, index.html. [default: a new {RUNS_DIR}/FOLDER-patches-N]")
+@replace_output_option
+@batch_size_option
 @cache_options
 @json_option
 @handle_errors
@@ -867,8 +807,9 @@ def patches(folder, base, weights, image_size, layer, units, unit_ids, top, out,
 
 
 @cli.command()
-@click.option("--base", default=None, help="A registry name or a .keras backbone file.")
-@click.option("--model", "model_dir", default=None, help="Or a run folder of `finetune train` (or `last`).")
+@run_argument(required=False)
+@click.option("--base", default=None, help="A registry name or a .keras backbone file (instead of RUN).")
+@model_option
 @weights_option
 @size_option
 @click.option("--layer", required=True, help="Stage index or layer name (see `finetune layers --base B`).")
@@ -877,15 +818,17 @@ def patches(folder, base, weights, image_size, layer, units, unit_ids, top, out,
 @click.option("--unit-ids", default=None, metavar="I,J,...", help="These units instead (0-based).")
 @click.option("--dream", type=click.Path(dir_okay=False), default=None,
               help="Also amplify the layer's patterns in this photo over a few octaves (DeepDream): dream.png.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help=f"Folder for filters.png and index.html. [default: a new {RUNS_DIR}/BASE-filters-N]")
-@click.option("--overwrite", is_flag=True, help="Replace the earlier output of this command in --out (refused if "
-                                                "--out holds other files).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@out_option(f"Folder for filters.png and index.html. [default: a new {RUNS_DIR}/BASE-filters-N]")
+@replace_output_option
+@seed_option()
 @json_option
 @handle_errors
-def filters(base, model_dir, weights, image_size, layer, units, unit_ids, dream, out, overwrite, seed, as_json):
-    """Pictures that maximise chosen units of a layer (gradient ascent with jitter, blur and decay)."""
+def filters(run, base, model_dir, weights, image_size, layer, units, unit_ids, dream, out, overwrite, seed, as_json):
+    """Pictures that maximise chosen units of a layer (gradient ascent with jitter, blur and decay), of RUN's
+    model (a run folder, or `last`) or of a --base backbone."""
+    if run is not None and model_dir is not None:
+        raise click.UsageError("give the run once: RUN or --model RUN")
+    model_dir = run if run is not None else model_dir
     model_dir = chosen_run(model_dir) if model_dir is not None else None
     result = api.filters(base, model_dir, layer=layer, units=units, unit_ids=_unit_list(unit_ids), out=out,
                          overwrite=overwrite, weights=weights, image_size=image_size, dream=dream, seed=seed)

@@ -631,7 +631,7 @@ EXPORT = ExportConfig()
 
 @dataclass(frozen=True)
 class ScaleConfig:
-    """How `predict` and `extract-features` run with `--engine ray` (`ray_engine`).
+    """How `predict` and `extract-features` run with `--engine ray` (`scale.ray_data`).
 
     Attributes:
         engine: `local` (this process, tf.data) or `ray` (model actors on a Ray cluster).
@@ -662,7 +662,7 @@ SCALE = ScaleConfig()
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """How `RUN/report.html` and `evaluate --html` pages are drawn (`report_html`).
+    """How `RUN/report.html` and `evaluate --html` pages are drawn (`runs.report_page`).
 
     Attributes:
         thumbnail_px: longest side, in pixels, of a gallery thumbnail (inlined as JPEG).

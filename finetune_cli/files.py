@@ -615,3 +615,12 @@ def _depth() -> int:
     import sys
 
     return sys.getrecursionlimit()
+
+
+def jsonable(value):
+    """`json.dumps` default for the values runs hold: arrays and numpy numbers (`tolist`), paths (text)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

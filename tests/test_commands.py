@@ -81,9 +81,12 @@ def test_pretrain_without_out_writes_a_numbered_encoder(shapes, tmp_path, monkey
 
 
 def test_output_folder_of_the_gallery_commands(tmp_path, monkeypatch):
-    """explain, attack, audit, patches, filters: one rule for --out (run.output_folder)."""
+    """explain, attack, audit, patches, filters: one rule for --out (files.output_folder)."""
+    from finetune_cli import files
     from finetune_cli.errors import OutputError
-    from finetune_cli.runs.run import output_folder
+
+    def output_folder(out, stem):
+        return files.output_folder(out, stem, command=stem.rsplit("-", 1)[-1]).path
 
     monkeypatch.chdir(tmp_path)
     assert output_folder(None, "x-explain") == (tmp_path / "runs" / "x-explain-1").absolute()

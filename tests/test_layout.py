@@ -119,3 +119,29 @@ def test_the_rules_catch_a_violation(tmp_path):
     source.write_text("def f():\n    from finetune_cli.tasks import predict\n")
     assert imports(source, {"finetune_cli.tasks", "finetune_cli.tasks.predict"}) == {
         "finetune_cli.tasks", "finetune_cli.tasks.predict"}
+
+
+def test_api_names_each_task_function_and_restates_no_signature():
+    """`api` holds no function of its own (only the lazy lookup): every public name is the task's function."""
+    from finetune_cli import api
+
+    defined = {n.name for n in ast.parse((PACKAGE / "api.py").read_text()).body if isinstance(n, ast.FunctionDef)}
+    assert defined == {"__getattr__", "__dir__"}
+    for name, module in api.EXPORTS.items():
+        function = getattr(api, name)
+        assert (function.__module__, function.__name__) == (f"finetune_cli.tasks.{module}", name)
+    assert sorted(api.EXPORTS) == api.__all__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        api.nope
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    """`finetune --help` stays light: the tasks (and TensorFlow, scikit-learn, pandas) load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune_cli.cli\n"
+            "print([m for m in ('tensorflow', 'keras', 'sklearn', 'pandas', 'finetune_cli.tasks.train') "
+            "if m in sys.modules])")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == "[]"

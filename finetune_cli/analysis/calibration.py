@@ -34,7 +34,7 @@ def per_image_nll(probs: np.ndarray, labels: np.ndarray, floor: float = TINY) ->
 def nll(probs: np.ndarray, labels: np.ndarray, floor: float = TINY) -> float:
     """Mean negative log-likelihood (nats, >= 0) of int labels (n,) under probabilities (n, k); NaN when n = 0.
 
-    `floor`: the clip before the log; training and validation losses use Keras's 1e-7 (`train.loop`).
+    `floor`: the clip before the log; training and validation losses use Keras's 1e-7 (`train.setup`).
     """
     if len(labels) == 0:
         return float("nan")

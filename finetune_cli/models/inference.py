@@ -36,7 +36,7 @@ def probabilities(model, scan: Scan, size: int, batch_size: int = 32, config: Sc
 def prediction_frame(paths: list[str], probs: np.ndarray, classes: list[str], top_k: int, tta: int):
     """The frame `predict` returns, from probabilities (n, k) of the images at `paths` (text, row order).
 
-    Shared by the local and the Ray engine (`ray_engine`), so both write the same columns and rounding.
+    Shared by the local and the Ray engine (`scale.ray_data`), so both write the same columns and rounding.
     """
     import pandas as pd
 

@@ -64,7 +64,7 @@ def lr_figure(rates, losses, smoothed, marks: dict, spread: float | None = None)
     """Loss against learning rate (log x): each step's loss, its smoothed curve, and the suggestions.
 
     Args:
-        rates, losses, smoothed: (n,) the sweep (`train.lr_find.LrSweep`).
+        rates, losses, smoothed: (n,) the sweep (`train.lr_sweep.LrSweep`).
         marks: suggestion name -> (suggested rate, the step it was read at):
             a marker on the curve at that step and a dashed line at the rate.
         spread: the suggestions' largest / smallest when they disagree (said in the title).

@@ -10,7 +10,7 @@
     confusion.png    validation confusion matrix
     reliability.png  reliability diagram of the validation images, before and after calibration
     predictions_val.csv  per validation image: path, true, predicted, probability, p_true
-    report.html      everything above as one self-contained page (`report_html`), written after metrics.json
+    report.html      everything above as one self-contained page (`runs.report_page`), written after metrics.json
     skipped.csv      files not used, with reasons
     checkpoint.keras, state.json   the last completed fine-tuning epoch (for --resume)
     best.weights.h5  the weights of the best epoch so far (for --resume)
@@ -33,7 +33,7 @@ from typing import Iterator
 
 from finetune_cli.data.scan import check_out_outside
 from finetune_cli.errors import OutputError, SettingsError, TrainingError
-from finetune_cli.files import (check_writable_folder, claim_numbered, create_folder, held_names, read_json,
+from finetune_cli.files import (check_writable_folder, claim_numbered, create_folder, held_names, jsonable, read_json,
                                 remove_created, remove_stale_temps, writing)
 from finetune_cli.models.files import save_model_atomic
 from finetune_cli.pages.figures import figure_png
@@ -140,7 +140,7 @@ class RunFolder:
         return self.write_bytes(name, text.encode("utf-8"))
 
     def write_json(self, name: str, value) -> Path:
-        return self.write_text(name, json.dumps(value, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+        return self.write_text(name, json.dumps(value, indent=2, ensure_ascii=False, default=jsonable) + "\n")
 
     def read_json(self, name: str):
         """A JSON file of the folder, read within `config.JSON_MAX_BYTES` (`files.read_json`).
@@ -166,14 +166,6 @@ class RunFolder:
 
     def save_figure(self, name: str, figure) -> Path:
         return self.write_bytes(name, figure_png(figure))
-
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def open_run(out, root, resume: bool, reporter: Reporter) -> RunFolder:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune_cli import files
 from finetune_cli.config import DEFAULT_IMAGE_SIZE, RUNS_DIR
 from finetune_cli.data.scan import Scan
 from finetune_cli.errors import ModelFileError
@@ -136,16 +135,6 @@ def _optional_text(path: Path) -> str | None:
         return path.read_text("utf-8")
     except (OSError, ValueError):
         return None
-
-
-def output_folder(out, stem: str, *, overwrite: bool = False) -> Path:
-    """The folder of `files.output_folder` (the one rule of every command's output), for a caller that needs
-    the path alone: `out` checked (or created), or a new `runs/<stem>-<N>` created exclusively now.
-
-    Raises:
-        OutputError.
-    """
-    return files.output_folder(out, stem, command=stem.rsplit("-", 1)[-1], overwrite=overwrite).path
 
 
 def last_run(root: Path = RUNS_DIR) -> Path:

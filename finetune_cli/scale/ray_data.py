@@ -22,7 +22,6 @@ import uuid
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,40 +31,13 @@ from finetune_cli.config import IMAGE_SUFFIXES, JSON_MAX_BYTES, SCALE, SCAN, Sca
 from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
 from finetune_cli.data.lists import expand_lists, is_uri
 from finetune_cli.data.scan import Skipped, _check_layout, _walk_files, is_ignored, natural_key
-from finetune_cli.errors import FinetuneError, FolderError, OutputError, SettingsError
+from finetune_cli.errors import FinetuneError, FolderError, OutputError
 from finetune_cli.files import parse_json, shown
+from finetune_cli.scale.backend import connected
 
-ENGINES = ("local", "ray")
 MANIFEST = "manifest.json"
 FORMAT = "finetune-shards/1"
 #: A local input file with one of these endings lists inputs, one per line ('#' starts a comment).
-
-
-def checked_engine(engine: str, address: str | None) -> str:
-    """`engine` if it is known and `address` goes with it.
-
-    Raises:
-        SettingsError: an unknown engine, or --address without --engine ray.
-    """
-    if engine not in ENGINES:
-        raise SettingsError(f"Expected --engine local or ray. Received: engine={engine!r}")
-    if address and engine != "ray":
-        raise SettingsError("--address names a Ray cluster: use it with --engine ray")
-    return engine
-
-
-def require_ray():
-    """The `ray` module with Ray Data.
-
-    Raises:
-        SettingsError: Ray is not installed, naming the extra that installs it.
-    """
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise SettingsError("--engine ray needs Ray: pip install 'finetune-cli[ray]'") from None
-    return ray
 
 
 # ---------------------------------------------------------------- inputs
@@ -302,66 +274,6 @@ def _load_model(job: Job, tf):
 # ---------------------------------------------------------------- the driver
 
 
-@contextmanager
-def connected(address: str | None, settings: ScaleConfig = SCALE):
-    """Ray, connected to the cluster at `address`, or to a Ray instance started here (stopped after).
-
-    An already initialised Ray (a caller's own) is used as it is and left running.
-
-    Raises:
-        SettingsError: Ray is missing, or no cluster answers at `address`.
-    """
-    ray = require_ray()
-    _quiet_ray_data()
-    if ray.is_initialized():
-        yield ray
-        return
-    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level="error",
-                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
-    if address:
-        _check_answers(address)
-    try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:  # "local": a new instance of our own, even when another Ray runs on this machine
-            ray.init(address="local", object_store_memory=settings.object_store_mb << 20, **quiet)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        where = f"reach a Ray cluster at --address {address}" if address else "start Ray on this machine"
-        raise SettingsError(f"cannot {where}: {str(exc).splitlines()[0]} (start a cluster with `ray start --head`; "
-                            "one with token authentication also needs RAY_AUTH_MODE=token here)") from None
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def _check_answers(address: str, timeout: float = 5.0) -> None:
-    """Refuse at once a `host:port` where nothing listens (Ray itself would retry for minutes).
-
-    Raises:
-        SettingsError: the connection is refused or times out.
-    """
-    import socket
-
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return  # auto, ray://...: Ray's own lookup and timeouts apply
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise SettingsError(f"nothing answers at --address {address} ({exc.strerror or exc}): start a cluster "
-                            "there with `ray start --head`, or leave --address out to start Ray here") from None
-
-
-def _quiet_ray_data() -> None:
-    """Ray Data's per-dataset log lines off the terminal (its log file keeps them): ours show progress."""
-    import logging
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.ERROR)
-
-
 def prepare_out(out: str, overwrite: bool) -> None:
     """Create the output folder, or empty a previous one of ours with `overwrite`; before any work.
 
@@ -514,7 +426,7 @@ def read_output(out: str):
 def predict(inputs, run_dir, *, out: str, overwrite: bool = False, top_k: int = 1, tta: int = 1,
             address: str | None = None, settings: ScaleConfig = SCALE, config: ScanConfig = SCAN,
             progress=None, worker=ShardWriter) -> tuple[dict, list[Skipped]]:
-    """`predict` on Ray: (manifest, skipped files). Rows as `predict.predict`'s frame.
+    """`predict` on Ray: (manifest, skipped files). Rows as `tasks.predict.predict`'s frame.
 
     The run is checked here before any work (`Run.load`), then loaded once per actor.
 

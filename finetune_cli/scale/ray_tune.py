@@ -1,6 +1,6 @@
 """`finetune tune --engine ray`: the local search, with its trials run as Ray Tune trials on a cluster.
 
-    driver   every step of the local search (`train.tune`, `train.tune_finetune`): scan, split, features,
+    driver   every step of the local search (`tasks.tune`, `tasks.tune.finetune`): scan, split, features,
              candidates, rungs, ranking, best.toml, the held-out estimate, summary.json
     trials   each batch the local search runs one by one (all random or grid candidates, or one rung
              of halving) goes to Ray Tune at once (`RayTrials.run`): a `tune.Tuner` over the batch's
@@ -17,7 +17,7 @@
 Halving is the local one, rung by rung: every rung is one Tuner run of its candidates, and the best
 1/factor by the local ranking go on to the next. Not Ray's ASHA scheduler: ASHA promotes trials
 asynchronously, so which candidates reach the last rung depends on which finish first, and it
-continues a trial where the local search restarts it from the same start (`train.tune_finetune`);
+continues a trial where the local search restarts it from the same start (`tasks.tune.finetune`);
 running the same rungs keeps trials.csv reproducible and a search resumable by either engine. The
 price: a rung waits for its slowest trial.
 
@@ -45,11 +45,12 @@ from dataclasses import dataclass
 
 from finetune_cli.errors import FinetuneError, SettingsError
 from finetune_cli.progress import QUIET
+from finetune_cli.scale.backend import checked_trials
 
 
 @dataclass(frozen=True)
 class RayTrials:
-    """Runs batches of a search's trials as Ray Tune trials (the `engine` of `train.tune.tune`).
+    """Runs batches of a search's trials as Ray Tune trials (the `engine` of `tasks.tune.tune`).
 
     Attributes:
         max_concurrent: Tune trials running at once, at most; None: as many as the cluster's free
@@ -65,8 +66,8 @@ class RayTrials:
         """The row of `owner.trial(*call)` for each call, in order; None for those the time limit stopped.
 
         Args:
-            owner: a `train.tune.Searcher` (calls: (params, rows, folds)) or a
-                `train.tune_finetune.Trials` (calls: (params, epochs, rung)).
+            owner: a `tasks.tune.Searcher` (calls: (params, rows, folds)) or a
+                `tasks.tune.finetune.Trials` (calls: (params, epochs, rung)).
         """
         rows = [owner.log.get(_identity(owner, call)) for call in calls]
         todo = [i for i, row in enumerate(rows) if row is None]
@@ -158,32 +159,15 @@ def _portable(owner, calls: list[tuple]):
     return portable
 
 
-def checked(engine: str, address: str | None, max_concurrent: int | None) -> None:
-    """Validate the engine options before any work.
-
-    Raises:
-        SettingsError: an unknown engine, --address or --max-concurrent without --engine ray,
-            --max-concurrent below 1.
-    """
-    from finetune_cli.scale.ray_data import checked_engine
-
-    checked_engine(engine, address)
-    if max_concurrent is not None and engine != "ray":
-        raise SettingsError("--max-concurrent sets how many Ray Tune trials run at once: use it with --engine ray")
-    if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
-                                       or max_concurrent < 1):
-        raise SettingsError(f"Expected --max-concurrent to be a count >= 1. Received: max_concurrent={max_concurrent!r}")
-
-
 @contextlib.contextmanager
 def engine(engine: str = "local", address: str | None = None, max_concurrent: int | None = None):
     """The trial engine of a search: None (local) or a `RayTrials` connected to the cluster at `address`
     (None: a Ray instance started here and stopped after; a caller's running Ray is used as it is).
 
     Raises:
-        SettingsError: see `checked`; Ray or Ray Tune missing (naming the extra), no cluster at `address`.
+        SettingsError: see `backend.checked_trials`; Ray or Ray Tune missing (naming the extra), no cluster at `address`.
     """
-    checked(engine, address, max_concurrent)
+    checked_trials(engine, address, max_concurrent)
     if engine == "local":
         yield None
         return
@@ -191,7 +175,7 @@ def engine(engine: str = "local", address: str | None = None, max_concurrent: in
         importlib.import_module("ray.tune")
     except ImportError:
         raise SettingsError("--engine ray needs Ray Tune: pip install 'finetune-cli[ray]'") from None
-    from finetune_cli.scale.ray_data import connected
+    from finetune_cli.scale.backend import connected
 
     with connected(address):
         yield RayTrials(max_concurrent)

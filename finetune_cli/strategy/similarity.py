@@ -1,4 +1,5 @@
-"""How similar a dataset is to the backbone's pretraining data, measured.
+"""How similar a dataset is to the backbone's pretraining data: the rule (pure). The measurement that
+feeds it (the probes on cached features) is `train.session.measure`.
 
 Method (documented in the README; evidence returned and shown to the user):
 
@@ -16,8 +17,7 @@ Otherwise `similar`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -49,24 +49,6 @@ class Similarity:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
-    """Cross-validated accuracy (0-1) of a standardised logistic regression."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    folds = int(min(3, np.bincount(labels).min()))
-    if folds < 2:
-        return float("nan")
-    from finetune_cli.runtime.threads import one_blas_thread
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000, tol=1e-3))
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    with one_blas_thread():
-        return float(cross_val_score(model, features, labels, cv=cv).mean())
 
 
 def sample_indices(labels: np.ndarray, size: int = SIMILARITY.sample, seed: int = 0) -> np.ndarray:
@@ -112,30 +94,3 @@ def probe_layers(n_stages: int) -> list[int | None]:
     return [k for k in (n_stages - 2, n_stages - 1) if k >= 1] + [None]
 
 
-def measure(train, n_stages: int, features: Callable, top1: Callable | None = None, seed: int = 0,
-            config: SimilarityConfig = SIMILARITY) -> Similarity:
-    """Measure the evidence on a stratified sample of the distinct training images, then `judge` it.
-
-    One file of each group of identical files is sampled: copies in two folds would inflate the probe.
-
-    Args:
-        train: the training `Scan` (labelled).
-        n_stages: the backbone's stage count.
-        features: (scan, layers) -> one `FeatureTable` per layer (cached features).
-        top1: (scan, final) -> the pretrained classifier's mean top-1
-            probability on `scan`, given its final-stage pooled features
-            `final` (n, C); or None.
-    """
-    first = {}
-    for record in train.images:
-        first.setdefault(record.digest, record)
-    distinct = replace(train, images=tuple(first.values()))
-    labels = np.array(distinct.label_indices())
-    keep = sample_indices(labels, config.sample, seed=seed)
-    sample = replace(distinct, images=tuple(distinct.images[i] for i in keep))
-    layers = probe_layers(n_stages)
-    y = np.array(sample.label_indices())
-    tables = features(sample, layers)
-    accuracy = {k or n_stages: probe_accuracy(t.features, y, seed) for k, t in zip(layers, tables)}
-    accuracy = {k: v for k, v in accuracy.items() if np.isfinite(v)} or {n_stages: 0.0}
-    return judge(accuracy, top1(sample, tables[-1].features) if top1 else None, len(keep), config)

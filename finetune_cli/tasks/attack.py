@@ -171,12 +171,19 @@ def masking_warnings(curves: dict[str, list[float]], eps: tuple[float, ...], n: 
 OUTPUTS = ("robustness.json", "robustness.png", "index.html")
 
 
-def attack(run_dir, root, *, eps=ATTACK.eps, methods=ATTACK.methods, out=None, corruptions: bool = False,
+def attack(run, root, *, eps=None, methods=None, out=None, corruptions: bool = False,
            overwrite: bool = False, config: AttackConfig = ATTACK, scan_config: ScanConfig = SCAN) -> dict:
-    """Accuracy against eps on the labelled folder `root`; see the module docstring.
+    """Accuracy of a run against adversarial budgets eps (0-255 pixel units; FGSM, PGD) on a labelled folder,
+    and optionally under common corruptions; writes robustness.json, robustness.png and index.html.
 
-    `out` must be new or empty unless `overwrite` (then only an earlier attack's files are replaced, as a
-    whole: `files.output_folder`); the files are staged and moved in when all are written.
+    Args:
+        eps, methods: comma-separated text or sequences; None: `config.AttackConfig`'s (eps 0,1,2,4,8; fgsm,pgd).
+        out: the folder to write; None: a new `runs/<run>-attack-<N>`.
+        overwrite: replace an earlier attack's files in `out` (refused without it when `out` holds files).
+
+        config, scan_config: the attack's and the scan's settings (`config.AttackConfig`, `ScanConfig`).
+
+    The files are staged and moved in when all are written (`files.output_folder`).
 
     Returns (also out/robustness.json):
         {"out", "page", "n_images", "eps", "accuracy": {method: [per eps]}, "halving_eps": {method: eps or None},
@@ -188,8 +195,9 @@ def attack(run_dir, root, *, eps=ATTACK.eps, methods=ATTACK.methods, out=None, c
     """
     from finetune_cli.data.inputs import decode, labelled_test_scan
 
-    eps, methods = parse_eps(eps), parse_methods(methods)
-    run = Run.load(run_dir)
+    eps = parse_eps(config.eps if eps is None else eps)
+    methods = parse_methods(config.methods if methods is None else methods)
+    run = Run.load(run)
     scan, total = sampled(labelled_test_scan(root, run.classes, scan_config), config)
     images = decode(scan, run.classes, run.image_size, scan_config)
     target = output_folder(out, f"{run.path.name}-attack", command="attack", owned=OUTPUTS, overwrite=overwrite)

@@ -32,6 +32,7 @@ from finetune_cli.data.scan import Scan, scan_folder
 from finetune_cli.data.splits import content_groups
 from finetune_cli.errors import FolderError
 from finetune_cli.files import output_folder, shown, writing
+from finetune_cli.train.linear import standardised_logistic
 
 KINDS = ("label", "leakage", "duplicate", "outlier")
 COLUMNS = ("kind", "path", "other_path", "given_label", "suggested_label", "score")
@@ -68,16 +69,13 @@ def out_of_fold(features: np.ndarray, labels: np.ndarray, settings: AuditConfig 
     groups: int (n,) content groups (`data.splits.content_groups`): identical files share a fold, so a
         copy in another fold cannot vouch for an image's label.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     from finetune_cli.data.splits import distinct_per_class, grouped_folds
     from finetune_cli.runtime.threads import one_blas_thread
 
     folds = int(max(2, min(settings.folds, distinct_per_class(labels, groups).min())))
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=settings.C, max_iter=2000))
+    model = standardised_logistic(settings.C, floor=0.0, tol=1e-4, max_iter=2000)  # unfloored, as audit measured
     with one_blas_thread():
         return cross_val_predict(model, features, labels, cv=grouped_folds(labels, groups, folds, seed),
                                  method="predict_proba")
@@ -159,10 +157,26 @@ def audit(root, base: str, *, val_dir=None, test_dir=None, out=None, write: bool
           weights: str = "imagenet", image_size: int | None = None, batch_size: int = FEATURES.batch_size,
           cache_dir=None, use_cache: bool = True, seed: int = 0, config: ScanConfig = SCAN,
           settings: AuditConfig = AUDIT, progress=None) -> dict:
-    """Audit DIR (and val/test folders) with `base`'s features; see the module docstring and `api.audit`.
+    """Data problems found with `base`'s cached features (`finetune audit`; method: `audit` module).
 
-    With `write`, `out` must be new or empty unless `overwrite` (then only an earlier audit's files are
-    replaced, as a whole: `files.output_folder`); a folder created here is removed again when the audit fails.
+    Args:
+        val_dir, test_dir: also compared with `root` (a near-duplicate across folders is leakage).
+        out: the folder for audit.csv and index.html; None: a new `runs/<folder name>-audit-N`.
+        write: False returns the findings without writing anything (`inspect --base` uses it).
+        overwrite: replace an earlier audit in `out` (refused without it when `out` holds files; a folder
+            holding other files than audit.csv and index.html is refused even with it).
+
+    Returns (the `audit --json` contract):
+        {"folder", "base", "images": {"train": n[, "val": n][, "test": n]},
+         "counts": {"label", "leakage", "duplicate", "outlier": n},
+         "findings": [{"kind": label|leakage|duplicate|outlier, "path", "other_path" ("" unless a pair),
+                       "given_label", "suggested_label" (label: the class predicted instead; pairs: the other
+                       image's label; else ""), "score" (label: margin in (0, 1]; pairs: cosine similarity;
+                       outlier: robust z)}], most suspect first within each kind,
+         "skipped": [{"path", "reason"}], "settings": {...}, "files": {"csv", "html"} (empty without write)}.
+
+    Raises:
+        FolderError, BackboneError, WeightsUnavailableError, OutputError.
     """
     from finetune_cli.models.backbones import resolve
 

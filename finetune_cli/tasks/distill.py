@@ -150,31 +150,34 @@ def student_batches(parts: list[tuple], size: int, batch_size: int, seed: int, c
 
 def distill(root, teachers, student: str, *, out=None, student_weights: str = "imagenet", unlabeled=None,
             temperature: float | None = None, alpha: float | None = None, image_size: int | None = None,
-            val_dir=None, test_dir=None, seed: int = 0, cache_dir=None, use_cache: bool = True,
-            batch_size: int = 32, config: ScanConfig = SCAN, settings: DistillConfig = DISTILL,
+            epochs: int | None = None, views: int | None = None, val_dir=None, test_dir=None, seed: int = 0,
+            cache_dir=None, use_cache: bool = True, batch_size: int = 32, config: ScanConfig = SCAN,
+            settings: DistillConfig = DISTILL,
             reporter: Reporter = QUIET) -> dict:
-    """Distil the `teachers` (run folders) into a `student` trained on `root`'s class folders.
+    """Distil teacher runs into a student trained on `root`'s class folders (`finetune distill`).
 
     Args:
-        student: a registry name (`finetune bases`, incl. lenet/alexnet/vgg) or a .keras file;
-            it gets a new classifier head.
-        unlabeled: a folder of images only the teachers label (soft loss only).
-        temperature, alpha: None for `settings`' values (see `config.DistillConfig`).
+        teachers: run folders of `finetune train`; several are averaged (probabilities).
+        student: a registry name (`bases`, incl. lenet, alexnet, vgg) or a .keras file; a new head is added.
+        student_weights: `imagenet`, `none` or a weights file (built-in networks: always a fresh start).
+        unlabeled: a folder of images only the teachers label (the transfer set, soft loss only).
+        temperature, alpha, epochs, views: None for `config.DistillConfig`'s defaults.
         image_size: the student's input side; None: the first teacher's.
 
     Returns:
-        metrics (also RUN/metrics.json), with "distill": the table of distill.json.
+        metrics (also RUN/metrics.json); "distill" holds distill.json: the teachers,
+        the hard-label student and the distilled student, each with accuracy,
+        parameters, file size and CPU ms per image.
 
     Raises:
-        SettingsError (bad temperature/alpha, a teacher that is not a run or knows
-        other classes), FolderError, BackboneError, OutputError, TrainingError.
+        SettingsError, FolderError, BackboneError, OutputError, TrainingError.
     """
     from finetune_cli.data.inputs import labelled_test_scan
     from finetune_cli.train.context import split, without_overlap
 
     started = time.perf_counter()
-    settings = dataclasses.replace(settings, temperature=settings.temperature if temperature is None else temperature,
-                                   alpha=settings.alpha if alpha is None else alpha)
+    given = dict(temperature=temperature, alpha=alpha, epochs=epochs or None, views=views or None)
+    settings = dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
     check_settings(settings.temperature, settings.alpha)
     scan = scan_folder(root, labelled=True, config=config)
     runs = load_teachers(list(teachers), list(scan.classes))

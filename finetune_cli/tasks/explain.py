@@ -41,14 +41,23 @@ def class_index(name: str | None, classes: list[str]) -> int | None:
 OUTPUTS = ("maps", "index.html", "explain.json")
 
 
-def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | None = None, sanity: bool = False,
+def explain(run, images, *, method: str = "occlusion", class_name: str | None = None, sanity: bool = False,
             out=None, overwrite: bool = False, config: ExplainConfig = EXPLAIN, scan_config: ScanConfig = SCAN) -> dict:
-    """Heat maps for the predicted class (or `class_name`) of each image; see the module docstring.
+    """Heat maps of a run's decisions (occlusion or Grad-CAM) over image files or a folder, with a gallery.
 
-    The gallery is built in a staging folder inside `out` and moved in place
-    when complete: a failure, Ctrl-C or SIGTERM leaves no partial maps (and no
-    `out` this call created); `out` must be new or empty unless `overwrite`
-    (then only an earlier gallery is replaced: `files.output_folder`).
+    Args:
+        run: a run folder, its model.keras, or `last`.
+        images: files and folders; one folder of the run's class subfolders is read as labelled
+            (misclassified images first in the gallery).
+        class_name: map this class instead of each image's predicted one.
+        sanity: also map with the head randomised; a map that barely changes is flagged.
+        out: the folder for maps/, index.html, explain.json; None: a new `runs/<run>-explain-<N>`.
+        overwrite: replace an earlier gallery in `out` as a whole (refused without it when `out` holds files).
+
+        config, scan_config: `config.ExplainConfig` and the scan's settings.
+
+    The gallery is built in a staging folder inside `out` and moved in place when complete: a failure,
+    Ctrl-C or SIGTERM leaves no partial maps (and no `out` this call created).
 
     Returns:
         {"out", "page", "method", "target", "images": [{path, map, predicted, probability, label,
@@ -61,9 +70,9 @@ def explain(run_dir, inputs, *, method: str = "occlusion", class_name: str | Non
 
     if method not in saliency.METHODS:
         raise SettingsError(f"--method must be one of {', '.join(saliency.METHODS)}. Received: method={method!r}")
-    run = Run.load(run_dir)
+    run = Run.load(run)
     fixed = class_index(class_name, run.classes)
-    scan = scan_inputs(list(inputs), run.classes, scan_config)
+    scan = scan_inputs(list(images), run.classes, scan_config)
     target = output_folder(out, f"{run.path.name}-explain", command="explain", owned=OUTPUTS, overwrite=overwrite)
     with target.staged() as staging:
         rows, skipped = _explain_all(run, scan, fixed, method, sanity, staging, config, scan_config)
@@ -97,43 +106,6 @@ def _explain_all(run: Run, scan: Scan, fixed: int | None, method: str, sanity: b
     if not rows:
         raise FolderError("none of the images could be read")
     return rows, skipped
-
-
-def mistake_tiles(run_dir, method: str = "gradcam", limit: int = 24, config: ExplainConfig = EXPLAIN) -> list:
-    """Heat maps (for the predicted class) of a run's misclassified validation images, as report tiles.
-
-    Reads RUN/predictions_val.csv (written by `train`); the `limit` most
-    confident mistakes whose files still exist, most confident first.
-
-    Returns:
-        [pages.Tile] (empty when there are no mistakes, no predictions file, or the images are gone).
-
-    Raises:
-        ModelFileError, SettingsError (method).
-    """
-    from finetune_cli.analysis import saliency
-    from finetune_cli.pages.html import Tile
-    from finetune_cli.runs.run import read_predictions
-
-    if method not in saliency.METHODS:
-        raise SettingsError(f"--explain must be one of {', '.join(saliency.METHODS)}. Received: {method!r}")
-    run = Run.load(run_dir)
-    frame = read_predictions(run.path / "predictions_val.csv")
-    if frame is None:
-        return []
-    wrong = frame[(frame["true"] != frame["predicted"]) & frame["path"].map(lambda p: Path(p).is_file())]
-    wrong = wrong.sort_values("probability", ascending=False).head(limit)
-    if wrong.empty:
-        return []
-    from finetune_cli.data.inputs import collect
-
-    images = decode(collect(list(wrong["path"])), run.classes, run.image_size)
-    rows = wrong.set_index("path").loc[images.paths]
-    targets = np.array([run.classes.index(name) for name in rows["predicted"]])
-    maps = saliency.heat_maps(run.model, images.pixels, targets, method, config)
-    return [Tile(overlay_png(pixels, heat, config), f"{Path(path).name}\ntrue {row.true}, predicted "
-                 f"{row.predicted} ({row.probability:.0%})", flagged=True)
-            for pixels, heat, path, row in zip(images.pixels, maps, images.paths, rows.itertuples())]
 
 
 def _explain_chunk(run: Run, images: Decoded, fixed: int | None, method: str, sanity: bool, folder: Path,

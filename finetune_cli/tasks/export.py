@@ -10,11 +10,11 @@ is named as `files.staging_folder` names them, so it fits the file-name limit an
 removes it when a killed one left it; SIGTERM cleans up as Ctrl-C does. A write that fails (disk
 full, read-only, a name too long) is one OutputError naming the path.
 
-Which converter and runtime each format uses: `export_formats`. The held-out images are those of
+Which converter and runtime each format uses: `models.formats`. The held-out images are those of
 `check_dir` (a labelled folder), or the validation split `finetune train --seed SEED` made of `data`
 (the folder the run was trained on; a run folder does not record it). Full int8 takes its
 representative set from the training part of `data`. Before 8-bit quantisation the final Dense layer
-is split by weight scale (`export_formats.split_head`; the same function in float).
+is split by weight scale (`models.formats.split_head`; the same function in float).
 """
 
 from __future__ import annotations
@@ -55,26 +55,45 @@ class Images:
     held_out: bool = True
 
 
-def export_run(run_dir, *, fmt: str, quantize: str = "none", out=None, data=None, check_dir=None,
+def export(run, *, format: str, quantize: str = "none", out=None, data=None, check_dir=None,
                seed: int = 0, overwrite: bool = False, force: bool = False, min_agreement: float | None = None,
                calibration: int | None = None, settings: ExportConfig = EXPORT) -> dict:
-    """Export and verify; returns the report (also DIR/export.json). See `api.export` for the arguments.
+    """Write a run's model as keras, savedmodel, tflite or onnx into `out`, and verify the written file.
+
+    The file takes raw RGB float32 (B, S, S, 3) in [0, 255] (preprocessing inside) and returns
+    probabilities (B, k); labels.json goes beside it (and into the file: ONNX metadata_props, TFLite
+    metadata, SavedModel assets). Routes per format: `models.formats`.
+
+    Args:
+        format: keras, savedmodel, tflite or onnx.
+        quantize: none; tflite also fp16, dynamic, int8; onnx also int8.
+        out: the folder (new, or existing: other files in it are kept); None: a new RUN/exports/F-Q-N.
+        data: the folder the run was trained on: its validation split (`train --seed seed`) is the
+            check set, its training part int8's representative set (`calibration` images at most).
+        check_dir: a labelled folder to verify on instead.
+        min_agreement: the share (0-1) of held-out images on which the file must pick the Keras model's
+            top-1 class; below it the export is refused and nothing is written, unless `force`.
+        None values: `config.ExportConfig`'s defaults.
+
+    Returns:
+        The report (also out/export.json): n_images, accuracy_keras, accuracy, agreement,
+        max_prob_diff, ms_per_image (batch 1, CPU) of both, bytes, route, out.
 
     Raises:
-        SettingsError, ModelFileError, FolderError, OutputError, ExportError (refused, or a missing runtime).
+        SettingsError, ModelFileError, FolderError, OutputError, ExportError (refused, missing runtime).
     """
-    formats.check_choice(fmt, quantize)
+    formats.check_choice(format, quantize)
     min_agreement = settings.min_agreement if min_agreement is None else min_agreement
     calibration = settings.calibration if calibration is None else calibration
     if not 0 <= min_agreement <= 1 or calibration < 1:
         raise SettingsError(f"--min-agreement takes 0 to 1 and --calibration at least 1 image. "
                             f"Received: min_agreement={min_agreement}, calibration={calibration}")
-    formats.check_runtime(fmt)
-    run = Run.load(run_dir)
-    out, created = _output_folder(out, run, fmt, quantize, overwrite)
+    formats.check_runtime(format)
+    run = Run.load(run)
+    out, created = _output_folder(out, run, format, quantize, overwrite)
     try:
         with sigterm_as_interrupt():  # SIGTERM cleans up as Ctrl-C does: no staging folder left
-            return _export(run, out, fmt, quantize, data, check_dir, seed, force, min_agreement, calibration,
+            return _export(run, out, format, quantize, data, check_dir, seed, force, min_agreement, calibration,
                            settings)
     except BaseException as exc:
         if created:

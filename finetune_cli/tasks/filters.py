@@ -94,7 +94,7 @@ def unit_means(layer_model, images: np.ndarray, units: list[int]) -> np.ndarray:
     return maps.mean(axis=(1, 2))[:, units]
 
 
-def dream(layer_model, photo: np.ndarray, units: list[int] | None, settings: FiltersConfig = FILTERS) -> np.ndarray:
+def deep_dream(layer_model, photo: np.ndarray, units: list[int] | None, settings: FiltersConfig = FILTERS) -> np.ndarray:
     """DeepDream of a uint8 (S, S, 3) photo: float32 (S, S, 3) in [0, 255] (see the module docstring)."""
     import tensorflow as tf
 
@@ -124,18 +124,28 @@ def dream(layer_model, photo: np.ndarray, units: list[int] | None, settings: Fil
 FILES = {"grid": "filters.png", "html": "index.html", "dream": "dream.png"}
 
 
-def filters(base: str | None = None, run: str | None = None, *, layer, units: int | None = None, unit_ids=None,
+def filters(base: str | None = None, model: str | None = None, *, layer, units: int | None = None, unit_ids=None,
             out=None, overwrite: bool = False, weights: str = "imagenet", image_size: int | None = None,
-            dream_image=None, seed: int = 0, settings: FiltersConfig = FILTERS) -> dict:
-    """Unit pictures (and a DeepDream) for `layer`; returns the summary (see `api.filters`).
+            dream=None, seed: int = 0, settings: FiltersConfig = FILTERS) -> dict:
+    """Gradient-ascent pictures of `layer`'s units (`base` or a run `model`), and with `dream` a DeepDream photo.
 
-    `out` must be new or empty unless `overwrite` (then only earlier filters files are replaced, as a whole:
-    `files.output_folder`); a folder created here is removed again when the command fails.
+    Args:
+        units: how many (default `config.FILTERS.units`), the first ones; unit_ids: these instead.
+        out: the folder for filters.png, index.html (and dream.png); None: a new `runs/<base>-filters-N`.
+        overwrite: replace an earlier filters output in `out` (refused without it when `out` holds files).
+
+    Returns:
+        {"base", "layer", "image_size", "units": [{"unit", "activation", "noise_activation"}] (mean activation
+        on its picture, and on uniform noise), "files": {"grid", "html"[, "dream"]}}.
+
+    Raises:
+        SettingsError (neither or both of base/model, unit out of range), BackboneError, ModelFileError,
+        FolderError (an unusable --dream image), OutputError.
     """
-    layer_model, name, side, label = load_layer_model(base, run, layer, weights, image_size)
+    layer_model, name, side, label = load_layer_model(base, model, layer, weights, image_size)
     channels = int(layer_model.output.shape[-1])
     chosen = pick_units(channels, units or settings.units, unit_ids)
-    photo = _photo(dream_image, side) if dream_image is not None else None
+    photo = _photo(dream, side) if dream is not None else None
     target = output_folder(out, f"{label.replace('.keras', '')}-filters", command="filters",
                            owned=tuple(FILES.values()), overwrite=overwrite)
     with target.staged() as staging:
@@ -149,7 +159,7 @@ def filters(base: str | None = None, run: str | None = None, *, layer, units: in
         kinds = ("grid", "html", "dream") if photo is not None else ("grid", "html")
         files = {kind: staging / FILES[kind] for kind in kinds}
         if photo is not None:
-            _write_png(files["dream"], dream(layer_model, photo, list(unit_ids) if unit_ids else None, settings))
+            _write_png(files["dream"], deep_dream(layer_model, photo, list(unit_ids) if unit_ids else None, settings))
         _write(staging, files, summary, pictures, settings)
         summary["files"] = {kind: str(target.path / FILES[kind]) for kind in kinds}
     return summary

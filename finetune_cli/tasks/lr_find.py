@@ -16,13 +16,23 @@ from finetune_cli.train.lr_sweep import SWEPT, LrFinding, checked_config, find, 
 def lr_find(root, base: str, *, out=None, weights: str = "imagenet", image_size: int | None = None,
             strategy: str = "partial", recipe: str | None = None, seed: int = 0, cache_dir=None,
             use_cache: bool = True, batch_size: int = 32, config: ScanConfig = SCAN,
-            settings: TrainConfig = TRAIN, sweep_config: LrFindConfig = LR_FIND,
+            settings: TrainConfig = TRAIN, sweep: LrFindConfig = LR_FIND,
             reporter: Reporter = QUIET) -> LrFinding:
-    """`finetune lr-find`: sweep the head rate of `strategy`'s plan on `root`; write lr.* into `out`.
+    """Sweep the head's learning rate exponentially on a fine-tuning plan's model (fastai's `lr_find`).
 
-    `out` None makes a new numbered folder `runs/<root name>-lr-<N>`. The
-    training images are those `train` would use (the same seeded split).
-    A failure removes what was written (and the folder, if it was made).
+    The model and training batches are those `train` would fine-tune for
+    `strategy` (partial or full; a `recipe` overrides it); the weights are
+    restored afterwards. See `train.lr_sweep` for the sweep and the suggestions.
+
+    Args:
+        out: the folder to create for lr.csv (step, lr, loss, smoothed),
+            lr.png and lr.json; None: a new `runs/<folder name>-lr-<N>`.
+        sweep: the sweep's range, length and stopping rule (`config.LrFindConfig`).
+
+    Returns:
+        A `train.lr_sweep.LrFinding`: `.suggestions` (valley, steepest,
+        minimum, spread, disagree), `.sweep` (rates, losses, smoothed),
+        `.folder`; `.to_dict()` is JSON-able.
 
     Raises:
         FolderError, BackboneError, WeightsUnavailableError, RecipeError,
@@ -33,7 +43,7 @@ def lr_find(root, base: str, *, out=None, weights: str = "imagenet", image_size:
     from finetune_cli.strategy import recipes as recipe_files
     from finetune_cli.train.session import choose, is_imbalanced, prepare
 
-    checked_config(sweep_config)
+    checked_config(sweep)
     if strategy not in SWEPT:
         raise SettingsError(f"--strategy must be one of {', '.join(SWEPT)} for lr-find. Received: {strategy}")
     if recipe is not None and recipe_files.load(recipe)[0].strategy not in SWEPT:  # validate before any work
@@ -48,5 +58,5 @@ def lr_find(root, base: str, *, out=None, weights: str = "imagenet", image_size:
                                   config=config, settings=settings, reporter=reporter)
         # the similarity verdict only words the plan's reason; the forced strategy fixes the stages
         _, plan, recipe_obj, _ = choose(ctx, profile, "similar", strategy, recipe)
-        finding = find(ctx, plan, recipe_obj, is_imbalanced(ctx, profile), settings, sweep_config)
+        finding = find(ctx, plan, recipe_obj, is_imbalanced(ctx, profile), settings, sweep)
         return write_sweep(run, finding)

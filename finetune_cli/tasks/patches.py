@@ -34,10 +34,23 @@ def patches(root, base: str, *, layer, units: int | None = None, unit_ids=None, 
             overwrite: bool = False, weights: str = "imagenet", image_size: int | None = None,
             batch_size: int = FEATURES.batch_size, cache_dir=None, use_cache: bool = True, config: ScanConfig = SCAN,
             settings: PatchesConfig = PATCHES, progress=None) -> dict:
-    """Top crops per unit of `layer`; see the module docstring. Returns the summary (see `api.patches`).
+    """For each unit of `layer`, the `top` image crops (its receptive field at the argmax) that excite it most.
 
-    `out` must be new or empty unless `overwrite` (then only earlier patches files are replaced, as a whole:
-    `files.output_folder`); a folder created here is removed again when the command fails.
+    Args:
+        layer: a stage index or a layer name (`finetune layers --base B`).
+        units: how many units (default `config.PATCHES.units`): the most active (highest mean per-image maximum).
+        unit_ids: these units instead (0..C-1).
+        out: the folder for patches.png, patches.csv, index.html; None: a new `runs/<folder name>-patches-N`.
+        overwrite: replace an earlier patches output in `out` (refused without it when `out` holds files).
+
+    Returns:
+        {"folder", "base", "layer", "image_size", "receptive_field": {"size", "jump", "start"} (per axis),
+         "units": [{"unit", "mean_max", "patches": [{"rank", "path", "activation", "y", "x",
+         "box": [top, left, bottom, right]}]}], "skipped", "files"}.
+
+    Raises:
+        FolderError, BackboneError (bad layer, unsupported layer on the path), SettingsError (unit out of range),
+        OutputError.
     """
     from finetune_cli.features import FeatureCache, extract
     from finetune_cli.models.backbones import build, resolve

@@ -13,12 +13,16 @@ from finetune_cli.train.context import Context
 from finetune_cli.train.session import choose
 
 
-def plan_for(
+def plan(
     root, base: str, *, weights: str = "imagenet", image_size: int | None = None, similarity: str = "auto",
     strategy: str = "auto", recipe: str | None = None, seed: int = 0, cache_dir=None, use_cache: bool = True,
     config: ScanConfig = SCAN, reporter: Reporter = QUIET,
 ):
-    """What `train` would decide, without training: (profile, similarity, plan)."""
+    """What `train` would do with `base`, without training: (Profile, Similarity, Plan).
+
+    Raises:
+        FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError.
+    """
     scan = scan_folder(root, labelled=True, config=config)
     profile = profile_scan(scan, config)
     backbone = build(resolve(base, weights, image_size, seed))

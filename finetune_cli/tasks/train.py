@@ -6,8 +6,8 @@
     fit       linear head or fine-tuning, both                            -> TrainResult
     calibrate temperature scaling of the kept model (train.calibrate)     -> TrainResult
               (timed with fit as "train")
-    write     the run folder (artifacts.write_run)                        -> metrics
-    report    RUN/report.html, best effort (report_html.write_report)
+    write     the run folder (runs.write.write_run)                        -> metrics
+    report    RUN/report.html, best effort (runs.report_page.write_report)
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from finetune_cli.analysis.scores import scores
-from finetune_cli.config import LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, ScanConfig, TrainConfig
+from finetune_cli.config import (FEATURES, LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, PretrainConfig, ScanConfig,
+                                 TrainConfig)
 from finetune_cli.data.scan import Scan
 from finetune_cli.errors import BackboneError, TrainingError
 from finetune_cli.features import FeatureCache
@@ -28,39 +29,54 @@ from finetune_cli.progress import QUIET, Reporter
 from finetune_cli.runs.folder import RunFolder, open_run
 from finetune_cli.runs.run import TRAINED_ON
 from finetune_cli.runs.write import write_run
+from finetune_cli.runtime.devices import scope
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.train.calibrate import calibrate
 from finetune_cli.train.context import Context, TrainResult, all_labels
+from finetune_cli.train.ensemble import checked_settings
+from finetune_cli.train.lr_sweep import checked_rate
 from finetune_cli.train.resume import already_finished, read_saved
 from finetune_cli.train.session import choose, is_imbalanced, n_stages, prefetch, prepare
 
 
 def train(
-    root, base: str | None, *, out, weights: str = "imagenet", image_size: int | None = None,
-    similarity: str = "auto", strategy: str = "auto", recipe: str | None = None,
-    val_dir=None, test_dir=None, seed: int = 0, resume: bool = False, cache_dir=None, use_cache: bool = True,
-    batch_size: int = 32, unlabeled=None, pretrain_config=None, greedy: bool = False,
+    root, base: str | None, *, out=None, weights: str = "imagenet", image_size: int | None = None,
+    strategy: str = "auto", similarity: str = "auto", recipe: str | None = None, val_dir=None, test_dir=None,
+    seed: int = 0, resume: bool = False, batch_size: int = FEATURES.batch_size, cache_dir=None,
+    use_cache: bool = True, unlabeled=None, pretrain_settings: PretrainConfig | None = None, greedy: bool = False,
     config: ScanConfig = SCAN, settings: TrainConfig = TRAIN, reporter: Reporter = QUIET,
-    lr: float | str | None = None, lr_config: LrFindConfig = LR_FIND,
+    lr: float | str | None = None, ensemble: int | str = TRAIN.ensemble, ensemble_mode: str = TRAIN.ensemble_mode,
+    average: str = TRAIN.average, devices: int | str = 1, lr_config: LrFindConfig = LR_FIND,
 ) -> dict:
-    """Train a classifier on `root`'s class folders; returns metrics (also in RUN/metrics.json).
+    """Inspect, decide, train and write a run folder (the steps: this module's docstring).
 
-    `out` None makes a new numbered folder `runs/<root name>-<N>`
-    (metrics["run_folder"] says which).
+    Args:
+        base: a registry name or a .keras file; None only with `unlabeled`. out: the run folder to
+            create; None: a new `runs/<folder name>-<N>` (metrics["run_folder"] says which).
+            recipe: a shipped recipe name or a .toml path.
+        strategy: auto, linear, partial or full (overrides the decision table); similarity: auto
+            (measured), similar or different (stated).
+        val_dir, test_dir: labelled folders to validate on instead of a split, and to score the kept
+            model on in the same process (metrics["test"], as `evaluate` returns it).
+        unlabeled: first pretrain a denoising autoencoder on these images into RUN/encoder.keras
+            (`pretrain_settings`, `greedy`; starting from `base`'s early stages when a base is given)
+            and train from that encoder.
+        resume: continue the run in `out` (`train.resume` says what is checked); a finished run is
+            left as it is. settings: beyond the recipe (`TrainConfig`).
+        lr: the head's rate (> 0, or its text), or "auto": the lr-find valley on the plan's model
+            (`set_rate`); other groups keep their ratio. Fine-tuning only; None: the recipe's.
+        ensemble, ensemble_mode, average: see `config.TrainConfig` (text accepted), `train.ensemble`.
+        devices: fine-tune on N devices (or "all" GPUs) under a MirroredStrategy (`runtime.devices`).
 
-    With `unlabeled`, a denoising autoencoder is first pretrained on those
-    images into RUN/encoder.keras (starting from `base`'s early stages when
-    a base is given) and training starts from that encoder. With
-    `test_dir`, the trained model is evaluated on that labelled folder in the
-    same process (metrics["test"], as `evaluate` returns it). With `resume`,
-    see `train.resume` for what is checked; a finished run is left as it is.
-    With `lr` (a rate, or "auto": swept first), see `set_rate`.
+    Returns the run's metrics (also in `out/metrics.json`). If training fails before anything worth
+    resuming exists, the files it wrote (and the folder, if it made it) are removed.
 
-    If training fails before anything worth resuming exists, the files it
-    wrote (and the folder, if it made it) are removed.
+    Raises: FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError, SettingsError,
+        ModelFileError, TrainingError.
     """
     started = time.perf_counter()
+    settings, lr = checked_settings(settings, ensemble, ensemble_mode, average, resume), checked_rate(lr)
     if base is None and unlabeled is None:
         raise BackboneError("--base is required (a name from `finetune bases` or a .keras file), "
                             "unless --unlabeled pretrains an encoder first")
@@ -69,33 +85,35 @@ def train(
     if recipe is not None or strategy != "auto":  # the user chose fine-tuning: no skipping it for lack of headroom
         settings = dataclasses.replace(settings, headroom_check=False)
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
-    run = open_run(out, root, resume, reporter)
-    if resume and run.finished:
-        return already_finished(run)
-    saved = read_saved(run) if resume else None
-    with run.guarded():
-        pretrained = None
-        if unlabeled is not None:
-            pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size,
-                                          seed=seed, config=pretrain_config, greedy=greedy, scan_config=config,
-                                          reporter=reporter)
-            base, weights, image_size = str(run.file("encoder.keras")), "imagenet", pretrained["image_size"]
-            similarity = "similar" if similarity == "auto" else similarity
-        ctx, profile, test_scan = prepare(run, root, base, weights=weights, image_size=image_size, saved=saved,
-                                          recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
-                                          cache=cache, batch_size=batch_size, config=config,
-                                          settings=settings, reporter=reporter)
-        clock = {"prepare": time.perf_counter() - started}
-        plan, evidence, recipe_obj = (saved.plan, saved.evidence, saved.recipe) if saved else decide_and_record(
-            ctx, profile, similarity, strategy, recipe, pretrained, test_scan)
-        reporter.on_plan(plan, evidence)
-        plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
-        ctx = all_labels(ctx, plan, val_dir is not None or not settings.cross_validate, getattr(settings, "ensemble", 1))
-        clock["plan"] = time.perf_counter() - started - clock["prepare"]
-        result = calibrate(ctx, fit(ctx, profile, plan, evidence, recipe_obj, resume, settings), settings)
-        result.metrics.update(lr_record)
-        clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
-        return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
+    with scope(devices, reporter.on_note):
+        run = open_run(out, root, resume, reporter)
+        if resume and run.finished:
+            return already_finished(run)
+        saved = read_saved(run) if resume else None
+        with run.guarded():
+            pretrained = None
+            if unlabeled is not None:
+                pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size,
+                                              seed=seed, config=pretrain_settings, greedy=greedy,
+                                              scan_config=config, reporter=reporter)
+                base, weights, image_size = str(run.file("encoder.keras")), "imagenet", pretrained["image_size"]
+                similarity = "similar" if similarity == "auto" else similarity
+            ctx, profile, test_scan = prepare(run, root, base, weights=weights, image_size=image_size, saved=saved,
+                                              recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
+                                              cache=cache, batch_size=batch_size, config=config,
+                                              settings=settings, reporter=reporter)
+            clock = {"prepare": time.perf_counter() - started}
+            plan, evidence, recipe_obj = (saved.plan, saved.evidence, saved.recipe) if saved else \
+                decide_and_record(ctx, profile, similarity, strategy, recipe, pretrained, test_scan)
+            reporter.on_plan(plan, evidence)
+            plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
+            ctx = all_labels(ctx, plan, val_dir is not None or not settings.cross_validate,
+                             getattr(settings, "ensemble", 1))
+            clock["plan"] = time.perf_counter() - started - clock["prepare"]
+            result = calibrate(ctx, fit(ctx, profile, plan, evidence, recipe_obj, resume, settings), settings)
+            result.metrics.update(lr_record)
+            clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
+            return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
 
 
 def decide_and_record(ctx: Context, profile, similarity: str, strategy: str, recipe: str | None,
@@ -146,7 +164,7 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
 
 
 def set_rate(ctx: Context, profile, plan, recipe, lr, saved, settings: TrainConfig, lr_config: LrFindConfig):
-    """`--lr`: (plan, {"lr": record} for metrics.json, or {}), by `train.lr_find.apply_rate`.
+    """`--lr`: (plan, {"lr": record} for metrics.json, or {}), by `train.lr_sweep.apply_rate`.
 
     `lr` is a head rate, or "auto" (the sweep first, its valley suggestion);
     the other groups keep their ratio to the head. Nothing changes without
@@ -211,7 +229,7 @@ def val_paths(ctx: Context, result: TrainResult) -> list[str] | None:
 
 
 def with_report(ctx: Context, metrics: dict) -> dict:
-    """Write RUN/report.html (`report_html.write_report`), best effort: the run is already saved, so a
+    """Write RUN/report.html (`runs.report_page.write_report`), best effort: the run is already saved, so a
     failure is a note (in the returned metrics too), never an error."""
     from finetune_cli.runs.report_page import write_report
 

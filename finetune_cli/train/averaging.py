@@ -9,7 +9,7 @@
                       cycle of `snapshot_cycle` epochs, then restarts; the weights at
                       every cycle's end are one member
 
-BatchNorm layers are frozen in this project's fine-tuning (`train.loop.set_trainable`
+BatchNorm layers are frozen in this project's fine-tuning (`train.setup.set_trainable`
 freezes every one), so their moving statistics never change during a run and an
 average of weights needs no statistics recomputed. A model whose BatchNorm layers
 train is refused (`TrainingError`) rather than averaged with stale statistics.
@@ -117,7 +117,7 @@ class CosineSnapshots(Callback):
 
 
 def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean -log p(true class) of probs (n, k) for labels (n,), probabilities clipped at 1e-7 (as `train.loop`)."""
+    """Mean -log p(true class) of probs (n, k) for labels (n,), probabilities clipped at 1e-7 (as `train.setup`)."""
     return nll(probs, labels, floor=1e-7)
 
 

@@ -31,7 +31,7 @@ def calibrate(ctx: Context, result: TrainResult, settings: TrainConfig) -> Train
 
     Nothing changes when `settings.calibrate` is False, when there are no
     validation images, or when the validation probabilities are not finite
-    (`train.run.finish` refuses those). When T is not applied, the reason is
+    (`tasks.train.finish` refuses those). When T is not applied, the reason is
     a note and `result.calibration` still records the fit.
 
     Returns:

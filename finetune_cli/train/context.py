@@ -1,8 +1,8 @@
 """What the steps of a training run share, and what fitting returns.
 
-`Context` is built once by `train.run.prepare` and read by every later step;
+`Context` is built once by `tasks.train.prepare` and read by every later step;
 `TrainResult` is what both fitting paths (linear head, fine-tuning) return,
-and what `artifacts.write_run` writes.
+and what `runs.write.write_run` writes.
 """
 
 from __future__ import annotations

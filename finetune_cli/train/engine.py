@@ -11,7 +11,7 @@ A use of the engine supplies what differs, and nothing else:
 `fit_with_retries` wraps `fit` with the NaN policy: on divergence, restore the
 starting weights and try again at a tenth of every rate.
 
-A trainer made inside a `tf.distribute` strategy's scope (`train.distribute`,
+A trainer made inside a `tf.distribute` strategy's scope (`runtime.devices`,
 `train --devices N`) runs each step on every replica, on its slice of the
 global batch; outside one, the step is the plain single-device one.
 """

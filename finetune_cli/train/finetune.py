@@ -355,7 +355,7 @@ def _announce(ctx: Context, plan) -> None:
 
 
 def _devices() -> dict:
-    """{"devices": n} when the engine's steps ran on n > 1 replicas (`train --devices`, `train.distribute`), else {}."""
+    """{"devices": n} when the engine's steps ran on n > 1 replicas (`train --devices`, `runtime.devices`), else {}."""
     from finetune_cli.runtime.devices import replicas
 
     n = replicas()

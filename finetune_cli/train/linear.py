@@ -82,7 +82,6 @@ def fit_linear(
 
 def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: int, config: LinearConfig,
                 n_primary: int) -> LinearHead:
-    from sklearn.linear_model import LogisticRegression
 
     from finetune_cli.data.splits import distinct_per_class, grouped_folds
 
@@ -100,7 +99,7 @@ def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: 
     else:  # too few images to fold: the one C given, else a moderate one
         best = config.c_grid[0] if len(config.c_grid) == 1 else 0.1
     scaler = floored_scaler(features, config.scale_floor)
-    model = LogisticRegression(C=best, max_iter=1000, tol=config.tol, class_weight=weight).fit(scaler.transform(features), labels)
+    model = logistic(best, tol=config.tol, class_weight=weight).fit(scaler.transform(features), labels)
     return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores, oof=oof)
 
 
@@ -144,7 +143,6 @@ class CPath:
 
     def scores(self, cs: list[float]) -> dict[float, tuple[float, float, np.ndarray]]:
         """Scores at each C of `cs` (ascending), each fold continuing from its last fitted model."""
-        from sklearn.linear_model import LogisticRegression
 
         hits = {c: [] for c in cs}
         losses = {c: [] for c in cs}
@@ -153,8 +151,7 @@ class CPath:
             scaler = floored_scaler(self.x[train], self.config.scale_floor)
             x_train, x_test = scaler.transform(self.x[train]), scaler.transform(self.x[test])
             if self.models[i] is None:
-                self.models[i] = LogisticRegression(max_iter=1000, tol=self.config.tol, class_weight=self.weight,
-                                                    warm_start=True)
+                self.models[i] = logistic(tol=self.config.tol, class_weight=self.weight, warm_start=True)
             keep = self.primary[test]
             for c in cs:
                 model = self.models[i].set_params(C=c).fit(x_train, self.y[train])
@@ -187,6 +184,22 @@ class FlooredScaler(StandardScaler):
         if self.floor > 0 and positive.size:
             self.scale_ = np.maximum(self.scale_, self.floor * float(np.median(positive)))
         return self
+
+
+def logistic(C: float = 1.0, *, tol: float = LINEAR.tol, max_iter: int = 1000, class_weight: str | None = None,
+             warm_start: bool = False):
+    """The one L2 logistic regression every linear fit builds (scikit-learn, lbfgs, multinomial): the linear
+    head and its C path, tune's trials, the similarity probe and audit, each with its own options."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=max_iter, tol=tol, class_weight=class_weight, warm_start=warm_start)
+
+
+def standardised_logistic(C: float, *, floor: float = LINEAR.scale_floor, **options):
+    """`logistic(C, **options)` behind a `FlooredScaler(floor)`, as one pipeline (floor 0: a plain StandardScaler)."""
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(FlooredScaler(floor), logistic(C, **options))
 
 
 def floored_scaler(features: np.ndarray, floor: float) -> FlooredScaler:

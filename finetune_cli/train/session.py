@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from finetune_cli.config import ScanConfig, TrainConfig
+from finetune_cli.config import SIMILARITY, ScanConfig, SimilarityConfig, TrainConfig
 from finetune_cli.data.inputs import labelled_test_scan
 from finetune_cli.data.profile import profile_scan
 from finetune_cli.data.scan import Scan, scan_folder
@@ -26,7 +28,9 @@ from finetune_cli.runs.folder import RunFolder
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import decide, table_recipe
+from finetune_cli.strategy.similarity import Similarity, judge, probe_layers, sample_indices
 from finetune_cli.train.context import Context, split_notes, split_scan, without_overlap
+from finetune_cli.train.linear import standardised_logistic
 from finetune_cli.train.resume import check_unchanged
 
 
@@ -116,7 +120,7 @@ def measure_similarity(ctx: Context) -> sim.Similarity:
                  batched_images(sample.paths(), ctx.backbone.ref.image_size, ctx.batch_size, ctx.config)]
         return float(np.concatenate(probs).mean())
 
-    return sim.measure(ctx.train, n_stages(ctx), ctx.features, top1 if classifier is not None else None, ctx.seed)
+    return measure(ctx.train, n_stages(ctx), ctx.features, top1 if classifier is not None else None, ctx.seed)
 
 
 def pooled_head(classifier, trunk) -> tuple | None:
@@ -157,3 +161,47 @@ def choose(ctx: Context, profile, similarity: str, strategy: str, recipe: str | 
         evidence = dataclasses.replace(evidence, stage_accuracy=probed.stage_accuracy,
                                        best_stage=probed.best_stage, n_sample=probed.n_sample)
     return evidence, plan, recipe_obj, recipe_text
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """Cross-validated accuracy (0-1) of a standardised logistic regression."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    folds = int(min(3, np.bincount(labels).min()))
+    if folds < 2:
+        return float("nan")
+    from finetune_cli.runtime.threads import one_blas_thread
+
+    model = standardised_logistic(0.1, floor=0.0, tol=1e-3)  # unfloored, as the probe's margins were measured
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    with one_blas_thread():
+        return float(cross_val_score(model, features, labels, cv=cv).mean())
+
+
+def measure(train, n_stages: int, features: Callable, top1: Callable | None = None, seed: int = 0,
+            config: SimilarityConfig = SIMILARITY) -> Similarity:
+    """Measure the evidence on a stratified sample of the distinct training images, then `judge` it.
+
+    One file of each group of identical files is sampled: copies in two folds would inflate the probe.
+
+    Args:
+        train: the training `Scan` (labelled).
+        n_stages: the backbone's stage count.
+        features: (scan, layers) -> one `FeatureTable` per layer (cached features).
+        top1: (scan, final) -> the pretrained classifier's mean top-1
+            probability on `scan`, given its final-stage pooled features
+            `final` (n, C); or None.
+    """
+    first = {}
+    for record in train.images:
+        first.setdefault(record.digest, record)
+    distinct = replace(train, images=tuple(first.values()))
+    labels = np.array(distinct.label_indices())
+    keep = sample_indices(labels, config.sample, seed=seed)
+    sample = replace(distinct, images=tuple(distinct.images[i] for i in keep))
+    layers = probe_layers(n_stages)
+    y = np.array(sample.label_indices())
+    tables = features(sample, layers)
+    accuracy = {k or n_stages: probe_accuracy(t.features, y, seed) for k, t in zip(layers, tables)}
+    accuracy = {k: v for k, v in accuracy.items() if np.isfinite(v)} or {n_stages: 0.0}
+    return judge(accuracy, top1(sample, tables[-1].features) if top1 else None, len(keep), config)

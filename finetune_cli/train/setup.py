@@ -98,6 +98,7 @@ def finetuner(
     progress: Callable[[LoopState, int], None] | None = None,
     whole=None,
     extra: Sequence[Callback] = (),
+    schedule: bool = True,
 ) -> tuple[Trainer, Callable[[], dict]]:
     """(trainer, validate): fine-tuning `model` as the plan says, for `engine.fit_with_retries`.
 
@@ -111,16 +112,17 @@ def finetuner(
         progress: called after each epoch with (state, total epochs).
         whole: the whole network when `model` is its top (see `set_trainable`).
         extra: more engine callbacks, run after the others (weight averaging, snapshots).
+        schedule: early stopping and the plateau decay on (train); off, every epoch of `plan.epochs`
+            runs at the planned rates (a tune rung trained for a fixed number of epochs).
     """
     import tensorflow as tf
 
     groups = set_trainable(model, plan, whole)
     rates = plan.learning_rates
-    callbacks = [
-        NanGuard(),
-        EarlyStopping(recipe.patience, 1e-4, restore_best=restore_best),
-        PlateauDecay(recipe.plateau_factor, recipe.patience // 2),
-    ]
+    callbacks = [NanGuard()]
+    if schedule:
+        callbacks += [EarlyStopping(recipe.patience, 1e-4, restore_best=restore_best),
+                      PlateauDecay(recipe.plateau_factor, recipe.patience // 2)]
     if checkpoint:
         callbacks.append(Each(lambda trainer, s, logs: checkpoint(trainer.model, s, logs["improved"])))
     if progress:

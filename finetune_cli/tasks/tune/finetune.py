@@ -4,11 +4,11 @@
               trial validation images (a stratified seeded `TrainConfig.val_fraction` of them); the
               held-out images (train's validation split) stay unseen until the estimate
     space     `ParameterSampler` candidates of learning_rate (log-uniform), top_lr_factor, dropout, l2 and
-              unfreeze_stages (1..n) (`train.search.FinetuneSpace`)
+              unfreeze_stages (1..n) (`tasks.tune.space.FinetuneSpace`)
     trials    each one exactly what `train` fine-tunes (`train.finetune.start_fine_tuning`: the head from the
               linear solution, the frozen prefix's activations from the feature cache), run by the engine
               (`engine.fit_with_retries`: NaN guard, early stopping, plateau decay) for the rung's epochs
-    halving   successive halving over epochs (`train.search.epoch_rungs`): every candidate for
+    halving   successive halving over epochs (`tasks.tune.space.epoch_rungs`): every candidate for
               `TuneConfig.first_epochs`, the best 1/factor for factor x the epochs, ... up to the recipe's
               epochs. A survivor restarts from the same start (the linear head on fresh pretrained weights)
               rather than continuing: no model or checkpoint is kept between rungs, so memory stays flat,
@@ -87,10 +87,10 @@ def search_finetune(folder: TuneFolder, ctx: Context, profile, recipe: recipe_fi
 
     Args:
         folder: the search folder (tune.json, trials.csv, ... go there).
-        ctx: from `train.run.prepare`: ctx.train the searched images, ctx.val the held-out ones.
+        ctx: from `tasks.train.prepare`: ctx.train the searched images, ctx.val the held-out ones.
         similarity: `similar` or `different`, wording the plans' reasons only.
-        facts, definition: what `train.tune.tune` knows of the search, and its tune.json entries.
-        engine: None (trials here, one by one) or a `tune_ray.RayTrials` (each rung's on a Ray cluster).
+        facts, definition: what `tasks.tune.tune` knows of the search, and its tune.json entries.
+        engine: None (trials here, one by one) or a `scale.ray_tune.RayTrials` (each rung's on a Ray cluster).
 
     Raises:
         SettingsError: a setting out of range, grid, or no trial finished within --time.
@@ -220,7 +220,7 @@ def fit_once(ctx: Context, scans: tuple, recipe, plan, balanced: bool, settings:
 def _fit_fresh(ctx: Context, scans: tuple, recipe, plan, balanced: bool, settings: TrainConfig,
                select: bool) -> Fitted:
     from finetune_cli.models.backbones import build
-    from finetune_cli.train.engine import Diverged, EarlyStopping, PlateauDecay, fit_with_retries
+    from finetune_cli.train.engine import Diverged, fit_with_retries
     from finetune_cli.train.finetune import start_fine_tuning
     from finetune_cli.train.setup import finetuner, predict_batches
 
@@ -229,10 +229,8 @@ def _fit_fresh(ctx: Context, scans: tuple, recipe, plan, balanced: bool, setting
     fresh = dataclasses.replace(ctx, run=None, train=scans[0], val=scans[1], backbone=build(ctx.backbone.ref),
                                 reporter=_ProgressOnly(reporter))
     model, trainable, train_data, val_data = start_fine_tuning(fresh, plan, recipe, balanced, settings)
-    trainer, validate = finetuner(trainable, plan, recipe, val_data, whole=model,
+    trainer, validate = finetuner(trainable, plan, recipe, val_data, whole=model, schedule=select,
                                   progress=lambda state, total: reporter.on_epoch(state.history[-1], total))
-    if not select:
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (EarlyStopping, PlateauDecay))]
     factor = [1.0]
 
     def retry(exc, lowered: float) -> None:
@@ -294,7 +292,7 @@ class Trials:
 def run_rungs(trials: Trials, candidates: list[dict], rungs: list[tuple[int, int]]) -> None:
     """Successive halving: each rung's survivors trained for its epochs, the best (`finetune_rank`) go on.
 
-    With `trials.engine` (`tune_ray`), a rung's trials run at once on the cluster; else here, one by one.
+    With `trials.engine` (`scale.ray_tune`), a rung's trials run at once on the cluster; else here, one by one.
     """
     survivors, total, done = candidates, sum(k for k, _ in rungs), 0
     for rung, (keep, epochs) in enumerate(rungs):

@@ -1,9 +1,9 @@
 """Hyper-parameter search of a linear plan on cached frozen features (`finetune tune`).
 
-    prepare   scan, split off the held-out images, build the backbone (train.run.prepare)
+    prepare   scan, split off the held-out images, build the backbone (tasks.train.prepare)
     features  one backbone pass per augmented view, through the feature cache (ctx.features)
     search    trials of (C, stage, pooling, views), each scored by the same stratified
-              cross-validation on the searched images (train.search walks the space)
+              cross-validation on the searched images (tasks.tune.space walks the space)
     estimate  the best trial refitted on all searched images, scored on the held-out
               images the search never saw: the honest estimate
     write     trials.csv (after every trial), best.toml, search.png, summary.json
@@ -11,7 +11,7 @@
 A trial fits only a logistic regression on features already in memory, so
 after the backbone passes a search costs seconds, and no model outlives its
 trial. Fine-tuning plans (recipes partial, partial-2, full, or a large folder)
-are searched by `train.tune_finetune`: successive halving over epochs.
+are searched by `tasks.tune.finetune`: successive halving over epochs.
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ from finetune_cli.data.splits import content_groups
 from finetune_cli.errors import SettingsError
 from finetune_cli.features import FeatureCache
 from finetune_cli.progress import QUIET, Reporter
+from finetune_cli.scale.ray_tune import engine as trial_engine
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.tasks.tune import space as walk
 from finetune_cli.tasks.tune.files import TrialLog, TuneFolder, best_recipe_text, search_figure
+from finetune_cli.tasks.tune.finetune import search_finetune
 from finetune_cli.train.context import Context
+from finetune_cli.train.linear import standardised_logistic
 from finetune_cli.train.session import n_stages, prepare
 
 
@@ -43,49 +46,79 @@ def tune(
     time_limit: float | None = None, cv: int = TUNE.cv, seed: int = 0, recipe: str | None = None,
     weights: str = "imagenet", image_size: int | None = None, batch_size: int = 32, cache_dir=None,
     use_cache: bool = True, config: ScanConfig = SCAN, settings: TuneConfig = TUNE,
-    train_settings: TrainConfig = TRAIN, reporter: Reporter = QUIET, engine=None,
+    train_settings: TrainConfig = TRAIN, reporter: Reporter = QUIET, engine: str = "local",
+    address: str | None = None, max_concurrent: int | None = None,
 ) -> dict:
-    """Search a linear or fine-tuning plan's hyper-parameters; returns the summary (also TUNE_DIR/summary.json).
+    """Search a plan's hyper-parameters: a linear plan's (C, feature stage, pooling, augmented views) on cached
+    features, or a fine-tuning plan's (learning rate, top_lr_factor, dropout, l2, unfrozen stages, epochs).
 
-    A linear recipe (or a small folder) is searched here; a fine-tuning one
-    (or a large folder, which `train` would fine-tune) by `train.tune_finetune`.
-    See `api.tune` for the arguments and what is raised. `engine`: None runs the
-    trials here one by one; a `tune_ray.RayTrials` runs each batch of them on a Ray cluster.
+    Linear trials are scored by one stratified cross-validation (repeated for tiny classes) on the training
+    split; fine-tuning trials (successive halving over epochs, `tasks.tune.finetune`) by their validation
+    cross-entropy on one stratified split of it. The best is trained again and scored once on the held-out
+    split the search never saw (the images `train --seed seed` validates on): summary["estimate"].
+    Methods: `tasks.tune.space`; steps: `tasks.tune`.
+
+    Args:
+        out: a new search folder, or an earlier search's to continue; None: a new `runs/<folder>-tune-<N>`.
+        method: auto (grid for 1-2 varying parameters, random from 3; fine-tuning: halving), grid (linear
+            only), random or halving.
+        budget: trials at most (halving: first-rung candidates); None: `settings.budget`,
+            or with `time_limit` alone `settings.max_trials`; fine-tuning: `settings.finetune_budget`.
+        time_limit: seconds after which no new trial starts. cv: folds (2-100; fewer for small classes).
+        recipe: the recipe whose plan is searched (linear, trouble, partial, partial-2, full or a .toml
+            file); None: `linear` for a small folder, else the recipe `train` would decide.
+        settings: the space and defaults (`config.TuneConfig`); train_settings: its val_fraction
+            (and for fine-tuning trials its retries and activation cache).
+        engine: local, or ray: batches of trials as Ray Tune trials at `address` (`scale.ray_tune`).
+
+    Returns the summary (also out/summary.json): best, estimate (held-out accuracy, n_images,
+    interval95), leaderboard, warnings, notes, trials, files (trials.csv, best.toml, search.png).
+
+    Raises:
+        SettingsError, FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError.
     """
     started = time.perf_counter()
-    check_options(method, budget, time_limit, cv)
-    chosen = recipe_files.load(recipe)[0] if recipe is not None else None
-    if chosen is not None and chosen.strategy != "linear":
-        walk.pick_finetune_method(method)  # grid is refused before any work
-    cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
-    check_out_outside(out, root)
-    folder = TuneFolder.open(out, root)
-    reporter.on_phase(f"tune folder: {folder.path}" + (" (continuing its search)" if folder.continued else ""))
-    with folder.guarded():
-        ctx, profile, _ = prepare(folder, root, base, weights=weights, image_size=image_size, saved=None,
-                                  recipe=None, val_dir=None, test_dir=None, seed=seed, cache=cache,
-                                  batch_size=batch_size, config=config, settings=train_settings, reporter=reporter)
-        chosen, similarity = (chosen, "similar") if chosen is not None else default_recipe(ctx, profile, method)
-        facts = {"method": method, "method_asked": method, "budget": budget, "time_limit_s": time_limit, "seed": seed,
-                 "base": base, "backbone": ctx.backbone.ref.label, "image_size": ctx.backbone.ref.image_size,
-                 "folder": str(root), "recipe": chosen.name,
-                 "train_command": train_command(root, base, image_size, seed)}
-        if chosen.strategy != "linear":
-            from finetune_cli.tasks.tune.finetune import search_finetune
+    with trial_engine(engine, address, max_concurrent) as trials:
+        check_options(method, budget, time_limit, cv)
+        chosen = recipe_files.load(recipe)[0] if recipe is not None else None
+        if chosen is not None and chosen.strategy != "linear":
+            walk.pick_finetune_method(method)  # grid is refused before any work
+        cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
+        check_out_outside(out, root)
+        folder = TuneFolder.open(out, root)
+        reporter.on_phase(f"tune folder: {folder.path}" + (" (continuing its search)" if folder.continued else ""))
+        with folder.guarded():
+            ctx, profile, _ = prepare(folder, root, base, weights=weights, image_size=image_size, saved=None,
+                                      recipe=None, val_dir=None, test_dir=None, seed=seed, cache=cache,
+                                      batch_size=batch_size, config=config, settings=train_settings,
+                                      reporter=reporter)
+            chosen, similarity = (chosen, "similar") if chosen is not None else default_recipe(ctx, profile, method)
+            facts = {"method": method, "method_asked": method, "budget": budget, "time_limit_s": time_limit,
+                     "seed": seed, "base": base, "backbone": ctx.backbone.ref.label,
+                     "image_size": ctx.backbone.ref.image_size, "folder": str(root), "recipe": chosen.name,
+                     "train_command": train_command(root, base, image_size, seed)}
+            search = dict(method=method, budget=budget, time_limit=time_limit, seed=seed, started=started,
+                          settings=settings, train_settings=train_settings, engine=trials)
+            if chosen.strategy != "linear":
+                return search_finetune(folder, ctx, profile, chosen, similarity, facts,
+                                       definition(ctx, seed, cv, settings), **search)
+            return search_linear(folder, ctx, profile, chosen, facts, cv=cv, **search)
 
-            return search_finetune(folder, ctx, profile, chosen, similarity, facts, definition(ctx, seed, cv, settings),
-                                   method=method, budget=budget, time_limit=time_limit, seed=seed, started=started,
-                                   settings=settings, train_settings=train_settings, engine=engine)
-        space = space_for(ctx, settings)
-        folder.record_definition(definition(ctx, seed, cv, settings))  # a mismatch is refused before any pass
-        bank = FeatureBank(ctx, space)
-        folds = walk.cv_folds(bank.labels, cv, settings.repeat_below, settings.repeats, seed, bank.groups)
-        searcher = Searcher(bank, folds, TrialLog(folder, reporter=reporter),
-                            profile.imbalance >= config.imbalance_warn_ratio,
-                            started + time_limit if time_limit else None, reporter, engine)
-        used = walk.pick_method(method, space)
-        notes = run(searcher, used, space, budget, time_limit, seed, settings)
-        return finish(folder, searcher, space, chosen, notes, {**facts, "method": used}, started, settings)
+
+def search_linear(folder: TuneFolder, ctx, profile, chosen, facts: dict, *, cv: int, method: str,
+                  budget: int | None, time_limit: float | None, seed: int, started: float, settings: TuneConfig,
+                  train_settings: TrainConfig, engine) -> dict:
+    """The linear head's search on cached features; returns the summary (see `tune`)."""
+    space = space_for(ctx, settings)
+    folder.record_definition(definition(ctx, seed, cv, settings))  # a mismatch is refused before any pass
+    bank = FeatureBank(ctx, space)
+    folds = walk.cv_folds(bank.labels, cv, settings.repeat_below, settings.repeats, seed, bank.groups)
+    searcher = Searcher(bank, folds, TrialLog(folder, reporter=ctx.reporter),
+                        profile.imbalance >= ctx.config.imbalance_warn_ratio,
+                        started + time_limit if time_limit else None, ctx.reporter, engine)
+    used = walk.pick_method(method, space)
+    notes = run(searcher, used, space, budget, time_limit, seed, settings)
+    return finish(folder, searcher, space, chosen, notes, {**facts, "method": used}, started, settings)
 
 
 def train_command(root, base: str, image_size: int | None, seed: int) -> str:
@@ -112,7 +145,7 @@ def check_options(method: str, budget: int | None, time_limit: float | None, cv:
 
 def default_recipe(ctx: Context, profile, method: str) -> tuple[recipe_files.Recipe, str]:
     """(recipe, similarity verdict): the shipped `linear` for a small folder; for a large one, the recipe
-    `train` would decide (`train.run.choose`: similarity measured, then the table: partial or full).
+    `train` would decide (`tasks.train.choose`: similarity measured, then the table: partial or full).
 
     Raises:
         SettingsError: a large folder with --method grid (a fine-tuning space is sampled).
@@ -212,14 +245,11 @@ class FeatureBank:
 def fit_head(x: np.ndarray, y: np.ndarray, c: float, balanced: bool):
     """A standardised L2 logistic regression (train's linear head, at a fixed C), fitted on (x (n, d), y (n,))."""
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
 
     from finetune_cli.runtime.threads import one_blas_thread
-    from finetune_cli.train.linear import FlooredScaler
 
-    model = make_pipeline(FlooredScaler(LINEAR.scale_floor), LogisticRegression(C=c, max_iter=1000, tol=LINEAR.tol,
-                                                               class_weight="balanced" if balanced else None))
+    model = standardised_logistic(c, floor=LINEAR.scale_floor, tol=LINEAR.tol,
+                                  class_weight="balanced" if balanced else None)
     with warnings.catch_warnings(), one_blas_thread():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a large C may stop at max_iter: still a model
         return model.fit(x, y)
@@ -264,7 +294,7 @@ class Searcher:
 
     def trials(self, candidates: list[dict], rows: np.ndarray | None = None,
                folds: walk.Folds | None = None) -> list[dict | None]:
-        """`trial` of each candidate, in order: here one by one, or all at once by the engine (`tune_ray`)."""
+        """`trial` of each candidate, in order: here one by one, or all at once by the engine (`scale.ray_tune`)."""
         if self.engine is not None:
             return self.engine.run(self, [(params, rows, folds) for params in candidates])
         return [self.trial(params, rows, folds) for params in candidates]
@@ -309,7 +339,7 @@ def run(searcher: Searcher, method: str, space: walk.Space, budget: int | None, 
 
 
 def halving(searcher: Searcher, candidates: list[dict], seed: int, settings: TuneConfig) -> list[str]:
-    """Successive halving over images (see `train.search`); the last rung scores on all searched images."""
+    """Successive halving over images (see `tasks.tune.space`); the last rung scores on all searched images."""
     labels, folds = searcher.bank.labels, searcher.folds
     smallest = len(np.unique(labels)) * folds.folds * 2
     schedule = walk.halving_schedule(len(candidates), searcher.n_full, smallest, settings.halving_factor)
