@@ -24,10 +24,10 @@ from finetune_cli.config import (ATTACK, AUDIT, DEFAULT_BASE, DISTILL, ENSEMBLE,
                                  IMAGE_SIZE_RANGE, LR_FIND, PATCHES, PRETRAIN, RUNS_DIR, TRAIN, TUNE)
 from finetune_cli.errors import FinetuneError
 from finetune_cli.files import jsonable
-from finetune_cli.options import (base_options, batch_size_option, cache_dir_option, cache_options, engine_options,
-                                  json_option, model_option, out_option, overwrite_option, pretrain_options,
-                                  replace_output_option, run_and_rest, run_argument, seed_option, size_option,
-                                  tta_option, weights_option)
+from finetune_cli.options import (base_options, batch_size_option, cache_dir_option, cache_options, coverage_option,
+                                  engine_options, json_option, model_option, out_option, overwrite_option,
+                                  pretrain_options, replace_output_option, run_and_rest, run_argument, seed_option,
+                                  size_option, tta_option, weights_option)
 from finetune_cli.strategy import recipes
 
 EXAMPLES = f"""
@@ -412,9 +412,12 @@ def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs
 @overwrite_option
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True)
 @tta_option
+@coverage_option
+@click.option("--abstain", is_flag=True, help="With --coverage: an `abstain` column, true where the set has more "
+                                              "than one class (no single answer at that coverage).")
 @engine_options
 @handle_errors
-def predict(args, model_dir, out, overwrite, top_k, tta, engine, address, workers):
+def predict(args, model_dir, out, overwrite, top_k, tta, coverage, abstain, engine, address, workers):
     """Predict the class of image files and folders (INPUTS) with RUN: a run folder, or `last`."""
     from finetune_cli.files import shown
 
@@ -429,7 +432,7 @@ def predict(args, model_dir, out, overwrite, top_k, tta, engine, address, worker
         echo_run(model_dir)
         return
     frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite, tta=tta,
-                                 engine=engine, address=address)
+                                 engine=engine, address=address, coverage=coverage, abstain=abstain)
     for item in skipped:
         click.echo(f"skipped {shown(item.path)}: {shown(item.reason)}", err=True)
     if out:
@@ -447,20 +450,28 @@ def predict(args, model_dir, out, overwrite, top_k, tta, engine, address, worker
 @click.option("--html", "html", type=click.Path(dir_okay=False), default=None, metavar="PAGE",
               help="Also write a self-contained HTML page: confusion matrix, per-class scores, misclassified images.")
 @click.option("--overwrite", is_flag=True, help="Replace the --html page if it exists.")
+@coverage_option
 @handle_errors
-def evaluate(args, model_dir, as_json, tta, html, overwrite):
+def evaluate(args, model_dir, as_json, tta, html, overwrite, coverage):
     """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and confusion matrix of RUN (a run
     folder, or `last`) on a labelled FOLDER."""
     model_dir, (folder,) = run_and_rest(args, model_dir, "FOLDER", at_most=1)
     model_dir = chosen_run(model_dir)
-    result = api.evaluate(folder, model_dir, tta=tta, html=html, overwrite=overwrite)
+    result = api.evaluate(folder, model_dir, tta=tta, html=html, overwrite=overwrite, coverage=coverage)
     if as_json:  # the run it read is in the object, stdout stays one JSON object
         click.echo(json.dumps({**result, "run": model_dir}, indent=2, ensure_ascii=False))
         return
     console = Console()
     views = f" (mean of {result['tta']} views per image)" if result["tta"] > 1 else ""
-    console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] on {result['n_images']} images{views}; "
-                  f"ECE {result['ece']:.1%} ({TRAIN.ece_bins} bins), NLL {result['nll']:.3f}", highlight=False)
+    low, high = result["accuracy_interval95"]
+    console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] (95 % interval {low:.1%}-{high:.1%}) on "
+                  f"{result['n_images']} images{views}; macro-F1 {result['macro_f1']:.3f}, balanced accuracy "
+                  f"{result['balanced_accuracy']:.1%}; ECE {result['ece']:.1%} ({TRAIN.ece_bins} bins), "
+                  f"NLL {result['nll']:.3f}", highlight=False)
+    if coverage is not None:
+        console.print(f"prediction sets at coverage {result['coverage_target']:g}: the true class was in "
+                      f"{result['coverage']:.1%} of them, mean size {result['mean_set_size']:.2f} classes "
+                      f"(calibrated on the run's {result['n_calibration']} validation images)", highlight=False)
     report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
     if result.get("n_training_images"):
         rest = (f"; on the other {result['n_held_out']}: accuracy {result['held_out_accuracy']:.1%}"
@@ -840,6 +851,31 @@ def filters(run, base, model_dir, weights, image_size, layer, units, unit_ids, d
     click.echo(f"{len(result['units'])} units of {result['layer']}{median}; wrote {', '.join(result['files'].values())}")
     if model_dir is not None:
         echo_run(model_dir)
+
+
+@cli.command()
+@click.argument("run_a", type=str)
+@click.argument("run_b", type=str)
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@tta_option
+@json_option
+@handle_errors
+def compare(run_a, run_b, folder, tta, as_json):
+    """Do RUN_A and RUN_B differ in accuracy on the labelled FOLDER beyond noise? McNemar's exact test and a
+    paired bootstrap interval, on the images neither run trained on."""
+    run_a, run_b = chosen_run(run_a), chosen_run(run_b)
+    result = api.compare(run_a, run_b, folder, tta=tta)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    (a, b), (low, high) = result["accuracy"], result["difference_interval95"]
+    click.echo(f"A {a:.1%}, B {b:.1%} on {result['n_images']} images; A - B {result['difference']:+.1%} (95 % "
+               f"interval {low:+.1%} to {high:+.1%}); only A right on {result['only_a_right']}, only B on "
+               f"{result['only_b_right']}; McNemar p = {result['p_value']:.3g}: {result['verdict']}")
+    if result["n_left_out"]:
+        click.echo(f"left out {result['n_left_out']} images that trained one of the runs", err=True)
+    echo_run(run_a, "run A")
+    echo_run(run_b, "run B")
 
 
 def main() -> None:

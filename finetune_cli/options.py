@@ -52,6 +52,10 @@ model_option = click.option("--model", "model_dir", default=None, type=str, meta
 tta_option = click.option("--tta", default=PREDICT.tta, show_default=True, metavar="K", type=str,
                           help=f"Test-time augmentation: average the probabilities of K deterministic views per "
                                f"image (the image, then flips and crops), 1 to {PREDICT.max_tta}; 1 is off.")
+coverage_option = click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                               metavar="P", help="Also the prediction set of each image: the fewest classes holding "
+                                                 "the true one with probability P (split conformal, on the run's "
+                                                 "validation images).")
 batch_size_option = click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size,
                                  show_default=True)
 engine_options = options(

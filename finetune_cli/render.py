@@ -153,6 +153,11 @@ def plan_panel(console: Console, plan, similarity) -> None:
         console.print(line, highlight=False)
 
 
+def interval(span) -> str:
+    """" (95 % interval 81.2-93.4 %)" of a [low, high] pair of shares; "" without one."""
+    return f" (95 % interval {span[0]:.1%}-{span[1]:.1%})" if span else ""
+
+
 def metrics_summary(console: Console, metrics: dict, out) -> None:
     """The end of a training run: accuracy, where things are, notes."""
     console.print(
@@ -160,10 +165,11 @@ def metrics_summary(console: Console, metrics: dict, out) -> None:
         f"{' (kept the linear head: fine-tuning did not beat it)' if metrics.get('kept') == 'linear-head' else ''}"
         f" on {metrics['n_train']} images, "
         f"{'out-of-fold' if metrics.get('validation', {}).get('method') == 'out-of-fold' else 'validation'} "
-        f"accuracy [bold]{metrics['val_accuracy']:.1%}[/bold] on {metrics['n_val']} "
-        f"in {metrics['timings_s']['total']:.1f} s", highlight=False)
+        f"accuracy [bold]{metrics['val_accuracy']:.1%}[/bold]{interval(metrics.get('val_accuracy_interval95'))} "
+        f"on {metrics['n_val']} in {metrics['timings_s']['total']:.1f} s", highlight=False)
     if "test" in metrics:
-        console.print(f"test accuracy [bold]{metrics['test_accuracy']:.1%}[/bold] on {metrics['test']['n_images']} images",
+        console.print(f"test accuracy [bold]{metrics['test_accuracy']:.1%}[/bold]"
+                      f"{interval(metrics['test'].get('accuracy_interval95'))} on {metrics['test']['n_images']} images",
                       highlight=False)
     calibration = metrics.get("calibration")
     if calibration and calibration["applied"]:

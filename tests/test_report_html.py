@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -46,7 +47,11 @@ def test_train_records_every_validation_prediction(trained):
     data, run = trained
     frame = pd.read_csv(run / "predictions_val.csv")
     metrics = json.loads((run / "metrics.json").read_text())
-    assert list(frame.columns) == ["path", "true", "predicted", "probability", "p_true"]
+    classes = json.loads((run / "labels.json").read_text())
+    assert list(frame.columns) == ["path", "true", "predicted", "probability", "p_true",
+                                   *(f"prob_{name}" for name in classes)]
+    probs = frame[[f"prob_{name}" for name in classes]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-4) and np.allclose(probs.max(1), frame["probability"], atol=1e-6)
     assert len(frame) == metrics["n_val"]
     assert (frame["true"] == frame["predicted"]).mean() == pytest.approx(metrics["val_accuracy"])
     assert all((data / row.true / row.path.rsplit("/", 1)[-1]).is_file() for row in frame.itertuples())

@@ -77,9 +77,7 @@ def write_evaluation(path: Path, run, scan, probs, ok, result: dict, extra: Extr
     labels = [run.classes.index(r.label) for r in kept]
     frame = predictions_frame([str(scan.root / r.path) for r in kept], run.classes, labels, probs[ok])
     views = f", mean of {result['tta']} views per image" if result.get("tta", 1) > 1 else ""
-    notes = [f"model: {run.path}", f"folder: {scan.root}",
-             f"accuracy {result['accuracy']:.1%} on {result['n_images']} images{views}; "
-             f"ECE {result['ece']:.1%}, NLL {result['nll']:.3f}"]
+    notes = [f"model: {run.path}", f"folder: {scan.root}", score_line(result, f"images{views}")]
     if result.get("n_training_images"):
         notes.append(f"{result['n_training_images']} of these images trained this model (same content): the "
                      "accuracy is not a held-out score" + (f"; on the other {result['n_held_out']}: "
@@ -204,7 +202,8 @@ def summary_notes(folder: Path, metrics: dict, plan: dict) -> list[str]:
     if "val_accuracy" in metrics:
         kind = "out-of-fold (cross-validation on every image)" if _out_of_fold(metrics) else "validation"
         lines.append(f"{metrics.get('strategy', '?')} on {metrics.get('n_train', '?')} images: {kind} "
-                     f"accuracy {metrics['val_accuracy']:.1%} on {metrics.get('n_val', '?')}"
+                     f"accuracy {metrics['val_accuracy']:.1%}{_interval(metrics.get('val_accuracy_interval95'))} on "
+                     f"{metrics.get('n_val', '?')}"
                      + (f"; test accuracy {metrics['test_accuracy']:.1%}" if "test_accuracy" in metrics else ""))
     if metrics.get("kept") == "linear-head":
         lines.append("kept the linear head: fine-tuning did not beat it on the validation images")
@@ -296,10 +295,27 @@ def test_section(test: dict | None) -> str:
     """The --test-dir scores, as `evaluate` gives them."""
     if not test:
         return ""
-    note = f"accuracy {test['accuracy']:.1%} on {test['n_images']} test images; ECE {test['ece']:.1%}, " \
-           f"NLL {test['nll']:.3f}"
+    note = score_line(test, "test images")
     return section("Test folder", table(test.get("per_class", []), ["class", "precision", "recall", "f1", "support"]),
                    notes=[note])
+
+
+def _interval(span) -> str:
+    return f" (95 % interval {span[0]:.1%}-{span[1]:.1%})" if span else ""
+
+
+def score_line(scores: dict, what: str) -> str:
+    """One line of `analysis.scores.scores`: accuracy, macro-F1 and balanced accuracy with their 95 % intervals
+    (when the scores carry them: runs from before had none), ECE, NLL."""
+    def shown(name: str, percent: bool) -> str:
+        value, span = scores[name], scores.get(f"{name}_interval95")
+        text = f"{value:.1%}" if percent else f"{value:.3f}"
+        return text + (f" (95 % interval {span[0]:.1%}-{span[1]:.1%})" if percent and span else
+                       f" ({span[0]:.3f}-{span[1]:.3f})" if span else "")
+    parts = [f"accuracy {shown('accuracy', True)} on {scores['n_images']} {what}"]
+    if "macro_f1" in scores:
+        parts.append(f"macro-F1 {shown('macro_f1', False)}, balanced accuracy {shown('balanced_accuracy', True)}")
+    return "; ".join(parts + [f"ECE {scores['ece']:.1%}, NLL {scores['nll']:.3f}"])
 
 
 def diagnosis_section(metrics: dict) -> str:

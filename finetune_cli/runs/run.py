@@ -66,8 +66,28 @@ class Run:
         return cls(folder, model, classes, side, _optional_json(folder / "plan.json"),
                    _optional_text(folder / "recipe.toml"), _optional_json(folder / "metrics.json"))
 
+    def validation(self) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (n, k) float64, true labels (n,)) of the run's held-out validation images, from
+        predictions_val.csv: out-of-fold for a linear plan validated by cross-validation.
+
+        Raises:
+            ModelFileError: no such file, or one from a version that did not keep every class's probability.
+        """
+        frame = read_predictions(self.path / "predictions_val.csv")
+        columns = [PROB_PREFIX + name for name in self.classes]
+        if frame is None or not set(columns) <= set(frame.columns) or not frame["true"].isin(self.classes).all():
+            raise ModelFileError(f"{self.path} keeps no validation probabilities (predictions_val.csv with a "
+                                 f"{PROB_PREFIX}CLASS column per class): train the run again with this version")
+        probs = frame[columns].to_numpy(np.float64)
+        if not np.isfinite(probs).all():
+            raise ModelFileError(f"{self.path / 'predictions_val.csv'} is garbled (a probability is not a number): "
+                                 "train the run again")
+        return probs, np.array([self.classes.index(name) for name in frame["true"]])
+
 
 TRAINED_ON = "trained_on.txt"
+#: predictions_val.csv holds each class's probability in a column named PROB_PREFIX + the class.
+PROB_PREFIX = "prob_"
 
 
 def trained_on(folder: Path) -> frozenset[str] | None:

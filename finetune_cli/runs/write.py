@@ -4,8 +4,13 @@ validation predictions (`write_run`), metrics.json last.
 
 from __future__ import annotations
 
+import numpy as np
+
+from finetune_cli.analysis.scores import bootstrap_intervals, class_scores
+
 from finetune_cli.pages.figures import confusion_figure, curves_figure, reliability_figure
 from finetune_cli.runs.folder import RunFolder
+from finetune_cli.runs.run import PROB_PREFIX
 
 
 def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts: dict, timings,
@@ -22,7 +27,6 @@ def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts
     Returns:
         The metrics, as written to metrics.json.
     """
-    import numpy as np
     import pandas as pd
     from sklearn.metrics import confusion_matrix
 
@@ -37,14 +41,28 @@ def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts
         facts = {**facts, "calibration": result.calibration.facts()}
     if val_paths is not None:
         run.write_frame("predictions_val.csv", predictions_frame(val_paths, classes, labels, probs))
-    metrics = {**facts, "val_accuracy": float(np.mean(probs.argmax(1) == labels)), "classes": classes,
+    metrics = {**facts, "val_accuracy": float(np.mean(probs.argmax(1) == labels)),
+               **validation_intervals(np.asarray(labels), probs.argmax(1)), "classes": classes,
                "learning_rates": result.plan.learning_rates, "notes": result.notes, "timings_s": timings()}
     run.write_json("metrics.json", metrics)
     return metrics
 
 
+def validation_intervals(labels: np.ndarray, guess: np.ndarray) -> dict:
+    """metrics.json's val_accuracy_interval95, val_macro_f1 (+ interval), val_balanced_accuracy (+ interval):
+    `analysis.scores` on the validation images; {} without any."""
+    if not len(labels):
+        return {}
+    present = sorted(set(labels.tolist()))
+    point, span = class_scores(labels, guess, present), bootstrap_intervals(labels, guess, present)
+    return {"val_accuracy_interval95": span["accuracy"], "val_macro_f1": point["macro_f1"],
+            "val_macro_f1_interval95": span["macro_f1"], "val_balanced_accuracy": point["balanced_accuracy"],
+            "val_balanced_accuracy_interval95": span["balanced_accuracy"]}
+
+
 def predictions_frame(paths: list[str], classes: list[str], labels, probs):
-    """One row per image: path, true, predicted, probability (of the prediction), p_true (of the truth).
+    """One row per image: path, true, predicted, probability (of the prediction), p_true (of the truth), then
+    one column per class, `PROB_PREFIX` + its name, in the model's order (what prediction sets calibrate on).
 
     Args:
         paths: n paths (shown as printable text); labels: (n,) class indices; probs: (n, k) in [0, 1].
@@ -56,8 +74,10 @@ def predictions_frame(paths: list[str], classes: list[str], labels, probs):
 
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
     guess, rows = probs.argmax(1), np.arange(len(labels))
-    return pd.DataFrame({"path": [shown(p) for p in paths], "true": [classes[i] for i in labels],
-                         "predicted": [classes[i] for i in guess], "probability": probs[rows, guess].round(6),
-                         "p_true": probs[rows, labels].round(6)})
+    frame = pd.DataFrame({"path": [shown(p) for p in paths], "true": [classes[i] for i in labels],
+                          "predicted": [classes[i] for i in guess], "probability": probs[rows, guess].round(6),
+                          "p_true": probs[rows, labels].round(6)})
+    columns = pd.DataFrame(probs.round(6), columns=[PROB_PREFIX + name for name in classes])
+    return pd.concat([frame, columns], axis=1)
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from finetune_cli.analysis.conformal import calibrated_sets, checked_coverage, threshold
+from finetune_cli.analysis.conformal import scores as scores_of
+
 import dataclasses
 
 from finetune_cli.analysis.scores import scores
@@ -18,7 +23,8 @@ from finetune_cli.scale.backend import ray_requested
 
 def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False, tta: int | str = PREDICT.tta,
             engine: str = SCALE.engine, address: str | None = None, workers: int = SCALE.workers,
-            progress: Progress | None = None, config: ScanConfig = SCAN):
+            progress: Progress | None = None, coverage: float | None = None, abstain: bool = False,
+            config: ScanConfig = SCAN):
     """(frame of predictions, skipped files) for image files and folders.
 
     The frame: path, predicted, probability, top-k labels, one column per class (p_NAME), then tta.
@@ -30,12 +36,21 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
     `out`, by `workers` model actors (0: one per CPU) on the cluster at `address` or on a Ray started
     here; inputs may also be list files and URIs (see `scale.ray_data`). Returns (manifest dict, skipped).
     `model`: a run folder, its model.keras, or `last`.
+    `coverage` (0-1): also each image's prediction set, the smallest set of classes holding the true one
+    with that probability (`analysis.conformal`, calibrated on the run's validation images): columns
+    `set` (names joined by ";") and `set_size`; with `abstain`, also `abstain` (the set has more than one
+    class: no single answer at that coverage).
 
     Raises:
-        OutputError, ModelFileError, FolderError, SettingsError (tta out of range, engine).
+        OutputError, ModelFileError (no validation probabilities), FolderError, SettingsError (tta out of
+        range, engine, coverage out of (0, 1), too few validation images for it).
     """
     tta = checked_tta(tta)
+    if abstain and coverage is None:
+        raise SettingsError("--abstain marks images whose --coverage set has more than one class: give --coverage")
     if ray_requested(engine, address):
+        if coverage is not None:
+            raise SettingsError("--coverage runs with the local engine: drop --engine ray")
         if out is None:
             raise SettingsError("--engine ray writes Parquet shards: give --out FOLDER (or a URI)")
         return ray_data.predict(inputs, model, out=str(out), overwrite=overwrite, top_k=top_k, tta=tta,
@@ -44,9 +59,16 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
     out = check_output_file(out, overwrite=overwrite) if out is not None else None
     run = Run.load(model)
     model, classes, size = run.model, run.classes, run.image_size
+    sets = conformal_sets(run, coverage, tta) if coverage is not None else None
     scan = collect(inputs, config)
     probs, ok = probabilities(model, scan, size, config=config, tta=tta)
     frame = prediction_frame([shown(r.path) for r in scan.images], probs, classes, top_k, tta)
+    if sets is not None:
+        chosen = sets(probs)[0]
+        frame["set"] = [";".join(classes[i] for i in s) for s in chosen]
+        frame["set_size"] = [len(s) for s in chosen]
+        if abstain:
+            frame["abstain"] = frame["set_size"] > 1
     late = [Skipped(r.path, "could not be read") for r, good in zip(scan.images, ok) if not good]
     frame = frame[ok].reset_index(drop=True)
     if out is not None:
@@ -56,13 +78,15 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
 
 
 def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, html=None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, coverage: float | None = None) -> dict:
     """Accuracy, ECE and NLL, per-class metrics and confusion matrix of a run on a labelled folder.
 
     `tta`: as for `predict` (1-16), recorded as result["tta"].
     `html`: also write a self-contained page there (confusion matrix, per-class scores, the misclassified
     images as thumbnails; see `runs.report_page.write_evaluation`), checked before any work, refused if it
     exists unless `overwrite`; result["html"] is its path.
+    `coverage` (0-1): also the prediction sets of `predict --coverage`, scored: result["coverage"] (the
+    share of images whose set holds the true class), "mean_set_size", "coverage_target", "n_calibration".
 
     Raises:
         FolderError, ModelFileError, SettingsError (tta out of range), OutputError (html).
@@ -70,9 +94,15 @@ def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, 
     tta = checked_tta(tta)
     page = check_output_file(html, overwrite=overwrite, suffixes=(".html", ".htm"), option="--html") if html else None
     run = Run.load(model)
+    sets = conformal_sets(run, coverage, tta) if coverage is not None else None
     scan = labelled_test_scan(root, run.classes, config)
     probs, ok = probabilities(run.model, scan, run.image_size, config=config, tta=tta)
     result = {**scores(probs, ok, scan, run.classes, tta=tta), **training_overlap(run, scan, probs, ok)}
+    if sets is not None:
+        chosen, facts = sets(probs[ok])
+        truth = [run.classes.index(r.label) for r, good in zip(scan.images, ok) if good]
+        result.update(coverage=float(np.mean([y in s for y, s in zip(truth, chosen)])),
+                      mean_set_size=float(np.mean([len(s) for s in chosen])), **facts)
     if page is not None:
         from finetune_cli.runs.report_page import write_evaluation
 
@@ -80,3 +110,21 @@ def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, 
     return result
 
 
+
+
+def conformal_sets(run: Run, coverage: float, tta: int):
+    """probabilities (m, k) -> (prediction sets, facts) at `coverage`, calibrated on `run`'s validation
+    images; checked here, before any image is read (`analysis.conformal`).
+
+    Raises:
+        SettingsError: coverage out of (0, 1), too few validation images, or test-time views (the
+            validation probabilities have none: the guarantee would not hold).
+        ModelFileError: the run keeps no validation probabilities.
+    """
+    coverage = checked_coverage(coverage)
+    if tta > 1:
+        raise SettingsError("--coverage calibrates on validation probabilities computed without test-time views: "
+                            "use --tta 1 with --coverage")
+    cal_probs, cal_labels = run.validation()
+    threshold(scores_of(cal_probs, cal_labels), coverage)  # too few images: refused now
+    return lambda probs: calibrated_sets(cal_probs, cal_labels, probs, coverage)
