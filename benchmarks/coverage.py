@@ -10,8 +10,9 @@ validation probabilities, out-of-fold on every labelled photo for a linear
 plan, are the calibration set), then `finetune evaluate RUN TEST --coverage P
 --json` for P in 0.8 and 0.9. It prints, per seed and P, the empirical
 coverage on the test photos, the mean set size, the top-1 accuracy, and the
-medians. The guarantee (split conformal, randomised APS) is P <= coverage
-<= P + 1/(n+1) in expectation over draws; any one draw varies around it.
+medians. The guarantee (split conformal, LAC) is coverage >= P in expectation
+over draws, and never below the top-1 accuracy (a set always holds the most
+probable class); any one draw varies around it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from finetune_cli import api, config
 changes, train, base, out, cache, test = sys.argv[1:7]
 changes = json.loads(changes)
 linear = changes.pop("linear", None)
-if linear:  # read at call time by the linear head (`train.linear._fit_source`)
+if linear:  # read at call time by the linear head (`train.linear.fit_source`)
     config.LINEAR = dataclasses.replace(config.LINEAR, **{k: tuple(v) if isinstance(v, list) else v
                                                           for k, v in linear.items()})
 strategy, similarity = changes.pop("strategy", "partial"), changes.pop("similarity", "similar")

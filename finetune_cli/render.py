@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from finetune_cli.progress import Reporter
+from finetune_cli.train.lr_sweep import notes
 
 
 def profile_tables(profile, console: Console, max_rows: int = 20) -> None:
@@ -184,8 +185,6 @@ def metrics_summary(console: Console, metrics: dict, out) -> None:
 
 def lr_summary(console: Console, finding) -> None:
     """The end of `lr-find`: the sweep, the suggestions (valley is what `train --lr auto` uses), where it is."""
-    from finetune_cli.train.lr_sweep import notes
-
     summary, *warnings = notes(finding)
     console.print(f"[bold green]done[/bold green]: {summary.removeprefix('lr-find: ')} ({finding.strategy} plan, "
                   f"recipe '{finding.recipe}')",

@@ -145,3 +145,26 @@ def test_importing_the_cli_loads_no_heavy_library():
             "if m in sys.modules])")
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert shown.strip() == "[]"
+
+
+def test_no_function_over_60_lines_and_no_private_name_crosses_a_module():
+    long, private = [], []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("finetune_cli"):
+                private += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
+    assert not private, "private names imported across modules:\n" + "\n".join(private)
+
+
+def test_inspect_loads_neither_tensorflow_nor_scikit_learn(shapes):
+    import subprocess
+    import sys
+
+    code = (f"import sys; from finetune_cli import api; api.inspect({str(shapes)!r})\n"
+            "print([m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules])")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == "[]"

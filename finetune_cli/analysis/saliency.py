@@ -20,6 +20,7 @@ import numpy as np
 
 from finetune_cli.config import EXPLAIN, ExplainConfig
 from finetune_cli.errors import SettingsError
+from finetune_cli.runtime.keras import import_keras
 
 
 def call(model, images):
@@ -126,8 +127,6 @@ def tapped_model(model, path: list):
     Raises:
         SettingsError: a graph that cannot be cut at the nested model (a second path around it).
     """
-    from finetune_cli.runtime.keras import import_keras
-
     keras = import_keras()
     if not path:
         raise SettingsError(f"{model.name} has no spatial (4-D) layer for Grad-CAM: use --method occlusion")
@@ -248,8 +247,6 @@ def head_layers(model) -> list:
 def randomised_head(model, seed: int = EXPLAIN.sanity_seed):
     """A clone of `model` with the trained weights, except the head's: drawn anew (normal, each tensor's
     own standard deviation, or 0.05 for a constant one). The model itself is untouched."""
-    from finetune_cli.runtime.keras import import_keras
-
     keras = import_keras()
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())

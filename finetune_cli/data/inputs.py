@@ -12,7 +12,7 @@ import numpy as np
 
 from finetune_cli.config import SCAN, ScanConfig
 from finetune_cli.data.lists import expand_lists, is_uri
-from finetune_cli.data.scan import ImageRecord, Scan, Skipped, _probe, scan_folder
+from finetune_cli.data.scan import ImageRecord, Scan, Skipped, probe, scan_folder
 from finetune_cli.errors import FolderError
 from finetune_cli.files import shown
 
@@ -45,7 +45,7 @@ def collect(inputs, config: ScanConfig = SCAN) -> Scan:
             records += [replace(r, path=str(path / r.path)) for r in scan.images]
             skipped += [Skipped(str(path / s.path), s.reason) for s in scan.skipped]
         else:
-            result = _probe(path.parent, path, "", config)
+            result = probe(path.parent, path, "", config)
             if isinstance(result, ImageRecord):
                 records.append(replace(result, path=str(path)))
             else:
@@ -82,13 +82,11 @@ class Decoded:
 
 def scan_inputs(inputs, classes: list[str], config: ScanConfig = SCAN) -> Scan:
     """One folder whose subfolders are all class names of the run: a labelled scan; anything else:
-    an unlabeled scan of the files and folders (`predict.collect`, bad files skipped with reasons).
+    an unlabeled scan of the files and folders (`collect`, bad files skipped with reasons).
 
     Raises:
         FolderError: an input is missing, or nothing usable was found.
     """
-    from finetune_cli.data.inputs import collect, labelled_test_scan
-
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         subfolders = [p.name for p in Path(inputs[0]).iterdir() if p.is_dir() and not p.name.startswith(".")]
         if subfolders and all(name in classes for name in subfolders):

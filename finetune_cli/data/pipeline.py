@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from finetune_cli.config import SCAN, ScanConfig
 from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
+from finetune_cli.runtime.keras import import_keras
+
+import_keras()  # TensorFlow starts here quietly, CPU split applied, whoever imports this module first
+import tensorflow as tf  # noqa: E402
 
 
 def image_spec(size: int, dtype=tf.uint8) -> tf.TensorSpec:
@@ -34,7 +37,7 @@ def path_tensor(paths: Sequence[Path]) -> tf.Tensor:
     return tf.constant([os.fsencode(p) for p in paths], dtype=tf.string)
 
 
-def _loader(size: int, config: ScanConfig, view: int = 0):
+def loader(size: int, config: ScanConfig, view: int = 0):
     def load(path: bytes):
         try:
             data = read_image_file(path, config.max_bytes)
@@ -66,7 +69,7 @@ def augmented_view(pixels: np.ndarray, view: int, salt: int) -> np.ndarray:
 
 def decode_dataset(paths: Sequence[Path], size: int, config: ScanConfig = SCAN, view: int = 0) -> tf.data.Dataset:
     """Unbatched dataset of (image uint8 (size, size, 3) in 0-255, ok bool), in `paths` order."""
-    load = _loader(size, config, view)
+    load = loader(size, config, view)
 
     def load_tf(path):
         image, ok = tf.numpy_function(load, [path], [tf.uint8, tf.bool], stateful=False)
@@ -103,8 +106,6 @@ def augmenter(strength: str):
     light: horizontal flip, shifts up to 10 %. strong: also zoom up to 20 %,
     rotation up to 0.05 turns (18 degrees), contrast up to 20 %.
     """
-    from finetune_cli.runtime.keras import import_keras
-
     keras = import_keras()
     if strength == "none":
         return None
@@ -131,7 +132,7 @@ def labelled_batches(
     Shuffled (reshuffled each epoch) when `shuffle_seed` is given; files that
     fail to decode get weight 0 so they cannot affect training.
     """
-    load = _loader(size, config)
+    load = loader(size, config)
     data = tf.data.Dataset.from_tensor_slices((
         path_tensor(paths), tf.constant(list(labels), tf.int32),
         tf.constant(list(weights), tf.float32),
@@ -166,7 +167,7 @@ def image_batches(
     stays flat. Shuffled each epoch when `shuffle_seed` is given. A file that
     fails to decode gets weight 0.
     """
-    load = _loader(size, config)
+    load = loader(size, config)
 
     def decode(path):
         image, ok = tf.numpy_function(load, [path], [tf.uint8, tf.bool], stateful=False)

@@ -160,13 +160,13 @@ def scan_folder(
     if labelled is None:
         labelled = bool(class_dirs)
     if not labelled:
-        files = [(p, "") for p in _walk_files(root, outputs)]
+        files = [(p, "") for p in walk_files(root, outputs)]
         return _finish(root, False, (), files, _output_notes(root, outputs), config, progress, for_training)
 
-    _check_layout(root, class_dirs)
+    check_layout(root, class_dirs)
     files, warnings, classes = [], [], []
     for class_dir in class_dirs:
-        found = list(_walk_files(class_dir, outputs))
+        found = list(walk_files(class_dir, outputs))
         if not found:
             warnings.append(f"class folder '{class_dir.name}' is empty and was ignored")
             continue
@@ -226,7 +226,7 @@ def _class_name(class_dir: Path) -> str:
     return class_dir.name
 
 
-def _check_layout(root: Path, class_dirs: list[Path]) -> None:
+def check_layout(root: Path, class_dirs: list[Path]) -> None:
     """Refuse a labelled folder without class folders or with loose root images."""
     loose = [
         p.name
@@ -256,7 +256,7 @@ def _check_class_count(root: Path, classes: list[str], least: int) -> None:
         )
 
 
-def _walk_files(top: Path, outputs: list[Path]) -> Iterable[Path]:
+def walk_files(top: Path, outputs: list[Path]) -> Iterable[Path]:
     """Every non-ignored file under `top`, in a stable order; folder links not followed.
 
     Folders of the tool's own output are not entered; they are appended to `outputs`.
@@ -273,7 +273,7 @@ def _finish(root, labelled, classes, files, warnings, config, progress, for_trai
     images, skipped = [], []
     total = len(files)
     with ThreadPoolExecutor(max_workers=config.n_workers()) as pool:
-        results = pool.map(lambda item: _probe(root, item[0], item[1], config), files)
+        results = pool.map(lambda item: probe(root, item[0], item[1], config), files)
         for done, result in enumerate(results, 1):
             (images if isinstance(result, ImageRecord) else skipped).append(result)
             if progress:
@@ -285,7 +285,7 @@ def _finish(root, labelled, classes, files, warnings, config, progress, for_trai
     return scan
 
 
-def _probe(root: Path, path: Path, label: str, config: ScanConfig) -> ImageRecord | Skipped:
+def probe(root: Path, path: Path, label: str, config: ScanConfig) -> ImageRecord | Skipped:
     """Read, hash and fully decode one file (truncation only shows on decode)."""
     rel = path.relative_to(root).as_posix()
     try:

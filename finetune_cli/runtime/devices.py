@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 
 from finetune_cli.errors import SettingsError
+from finetune_cli.runtime.keras import import_keras
 
 
 def parse(devices: int | str) -> int | str:
@@ -51,8 +52,6 @@ def parse(devices: int | str) -> int | str:
 
 def available() -> list[str]:
     """Names of the devices `--devices` picks from: the GPUs, or the logical CPU devices when there is none."""
-    from finetune_cli.runtime.keras import import_keras
-
     import_keras()  # first, so that FINETUNE_CPU_DEVICES applies before the device list starts the runtime
     import tensorflow as tf
 

@@ -30,9 +30,12 @@ import numpy as np
 from finetune_cli.config import IMAGE_SUFFIXES, JSON_MAX_BYTES, SCALE, SCAN, ScaleConfig, ScanConfig
 from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
 from finetune_cli.data.lists import expand_lists, is_uri
-from finetune_cli.data.scan import Skipped, _check_layout, _walk_files, is_ignored, natural_key
+from finetune_cli.data.scan import Skipped, check_layout, is_ignored, natural_key, walk_files
 from finetune_cli.errors import FinetuneError, FolderError, OutputError
 from finetune_cli.files import parse_json, shown
+from finetune_cli.models.backbones import build
+from finetune_cli.models.stages import select_layer
+from finetune_cli.runs.run import Run
 from finetune_cli.scale.backend import connected
 
 MANIFEST = "manifest.json"
@@ -94,10 +97,10 @@ def _local_files(path: Path, labelled: bool | None, relative: bool) -> list[dict
     if labelled is None:
         labelled = bool(classes)
     if labelled:
-        _check_layout(path, classes)
+        check_layout(path, classes)
     tops = classes if labelled else [path]
     return [_item(file.relative_to(path).as_posix() if relative else str(file), top.name if labelled else "",
-                  os.fsencode(file), -1) for top in tops for file in _walk_files(top, [])]
+                  os.fsencode(file), -1) for top in tops for file in walk_files(top, [])]
 
 
 def _remote_files(uri: str, labelled: bool | None, fs_index: int) -> list[dict]:
@@ -433,8 +436,6 @@ def predict(inputs, run_dir, *, out: str, overwrite: bool = False, top_k: int = 
     Raises:
         SettingsError, OutputError, ModelFileError, FolderError.
     """
-    from finetune_cli.runs.run import Run
-
     run = Run.load(run_dir)
     items, roots = list_inputs(list(inputs), labelled=False)
     prepare_out(str(out), overwrite)
@@ -470,7 +471,4 @@ def _check_layer(ref, layer) -> None:
     Raises:
         BackboneError: from `select_layer`, naming the valid stages.
     """
-    from finetune_cli.models.backbones import build
-    from finetune_cli.models.stages import select_layer
-
     select_layer(build(ref).model, layer)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from finetune_cli.errors import FinetuneError, SettingsError
 from finetune_cli.progress import QUIET
-from finetune_cli.scale.backend import checked_trials
+from finetune_cli.scale.backend import checked_trials, connected
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,6 @@ def engine(engine: str = "local", address: str | None = None, max_concurrent: in
         importlib.import_module("ray.tune")
     except ImportError:
         raise SettingsError("--engine ray needs Ray Tune: pip install 'finetune-cli[ray]'") from None
-    from finetune_cli.scale.backend import connected
 
     with connected(address):
         yield RayTrials(max_concurrent)

@@ -19,8 +19,11 @@ import numpy as np
 
 from finetune_cli.analysis.saliency import call
 from finetune_cli.config import ATTACK, EXPLAIN, SCAN, AttackConfig, ScanConfig
+from finetune_cli.data.inputs import decode, labelled_test_scan
 from finetune_cli.errors import SettingsError
 from finetune_cli.files import output_folder, shown, writing
+from finetune_cli.pages.figures import figure_png, png_bytes, pyplot
+from finetune_cli.pages.html import Tile, figure, page, section, table, write_page
 from finetune_cli.runs.run import Run
 
 CORRUPTIONS = ("noise", "blur", "jpeg", "brightness")
@@ -193,8 +196,6 @@ def attack(run, root, *, eps=None, methods=None, out=None, corruptions: bool = F
     Raises:
         SettingsError (eps, method), ModelFileError, FolderError, OutputError.
     """
-    from finetune_cli.data.inputs import decode, labelled_test_scan
-
     eps = parse_eps(config.eps if eps is None else eps)
     methods = parse_methods(config.methods if methods is None else methods)
     run = Run.load(run)
@@ -260,9 +261,7 @@ def corruption_rows(model, images: np.ndarray, labels: np.ndarray, config: Attac
 
 def curve_png(summary: dict) -> bytes:
     """robustness.png: accuracy (0-1) against eps, one line per method."""
-    from finetune_cli.pages.figures import _pyplot, figure_png
-
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 3.4))
     for method, acc in summary["accuracy"].items():
         axis.plot(summary["eps"], acc, "o-", label=method.upper())
@@ -278,9 +277,6 @@ def curve_png(summary: dict) -> bytes:
 def example_tiles(images, chosen: np.ndarray, examples: dict, classes: list[str], model) -> list:
     """One tile per chosen image: original | perturbation (amplified to the full range, grey = 0) |
     adversarial, at the largest eps (PGD when run), captioned with the label and both predictions."""
-    from finetune_cli.pages.figures import png_bytes
-    from finetune_cli.pages.html import Tile
-
     (method, eps), adversarial = max(examples.items(), key=lambda kv: (kv[0][1], kv[0][0] == "pgd"))
     original = images.pixels[chosen]
     before, after = (call(model, x).numpy().argmax(1) for x in (original, adversarial))
@@ -301,8 +297,6 @@ def example_tiles(images, chosen: np.ndarray, examples: dict, classes: list[str]
 
 
 def _write_outputs(folder, summary: dict, images, chosen_examples: tuple, run: Run) -> None:
-    from finetune_cli.pages.html import figure, page, section, table, write_page
-
     curve = curve_png(summary)
     for name, data in (("robustness.png", curve),
                        ("robustness.json", json.dumps(summary, indent=2, ensure_ascii=False).encode())):

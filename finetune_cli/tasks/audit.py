@@ -27,11 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune_cli.analysis.units import png_bytes
 from finetune_cli.config import AUDIT, FEATURES, SCAN, AuditConfig, ScanConfig
+from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
 from finetune_cli.data.scan import Scan, scan_folder
-from finetune_cli.data.splits import content_groups
+from finetune_cli.data.splits import content_groups, distinct_per_class, grouped_folds
 from finetune_cli.errors import FolderError
+from finetune_cli.features import FeatureCache, extract
 from finetune_cli.files import output_folder, shown, writing
+from finetune_cli.models.backbones import resolve
+from finetune_cli.pages.html import Tile, page, section, tiles, write_page
+from finetune_cli.runtime.threads import one_blas_thread
 from finetune_cli.train.linear import standardised_logistic
 
 KINDS = ("label", "leakage", "duplicate", "outlier")
@@ -70,9 +76,6 @@ def out_of_fold(features: np.ndarray, labels: np.ndarray, settings: AuditConfig 
         copy in another fold cannot vouch for an image's label.
     """
     from sklearn.model_selection import cross_val_predict
-
-    from finetune_cli.data.splits import distinct_per_class, grouped_folds
-    from finetune_cli.runtime.threads import one_blas_thread
 
     folds = int(max(2, min(settings.folds, distinct_per_class(labels, groups).min())))
     model = standardised_logistic(settings.C, floor=0.0, tol=1e-4, max_iter=2000)  # unfloored, as audit measured
@@ -178,8 +181,6 @@ def audit(root, base: str, *, val_dir=None, test_dir=None, out=None, write: bool
     Raises:
         FolderError, BackboneError, WeightsUnavailableError, OutputError.
     """
-    from finetune_cli.models.backbones import resolve
-
     scan, splits, classes = combined_scan(root, val_dir, test_dir, config)
     ref = resolve(base, weights, image_size)
     if not write:
@@ -198,8 +199,6 @@ def audit(root, base: str, *, val_dir=None, test_dir=None, out=None, write: bool
 def _audited(root, scan: Scan, splits: list[str], classes: tuple, ref, batch_size: int, cache_dir, use_cache: bool,
              seed: int, config: ScanConfig, settings: AuditConfig, progress) -> dict:
     """The audit's summary (see `api.audit`), its "files" empty: features, then the findings."""
-    from finetune_cli.features import FeatureCache, extract
-
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
     table = extract(scan, ref, pooling=FEATURES.pooling, batch_size=batch_size, cache=cache, config=config,
                     progress=progress)
@@ -242,8 +241,6 @@ TITLES = {"label": "Possible label errors", "leakage": "Leakage: near-duplicate 
 
 def write_gallery(path: Path, summary: dict, settings: AuditConfig, config: ScanConfig) -> None:
     """The suspects' thumbnails by kind; a pair is one picture, the two images side by side."""
-    from finetune_cli.pages.html import Tile, page, section, tiles, write_page
-
     parts = []
     for kind in KINDS:
         found = [f for f in summary["findings"] if f["kind"] == kind]
@@ -273,9 +270,6 @@ def _caption(f: dict) -> str:
 
 def _thumbnail(f: dict, side: int, config: ScanConfig) -> bytes:
     """PNG of the finding's image, or of both images side by side for a pair (grey where unreadable)."""
-    from finetune_cli.analysis.units import png_bytes
-    from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
-
     def pixels(path: str) -> np.ndarray:
         try:
             return decode_rgb(read_image_file(Path(path), config.max_bytes), config.max_pixels, config.background,

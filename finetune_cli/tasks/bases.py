@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
+from finetune_cli.models import registry
+
 
 def bases() -> list[dict]:
     """The backbone registry: name, input size, parameters (millions), feature dim, where the ImageNet
     weights come from (`installed`: a package, no download; `download`: keras.applications fetches them)."""
-    from finetune_cli.models import registry
-
     return [
         {
             "name": s.name,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
+from finetune_cli.features import FeatureCache
+
 
 def cache_info(cache_dir: str | os.PathLike | None = None) -> dict:
     """What the feature cache holds (see `FeatureCache.info`)."""
-    from finetune_cli.features import FeatureCache
-
     return FeatureCache.at(cache_dir).info()
 
 
@@ -22,6 +22,4 @@ def cache_clear(cache_dir: str | os.PathLike | None = None) -> int:
     Raises:
         OutputError: the folder is not a feature cache.
     """
-    from finetune_cli.features import FeatureCache
-
     return FeatureCache.at(cache_dir).clear()

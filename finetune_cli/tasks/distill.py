@@ -23,13 +23,19 @@ from pathlib import Path
 import numpy as np
 
 from finetune_cli.config import DISTILL, SCAN, TRAIN, DistillConfig, ScanConfig
+from finetune_cli.data.inputs import labelled_test_scan
 from finetune_cli.data.scan import Scan, check_out_outside, scan_folder
 from finetune_cli.errors import ModelFileError, SettingsError, TrainingError
 from finetune_cli.features import FeatureCache
-from finetune_cli.models.backbones import BaseRef, file_digest, resolve
+from finetune_cli.models.backbones import BaseRef, build, file_digest, resolve
+from finetune_cli.models.heads import classifier
+from finetune_cli.models.inference import probabilities
 from finetune_cli.progress import QUIET, Reporter
 from finetune_cli.runs.folder import RunFolder
 from finetune_cli.runs.run import Run
+from finetune_cli.train.context import split, without_overlap
+from finetune_cli.train.distill import fit_student, soft_targets
+from finetune_cli.train.engine import Diverged
 
 
 def check_settings(temperature: float, alpha: float) -> None:
@@ -103,8 +109,6 @@ def teacher_probabilities(teacher: Run, scan: Scan, view: int, cache: FeatureCac
 def soft_table(teachers: list[Run], scan: Scan, views: int, cache, temperature: float, *,
                batch_size: int, config: ScanConfig) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """Per view: softened averaged targets (n, k) and ok (n,); and the teacher images computed."""
-    from finetune_cli.train.distill import soft_targets
-
     softs, oks, computed = [], [], 0
     for view in range(views):
         outputs = [teacher_probabilities(t, scan, view, cache, batch_size=batch_size, config=config)
@@ -125,9 +129,9 @@ def student_batches(parts: list[tuple], size: int, batch_size: int, seed: int, c
     """
     import tensorflow as tf
 
-    from finetune_cli.data.pipeline import _loader, path_tensor
+    from finetune_cli.data.pipeline import loader, path_tensor
 
-    loaders = {view: _loader(size, config, view) for _, view, *_ in parts}
+    loaders = {view: loader(size, config, view) for _, view, *_ in parts}
     columns = [[], [], [], [], []]
     for scan, view, labels, soft, ok in parts:
         for column, values in zip(columns, ([str(p) for p in scan.paths()], [view] * len(labels), labels, soft,
@@ -172,9 +176,6 @@ def distill(root, teachers, student: str, *, out=None, student_weights: str = "i
     Raises:
         SettingsError, FolderError, BackboneError, OutputError, TrainingError.
     """
-    from finetune_cli.data.inputs import labelled_test_scan
-    from finetune_cli.train.context import split, without_overlap
-
     started = time.perf_counter()
     given = dict(temperature=temperature, alpha=alpha, epochs=epochs or None, views=views or None)
     settings = dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
@@ -259,8 +260,6 @@ def _fit_students(data: _Data, runs: list[Run], cache, settings: DistillConfig, 
     images, views, order and epochs; the hard one has alpha = 1 and no transfer set.
     """
     from finetune_cli.data.pipeline import labelled_batches
-    from finetune_cli.train.distill import fit_student
-    from finetune_cli.train.engine import Diverged
 
     reporter.on_phase(f"teachers: soft targets at T={settings.temperature:g} (cached per image content and view)")
     options = {"batch_size": data.batch_size, "config": data.config}
@@ -293,9 +292,6 @@ def _fit_students(data: _Data, runs: list[Run], cache, settings: DistillConfig, 
 
 def _student(ref: BaseRef, n_classes: int, settings: DistillConfig):
     """The student: the backbone `ref` names (seeded), pooled, a new softmax `classifier` layer."""
-    from finetune_cli.models.backbones import build
-    from finetune_cli.models.heads import classifier
-
     backbone = build(ref)
     return classifier(backbone.model, backbone.model.layers[-1].name, n_classes, dropout=settings.dropout)
 
@@ -333,8 +329,6 @@ def compare(data: _Data, runs: list[Run], files: dict, settings: DistillConfig) 
     Returns:
         rows of model, file, accuracy (on `data.score`), params, bytes and ms per image per batch size.
     """
-    from finetune_cli.models.inference import probabilities
-
     labels = data.labels(data.score)
     rows = []
     entries = [(f"teacher {t.path.name}", t.model, t.path / "model.keras", t.image_size) for t in runs]

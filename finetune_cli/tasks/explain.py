@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune_cli.analysis import saliency
 from finetune_cli.config import EXPLAIN, SCAN, ExplainConfig, ScanConfig
 from finetune_cli.data.inputs import Decoded, decode, scan_inputs
 from finetune_cli.data.scan import Scan, Skipped
 from finetune_cli.errors import FolderError, SettingsError
 from finetune_cli.files import output_folder, shown, writing
 from finetune_cli.pages.figures import overlay_png
+from finetune_cli.pages.html import Tile, write_gallery
 from finetune_cli.runs.run import Run
 
 
@@ -66,8 +68,6 @@ def explain(run, images, *, method: str = "occlusion", class_name: str | None = 
     Raises:
         ModelFileError, FolderError, SettingsError (method, --class), OutputError.
     """
-    from finetune_cli.analysis import saliency
-
     if method not in saliency.METHODS:
         raise SettingsError(f"--method must be one of {', '.join(saliency.METHODS)}. Received: method={method!r}")
     run = Run.load(run)
@@ -111,8 +111,6 @@ def _explain_all(run: Run, scan: Scan, fixed: int | None, method: str, sanity: b
 def _explain_chunk(run: Run, images: Decoded, fixed: int | None, method: str, sanity: bool, folder: Path,
                    first: int, config: ExplainConfig) -> list[dict]:
     """Maps of one chunk of decoded images, written under folder/maps; their rows (numbered from `first`)."""
-    from finetune_cli.analysis import saliency
-
     probs = np.concatenate([saliency.call(run.model, images.pixels[s:s + config.batch_size]).numpy()
                             for s in range(0, len(images.pixels), config.batch_size)])
     targets = np.full(len(probs), fixed) if fixed is not None else probs.argmax(1)
@@ -154,8 +152,6 @@ def _write_maps(folder: Path, images: Decoded, maps: np.ndarray, rows: list[dict
 
 
 def _write_page(folder: Path, rows: list[dict], method: str, run: Run, checked: bool, config: ExplainConfig) -> Path:
-    from finetune_cli.pages.html import Tile, write_gallery
-
     def tile(row: dict) -> Tile:
         lines = [Path(row["path"]).name, f"predicted {row['predicted']} ({row['probability']:.0%})",
                  f"map of: {row['target']}"]

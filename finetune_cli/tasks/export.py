@@ -29,11 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from finetune_cli.config import EXPORT, SCAN, TRAIN, ExportConfig
+from finetune_cli.data.inputs import labelled_test_scan
+from finetune_cli.data.splits import overlap
 from finetune_cli.errors import ExportError, OutputError, SettingsError
 from finetune_cli.files import (WRITE_ERRNOS, check_writable_folder, claim_numbered, create_folder, remove_created,
                                 remove_stale_temps, sigterm_as_interrupt, staging_folder, write_error)
 from finetune_cli.models import formats
-from finetune_cli.runs.run import Run
+from finetune_cli.runs.run import Run, read_predictions
+from finetune_cli.train.context import split
 
 
 @dataclass(frozen=True)
@@ -165,10 +168,7 @@ def held_out(run: Run, data, check_dir, seed: int, n_calibration: int) -> Images
         ExportError: no images to check on, or int8 without training images.
         FolderError: a folder is unusable, or holds classes the run does not know.
     """
-    from finetune_cli.data.inputs import labelled_test_scan
     from finetune_cli.data.pipeline import decoded_arrays
-    from finetune_cli.data.splits import overlap
-    from finetune_cli.train.context import split
 
     every_image = (run.metrics or {}).get("validation", {}).get("method") == "out-of-fold"
     recorded = None if every_image else _recorded_validation(run)  # out-of-fold: those images trained the model
@@ -210,8 +210,6 @@ def held_out(run: Run, data, check_dir, seed: int, n_calibration: int) -> Images
 
 def _recorded_validation(run: Run) -> tuple[list[str], list[int]] | None:
     """(paths, class indices) of RUN/predictions_val.csv when every listed image still exists, else None."""
-    from finetune_cli.runs.run import read_predictions
-
     frame = read_predictions(run.path / "predictions_val.csv")
     if frame is None or not set(frame["true"]) <= set(run.classes):
         return None

@@ -10,6 +10,8 @@ from pathlib import Path
 from finetune_cli.config import FEATURES, SCALE, SCAN, ScanConfig
 from finetune_cli.data.scan import Progress, scan_folder
 from finetune_cli.errors import SettingsError
+from finetune_cli.features import FeatureCache, check_table_path, extract, write_table
+from finetune_cli.models.backbones import resolve
 from finetune_cli.scale.backend import ray_requested
 
 
@@ -49,9 +51,6 @@ def extract_features(
     Raises:
         FolderError, BackboneError, WeightsUnavailableError, OutputError, SettingsError (engine).
     """
-    from finetune_cli.features import FeatureCache, check_table_path, extract, write_table
-    from finetune_cli.models.backbones import resolve
-
     if ray_requested(engine, address):
         from finetune_cli.scale import ray_data
 

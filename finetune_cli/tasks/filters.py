@@ -26,8 +26,11 @@ import numpy as np
 
 from finetune_cli.analysis.units import grid, layer_name, pick_units, png_bytes
 from finetune_cli.config import FILTERS, SCAN, FiltersConfig
-from finetune_cli.errors import SettingsError
+from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
+from finetune_cli.errors import FolderError, SettingsError
 from finetune_cli.files import output_folder, writing
+from finetune_cli.pages.html import Tile, figure, page, section, tiles, write_page
+from finetune_cli.runtime.keras import import_keras
 
 
 def load_layer_model(base: str | None, run: str | None, layer, weights: str, image_size: int | None):
@@ -36,8 +39,6 @@ def load_layer_model(base: str | None, run: str | None, layer, weights: str, ima
     Raises:
         SettingsError: neither or both of base and run; BackboneError, ModelFileError, WeightsUnavailableError.
     """
-    from finetune_cli.runtime.keras import import_keras
-
     if (base is None) == (run is None):
         raise SettingsError("give exactly one of --base (a backbone) or --model (a run folder)")
     if run is not None:
@@ -171,9 +172,6 @@ def _photo(path, side: int) -> np.ndarray:
     Raises:
         FolderError: missing or not a usable image (one line, the reason).
     """
-    from finetune_cli.data.images import UnusableImage, decode_rgb, read_image_file
-    from finetune_cli.errors import FolderError
-
     try:
         return decode_rgb(read_image_file(Path(path), SCAN.max_bytes), SCAN.max_pixels, SCAN.background, side)
     except OSError as exc:
@@ -196,8 +194,6 @@ def stretched(picture: np.ndarray) -> np.ndarray:
 
 def _write(folder: Path, files: dict, summary: dict, pictures: np.ndarray, settings: FiltersConfig) -> dict:
     """filters.png (up to 8 pictures a row) and index.html; returns their paths."""
-    from finetune_cli.pages.html import Tile, figure, page, section, tiles, write_page
-
     shown = [stretched(p) for p in pictures]
     per_row = min(8, len(shown))
     rows = [list(shown[i : i + per_row]) for i in range(0, len(shown), per_row)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from finetune_cli.config import SCAN, ScanConfig
+from finetune_cli.data.profile import profile_scan
 from finetune_cli.data.scan import Progress, scan_folder
 
 
@@ -23,6 +24,4 @@ def inspect(
     Raises:
         FolderError: the folder is unusable (see `scan_folder`).
     """
-    from finetune_cli.data.profile import profile_scan
-
     return profile_scan(scan_folder(root, labelled=True, config=config, progress=progress), config)

@@ -9,8 +9,12 @@ from pathlib import Path
 from finetune_cli.config import LR_FIND, SCAN, TRAIN, LrFindConfig, ScanConfig, TrainConfig
 from finetune_cli.data.scan import check_out_outside
 from finetune_cli.errors import SettingsError
+from finetune_cli.features import FeatureCache
 from finetune_cli.progress import QUIET, Reporter
+from finetune_cli.runs.folder import RunFolder
+from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.train.lr_sweep import SWEPT, LrFinding, checked_config, find, write_sweep
+from finetune_cli.train.session import choose, is_imbalanced, prepare
 
 
 def lr_find(root, base: str, *, out=None, weights: str = "imagenet", image_size: int | None = None,
@@ -38,11 +42,6 @@ def lr_find(root, base: str, *, out=None, weights: str = "imagenet", image_size:
         FolderError, BackboneError, WeightsUnavailableError, RecipeError,
         OutputError, SettingsError, TrainingError.
     """
-    from finetune_cli.features import FeatureCache
-    from finetune_cli.runs.folder import RunFolder
-    from finetune_cli.strategy import recipes as recipe_files
-    from finetune_cli.train.session import choose, is_imbalanced, prepare
-
     checked_config(sweep)
     if strategy not in SWEPT:
         raise SettingsError(f"--strategy must be one of {', '.join(SWEPT)} for lr-find. Received: {strategy}")

@@ -23,8 +23,13 @@ import numpy as np
 
 from finetune_cli.analysis.units import grid, layer_name, pick_units, png_bytes
 from finetune_cli.config import FEATURES, PATCHES, SCAN, PatchesConfig, ScanConfig
+from finetune_cli.data.images import decode_rgb, read_image_file
 from finetune_cli.data.scan import scan_folder
+from finetune_cli.features import FeatureCache, extract
 from finetune_cli.files import output_folder, shown, writing
+from finetune_cli.models.backbones import build, resolve
+from finetune_cli.models.receptive import receptive_field
+from finetune_cli.pages.html import Tile, figure, page, section, tiles, write_page
 
 #: What `patches` writes into its folder, by kind (all that --overwrite replaces there).
 FILES = {"grid": "patches.png", "csv": "patches.csv", "html": "index.html"}
@@ -52,10 +57,6 @@ def patches(root, base: str, *, layer, units: int | None = None, unit_ids=None, 
         FolderError, BackboneError (bad layer, unsupported layer on the path), SettingsError (unit out of range),
         OutputError.
     """
-    from finetune_cli.features import FeatureCache, extract
-    from finetune_cli.models.backbones import build, resolve
-    from finetune_cli.models.receptive import receptive_field
-
     scan = scan_folder(root, labelled=None, config=config, for_training=False)
     ref = resolve(base, weights, image_size)
     backbone = build(ref)
@@ -112,8 +113,6 @@ def top_rows(maxima: np.ndarray, where: np.ndarray, units: list[int], top: int, 
 
 def crop_all(root: Path, paths: list[str], rows: list[dict], side: int, config: ScanConfig) -> dict:
     """{(unit, rank): uint8 crop} from each image decoded once at side x side (as the network saw it)."""
-    from finetune_cli.data.images import decode_rgb, read_image_file
-
     crops, decoded = {}, {}
     for r in rows:
         if r["row"] not in decoded:
@@ -126,8 +125,6 @@ def crop_all(root: Path, paths: list[str], rows: list[dict], side: int, config: 
 
 def write_outputs(folder: Path, summary: dict, crops: dict, cell: int) -> dict:
     """patches.png (one row per unit, best crop first), patches.csv and index.html; returns their paths."""
-    from finetune_cli.pages.html import Tile, figure, page, section, tiles, write_page
-
     units = summary["units"]
     picture = png_bytes(grid([[crops[u["unit"], p["rank"]] for p in u["patches"]] for u in units], cell))
     files = {kind: folder / name for kind, name in FILES.items()}

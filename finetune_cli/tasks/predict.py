@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from finetune_cli.analysis.conformal import calibrated_sets, checked_coverage, threshold
 from finetune_cli.analysis.conformal import scores as scores_of
-
-import dataclasses
-
 from finetune_cli.analysis.scores import scores
 from finetune_cli.config import PREDICT, SCALE, SCAN, ScanConfig, checked_tta
 from finetune_cli.data.inputs import collect, labelled_test_scan

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 from finetune_cli.config import PRETRAIN, PretrainConfig, checked_pretrain_config
+from finetune_cli.files import claim_numbered, drop_if_empty
 from finetune_cli.progress import QUIET, Reporter
+from finetune_cli.train.pretrain import pretrain as run_pretraining
 
 
 def pretrain(
@@ -36,9 +38,6 @@ def pretrain(
     Raises:
         FolderError, OutputError, BackboneError, WeightsUnavailableError, TrainingError.
     """
-    from finetune_cli.files import claim_numbered, drop_if_empty
-    from finetune_cli.train.pretrain import pretrain as run_pretraining
-
     config = checked_pretrain_config(settings or PRETRAIN)
     claimed = out is None  # the default name is claimed now, as an empty file: never shared with another run
     out = claim_numbered(f"{Path(unlabeled).resolve().name}-encoder", ".keras", file=True) if claimed else out

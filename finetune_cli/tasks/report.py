@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune_cli.analysis import saliency
 from finetune_cli.config import EXPLAIN, ExplainConfig
-from finetune_cli.data.inputs import decode
-from finetune_cli.errors import SettingsError
+from finetune_cli.data.inputs import collect, decode
+from finetune_cli.errors import ModelFileError, SettingsError
 from finetune_cli.pages.figures import overlay_png
-from finetune_cli.runs.run import Run
+from finetune_cli.pages.html import Tile
+from finetune_cli.runs.report_page import write_report
+from finetune_cli.runs.run import Run, last_run, read_predictions
 
 
 def report(run: str | os.PathLike, *, explain: str | None = None) -> Path:
@@ -27,10 +30,6 @@ def report(run: str | os.PathLike, *, explain: str | None = None) -> Path:
         ModelFileError: not a finished run folder (no readable metrics.json).
         OutputError: the page cannot be written.
     """
-    from finetune_cli.errors import ModelFileError
-    from finetune_cli.runs.report_page import write_report
-    from finetune_cli.runs.run import last_run
-
     folder = last_run() if str(run) == "last" else Path(run).expanduser().absolute()
     if not folder.is_dir():
         raise ModelFileError(f"{folder} is not a run folder: `finetune report` takes the --out folder of a "
@@ -53,10 +52,6 @@ def mistake_tiles(run_dir, method: str = "gradcam", limit: int = 24, config: Exp
     Raises:
         ModelFileError, SettingsError (method).
     """
-    from finetune_cli.analysis import saliency
-    from finetune_cli.pages.html import Tile
-    from finetune_cli.runs.run import read_predictions
-
     if method not in saliency.METHODS:
         raise SettingsError(f"--explain must be one of {', '.join(saliency.METHODS)}. Received: {method!r}")
     run = Run.load(run_dir)
@@ -67,7 +62,6 @@ def mistake_tiles(run_dir, method: str = "gradcam", limit: int = 24, config: Exp
     wrong = wrong.sort_values("probability", ascending=False).head(limit)
     if wrong.empty:
         return []
-    from finetune_cli.data.inputs import collect
 
     images = decode(collect(list(wrong["path"])), run.classes, run.image_size)
     rows = wrong.set_index("path").loc[images.paths]

@@ -18,15 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune_cli.analysis.diagnose import diagnose_history
 from finetune_cli.analysis.scores import scores
 from finetune_cli.config import (FEATURES, LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, PretrainConfig, ScanConfig,
-                                 TrainConfig)
+                                 TrainConfig, checked_pretrain_config)
 from finetune_cli.data.scan import Scan
 from finetune_cli.errors import BackboneError, TrainingError
 from finetune_cli.features import FeatureCache
 from finetune_cli.files import shown
 from finetune_cli.progress import QUIET, Reporter
 from finetune_cli.runs.folder import RunFolder, open_run
+from finetune_cli.runs.report_page import write_report
 from finetune_cli.runs.run import TRAINED_ON
 from finetune_cli.runs.write import write_run
 from finetune_cli.runtime.devices import scope
@@ -35,7 +37,9 @@ from finetune_cli.strategy import similarity as sim
 from finetune_cli.train.calibrate import calibrate
 from finetune_cli.train.context import Context, TrainResult, all_labels
 from finetune_cli.train.ensemble import checked_settings
-from finetune_cli.train.lr_sweep import checked_rate
+from finetune_cli.train.linear import fit_linear_plan
+from finetune_cli.train.lr_sweep import apply_rate, checked_rate
+from finetune_cli.train.pretrain import companion, pretrain
 from finetune_cli.train.resume import already_finished, read_saved
 from finetune_cli.train.session import choose, is_imbalanced, n_stages, prefetch, prepare
 
@@ -52,11 +56,9 @@ def train(
     """Inspect, decide, train and write a run folder (the steps: this module's docstring).
 
     Args:
-        base: a registry name or a .keras file; None only with `unlabeled`. out: the run folder to
-            create; None: a new `runs/<folder name>-<N>` (metrics["run_folder"] says which).
-            recipe: a shipped recipe name or a .toml path.
-        strategy: auto, linear, partial or full (overrides the decision table); similarity: auto
-            (measured), similar or different (stated).
+        base: a registry name or a .keras file; None only with `unlabeled`. out: the run folder to create;
+            None: a new `runs/<folder name>-<N>` (metrics["run_folder"]). recipe: a shipped name or a .toml.
+        strategy: auto, linear, partial or full (overrides the table); similarity: auto, similar or different.
         val_dir, test_dir: labelled folders to validate on instead of a split, and to score the kept
             model on in the same process (metrics["test"], as `evaluate` returns it).
         unlabeled: first pretrain a denoising autoencoder on these images into RUN/encoder.keras
@@ -66,24 +68,16 @@ def train(
             left as it is. settings: beyond the recipe (`TrainConfig`).
         lr: the head's rate (> 0, or its text), or "auto": the lr-find valley on the plan's model
             (`set_rate`); other groups keep their ratio. Fine-tuning only; None: the recipe's.
-        ensemble, ensemble_mode, average: see `config.TrainConfig` (text accepted), `train.ensemble`.
-        devices: fine-tune on N devices (or "all" GPUs) under a MirroredStrategy (`runtime.devices`).
+        ensemble, ensemble_mode, average: see `config.TrainConfig` (text accepted), `train.ensemble`;
+            devices: fine-tune on N devices (or "all" GPUs) under a MirroredStrategy (`runtime.devices`).
 
-    Returns the run's metrics (also in `out/metrics.json`). If training fails before anything worth
-    resuming exists, the files it wrote (and the folder, if it made it) are removed.
-
-    Raises: FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError, SettingsError,
-        ModelFileError, TrainingError.
+    Returns the run's metrics (also in `out/metrics.json`); a failure before anything worth resuming
+    removes what it wrote. Raises: FolderError, BackboneError, WeightsUnavailableError, RecipeError,
+    OutputError, SettingsError, ModelFileError, TrainingError.
     """
     started = time.perf_counter()
     settings, lr = checked_settings(settings, ensemble, ensemble_mode, average, resume), checked_rate(lr)
-    if base is None and unlabeled is None:
-        raise BackboneError("--base is required (a name from `finetune bases` or a .keras file), "
-                            "unless --unlabeled pretrains an encoder first")
-    if recipe is not None:
-        recipe_files.load(recipe)  # validate before any work
-    if recipe is not None or strategy != "auto":  # the user chose fine-tuning: no skipping it for lack of headroom
-        settings = dataclasses.replace(settings, headroom_check=False)
+    settings = checked_start(base, unlabeled, recipe, strategy, settings)
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
     with scope(devices, reporter.on_note):
         run = open_run(out, root, resume, reporter)
@@ -91,13 +85,9 @@ def train(
             return already_finished(run)
         saved = read_saved(run) if resume else None
         with run.guarded():
-            pretrained = None
-            if unlabeled is not None:
-                pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size,
-                                              seed=seed, config=pretrain_settings, greedy=greedy,
-                                              scan_config=config, reporter=reporter)
-                base, weights, image_size = str(run.file("encoder.keras")), "imagenet", pretrained["image_size"]
-                similarity = "similar" if similarity == "auto" else similarity
+            pretrained, base, weights, image_size, similarity = encoder_start(
+                run, unlabeled, base, weights, image_size, similarity, seed=seed, settings=pretrain_settings,
+                greedy=greedy, config=config, reporter=reporter)
             ctx, profile, test_scan = prepare(run, root, base, weights=weights, image_size=image_size, saved=saved,
                                               recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
                                               cache=cache, batch_size=batch_size, config=config,
@@ -114,6 +104,24 @@ def train(
             result.metrics.update(lr_record)
             clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
             return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
+
+
+def checked_start(base: str | None, unlabeled, recipe: str | None, strategy: str, settings: TrainConfig
+                  ) -> TrainConfig:
+    """`settings`, once the options are known to be usable before any work: a base (or `unlabeled` to
+    pretrain one), a readable recipe; a cell the user chose (`recipe`, `strategy`) skips the headroom check.
+
+    Raises:
+        BackboneError, RecipeError.
+    """
+    if base is None and unlabeled is None:
+        raise BackboneError("--base is required (a name from `finetune bases` or a .keras file), "
+                            "unless --unlabeled pretrains an encoder first")
+    if recipe is not None:
+        recipe_files.load(recipe)
+    if recipe is not None or strategy != "auto":  # the user chose fine-tuning: no skipping it for lack of headroom
+        settings = dataclasses.replace(settings, headroom_check=False)
+    return settings
 
 
 def decide_and_record(ctx: Context, profile, similarity: str, strategy: str, recipe: str | None,
@@ -144,7 +152,6 @@ def decide_and_record(ctx: Context, profile, similarity: str, strategy: str, rec
 def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: TrainConfig) -> TrainResult:
     """Train what the plan says: the linear head, or fine-tuning."""
     from finetune_cli.train.finetune import fit_finetune_plan
-    from finetune_cli.train.linear import fit_linear_plan
 
     balanced = is_imbalanced(ctx, profile)
     n = getattr(settings, "ensemble", 1)
@@ -175,7 +182,6 @@ def set_rate(ctx: Context, profile, plan, recipe, lr, saved, settings: TrainConf
     if saved:
         ctx.reporter.on_note(f"--lr {lr} is ignored on --resume: the saved plan's rates are kept")
         return plan, {}
-    from finetune_cli.train.lr_sweep import apply_rate
 
     plan, record = apply_rate(ctx, plan, recipe, lr, is_imbalanced(ctx, profile), settings, lr_config)
     return plan, {"lr": record} if record else {}
@@ -231,8 +237,6 @@ def val_paths(ctx: Context, result: TrainResult) -> list[str] | None:
 def with_report(ctx: Context, metrics: dict) -> dict:
     """Write RUN/report.html (`runs.report_page.write_report`), best effort: the run is already saved, so a
     failure is a note (in the returned metrics too), never an error."""
-    from finetune_cli.runs.report_page import write_report
-
     try:
         write_report(ctx.run.path)
     except Exception as exc:  # noqa: BLE001 - the saved run must survive any failure of its report
@@ -245,8 +249,6 @@ def with_report(ctx: Context, metrics: dict) -> dict:
 def with_diagnosis(ctx: Context, result: TrainResult, extra: dict) -> TrainResult:
     """Judge the training history (`diagnose`) into extra["diagnosis"]; a verdict other than healthy
     becomes a note with the next step."""
-    from finetune_cli.analysis.diagnose import diagnose_history
-
     if not result.history:
         return result
     verdict = diagnose_history(result.history, classes=len(ctx.classes)).to_dict()
@@ -258,16 +260,25 @@ def with_diagnosis(ctx: Context, result: TrainResult, extra: dict) -> TrainResul
     return dataclasses.replace(result, notes=result.notes + [note])
 
 
+def encoder_start(run: RunFolder, unlabeled, base, weights: str, image_size, similarity: str, *, seed: int,
+                  settings, greedy: bool, config: ScanConfig, reporter: Reporter) -> tuple:
+    """(pretrained summary or None, base, weights, image_size, similarity) to train from: with `unlabeled`,
+    the encoder pretrained into RUN/encoder.keras (`pretrain_encoder`), its domain stated as similar."""
+    if unlabeled is None:
+        return None, base, weights, image_size, similarity
+    pretrained = pretrain_encoder(run, unlabeled, base=base, weights=weights, image_size=image_size, seed=seed,
+                                  config=settings, greedy=greedy, scan_config=config, reporter=reporter)
+    return (pretrained, str(run.file("encoder.keras")), "imagenet", pretrained["image_size"],
+            "similar" if similarity == "auto" else similarity)
+
+
 def pretrain_encoder(run: RunFolder, unlabeled, *, base, weights, image_size, seed, config, greedy,
                      scan_config: ScanConfig, reporter: Reporter) -> dict:
     """Pretrain RUN/encoder.keras on the unlabeled images (or reuse it on --resume); returns its summary."""
-    from finetune_cli.train.pretrain import companion, pretrain
-
     path = run.file("encoder.keras")
     if path.exists() and companion(path, "pretrain.json").exists():
         reporter.on_note(f"reusing the encoder pretrained earlier in {path}")
         return run.read_json(companion(path, "pretrain.json").name)
-    from finetune_cli.config import checked_pretrain_config
 
     config = checked_pretrain_config(config or PRETRAIN)
     if image_size:

@@ -28,13 +28,12 @@ import numpy as np
 from finetune_cli.analysis.calibration import nll
 from finetune_cli.config import ENSEMBLE, EnsembleConfig
 from finetune_cli.errors import TrainingError
+from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.engine import Callback
 
 
 def refuse_training_batchnorm(model) -> None:
     """Raise `TrainingError` when a BatchNormalization layer of `model` trains (its statistics would move)."""
-    from finetune_cli.runtime.keras import import_keras
-
     keras = import_keras()
 
     def walk(layers):

@@ -20,6 +20,7 @@ import numpy as np
 
 from finetune_cli.analysis.calibration import Calibration, fit_temperature, nll, temper
 from finetune_cli.config import TrainConfig
+from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.context import Context, TrainResult
 
 #: A fitted log T this close to a bound of the range counts as on the edge (not pinned down).
@@ -92,8 +93,6 @@ def fold_temperature(model, temperature: float):
     and bias / T. Every other layer is shared with `model`, which keeps its
     own, uncalibrated, output layer.
     """
-    from finetune_cli.runtime.keras import import_keras
-
     keras = import_keras()
     try:
         dense = model.get_layer("classifier")

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from finetune_cli.config import DistillConfig
+from finetune_cli.models.backbones import PREPROCESS_PREFIX
 from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.engine import Each, EarlyStopping, Group, LoopState, NanGuard, Trainer, adam, fit_with_retries
 
@@ -109,7 +110,6 @@ def fit_student(model, train_data, val_data, n_classes: int, *, temperature: flo
     """
     import tensorflow as tf
 
-    from finetune_cli.models.backbones import PREPROCESS_PREFIX
     from finetune_cli.train.setup import evaluate, predictor
 
     variables = [v for layer in model.layers if not layer.name.startswith(PREPROCESS_PREFIX)

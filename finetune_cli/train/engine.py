@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from finetune_cli.runtime.devices import active
 from finetune_cli.runtime.keras import import_keras
 
 
@@ -106,8 +107,6 @@ class Trainer:
 
     def __init__(self, model, loss: Loss, groups: Sequence[Group], signature, *,
                  optimizer: Callable[[float], object] = adam, callbacks: Sequence[Callback] = ()):
-        from finetune_cli.runtime.devices import active
-
         self.model, self.loss, self.signature = model, loss, signature
         self.groups = [g for g in groups if g.variables]
         self.optimizer, self.callbacks = optimizer, list(callbacks)

@@ -29,7 +29,14 @@ import numpy as np
 
 from finetune_cli.config import ENSEMBLE, EnsembleConfig
 from finetune_cli.errors import SettingsError
-from finetune_cli.train.averaging import cross_entropy
+from finetune_cli.models.heads import classifier
+from finetune_cli.models.inference import probabilities
+from finetune_cli.models.stages import select_layer
+from finetune_cli.runtime.keras import import_keras
+from finetune_cli.train.averaging import CosineSnapshots, cross_entropy
+from finetune_cli.train.context import TrainResult
+from finetune_cli.train.linear import candidate_sources, fit_linear_plan, fit_source
+from finetune_cli.train.sources import StageSource
 
 
 def checked_settings(settings, ensemble, ensemble_mode: str, average: str, resume: bool = False):
@@ -89,8 +96,6 @@ def average_model(members: list, name: str = "finetune_ensemble"):
     Members built on one input tensor (heads on a shared backbone) are joined in
     that graph; otherwise each member is a nested model called on a new input.
     """
-    from finetune_cli.runtime.keras import import_keras
-
     keras = import_keras()
     if all(m.inputs[0] is members[0].inputs[0] for m in members):
         outputs = keras.layers.Average(name="ensemble_average")([m.outputs[0] for m in members])
@@ -133,9 +138,6 @@ def fit_linear_ensemble(ctx, plan, similarity, n_stages: int, balanced: bool, re
     cross-validated choice of features where the plan compares them), so the kept model is
     never worse on validation than a plain run; members 1.. follow `linear_members`.
     """
-    from finetune_cli.train.linear import _fit_source, candidate_sources, fit_linear_plan
-    from finetune_cli.train.sources import StageSource
-
     pooling, c = (recipe.pooling, recipe.linear_c) if recipe is not None else ("avg", 0.0)
     own = fit_linear_plan(ctx, plan, similarity, n_stages, balanced, recipe)
     source = next(s for s in candidate_sources(plan, similarity, n_stages, pooling)
@@ -146,7 +148,7 @@ def fit_linear_ensemble(ctx, plan, similarity, n_stages: int, balanced: bool, re
     sources, probs = [(source, *weights)], [own.val_probs]
     for spec in linear_members(plan, similarity, n, n_stages)[1:]:
         member = StageSource((None if spec["stage"] == n_stages else spec["stage"],), pooling)
-        head = _fit_source(dataclasses.replace(ctx, seed=ctx.seed + spec["seed_offset"]), member, spec["views"],
+        head = fit_source(dataclasses.replace(ctx, seed=ctx.seed + spec["seed_offset"]), member, spec["views"],
                            balanced, c)[1]
         val = member.rows(ctx, ctx.val)
         if not np.array_equal(ctx.labels(val.records), own.val_labels):
@@ -172,10 +174,6 @@ def fit_linear_ensemble(ctx, plan, similarity, n_stages: int, balanced: bool, re
 def member_head(ctx, source, kernel, bias, suffix: str):
     """`source`'s head (kernel (d, k), bias (k,)) on the backbone's own input tensor, its layer names + `suffix`,
     so that several heads join one graph (one backbone pass)."""
-    from finetune_cli.models.heads import classifier
-    from finetune_cli.models.stages import select_layer
-    from finetune_cli.runtime.keras import import_keras
-
     backbone = ctx.backbone.model
     if hasattr(source, "layers"):
         return classifier(backbone, [select_layer(backbone, k) for k in source.layers], len(ctx.classes),
@@ -190,9 +188,6 @@ def member_head(ctx, source, kernel, bias, suffix: str):
 
 def _result(ctx, model, plan, history, val_probs, labels, metrics, notes=()):
     """A `TrainResult` whose test scores are `model`'s own forward pass on raw pixels."""
-    from finetune_cli.models.inference import probabilities
-    from finetune_cli.train.context import TrainResult
-
     size = ctx.backbone.ref.image_size
     score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)  # noqa: E731
     return TrainResult(model, plan, history, np.asarray(val_probs, np.float32), labels, metrics, score, list(notes))
@@ -200,8 +195,6 @@ def _result(ctx, model, plan, history, val_probs, labels, metrics, notes=()):
 
 def copy_member(whole, i: int):
     """A standalone copy of `whole` (new layers, the same weights now), named `member_i`."""
-    from finetune_cli.runtime.keras import import_keras
-
     keras = import_keras()
     clone = keras.models.clone_model(whole)
     clone.set_weights(whole.get_weights())
@@ -217,7 +210,6 @@ def fit_finetune_ensemble(ctx, plan, recipe, balanced: bool, settings, config: E
 
 def _snapshots(ctx, plan, recipe, balanced: bool, settings, config: EnsembleConfig):
     """One run of N cosine cycles; each cycle's end is a member. The linear-head comparison follows as usual."""
-    from finetune_cli.train.averaging import CosineSnapshots
     from finetune_cli.train.finetune import fit_finetune_plan
     from finetune_cli.train.setup import predict_batches
 
@@ -249,7 +241,6 @@ def _snapshots(ctx, plan, recipe, balanced: bool, settings, config: EnsembleConf
 
 def _seeds(ctx, plan, recipe, balanced: bool, settings):
     """N full fine-tunes from the same start, seeds seed + i; not compared with the linear head (a note says so)."""
-    from finetune_cli.runtime.keras import import_keras
     from finetune_cli.train.finetune import fit_finetune_plan
 
     n, start = settings.ensemble, ctx.backbone.model.get_weights()

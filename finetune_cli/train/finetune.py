@@ -19,9 +19,19 @@ import time
 
 import numpy as np
 
+from finetune_cli.analysis.calibration import nll
+from finetune_cli.data.splits import content_groups
 from finetune_cli.errors import TrainingError
+from finetune_cli.models.heads import classifier
+from finetune_cli.models.inference import probabilities
+from finetune_cli.runtime.devices import replicas
+from finetune_cli.train import prefix
+from finetune_cli.train.averaging import WeightAverage, keep_average
+from finetune_cli.train.compare import compare_on_validation
 from finetune_cli.train.context import Context, TrainResult, class_weights
-from finetune_cli.train.engine import Callback
+from finetune_cli.train.engine import Callback, Diverged, fit_with_retries
+from finetune_cli.train.linear import fit_linear
+from finetune_cli.train.resume import load_checkpoint
 
 BEST_WEIGHTS = "best.weights.h5"
 
@@ -39,7 +49,6 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     Raises:
         TrainingError: still diverging after `settings.max_retries` retries.
     """
-    from finetune_cli.models.inference import probabilities
     from finetune_cli.train.setup import predict_batches
 
     clock = [time.perf_counter()]
@@ -83,9 +92,6 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
 
 def _start(ctx: Context, recipe, resume: bool):
     """(whole model, LoopState): from the checkpoint, or (with a head still to fit, None) a new one."""
-    from finetune_cli.models.heads import classifier
-    from finetune_cli.train.resume import load_checkpoint
-
     if resume and ctx.run.file("checkpoint.keras").exists():
         model, state = load_checkpoint(ctx.run)
         ctx.reporter.on_note(f"resuming after epoch {state.epoch} (optimizer state starts afresh)")
@@ -118,8 +124,6 @@ class Baseline:
 
 def _cut(ctx: Context, model, plan, settings):
     """Where the frozen prefix ends (`train.prefix.split`), or None: no cache, or caching turned off."""
-    from finetune_cli.train import prefix
-
     return prefix.split(model, plan, settings.max_steps_back) if ctx.cache is not None and settings.cache_prefix else None
 
 
@@ -130,9 +134,6 @@ def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> Baseline:
     of view 0 (training and validation images), so the frozen stages run once
     for the head, the comparison and fine-tuning.
     """
-    from finetune_cli.data.splits import content_groups
-    from finetune_cli.train.linear import fit_linear
-
     ctx.reporter.on_phase("phase 1: linear head on frozen final features")
     if cut is None:
         table, val_table = (ctx.features(scan, [None])[0] for scan in (ctx.train, ctx.val))
@@ -157,8 +158,6 @@ def headroom(baseline: Baseline, settings) -> bool:
 
 def linear_only(ctx: Context, model, plan, baseline: Baseline, settings) -> TrainResult:
     """The linear head of phase 1 as the run's result, fine-tuning skipped before it was paid for (no headroom)."""
-    from finetune_cli.models.inference import probabilities
-
     note = (f"fine-tuning skipped: the linear head makes no error on the {len(baseline.val_labels)} validation "
             f"images and {baseline.head.best_cv:.1%} cross-validated accuracy on the training images (at least "
             f"{settings.headroom_cv_accuracy:.1%}), so no gain could be measured; kept the linear head "
@@ -192,8 +191,6 @@ class Pilot(Callback):
     """
 
     def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01):
-        from finetune_cli.analysis.calibration import nll
-
         self.epochs, self.margin = epochs, margin
         self.bar = (baseline.val_accuracy, float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
         self.best = (-1.0, float("inf"))
@@ -240,8 +237,6 @@ def keep_better(ctx: Context, result: TrainResult, baseline: Baseline) -> TrainR
     overfitting). Both scores, the paired bootstrap interval of the accuracy
     difference and the choice go into metrics["comparison"] and a note.
     """
-    from finetune_cli.train.compare import compare_on_validation
-
     comparison = compare_on_validation(result.val_probs, result.val_labels, baseline.val_probs,
                                        baseline.val_labels, seed=ctx.seed)
     ctx.reporter.on_note(comparison["note"])
@@ -254,9 +249,6 @@ def keep_better(ctx: Context, result: TrainResult, baseline: Baseline) -> TrainR
 
 def _linear_result(ctx: Context, result: TrainResult, baseline: Baseline, metrics: dict, notes: list) -> TrainResult:
     """`result` with the linear head on the original frozen features as its model (the fine-tuned one dropped)."""
-    from finetune_cli.models.heads import classifier
-    from finetune_cli.models.inference import probabilities
-
     ctx.backbone.model.set_weights(baseline.frozen)  # the fine-tuned model shares these layers; it is dropped
     head = baseline.head
     model = classifier(ctx.backbone.model, ctx.backbone.model.layers[-1].name, len(ctx.classes),
@@ -271,7 +263,6 @@ def _linear_result(ctx: Context, result: TrainResult, baseline: Baseline, metric
 def _datasets(ctx: Context, model, cut, plan, recipe, balanced: bool, settings):
     """(the model the engine trains, train batches, validation batches): on cached activations or images."""
     from finetune_cli.data.pipeline import augmenter, labelled_batches
-    from finetune_cli.train import prefix
 
     y_train, y_val = ctx.labels(ctx.train.images), ctx.labels(ctx.val.images)
     weights = class_weights(y_train, len(ctx.classes), balanced)[y_train]
@@ -294,7 +285,6 @@ def _averager(settings):
     """A `train.averaging.WeightAverage` for `settings.average` swa or ema, else None."""
     if getattr(settings, "average", "none") == "none":
         return None
-    from finetune_cli.train.averaging import WeightAverage
 
     return WeightAverage(settings.average)
 
@@ -303,7 +293,6 @@ def _keep_average(ctx: Context, averager, trainable, val_data, notes: list) -> d
     """{"averaging": record} after `train.averaging.keep_average` (its note added), or {} without averaging."""
     if averager is None:
         return {}
-    from finetune_cli.train.averaging import keep_average
 
     record, note = keep_average(averager, trainable, val_data)
     notes.append(note)
@@ -313,7 +302,6 @@ def _keep_average(ctx: Context, averager, trainable, val_data, notes: list) -> d
 
 def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, state, retries: int, extra=()):
     """Run the engine with checkpoints, the NaN policy and `extra` callbacks; returns (state, plan as run, notes)."""
-    from finetune_cli.train.engine import Diverged, fit_with_retries
     from finetune_cli.train.setup import finetuner
 
     notes: list[str] = []
@@ -356,8 +344,6 @@ def _announce(ctx: Context, plan) -> None:
 
 def _devices() -> dict:
     """{"devices": n} when the engine's steps ran on n > 1 replicas (`train --devices`, `runtime.devices`), else {}."""
-    from finetune_cli.runtime.devices import replicas
-
     n = replicas()
     return {"devices": n} if n > 1 else {}
 

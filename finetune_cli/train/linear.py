@@ -15,6 +15,11 @@ from sklearn.preprocessing import StandardScaler
 
 from finetune_cli.analysis.scores import best_c
 from finetune_cli.config import LINEAR, LinearConfig
+from finetune_cli.data.splits import distinct_per_class, grouped_folds
+from finetune_cli.runtime.threads import one_blas_thread
+from finetune_cli.strategy.similarity import probe_layers
+from finetune_cli.train.context import TrainResult
+from finetune_cli.train.sources import PixelSource, StageSource
 
 
 @dataclass
@@ -73,8 +78,6 @@ def fit_linear(
             rest augmented views of them): the out-of-fold probabilities are
             theirs; None: every row.
     """
-    from finetune_cli.runtime.threads import one_blas_thread
-
     with one_blas_thread():
         return _fit_linear(features, labels, n_classes, groups, balanced, seed, config,
                            len(labels) if n_primary is None else n_primary)
@@ -82,8 +85,6 @@ def fit_linear(
 
 def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: int, config: LinearConfig,
                 n_primary: int) -> LinearHead:
-
-    from finetune_cli.data.splits import distinct_per_class, grouped_folds
 
     groups = np.arange(len(labels)) if groups is None else groups
     weight = "balanced" if balanced else None
@@ -239,15 +240,13 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe
     Returns:
         A `TrainResult`; history is one row per C tried.
     """
-    from finetune_cli.train.context import TrainResult
-
     pooling, c = (recipe.pooling, recipe.linear_c) if recipe is not None else ("avg", 0.0)
     sources = candidate_sources(plan, similarity, n_stages, pooling)
     if len(sources) > 1:  # one backbone pass per view fills the cache for every stage candidate
         stages = sorted({k for s in sources for k in getattr(s, "layers", ())}, key=lambda k: k or n_stages + 1)
         for view in range(plan.feature_views + 1):
             ctx.features(ctx.train, stages, view, pooling=pooling)
-    fits = [_fit_source(ctx, source, plan.feature_views, balanced, c) for source in sources]
+    fits = [fit_source(ctx, source, plan.feature_views, balanced, c) for source in sources]
     cv = [f[1].best_cv if np.isfinite(f[1].best_cv) else -1.0 for f in fits]
     best = max(range(len(fits)), key=lambda i: (round(cv[i], 6), -i))
     source, head, (x, y) = sources[best], fits[best][1], fits[best][2]
@@ -295,10 +294,6 @@ def candidate_sources(plan, similarity, n_stages: int, pooling: str = "avg") -> 
     """The feature sources a plan considers: its one stage, or (feature_stage "best") the stage the
     similarity probe found best (every probed stage when the verdict was forced and nothing was probed),
     the probed stages concatenated, and raw pixels."""
-    from finetune_cli.config import LINEAR
-    from finetune_cli.strategy.similarity import probe_layers
-    from finetune_cli.train.sources import PixelSource, StageSource
-
     stage = plan.feature_stage
     if stage != "best":
         layer = None if stage == "final" or int(stage) == n_stages else int(stage)
@@ -314,12 +309,10 @@ def candidate_sources(plan, similarity, n_stages: int, pooling: str = "avg") -> 
     return sources + [PixelSource(LINEAR.pixel_side)]
 
 
-def _fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):
+def fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):
     """(source, fitted head, (x, y)) on the training images' features of `source`, views included;
     C fixed at `c` when > 0, else cross-validated."""
     import dataclasses
-
-    from finetune_cli.config import LINEAR
 
     ctx.reporter.on_phase(f"features: {source.name}" + (f", {views} augmented views" if views and source.views_apply
                                                           else ""))

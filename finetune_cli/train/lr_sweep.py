@@ -28,6 +28,7 @@ import numpy as np
 
 from finetune_cli.config import LR_FIND, TRAIN, LrFindConfig, TrainConfig
 from finetune_cli.errors import SettingsError, TrainingError
+from finetune_cli.pages.figures import lr_figure
 
 #: Fine-tuning strategies the sweep applies to (a linear head is not trained by gradient steps).
 SWEPT = ("partial", "full")
@@ -290,8 +291,6 @@ def find(ctx, plan, recipe, balanced: bool, settings: TrainConfig = TRAIN, confi
 def write_sweep(run, finding: LrFinding) -> LrFinding:
     """Write lr.csv (step 1-based, lr, loss, smoothed), lr.png and lr.json into `run` (a `RunFolder`), atomically."""
     import pandas as pd
-
-    from finetune_cli.pages.figures import lr_figure
 
     sweep_ = finding.sweep
     frame = pd.DataFrame({"step": np.arange(1, len(sweep_.rates) + 1), "lr": sweep_.rates, "loss": sweep_.losses,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finetune_cli.config import TRAIN
+from finetune_cli.features import FeatureCache
 from finetune_cli.models.stages import find_stages
 from finetune_cli.runtime.keras import import_keras
 
@@ -107,8 +108,6 @@ def datasets(ctx, cut: Split, views: int, labels: np.ndarray, weights: np.ndarra
 
 def _source(ctx, scan, cut: Split, views: int, dtype: str, in_memory: bool):
     """pair index (view * n + i) -> (activation (*shape) float32, found bool)."""
-    from finetune_cli.features import FeatureCache
-
     cache: FeatureCache = ctx.cache
     ref, n = ctx.backbone.ref, len(scan.images)
     spaces = [cache.namespace(ref, cut.layer, "none", v, dtype) for v in range(views + 1)]

@@ -21,9 +21,14 @@ from typing import Callable
 import numpy as np
 
 from finetune_cli.config import PRETRAIN, SCAN, PretrainConfig, ScanConfig
+from finetune_cli.data.scan import scan_folder
 from finetune_cli.errors import FolderError, OutputError, TrainingError
-from finetune_cli.files import check_writable_folder, create_folder, remove_stale_temps
+from finetune_cli.files import check_writable_folder, create_folder, remove_stale_temps, writing
+from finetune_cli.models import autoencoder as models
+from finetune_cli.models.files import save_model_atomic
+from finetune_cli.pages.figures import figure_png, pretrain_curves_figure, reconstructions_figure
 from finetune_cli.progress import QUIET, Reporter
+from finetune_cli.train.engine import Diverged, Each, EarlyStopping, Group, NanGuard, Trainer
 
 
 def companion(encoder_path: Path, suffix: str) -> Path:
@@ -148,7 +153,6 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
     import tensorflow as tf
 
     from finetune_cli.data.pipeline import image_spec
-    from finetune_cli.train.engine import Diverged, Each, EarlyStopping, Group, NanGuard, Trainer
 
     generator = tf.random.Generator.from_seed(seed)
     val_generator = tf.random.Generator.from_seed(seed + 1)
@@ -187,8 +191,6 @@ def fit_phase(ae, phase: Phase, train_data, val_data, config: PretrainConfig, se
 
 def build_autoencoder(config: PretrainConfig, init_ref, seed: int, reporter: Reporter):
     """(Autoencoder, phases, facts for the summary); `init_ref` is the resolved `--init-from` base or None."""
-    from finetune_cli.models import autoencoder as models
-
     rate = config.learning_rate
     if init_ref is not None:
         from finetune_cli.models.backbones import build
@@ -237,8 +239,6 @@ def pretrain(
     Raises:
         FolderError, OutputError, BackboneError, WeightsUnavailableError.
     """
-    from finetune_cli.data.scan import scan_folder
-
     started = time.perf_counter()
     path = check_output(out, claimed)
     reporter.on_phase(f"encoder: {path}")
@@ -289,8 +289,6 @@ def _datasets(paths, train_idx, hold_idx, config: PretrainConfig, seed: int, sca
 
 
 def _save_encoder(encoder, path: Path) -> None:
-    from finetune_cli.models.files import save_model_atomic
-
     save_model_atomic(encoder, path)
 
 
@@ -339,9 +337,6 @@ def _summary(ae, config, scan, train_idx, hold_idx, history, facts, greedy, in_m
 
 def _write_companions(path: Path, history: list[dict], summary: dict, examples) -> None:
     import pandas as pd
-
-    from finetune_cli.files import writing
-    from finetune_cli.pages.figures import figure_png, pretrain_curves_figure, reconstructions_figure
 
     files = {
         "history.csv": pd.DataFrame(history).to_csv(index=False).encode(),

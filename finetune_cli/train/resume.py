@@ -16,11 +16,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from finetune_cli.errors import ModelFileError, SettingsError
-from finetune_cli.models.files import archive_json
+from finetune_cli.models.files import archive_json, load_model_file
 from finetune_cli.runs.folder import RunFolder
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import Plan
+from finetune_cli.train.engine import LoopState
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,6 @@ def read_state(run: RunFolder):
     Raises:
         ModelFileError: state.json is missing or malformed.
     """
-    from finetune_cli.train.engine import LoopState
-
     try:
         state = LoopState(**run.read_json("state.json"))
         if not isinstance(state.epoch, int) or not isinstance(state.history, list):
@@ -121,8 +120,6 @@ def load_checkpoint(run: RunFolder):
     Raises:
         ModelFileError: the checkpoint or its state is damaged.
     """
-    from finetune_cli.models.files import load_model_file
-
     state = read_state(run)
     return load_model_file(run.file("checkpoint.keras"), ModelFileError), state
 

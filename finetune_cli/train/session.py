@@ -25,6 +25,7 @@ from finetune_cli.models.backbones import build, resolve
 from finetune_cli.models.stages import find_stages
 from finetune_cli.progress import Reporter
 from finetune_cli.runs.folder import RunFolder
+from finetune_cli.runtime.threads import one_blas_thread
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import decide, table_recipe
@@ -170,7 +171,6 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> f
     folds = int(min(3, np.bincount(labels).min()))
     if folds < 2:
         return float("nan")
-    from finetune_cli.runtime.threads import one_blas_thread
 
     model = standardised_logistic(0.1, floor=0.0, tol=1e-3)  # unfloored, as the probe's margins were measured
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)

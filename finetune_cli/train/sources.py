@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from finetune_cli.models.heads import classifier
+from finetune_cli.models.stages import select_layer
+from finetune_cli.runtime.keras import import_keras
+
 
 @dataclass(frozen=True)
 class Rows:
@@ -49,9 +53,6 @@ class StageSource:
         return Rows(np.concatenate([t.features for t in tables], axis=1), tables[0].records)
 
     def model(self, ctx, kernel, bias):
-        from finetune_cli.models.heads import classifier
-        from finetune_cli.models.stages import select_layer
-
         backbone = ctx.backbone.model
         return classifier(backbone, [select_layer(backbone, k) for k in self.layers], len(ctx.classes),
                           kernel=kernel, bias=bias, pooling=self.pooling)
@@ -86,8 +87,6 @@ class PixelSource:
         return Rows(np.concatenate(parts).astype(np.float32), records)
 
     def _features_model(self, size: int):
-        from finetune_cli.runtime.keras import import_keras
-
         keras = import_keras()
         inputs = keras.Input((size, size, 3), name="image")
         return keras.Model(inputs, self._pixels(keras, inputs))
@@ -97,8 +96,6 @@ class PixelSource:
         return keras.layers.Flatten(name="pixels")(x)
 
     def model(self, ctx, kernel, bias):
-        from finetune_cli.runtime.keras import import_keras
-
         keras = import_keras()
         size = ctx.backbone.ref.image_size
         inputs = keras.Input((size, size, 3), name="image")

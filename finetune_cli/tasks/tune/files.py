@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune_cli.errors import OutputError
 from finetune_cli.files import held_names
-from finetune_cli.pages.figures import _pyplot
+from finetune_cli.pages.figures import pyplot
 from finetune_cli.progress import QUIET, Reporter
 from finetune_cli.runs.folder import RunFolder
 from finetune_cli.strategy import recipes as recipe_files
@@ -256,7 +256,7 @@ def score_figure(rows: list[dict], best: dict, panels: list[tuple], score: tuple
                  colour_by: str | None = None):
     """One panel per (parameter, kind, values): kind `log` (log axis), `category` (values as text, in order)
     or `ticks` (numbers, ticks at values); y the score (`score` = (column, spread column or None))."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True)
     column, spread = score
     groups = sorted({r[colour_by] for r in rows}) if colour_by else [None]

@@ -47,12 +47,14 @@ from finetune_cli.analysis.calibration import nll
 from finetune_cli.config import TRAIN, TUNE, TrainConfig, TuneConfig
 from finetune_cli.errors import FolderError, SettingsError
 from finetune_cli.features import FeatureCache
+from finetune_cli.models.backbones import build
 from finetune_cli.progress import Reporter
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy.decide import decide
 from finetune_cli.tasks.tune import space as walk
 from finetune_cli.tasks.tune.files import FINETUNE_TABLE, TrialLog, TuneFolder, finetune_figure, finetune_recipe_text
 from finetune_cli.train.context import Context, split
+from finetune_cli.train.engine import Diverged, fit_with_retries
 from finetune_cli.train.session import is_imbalanced, n_stages
 
 
@@ -219,8 +221,6 @@ def fit_once(ctx: Context, scans: tuple, recipe, plan, balanced: bool, settings:
 
 def _fit_fresh(ctx: Context, scans: tuple, recipe, plan, balanced: bool, settings: TrainConfig,
                select: bool) -> Fitted:
-    from finetune_cli.models.backbones import build
-    from finetune_cli.train.engine import Diverged, fit_with_retries
     from finetune_cli.train.finetune import start_fine_tuning
     from finetune_cli.train.setup import finetuner, predict_batches
 

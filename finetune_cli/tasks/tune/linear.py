@@ -31,6 +31,7 @@ from finetune_cli.data.splits import content_groups
 from finetune_cli.errors import SettingsError
 from finetune_cli.features import FeatureCache
 from finetune_cli.progress import QUIET, Reporter
+from finetune_cli.runtime.threads import one_blas_thread
 from finetune_cli.scale.ray_tune import engine as trial_engine
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.tasks.tune import space as walk
@@ -38,7 +39,7 @@ from finetune_cli.tasks.tune.files import TrialLog, TuneFolder, best_recipe_text
 from finetune_cli.tasks.tune.finetune import search_finetune
 from finetune_cli.train.context import Context
 from finetune_cli.train.linear import standardised_logistic
-from finetune_cli.train.session import n_stages, prepare
+from finetune_cli.train.session import choose, n_stages, prepare
 
 
 def tune(
@@ -94,9 +95,7 @@ def tune(
                                       reporter=reporter)
             chosen, similarity = (chosen, "similar") if chosen is not None else default_recipe(ctx, profile, method)
             facts = {"method": method, "method_asked": method, "budget": budget, "time_limit_s": time_limit,
-                     "seed": seed, "base": base, "backbone": ctx.backbone.ref.label,
-                     "image_size": ctx.backbone.ref.image_size, "folder": str(root), "recipe": chosen.name,
-                     "train_command": train_command(root, base, image_size, seed)}
+                     "seed": seed, "base": base, **search_facts(ctx, root, base, image_size, seed, chosen)}
             search = dict(method=method, budget=budget, time_limit=time_limit, seed=seed, started=started,
                           settings=settings, train_settings=train_settings, engine=trials)
             if chosen.strategy != "linear":
@@ -119,6 +118,12 @@ def search_linear(folder: TuneFolder, ctx, profile, chosen, facts: dict, *, cv: 
     used = walk.pick_method(method, space)
     notes = run(searcher, used, space, budget, time_limit, seed, settings)
     return finish(folder, searcher, space, chosen, notes, {**facts, "method": used}, started, settings)
+
+
+def search_facts(ctx, root, base: str, image_size: int | None, seed: int, chosen) -> dict:
+    """What summary.json says the search ran on: backbone, input size, folder, recipe, the train command."""
+    return {"backbone": ctx.backbone.ref.label, "image_size": ctx.backbone.ref.image_size, "folder": str(root),
+            "recipe": chosen.name, "train_command": train_command(root, base, image_size, seed)}
 
 
 def train_command(root, base: str, image_size: int | None, seed: int) -> str:
@@ -152,7 +157,6 @@ def default_recipe(ctx: Context, profile, method: str) -> tuple[recipe_files.Rec
     """
     if profile.size_category == "small":
         return recipe_files.load("linear")[0], "similar"
-    from finetune_cli.train.session import choose
 
     evidence, plan, recipe, _ = choose(ctx, profile, "auto", "auto", None)
     if recipe.strategy != "linear":
@@ -245,8 +249,6 @@ class FeatureBank:
 def fit_head(x: np.ndarray, y: np.ndarray, c: float, balanced: bool):
     """A standardised L2 logistic regression (train's linear head, at a fixed C), fitted on (x (n, d), y (n,))."""
     from sklearn.exceptions import ConvergenceWarning
-
-    from finetune_cli.runtime.threads import one_blas_thread
 
     model = standardised_logistic(c, floor=LINEAR.scale_floor, tol=LINEAR.tol,
                                   class_weight="balanced" if balanced else None)

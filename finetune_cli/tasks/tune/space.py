@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from finetune_cli.data.splits import distinct_per_class, grouped_folds
 from finetune_cli.errors import FolderError, SettingsError
 
 METHODS = ("auto", "grid", "random", "halving")
@@ -224,8 +225,6 @@ def cv_folds(labels: np.ndarray, cv: int, repeat_below: int, repeats: int, seed:
     Raises:
         FolderError: a class has fewer than 2 distinct rows (nothing to cross-validate).
     """
-    from finetune_cli.data.splits import distinct_per_class, grouped_folds
-
     per_class = distinct_per_class(labels, groups)
     smallest = int(per_class[np.unique(labels)].min())
     folds = min(cv, smallest)
