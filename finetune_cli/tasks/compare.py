@@ -22,6 +22,7 @@ from finetune_cli.data.inputs import labelled_test_scan
 from finetune_cli.errors import SettingsError
 from finetune_cli.models.inference import probabilities
 from finetune_cli.runs.run import Run, trained_on
+from finetune_cli.train.compare import paired_interval
 
 
 def compare(run_a: str | os.PathLike, run_b: str | os.PathLike, root: str | os.PathLike, *,
@@ -64,13 +65,12 @@ def paired(right_a: np.ndarray, right_b: np.ndarray, alpha: float = 0.05, seed: 
     """McNemar's exact test and a paired bootstrap interval for two bool arrays (n,): was each run right."""
     only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
     p_value = mcnemar_p(only_a, only_b)
-    rows = np.random.default_rng(seed).integers(0, len(right_a), (BOOTSTRAP_RESAMPLES, len(right_a)))
-    diffs = right_a[rows].mean(1) - right_b[rows].mean(1)
+    low, high = paired_interval(right_a, right_b, BOOTSTRAP_RESAMPLES, 0.95, seed)  # the keep rule's interval
     verdict = ("no difference beyond noise" if p_value >= alpha
                else "A is better" if only_a > only_b else "B is better")
     return {"accuracy": [float(right_a.mean()), float(right_b.mean())],
             "difference": float(right_a.mean() - right_b.mean()),
-            "difference_interval95": [round(float(v), 4) for v in np.percentile(diffs, [2.5, 97.5])],
+            "difference_interval95": [round(low, 4), round(high, 4)],
             "only_a_right": only_a, "only_b_right": only_b, "p_value": round(p_value, 6), "alpha": alpha,
             "verdict": verdict,
             "method": f"McNemar's exact test; paired bootstrap ({BOOTSTRAP_RESAMPLES} resamples)"}
