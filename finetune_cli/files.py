@@ -40,7 +40,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from finetune_cli.config import JSON_MAX_BYTES, OUTPUT_MARKER, RUNS_DIR
 from finetune_cli.errors import ModelFileError, OutputError
@@ -426,6 +426,40 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], None]]:
+    """Within the block, Ctrl-C is held until the loop asks: yields `check()`, which raises KeyboardInterrupt
+    once SIGINT has arrived. A second Ctrl-C raises at once.
+
+    A KeyboardInterrupt raised wherever the signal happens to land can be lost: inside TensorFlow's iterator
+    or a finaliser it is swallowed, and training goes on. Raised from the loop's own code, between steps, it
+    always reaches the cleanup. Only in the main thread, and only over Python's default handler (an
+    embedding program's own handler is left alone); elsewhere `check` does nothing.
+    """
+    hits: list[int] = []
+
+    def check() -> None:
+        if hits:
+            raise KeyboardInterrupt
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield check
+        return
+
+    def hold(signum, frame):
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    check()  # a Ctrl-C after the last step still interrupts
 
 
 @dataclass

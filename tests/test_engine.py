@@ -76,3 +76,35 @@ def test_retries_restart_from_the_starting_weights_at_a_tenth_of_the_rate():
     model.set_weights(start)
     state = fit_with_retries(trainer, data, lambda: {"val_loss": 1.0}, 3, retries=2)
     assert state.epoch == 3 and state.history[-1]["loss"] < state.history[0]["loss"]
+
+
+def test_ctrl_c_during_training_always_stops_it_between_steps():
+    """SIGINT lands wherever the main thread is (often inside TensorFlow's iterator, which could swallow a
+    KeyboardInterrupt); the engine holds it and raises at the next step, then restores the handler."""
+    import os
+    import signal
+    import threading
+
+    import tensorflow as tf
+
+    trainer, _, batches = tiny_trainer([])
+    data = tf.data.Dataset.from_tensor_slices((np.concatenate([b[0] for b in batches]),
+                                               np.concatenate([b[1] for b in batches]))).batch(4)
+    second, during = threading.Event(), []
+    trainer.callbacks = [Each(lambda t, s, logs: during.append(signal.getsignal(signal.SIGINT))),
+                         Each(lambda t, s, logs: second.set() if s.epoch >= 2 else None)]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits it ignored
+    try:
+        threading.Thread(target=lambda: second.wait(60) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
+        state = None
+        with pytest.raises(KeyboardInterrupt):
+            state = trainer.fit(data, lambda: {"val_loss": 1.0}, epochs=100_000)
+        assert state is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert during and signal.default_int_handler not in during  # held by the engine while it trains
+        mine = signal.signal(signal.SIGINT, lambda *_: None)  # an embedding program's own handler is left alone
+        seen = []
+        trainer.callbacks = [Each(lambda t, s, logs: seen.append(signal.getsignal(signal.SIGINT)))]
+        trainer.fit(data, lambda: {"val_loss": 1.0}, epochs=2)
+        assert seen and all(h is signal.getsignal(signal.SIGINT) for h in seen) and mine is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

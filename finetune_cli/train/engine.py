@@ -18,6 +18,8 @@ global batch; outside one, the step is the plain single-device one.
 
 from __future__ import annotations
 
+from finetune_cli.files import deferred_interrupt
+
 import math
 import time
 from dataclasses import dataclass, field
@@ -158,18 +160,20 @@ class Trainer:
         step = self.compiled
         for callback in self.callbacks:
             callback.on_train_begin(self, state)
-        for epoch in range(state.epoch + 1, epochs + 1):
-            started = time.perf_counter()
-            logs = {"epoch": epoch, **self._epoch(step, train_data)}
-            logs["seconds"] = time.perf_counter() - started
-            logs.update(validate())
-            logs.update({f"lr_{g.name}": g.rate * state.scale for g in self.groups})
-            state.epoch = epoch
-            state.history.append(logs)
-            for callback in self.callbacks:
-                callback.on_epoch_end(self, state, logs)
-            if state.stop:
-                break
+        with deferred_interrupt() as interrupted:  # Ctrl-C lands between steps, never inside TensorFlow
+            for epoch in range(state.epoch + 1, epochs + 1):
+                started = time.perf_counter()
+                logs = {"epoch": epoch, **self._epoch(step, train_data, interrupted)}
+                logs["seconds"] = time.perf_counter() - started
+                logs.update(validate())
+                logs.update({f"lr_{g.name}": g.rate * state.scale for g in self.groups})
+                state.epoch = epoch
+                state.history.append(logs)
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, state, logs)
+                interrupted()
+                if state.stop:
+                    break
         for callback in self.callbacks:
             callback.on_train_end(self, state)
         return state
@@ -235,9 +239,10 @@ class Trainer:
         return step
 
     @staticmethod
-    def _epoch(step, data) -> dict:
+    def _epoch(step, data, interrupted: Callable[[], None] = lambda: None) -> dict:
         total, seen, counts = 0.0, 0.0, {}
         for batch in data:
+            interrupted()
             loss_sum, weight, batch_counts = step(*batch)
             total, seen = total + float(loss_sum), seen + float(weight)
             for name, value in batch_counts.items():
