@@ -73,16 +73,21 @@ def prediction_sets(probs: np.ndarray, q: float) -> list[np.ndarray]:
     return [row[mask] for row, mask in zip(order, keep)]
 
 
-def calibrated_sets(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, coverage: float
-                    ) -> tuple[list[np.ndarray], dict]:
-    """(sets for `probs` (m, k), facts {"coverage_target", "n_calibration", "threshold", "method"}) from the
-    calibration probabilities (n, k) and labels (n,).
+def calibrate(cal_probs: np.ndarray, cal_labels: np.ndarray, coverage: float) -> tuple[float, dict]:
+    """(q, facts {"coverage_target", "n_calibration", "threshold", "method"}) from the calibration
+    probabilities (n, k) and labels (n,): what `prediction_sets` needs, computed once.
 
     Raises:
         SettingsError: coverage out of (0, 1), or too few calibration images for it.
     """
     coverage = checked_coverage(coverage)
     q = threshold(scores(cal_probs, cal_labels), coverage)
-    facts = {"coverage_target": coverage, "n_calibration": int(len(cal_labels)), "threshold": round(q, 6),
-             "method": METHOD}
+    return q, {"coverage_target": coverage, "n_calibration": int(len(cal_labels)), "threshold": round(q, 6),
+               "method": METHOD}
+
+
+def calibrated_sets(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, coverage: float
+                    ) -> tuple[list[np.ndarray], dict]:
+    """(sets for `probs` (m, k), facts) at `coverage`: `calibrate`, then `prediction_sets`."""
+    q, facts = calibrate(cal_probs, cal_labels, coverage)
     return prediction_sets(probs, q), facts

@@ -6,8 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from finetune_cli.analysis.conformal import calibrated_sets, checked_coverage, threshold
-from finetune_cli.analysis.conformal import scores as scores_of
+from finetune_cli.analysis.conformal import calibrate, checked_coverage, prediction_sets
 from finetune_cli.analysis.scores import scores
 from finetune_cli.config import PREDICT, SCALE, SCAN, ScanConfig, checked_tta
 from finetune_cli.data.inputs import collect, labelled_test_scan
@@ -124,6 +123,5 @@ def conformal_sets(run: Run, coverage: float, tta: int):
     if tta > 1:
         raise SettingsError("--coverage calibrates on validation probabilities computed without test-time views: "
                             "use --tta 1 with --coverage")
-    cal_probs, cal_labels = run.validation()
-    threshold(scores_of(cal_probs, cal_labels), coverage)  # too few images: refused now
-    return lambda probs: calibrated_sets(cal_probs, cal_labels, probs, coverage)
+    q, facts = calibrate(*run.validation(), coverage)  # too few images: refused now
+    return lambda probs: (prediction_sets(probs, q), facts)
