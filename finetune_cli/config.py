@@ -261,6 +261,9 @@ class TrainConfig:
         cross_validate: a linear plan (one head, no --val-dir) is validated
             out-of-fold on every labelled image and refitted on all of them
             (`train.context.all_labels`); False keeps the `val_fraction` hold-out.
+        learning_curve: refit the linear head (of a linear plan, or fine-tuning's phase 1) on nested
+            fractions of the training images and forecast the accuracy at more labels (`train.curve`,
+            `CurveConfig`; metrics["learning_curve"]): seconds on cached features, no backbone pass.
     """
 
     val_fraction: float = 0.2
@@ -283,6 +286,7 @@ class TrainConfig:
     pilot_epochs: int = 2
     headroom_check: bool = True
     headroom_cv_accuracy: float = 0.995
+    learning_curve: bool = True
 
 
 @dataclass(frozen=True)
@@ -343,7 +347,7 @@ class LinearConfig:
             (3 * side**2 features).
         scale_floor: standardisation divides each feature by its standard
             deviation, but by no less than this fraction of the median one
-            (`train.linear.floored_scaler`): nearly constant features are not
+            (`train.logistic.floored_scaler`): nearly constant features are not
             blown up into noise the head would lean on.
     """
 
@@ -354,6 +358,53 @@ class LinearConfig:
     tol: float = 1e-3
     pixel_side: int = 16
     scale_floor: float = 0.1
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """The learning curve and label forecast (`train.curve`, `analysis.curve`).
+
+    Attributes:
+        fractions: nested, stratified shares of each fold's training images the linear head is refitted on
+            (1.0: all of them); a share that leaves the smallest class fewer than `min_per_class` images
+            is dropped.
+        seeds: repetitions, each with its own folds and its own nested order.
+        folds: cross-validation folds at most (fewer when the smallest class is smaller).
+        min_per_class: training images of the smallest class the smallest kept fraction needs.
+        min_points: kept fractions needed to fit the three-parameter curve; fewer: "too few to forecast".
+        multiples: the forecast's label counts, as multiples of the images per class the run trained on.
+        resamples: bootstrap resamples of the images behind the forecast's 95 % interval.
+        flat_gain: a forecast gain at twice the labels below this (0-1, accuracy) is "flat".
+        near_top: a flat curve at or above this accuracy is near its top (nothing to change), below it a
+            sign that this plan has stopped learning (fine-tuning or another base may).
+    """
+
+    fractions: tuple[float, ...] = (0.1, 0.17, 0.25, 0.35, 0.5, 0.7, 1.0)
+    seeds: int = 2
+    folds: int = 5
+    min_per_class: int = 2
+    min_points: int = 4
+    multiples: tuple[float, ...] = (1.0, 2.0, 4.0)
+    resamples: int = 200
+    flat_gain: float = 0.01
+    near_top: float = 0.95
+
+
+@dataclass(frozen=True)
+class SuggestConfig:
+    """`finetune suggest`: which unlabeled images to label next (`analysis.acquisition`).
+
+    Attributes:
+        n: images suggested (--n).
+        method: cluster-margin (uncertainty, then diversity), badge, margin or random (--method).
+        max_shown: suggestions shown in index.html (suggest.csv lists all).
+        thumb: thumbnail side in pixels in the gallery.
+    """
+
+    n: int = 20
+    method: str = "cluster-margin"
+    max_shown: int = 200
+    thumb: int = 112
 
 
 @dataclass(frozen=True)
@@ -594,6 +645,8 @@ FEATURES = FeatureConfig()
 PRETRAIN = PretrainConfig()
 TRAIN = TrainConfig()
 LINEAR = LinearConfig()
+CURVE = CurveConfig()
+SUGGEST = SuggestConfig()
 SIMILARITY = SimilarityConfig()
 TUNE = TuneConfig()
 LR_FIND = LrFindConfig()

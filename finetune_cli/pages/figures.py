@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from finetune_cli.analysis.calibration import ece, reliability
+from finetune_cli.analysis.curve import law
 from finetune_cli.analysis.units import png_bytes as encoded
 from finetune_cli.config import EXPLAIN, ExplainConfig
 
@@ -56,6 +57,27 @@ def curves_figure(history: list[dict]):
             axis.plot(epochs, [h["val_" + key] for h in history], "o-", label="validation")
             axis.set(xlabel="epoch", title=key)
             axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def learning_curve_figure(record: dict):
+    """The learning curve of metrics["learning_curve"]: measured out-of-fold accuracy (95 % bootstrap bars) by
+    training images per class, the fitted power law, and the forecast with its intervals; log x axis."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    points, ahead, fit = record["points"], record["forecast"], record["fit"]
+    for rows, style, label in ((points, "o", "measured (out-of-fold)"), (ahead, "s", "forecast")):
+        n = [r["images_per_class"] for r in rows]
+        y = np.array([r["accuracy"] for r in rows])
+        bars = np.clip([y - [r["low"] for r in rows], [r["high"] for r in rows] - y], 0, None)
+        axis.errorbar(n, y, yerr=bars, fmt=style, capsize=3, label=label)
+    span = np.geomspace(points[0]["images_per_class"], ahead[-1]["images_per_class"], 100)
+    axis.plot(span, 1 - law(span, fit["a"], fit["b"], fit["c"]), "-", alpha=0.6,
+              label=f"fit: error = {fit['a']:.3f} + {fit['b']:.2f} n^-{fit['c']:.2f}")
+    axis.set_xscale("log")
+    axis.set(xlabel="training images per class (n)", ylabel="accuracy", title="learning curve (linear head)")
+    axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
 

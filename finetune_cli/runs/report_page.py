@@ -59,7 +59,8 @@ def run_document(folder: Path, extra: Extra = (), config: ReportConfig = REPORT)
                              notes=["predictions_val.csv is missing (a run from an older version): no per-class "
                                     "scores and no gallery of mistakes; retrain to get them"]))
     parts += [section(title, tiles(items)) for title, items in extra]
-    parts += [curves_section(folder), calibration_section(folder, metrics.get("calibration")),
+    parts += [learning_curve_section(folder, metrics.get("learning_curve")), curves_section(folder),
+              calibration_section(folder, metrics.get("calibration")),
               test_section(metrics.get("test")), profile_section(metrics.get("profile"), frame),
               plan_section(plan), recipe_section(folder)]
     return page(f"Run report: {folder.name}", *[p for p in parts if p], notes=summary_notes(folder, metrics, plan))
@@ -259,6 +260,27 @@ def recipe_section(folder: Path) -> str:
     except (OSError, ValueError):
         return ""
     return section("Recipe (recipe.toml)", preformatted(text))
+
+
+def learning_curve_section(folder: Path, record: dict | None) -> str:
+    """The learning curve and label forecast (metrics["learning_curve"], `analysis.curve`): its verdict, the
+    figure, the forecast and what doubling each class would add."""
+    if not record:
+        return ""
+    notes = [record.get("message", "")]
+    if not record.get("forecast"):
+        return section("Learning curve and label forecast", notes=notes)
+    notes.append(f"the {record.get('model', 'linear head')} (C = {record.get('C', 0):.3g}) refitted on nested "
+                 "fractions of the training images, each image scored out-of-fold; a power law in images per class "
+                 "fitted to the error; 95 % intervals from bootstrap resamples of the images")
+    ahead = [{"labels": f"{r['multiple']:g}x", "images per class": r["images_per_class"],
+              "expected accuracy": f"{r['accuracy']:.1%}", "95 % interval": f"{r['low']:.1%}-{r['high']:.1%}"}
+             for r in record["forecast"]]
+    classes = [{"class": r["class"], "images": r["images"], "recall": f"{r['recall']:.1%}",
+                "recall if doubled": f"{r['recall_if_doubled']:.1%}",
+                "points if doubled": f"{100 * r['gain_if_doubled']:.1f}"} for r in record.get("per_class", [])]
+    return section("Learning curve and label forecast", *_figures(folder, "learning_curve.png"),
+                   table(ahead, list(ahead[0])), table(classes, list(classes[0]) if classes else []), notes=notes)
 
 
 def curves_section(folder: Path) -> str:

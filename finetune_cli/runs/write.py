@@ -8,7 +8,7 @@ import numpy as np
 
 from finetune_cli.analysis.scores import bootstrap_intervals, class_scores
 from finetune_cli.files import shown
-from finetune_cli.pages.figures import confusion_figure, curves_figure, reliability_figure
+from finetune_cli.pages.figures import confusion_figure, curves_figure, learning_curve_figure, reliability_figure
 from finetune_cli.runs.folder import RunFolder
 from finetune_cli.runs.run import PROB_PREFIX
 
@@ -39,6 +39,8 @@ def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts
     if result.calibration is not None:
         run.save_figure("reliability.png", reliability_figure(result.calibration))
         facts = {**facts, "calibration": result.calibration.facts()}
+    if facts.get("learning_curve", {}).get("points"):
+        run.save_figure("learning_curve.png", learning_curve_figure(facts["learning_curve"]))
     if val_paths is not None:
         run.write_frame("predictions_val.csv", predictions_frame(val_paths, classes, labels, probs))
     metrics = {**facts, "val_accuracy": float(np.mean(probs.argmax(1) == labels)),

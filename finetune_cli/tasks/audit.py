@@ -38,7 +38,7 @@ from finetune_cli.files import output_folder, shown, writing
 from finetune_cli.models.backbones import resolve
 from finetune_cli.pages.html import Tile, page, section, tiles, write_page
 from finetune_cli.runtime.threads import one_blas_thread
-from finetune_cli.train.linear import standardised_logistic
+from finetune_cli.train.logistic import standardised_logistic
 
 KINDS = ("label", "leakage", "duplicate", "outlier")
 COLUMNS = ("kind", "path", "other_path", "given_label", "suggested_label", "score")

@@ -162,7 +162,7 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
             from finetune_cli.train.ensemble import fit_linear_ensemble
 
             return fit_linear_ensemble(ctx, plan, evidence, n_stages(ctx), balanced, recipe, n)
-        return fit_linear_plan(ctx, plan, evidence, n_stages(ctx), balanced, recipe)
+        return fit_linear_plan(ctx, plan, evidence, n_stages(ctx), balanced, recipe, settings.learning_curve)
     if n > 1:
         from finetune_cli.train.ensemble import fit_finetune_ensemble
 

@@ -244,7 +244,7 @@ def _seeds(ctx, plan, recipe, balanced: bool, settings):
     from finetune_cli.train.finetune import fit_finetune_plan
 
     n, start = settings.ensemble, ctx.backbone.model.get_weights()
-    each = dataclasses.replace(settings, keep_better=False, ensemble=1)
+    each = dataclasses.replace(settings, keep_better=False, ensemble=1, learning_curve=False)
     models, results = [], []
     for i in range(n):
         ctx.reporter.on_phase(f"ensemble member {i + 1} of {n} (seed {ctx.seed + i}): a full fine-tune")

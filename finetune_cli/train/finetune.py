@@ -30,6 +30,7 @@ from finetune_cli.train.averaging import WeightAverage, keep_average
 from finetune_cli.train.compare import compare_on_validation
 from finetune_cli.train.context import Context, TrainResult, class_weights
 from finetune_cli.train.engine import Callback, Diverged, fit_with_retries
+from finetune_cli.train.curve import table_curve
 from finetune_cli.train.linear import fit_linear
 from finetune_cli.train.resume import load_checkpoint
 
@@ -54,7 +55,8 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     clock = [time.perf_counter()]
     model, state = _start(ctx, recipe, resume)
     cut = _cut(ctx, model, plan, settings)
-    baseline = _fit_head(ctx, model, cut, balanced, settings) if state is None else None
+    curve = getattr(settings, "learning_curve", False)
+    baseline = _fit_head(ctx, model, cut, balanced, settings, curve) if state is None else None
     plain = getattr(settings, "average", "none") == "none" and after is None and not callbacks  # no ensemble
     if baseline is not None and plain and settings.headroom_check and not headroom(baseline, settings):
         return linear_only(ctx, model, plan, baseline, settings)
@@ -75,7 +77,8 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     steps = {"linear_head": clock[1] - clock[0], "inputs": clock[2] - clock[1], "epochs": epochs,
              "validation_and_checkpoints": clock[3] - clock[2] - epochs}
     metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch,
-               "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}, **averaging, **_devices()}
+               "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}, **averaging, **_devices(),
+               **curve_of(baseline)}
     result = TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
     if after is not None:
         result = after(result, trainable, val_data)
@@ -109,12 +112,14 @@ class Baseline:
         head: the `train.linear.LinearHead` on frozen final features.
         val_probs: (n_val, k) its validation probabilities; val_labels: (n_val,).
         frozen: the backbone's weights before fine-tuning (`model.get_weights()` order).
+        curve: the head's learning curve (`train.curve.table_curve`), or None when not measured.
     """
 
     head: object
     val_probs: np.ndarray
     val_labels: np.ndarray
     frozen: list
+    curve: dict | None = None
 
     @property
     def val_accuracy(self) -> float:
@@ -127,7 +132,7 @@ def _cut(ctx: Context, model, plan, settings):
     return prefix.split(model, plan, settings.max_steps_back) if ctx.cache is not None and settings.cache_prefix else None
 
 
-def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> Baseline:
+def _fit_head(ctx: Context, model, cut, balanced: bool, settings, curve: bool = False) -> Baseline:
     """Phase 1: the head's weights from logistic regression on frozen final features.
 
     With a prefix cut, the same backbone pass also caches the cut's activations
@@ -144,8 +149,14 @@ def _fit_head(ctx: Context, model, cut, balanced: bool, settings) -> Baseline:
     head = fit_linear(table.features, ctx.labels(table.records), len(ctx.classes), balanced=balanced, seed=ctx.seed,
                       groups=content_groups(r.digest for r in table.records))
     model.get_layer("classifier").set_weights([head.kernel, head.bias])
+    curve = table_curve(ctx, table, head.C, balanced) if curve else None
     return Baseline(head, head.probabilities(val_table.features), ctx.labels(val_table.records),
-                    ctx.backbone.model.get_weights())
+                    ctx.backbone.model.get_weights(), curve)
+
+
+def curve_of(baseline: Baseline | None) -> dict:
+    """{"learning_curve": the phase-1 head's curve} for metrics, or {} (none measured, or a resumed run)."""
+    return {"learning_curve": baseline.curve} if baseline is not None and baseline.curve is not None else {}
 
 
 def headroom(baseline: Baseline, settings) -> bool:
@@ -165,7 +176,7 @@ def linear_only(ctx: Context, model, plan, baseline: Baseline, settings) -> Trai
     ctx.reporter.on_note(note)
     size = ctx.backbone.ref.image_size
     score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)  # noqa: E731
-    metrics = {"C": baseline.head.C, "kept": "linear-head",
+    metrics = {"C": baseline.head.C, "kept": "linear-head", **curve_of(baseline),
                "pilot": {"skipped": "no headroom", "linear_head_cv_accuracy": baseline.head.best_cv,
                          "linear_head_val_accuracy": 1.0, "n_val": int(len(baseline.val_labels))}}
     return TrainResult(model, plan, baseline.head.scores, baseline.val_probs, baseline.val_labels, metrics, score,

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.preprocessing import StandardScaler
 
 from finetune_cli.analysis.scores import best_c
 from finetune_cli.config import LINEAR, LinearConfig
@@ -19,7 +18,9 @@ from finetune_cli.data.splits import distinct_per_class, grouped_folds
 from finetune_cli.runtime.threads import one_blas_thread
 from finetune_cli.strategy.similarity import probe_layers
 from finetune_cli.train.context import TrainResult
-from finetune_cli.train.sources import PixelSource, StageSource
+from finetune_cli.train.curve import table_curve
+from finetune_cli.train.logistic import floored_scaler, logistic
+from finetune_cli.train.sources import PixelSource, Rows, StageSource
 
 
 @dataclass
@@ -165,49 +166,6 @@ class CPath:
         return {c: (float(np.mean(hits[c])), float(np.mean(losses[c])), oof[c]) for c in cs}
 
 
-class FlooredScaler(StandardScaler):
-    """A StandardScaler whose per-feature scale is at least `floor` x the median (positive) scale.
-
-    A nearly constant feature (a channel almost always 0) would otherwise be
-    blown up to unit variance: the head then leans on its noise, with weights
-    of 1/std once folded (measured: up to 252 against a mean of 0.5), and any
-    small change of that feature (8-bit quantisation of the backbone, a
-    perturbation of a few grey levels) swings the prediction.
-    """
-
-    def __init__(self, floor: float = 0.1):
-        super().__init__()
-        self.floor = floor
-
-    def fit(self, X, y=None, sample_weight=None):
-        super().fit(X, y, sample_weight)
-        positive = self.scale_[self.scale_ > 0]
-        if self.floor > 0 and positive.size:
-            self.scale_ = np.maximum(self.scale_, self.floor * float(np.median(positive)))
-        return self
-
-
-def logistic(C: float = 1.0, *, tol: float = LINEAR.tol, max_iter: int = 1000, class_weight: str | None = None,
-             warm_start: bool = False):
-    """The one L2 logistic regression every linear fit builds (scikit-learn, lbfgs, multinomial): the linear
-    head and its C path, tune's trials, the similarity probe and audit, each with its own options."""
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=C, max_iter=max_iter, tol=tol, class_weight=class_weight, warm_start=warm_start)
-
-
-def standardised_logistic(C: float, *, floor: float = LINEAR.scale_floor, **options):
-    """`logistic(C, **options)` behind a `FlooredScaler(floor)`, as one pipeline (floor 0: a plain StandardScaler)."""
-    from sklearn.pipeline import make_pipeline
-
-    return make_pipeline(FlooredScaler(floor), logistic(C, **options))
-
-
-def floored_scaler(features: np.ndarray, floor: float) -> FlooredScaler:
-    """`FlooredScaler(floor)` fitted on `features` (n, d)."""
-    return FlooredScaler(floor).fit(features)
-
-
 def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Fold the standardisation into (kernel (d, k), bias (k,)) for raw features."""
     coef, intercept = model.coef_, model.intercept_
@@ -224,7 +182,7 @@ def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe=None):
+def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe=None, curve: bool = False):
     """Logistic regression on cached features of the plan's stage, folded into a Keras model.
 
     With `feature_stage = "best"` (small data unlike the pretraining data),
@@ -236,6 +194,7 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe
         ctx: the run's `train.context.Context`.
         similarity: the evidence (its `best_stage` is a candidate).
         recipe: its `pooling` and `linear_c` (0: C by cross-validation); None: the defaults.
+        curve: also measure the kept head's learning curve (metrics["learning_curve"], `train.curve`).
 
     Returns:
         A `TrainResult`; history is one row per C tried.
@@ -249,7 +208,7 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe
     fits = [fit_source(ctx, source, plan.feature_views, balanced, c) for source in sources]
     cv = [f[1].best_cv if np.isfinite(f[1].best_cv) else -1.0 for f in fits]
     best = max(range(len(fits)), key=lambda i: (round(cv[i], 6), -i))
-    source, head, (x, y) = sources[best], fits[best][1], fits[best][2]
+    source, head, (x, y), primary = sources[best], fits[best][1], fits[best][2], fits[best][3]
     extra = {}
     if len(sources) > 1:
         extra["candidates"] = _record_candidates(ctx, sources, [f[1] for f in fits], best)
@@ -269,6 +228,8 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe
                "features": source.name, **extra}
     if ctx.out_of_fold:
         metrics["validation"] = out_of_fold_record(head, len(val_labels))
+    if curve:
+        metrics["learning_curve"] = table_curve(ctx, Rows(x[:len(primary)], primary), head.C, balanced)
     return TrainResult(model, plan, head.scores, val_probs, val_labels, metrics, score)
 
 
@@ -310,8 +271,9 @@ def candidate_sources(plan, similarity, n_stages: int, pooling: str = "avg") -> 
 
 
 def fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):
-    """(source, fitted head, (x, y)) on the training images' features of `source`, views included;
-    C fixed at `c` when > 0, else cross-validated."""
+    """(source, fitted head, (x, y), records) on the training images' features of `source`, views included
+    (the first len(records) rows of x are the images themselves, `records` theirs); C fixed at `c` when > 0,
+    else cross-validated."""
     import dataclasses
 
     ctx.reporter.on_phase(f"features: {source.name}" + (f", {views} augmented views" if views and source.views_apply
@@ -324,7 +286,7 @@ def fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):
     config = dataclasses.replace(LINEAR, c_grid=(c,)) if c > 0 else LINEAR
     head = fit_linear(x, y, len(ctx.classes), groups=np.unique(groups, return_inverse=True)[1],
                       balanced=balanced, seed=ctx.seed, config=config, n_primary=len(parts[0].features))
-    return source, head, (x, y)
+    return source, head, (x, y), parts[0].records
 
 
 def _record_candidates(ctx, sources, heads, best: int) -> list[dict]:

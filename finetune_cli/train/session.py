@@ -31,7 +31,7 @@ from finetune_cli.strategy import similarity as sim
 from finetune_cli.strategy.decide import decide, table_recipe
 from finetune_cli.strategy.similarity import Similarity, judge, probe_layers, sample_indices
 from finetune_cli.train.context import Context, split_notes, split_scan, without_overlap
-from finetune_cli.train.linear import standardised_logistic
+from finetune_cli.train.logistic import standardised_logistic
 from finetune_cli.train.resume import check_unchanged
 
 

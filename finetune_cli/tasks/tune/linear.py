@@ -38,7 +38,7 @@ from finetune_cli.tasks.tune import space as walk
 from finetune_cli.tasks.tune.files import TrialLog, TuneFolder, best_recipe_text, search_figure
 from finetune_cli.tasks.tune.finetune import search_finetune
 from finetune_cli.train.context import Context
-from finetune_cli.train.linear import standardised_logistic
+from finetune_cli.train.logistic import standardised_logistic
 from finetune_cli.train.session import choose, n_stages, prepare
 
 
