@@ -21,7 +21,7 @@ EXPORTS = {
     "train": "train", "lr_find": "lr_find", "pretrain": "pretrain", "pretrain_config": "pretrain",
     "predict": "predict", "evaluate": "predict", "diagnose": "diagnose", "tune": "tune.linear", "distill": "distill",
     "export": "export", "report": "report", "audit": "audit", "patches": "patches", "filters": "filters",
-    "explain": "explain", "attack": "attack", "compare": "compare",
+    "explain": "explain", "attack": "attack", "compare": "compare", "suggest": "suggest",
 }
 __all__ = sorted(EXPORTS)
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # for readers and type checkers: the same names, imported eag
     from finetune_cli.tasks.predict import evaluate, predict  # noqa: F401
     from finetune_cli.tasks.pretrain import pretrain, pretrain_config  # noqa: F401
     from finetune_cli.tasks.report import report  # noqa: F401
+    from finetune_cli.tasks.suggest import suggest  # noqa: F401
     from finetune_cli.tasks.train import train  # noqa: F401
     from finetune_cli.tasks.tune.linear import tune  # noqa: F401
 

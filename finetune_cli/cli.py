@@ -21,7 +21,8 @@ from rich.console import Console
 from finetune_cli import __version__, api
 from finetune_cli import render as report
 from finetune_cli.config import (ATTACK, AUDIT, DEFAULT_BASE, DISTILL, ENSEMBLE, EXPORT, FEATURES, FILTERS,
-                                 IMAGE_SIZE_RANGE, LR_FIND, PATCHES, PRETRAIN, RUNS_DIR, TRAIN, TUNE)
+                                 IMAGE_SIZE_RANGE, LR_FIND, PATCHES, PRETRAIN, RUNS_DIR, SUGGEST, TRAIN, TUNE)
+from finetune_cli.analysis.acquisition import METHODS
 from finetune_cli.errors import FinetuneError
 from finetune_cli.files import jsonable
 from finetune_cli.options import (base_options, batch_size_option, cache_dir_option, cache_options, coverage_option,
@@ -49,6 +50,7 @@ Examples:
   finetune explain last ./test-images       heat maps of what decides each prediction
   finetune attack last ./test-images        accuracy against adversarial pixel budgets
   finetune audit ./images                   possible label errors, duplicates, leakage
+  finetune suggest ./images --unlabeled ./raw   which images to label next
   finetune predict last ./photos --engine ray --out preds/
   finetune bases | layers --base B | cache info
 """
@@ -773,6 +775,54 @@ def audit(folder, base, weights, image_size, val_dir, test_dir, out, overwrite, 
                                                            "suggested_label", "score"], title="suspects (first 20)")
     found = ", ".join(f"{n} {AUDIT_WORDS[k]}" for k, n in result["counts"].items())
     click.echo(f"{found}; wrote {result['files']['csv']} and {result['files']['html']}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.option("--unlabeled", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Images not yet labelled (flat, or in subfolders whose names are ignored): the pool to rank.")
+@click.option("--n", "count", type=click.IntRange(1, 100_000), default=SUGGEST.n, show_default=True,
+              help="Images to suggest.")
+@click.option("--method", type=click.Choice(list(METHODS)), default=SUGGEST.method, show_default=True,
+              help="cluster-margin: the most uncertain image of each of N groups of similar uncertain images; "
+                   "badge: uncertain and diverse gradients; margin, random: the baselines.")
+@model_option
+@base_options(None)
+@out_option(f"Folder for suggest.csv and index.html. [default: a new {RUNS_DIR}/UNLABELED-suggest-N]")
+@replace_output_option
+@click.option("--copy-to", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Also copy the suggested images into this new (or empty) folder, to label.")
+@seed_option("Seeds the folds, the clustering and the random draws.")
+@batch_size_option
+@cache_options
+@json_option
+@handle_errors
+def suggest(folder, unlabeled, count, method, model_dir, base, weights, image_size, out, overwrite, copy_to, seed,
+            batch_size, cache_dir, no_cache, as_json):
+    """Rank the --unlabeled images by how much labelling them should help: a linear head on FOLDER's cached
+    features, then the chosen method; write suggest.csv and index.html.
+
+    \b
+    The base is --base, or with --model RUN the run's own (default: the
+    default base). --json prints one object: folder, unlabeled, base, method,
+    n_labelled, n_pool, n_left_out, suggestions [{rank, path, score,
+    predicted, probability, margin, why}], skipped, files {csv, html},
+    copied_to.
+    """
+    base = base if base is not None or model_dir is not None else DEFAULT_BASE
+    with report.progress_bar(err_console(), "features") as progress:
+        result = api.suggest(folder, base, unlabeled=unlabeled, n=count, method=method, model=model_dir, out=out,
+                             overwrite=overwrite, copy_to=copy_to, weights=weights, image_size=image_size,
+                             batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache, seed=seed,
+                             progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    report.rows_table(Console(), result["suggestions"][:20], ["rank", "path", "predicted", "margin", "why"],
+                      title="label these next (first 20)")
+    copied = f"; copied them into {result['copied_to']}" if result["copied_to"] else ""
+    click.echo(f"{len(result['suggestions'])} of {result['n_pool']} unlabeled images suggested by {method}; wrote "
+               f"{result['files']['csv']} and {result['files']['html']}{copied}")
 
 
 def _unit_list(text: str | None) -> list[int] | None:
