@@ -1,9 +1,10 @@
 """Prediction sets: does `--coverage P` hold on real held-out photos, and how large are the sets?
 
-Usage: python benchmarks/coverage.py [--per-class 30] [--test-per-class 60] [--seeds 0 1 2]
+Usage: python benchmarks/coverage.py [--data FOLDER] [--per-class 30] [--test-per-class 60] [--seeds 0 1 2]
 
-On `--per-class` labelled photos per class of the sign-language digits
-(../shared/datasets/sign_language_digits, 10 classes) and `--test-per-class`
+On `--per-class` labelled photos per class of a real photo folder (default
+the sign-language digits, ../shared/datasets/sign_language_digits, 10
+classes) and `--test-per-class`
 other photos per class (disjoint by content; `labels.draw`), for each seed
 (a different draw), as whole processes: `finetune train` as it decides (its
 validation probabilities, out-of-fold on every labelled photo for a linear
@@ -32,15 +33,16 @@ TARGETS = (0.8, 0.9)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SIGNS)
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--test-per-class", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    require(BACKBONE, SIGNS)
+    require(BACKBONE, args.data)
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            train, test = draw(Path(tmp), args.per_class, args.test_per_class, seed)
+            train, test = draw(Path(tmp), args.per_class, args.test_per_class, seed, args.data)
             run = Path(tmp) / "run"
             subprocess.run(finetune_cmd("train", train, "--base", BACKBONE, "--out", run, "--seed", seed),
                            check=True, capture_output=True)

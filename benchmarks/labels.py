@@ -40,10 +40,10 @@ OLD = {"cross_validate": False, "strategy": "auto", "similarity": "auto",
        "linear": {"c_grid": [0.01, 0.1, 1.0], "c_range": [0.01, 1.0], "folds": 3}}
 
 
-def draw(root: Path, per_class: int, test_per_class: int, seed: int) -> tuple[Path, Path]:
-    """train/ and test/ folders of distinct photos (by content): no test photo is also a training photo."""
+def draw(root: Path, per_class: int, test_per_class: int, seed: int, data: Path = SIGNS) -> tuple[Path, Path]:
+    """train/ and test/ folders of distinct photos of `data` (by content): no test photo is also a training photo."""
     rng = np.random.default_rng(seed)
-    for folder in sorted(p for p in SIGNS.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in data.iterdir() if p.is_dir()):
         seen, files = set(), []
         for path in sorted(folder.iterdir()):
             digest = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -137,12 +137,11 @@ def suggestion(rank: int, path: str, score: float, probs: np.ndarray, classes, m
     """One row of suggest.csv: the image, its score, the head's guess and why it was chosen."""
     top = np.argsort(probs)[::-1][:2]
     gap = float(margins(probs[None])[0])
-    why = {"cluster-margin": f"uncertain between `{classes[top[0]]}` and `{classes[top[1]]}` (margin {gap:.2f}), "
-                             "and the most uncertain of its group of similar images",
-           "badge": f"a large, new gradient for the head (score {score:.2f}); guess `{classes[top[0]]}` at "
-                    f"{probs[top[0]]:.0%}",
-           "margin": f"uncertain between `{classes[top[0]]}` and `{classes[top[1]]}` (margin {gap:.2f})",
-           "random": "drawn at random (the baseline)"}[method]
+    doubt = (f"torn between `{classes[top[0]]}` and `{classes[top[1]]}` (margin {gap:.2f})" if gap < 0.5 else
+             f"`{classes[top[0]]}` at {probs[top[0]]:.0%} (margin {gap:.2f}: fairly sure)")
+    why = {"cluster-margin": f"{doubt}; the least sure of its group of similar images",
+           "badge": f"{doubt}; a large gradient unlike the others chosen (score {score:.2f})",
+           "margin": doubt, "random": "drawn at random (the baseline)"}[method]
     return {"rank": rank, "path": shown(path), "score": round(score, 6), "predicted": classes[top[0]],
             "probability": round(float(probs[top[0]]), 6), "margin": round(gap, 6), "why": why}
 
