@@ -22,6 +22,7 @@ EXPORTS = {
     "predict": "predict", "evaluate": "predict", "diagnose": "diagnose", "tune": "tune.linear", "distill": "distill",
     "export": "export", "report": "report", "audit": "audit", "patches": "patches", "filters": "filters",
     "explain": "explain", "attack": "attack", "compare": "compare", "suggest": "suggest",
+    "curve": "curve",
 }
 __all__ = sorted(EXPORTS)
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # for readers and type checkers: the same names, imported eag
     from finetune_cli.tasks.bases import bases  # noqa: F401
     from finetune_cli.tasks.cache import cache_clear, cache_info  # noqa: F401
     from finetune_cli.tasks.compare import compare  # noqa: F401
+    from finetune_cli.tasks.curve import curve  # noqa: F401
     from finetune_cli.tasks.diagnose import diagnose  # noqa: F401
     from finetune_cli.tasks.distill import distill  # noqa: F401
     from finetune_cli.tasks.explain import explain  # noqa: F401

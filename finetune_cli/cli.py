@@ -51,6 +51,7 @@ Examples:
   finetune attack last ./test-images        accuracy against adversarial pixel budgets
   finetune audit ./images                   possible label errors, duplicates, leakage
   finetune suggest ./images --unlabeled ./raw   which images to label next
+  finetune curve ./images                   would more labels help, and how much
   finetune predict last ./photos --engine ray --out preds/
   finetune bases | layers --base B | cache info
 """
@@ -775,6 +776,39 @@ def audit(folder, base, weights, image_size, val_dir, test_dir, out, overwrite, 
                                                            "suggested_label", "score"], title="suspects (first 20)")
     found = ", ".join(f"{n} {AUDIT_WORDS[k]}" for k, n in result["counts"].items())
     click.echo(f"{found}; wrote {result['files']['csv']} and {result['files']['html']}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@base_options(DEFAULT_BASE)
+@seed_option("Seeds the folds, the nested orders and the bootstrap.")
+@batch_size_option
+@cache_options
+@json_option
+@handle_errors
+def curve(folder, base, weights, image_size, seed, batch_size, cache_dir, no_cache, as_json):
+    """Would more labels help? A linear head on FOLDER's cached features, refitted on nested fractions of its
+    images, and the accuracy it forecasts at 1x, 2x and 4x the labels, with 95 % intervals, per class too.
+
+    \b
+    --json prints one object: folder, base, n_images, skipped, points,
+    fit, forecast [{multiple, images_per_class, accuracy, low, high}],
+    per_class, limiting_class, gain_if_doubled, verdict, message.
+    """
+    with report.progress_bar(err_console(), "features") as progress:
+        result = api.curve(folder, base, weights=weights, image_size=image_size, batch_size=batch_size,
+                           cache_dir=cache_dir, use_cache=not no_cache, seed=seed, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    for item in result["skipped"]:
+        click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    rows = [{"labels": f"{r['multiple']:g}x", "images per class": f"{r['images_per_class']:g}",
+             "expected accuracy": f"{r['accuracy']:.1%}", "95 % interval": f"{r['low']:.1%}-{r['high']:.1%}"}
+            for r in result["forecast"]]
+    if rows:
+        report.rows_table(Console(), rows, list(rows[0]), title=f"label forecast ({result['n_images']} images)")
+    click.echo(result["message"])
 
 
 @cli.command()

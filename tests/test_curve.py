@@ -87,3 +87,21 @@ def test_a_training_run_records_its_curve_plots_it_and_shows_it_on_the_report(tm
     assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 1000
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Learning curve and label forecast" in page and record["message"].split(":")[0] in page
+
+
+def test_the_curve_command_forecasts_a_folder_and_says_when_it_has_too_few(tmp_path, tiny_base):
+    from click.testing import CliRunner
+
+    from finetune_cli.cli import cli
+
+    enough = make_shapes_folder(tmp_path / "enough", per_class=12, size=32, seed=4)
+    result = CliRunner().invoke(cli, ["curve", str(enough), "--base", str(tiny_base), "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    assert found["n_images"] == 36 and [r["multiple"] for r in found["forecast"]] == [1.0, 2.0, 4.0]
+    assert found["forecast"][1]["images_per_class"] == 24 and found["verdict"] in ("rising", "flat", "uncertain")
+    few = make_shapes_folder(tmp_path / "few", per_class=4, size=32, seed=4)
+    result = CliRunner().invoke(cli, ["curve", str(few), "--base", str(tiny_base)])
+    assert result.exit_code == 0 and "too few labelled images to forecast" in result.output
+    result = CliRunner().invoke(cli, ["curve", str(tmp_path / "missing"), "--base", str(tiny_base)])
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

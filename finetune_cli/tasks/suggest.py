@@ -25,7 +25,6 @@ from finetune_cli.analysis.acquisition import METHODS, choose, margins
 from finetune_cli.analysis.units import png_bytes
 from finetune_cli.config import FEATURES, REPORT, SCAN, SUGGEST, ScanConfig, SuggestConfig
 from finetune_cli.data.scan import Scan, scan_folder
-from finetune_cli.data.splits import content_groups
 from finetune_cli.errors import FolderError, ModelFileError, OutputError, SettingsError
 from finetune_cli.features import FeatureCache, extract
 from finetune_cli.files import output_folder, shown, writing
@@ -33,7 +32,7 @@ from finetune_cli.models.backbones import resolve
 from finetune_cli.pages.html import Tile, page, section, tiles, write_page
 from finetune_cli.runs.report_page import thumbnail
 from finetune_cli.runs.run import Run, resolve_run
-from finetune_cli.train.linear import fit_linear
+from finetune_cli.train.linear import folder_head
 
 COLUMNS = ("rank", "path", "score", "predicted", "probability", "margin", "why")
 FILES = {"csv": "suggest.csv", "html": "index.html"}
@@ -113,13 +112,10 @@ def ranked(root, unlabeled, labelled: Scan, pool: Scan, ref, n: int, method: str
         raise FolderError(f"{unlabeled}: no unlabeled images to rank ({len(left_out)} are already in {root}); "
                           "give --unlabeled a folder of images you have not labelled")
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
-    tables = [extract(scan, ref, pooling=FEATURES.pooling, batch_size=batch_size, cache=cache, config=config,
-                      progress=progress) for scan in (labelled, pool)]
-    index = {name: i for i, name in enumerate(labelled.classes)}
-    labels = np.array([index[r.label] for r in tables[0].records])
-    counts = np.bincount(labels, minlength=len(index))
-    head = fit_linear(tables[0].features, labels, len(index), groups=content_groups(r.digest for r in
-                      tables[0].records), balanced=counts.max() >= 3 * max(counts.min(), 1), seed=seed)
+    known_table, labels, head, _ = folder_head(labelled, ref, cache=cache, batch_size=batch_size, config=config,
+                                               seed=seed, progress=progress)
+    tables = [known_table, extract(pool, ref, pooling=FEATURES.pooling, batch_size=batch_size, cache=cache,
+                                   config=config, progress=progress)]
     probs = head.probabilities(tables[1].features)
     rows, scores = choose(method, probs, tables[1].features, n, seed)
     records = tables[1].records

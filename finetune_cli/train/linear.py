@@ -14,7 +14,8 @@ import numpy as np
 
 from finetune_cli.analysis.scores import best_c
 from finetune_cli.config import LINEAR, LinearConfig
-from finetune_cli.data.splits import distinct_per_class, grouped_folds
+from finetune_cli.data.splits import content_groups, distinct_per_class, grouped_folds
+from finetune_cli.features import extract
 from finetune_cli.runtime.threads import one_blas_thread
 from finetune_cli.strategy.similarity import probe_layers
 from finetune_cli.train.context import TrainResult
@@ -299,3 +300,23 @@ def _record_candidates(ctx, sources, heads, best: int) -> list[dict]:
     if path.exists():
         ctx.run.write_json("plan.json", {**ctx.run.read_json("plan.json"), "candidates": table})
     return table
+
+
+def folder_head(scan, ref, *, cache=None, batch_size: int = 32, config=None, seed: int = 0, progress=None):
+    """(feature table, labels (n,) int, `LinearHead`, whether classes were weighted) of a labelled scan: final-stage features, average
+    pooled, through `cache`, and the head `fit_linear` fits on them (C by cross-validation; classes weighted
+    when the largest is `imbalance_warn_ratio` x the smallest or more), for commands that need a head on a
+    folder without a run (`suggest`, `curve`)."""
+    from finetune_cli.config import FEATURES, SCAN
+
+    config = config or SCAN
+    table = extract(scan, ref, pooling=FEATURES.pooling, batch_size=batch_size, cache=cache, config=config,
+                    progress=progress)
+    index = {name: i for i, name in enumerate(scan.classes)}
+    labels = np.array([index[r.label] for r in table.records], dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(index))
+    balanced = bool(counts.max() >= config.imbalance_warn_ratio * max(counts.min(), 1))
+    head = fit_linear(table.features, labels, len(index), groups=content_groups(r.digest for r in table.records),
+                      balanced=balanced, seed=seed)
+    return table, labels, head, balanced
+
