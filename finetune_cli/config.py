@@ -397,14 +397,13 @@ class SuggestConfig:
     Attributes:
         n: images suggested (--n).
         method: cluster-margin (uncertainty, then diversity), badge, margin or random (--method).
-        max_shown: suggestions shown in index.html (suggest.csv lists all).
-        thumb: thumbnail side in pixels in the gallery.
+        max_shown: suggestions shown in index.html (suggest.csv lists all); thumbnails are the report's
+            (`ReportConfig.thumbnail_px`).
     """
 
     n: int = 20
     method: str = "cluster-margin"
     max_shown: int = 200
-    thumb: int = 112
 
 
 @dataclass(frozen=True)

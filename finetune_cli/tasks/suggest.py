@@ -151,7 +151,8 @@ def write_outputs(folder: Path, summary: dict, settings: SuggestConfig = SUGGEST
     with writing(folder / FILES["csv"]) as tmp:
         tmp.write_text(text.getvalue(), "utf-8")
     shown_rows = summary["suggestions"][:settings.max_shown]
-    grey = png_bytes(np.full((settings.thumb, settings.thumb, 3), 128, np.uint8))  # an unreadable thumbnail
+    side = REPORT.thumbnail_px
+    grey = png_bytes(np.full((side, side, 3), 128, np.uint8))  # an unreadable image's thumbnail
     cells = [Tile(thumbnail(r["path"], REPORT) or grey, f"{r['rank']}. {Path(r['path']).name}\n{r['why']}")
              for r in shown_rows]
     notes = [f"{len(summary['suggestions'])} of {summary['n_pool']} unlabeled images in {summary['unlabeled']}, "
