@@ -96,6 +96,25 @@ class ScanConfig:
 
 
 @dataclass(frozen=True)
+class TableConfig:
+    """How a label table (CSV, TSV or Parquet: one row per image) is read in place of a class-per-subfolder
+    folder (`data.tables`).
+
+    Attributes:
+        path_column: the column of image paths; relative ones resolve against the table's folder.
+        label_column: the column of class names (a row with an empty cell is skipped, with its reason).
+        allow_outside: accept rows whose image lies outside the table's folder (through `..`, an absolute
+            path or a link); False refuses the table, naming the row.
+        suffixes: file endings read as a table wherever a labelled folder is expected.
+    """
+
+    path_column: str = "path"
+    label_column: str = "label"
+    allow_outside: bool = False
+    suffixes: tuple[str, ...] = (".csv", ".tsv", ".parquet")
+
+
+@dataclass(frozen=True)
 class FeatureConfig:
     """How features are extracted and cached.
 
@@ -255,8 +274,10 @@ class TrainConfig:
             fine-tuning stops and the head is kept; 0: no pilot.
         headroom_check: before fine-tuning is paid for, skip it and keep the
             linear head when that head makes no validation error and reaches
-            `headroom_cv_accuracy` in cross-validation on the training images
-            (`train.finetune.headroom`); off when the user forces the plan
+            `headroom_cv_accuracy` in cross-validation on the training images,
+            or when its learning curve expects it to be wrong on too few
+            validation images for the keep rule to see a gain
+            (`train.finetune.no_headroom`); off when the user forces the plan
             (--strategy or --recipe).
         cross_validate: a linear plan (one head, no --val-dir) is validated
             out-of-fold on every labelled image and refitted on all of them
@@ -640,6 +661,7 @@ class DiagnoseConfig:
 
 
 SCAN = ScanConfig()
+TABLE = TableConfig()
 FEATURES = FeatureConfig()
 PRETRAIN = PretrainConfig()
 TRAIN = TrainConfig()

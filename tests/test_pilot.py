@@ -62,3 +62,57 @@ def test_fine_tuning_with_no_headroom_is_skipped_before_it_is_paid_for(tmp_path,
     forced = api.train(root, str(tiny_base), out=tmp_path / "forced", image_size=32, similarity="similar",
                        strategy="partial", settings=NO_CALIBRATION)
     assert "skipped" not in forced.get("pilot", {})  # --strategy forces the fine-tuning
+
+
+def _baseline(x, y, x_val, y_val):
+    """The phase-1 Baseline a run would build on these features: a real fitted head and its real curve."""
+    import numpy as np
+
+    from finetune_cli.train.curve import learning_curve
+    from finetune_cli.train.finetune import Baseline
+    from finetune_cli.train.linear import fit_linear
+
+    head = fit_linear(x, y, 2, seed=0)
+    curve = learning_curve(x, y, ["a", "b"], head.C)
+    return Baseline(head, head.probabilities(x_val), np.asarray(y_val), [], curve)
+
+
+def test_a_head_expected_to_err_on_too_few_validation_images_skips_fine_tuning_and_a_weaker_one_does_not():
+    """The second headroom reason: the curve expects so few validation errors that no gain could be told
+    from noise. A weaker head, or one whose curve was not measured, leaves the decision to the pilot."""
+    import numpy as np
+
+    from finetune_cli.train.finetune import no_headroom
+
+    rng = np.random.default_rng(0)
+
+    def blobs(n, gap):
+        y = np.repeat([0, 1], n)
+        return rng.normal(0, 1, (2 * n, 6)) + gap * y[:, None] * np.eye(6)[0], y
+
+    (x, y), (xv, yv) = blobs(300, 4.6), blobs(24, 4.6)  # Bayes accuracy about 98.9 %, 48 validation images
+    near_top = _baseline(x, y, xv, yv)
+    why = no_headroom(near_top, TRAIN)
+    assert why is not None and why["skipped"] == "too few errors to measure", near_top.curve["message"]
+    assert why["expected_val_errors_at_most"] < why["wins_needed"] == 3 and why["n_val"] == 48
+    assert "wrong on at most" in why["note"] and "no gain could be measured" in why["note"]
+    (x, y), (xv, yv) = blobs(300, 4.6), blobs(250, 4.6)  # the same head judged on 500 images: it may be seen
+    assert no_headroom(_baseline(x, y, xv, yv), TRAIN) is None
+    (x, y), (xv, yv) = blobs(300, 2.5), blobs(24, 2.5)  # about 89 %: fine-tuning may pay, the pilot judges
+    assert no_headroom(_baseline(x, y, xv, yv), TRAIN) is None
+    assert no_headroom(dataclasses.replace(near_top, curve=None), TRAIN) is None
+
+
+def test_wins_needed_is_where_the_keep_rules_own_interval_first_excludes_zero():
+    import numpy as np
+
+    from finetune_cli.train.compare import paired_interval
+    from finetune_cli.train.finetune import wins_needed
+
+    needed = wins_needed(TRAIN.compare_interval)
+    for n in (48, 200):
+        def low(wins):
+            tuned = np.zeros(n, bool)
+            tuned[:wins] = True  # fine-tuning right where the head was wrong, nowhere worse
+            return paired_interval(tuned, np.zeros(n, bool), TRAIN.compare_resamples, TRAIN.compare_interval)[0]
+        assert low(needed) > 0 and low(needed - 1) <= 0

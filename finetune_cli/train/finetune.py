@@ -58,8 +58,9 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     curve = getattr(settings, "learning_curve", False)
     baseline = _fit_head(ctx, model, cut, balanced, settings, curve) if state is None else None
     plain = getattr(settings, "average", "none") == "none" and after is None and not callbacks  # no ensemble
-    if baseline is not None and plain and settings.headroom_check and not headroom(baseline, settings):
-        return linear_only(ctx, model, plan, baseline, settings)
+    why = no_headroom(baseline, settings) if baseline is not None and plain and settings.headroom_check else None
+    if why is not None:
+        return linear_only(ctx, model, plan, baseline, why)
     clock.append(time.perf_counter())
     trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
     clock.append(time.perf_counter())
@@ -159,26 +160,57 @@ def curve_of(baseline: Baseline | None) -> dict:
     return {"learning_curve": baseline.curve} if baseline is not None and baseline.curve is not None else {}
 
 
-def headroom(baseline: Baseline, settings) -> bool:
-    """Whether fine-tuning could be seen to beat the linear head on these validation images: False when the
-    head makes no validation error and its cross-validated accuracy on the training images is at least
-    `settings.headroom_cv_accuracy` (there is no accuracy left to win that the check could measure)."""
-    cv = baseline.head.best_cv
-    return not (baseline.val_accuracy == 1.0 and np.isfinite(cv) and cv >= settings.headroom_cv_accuracy)
+def no_headroom(baseline: Baseline, settings) -> dict | None:
+    """Why fine-tuning cannot pay here, read off the phase-1 linear head before any of it is paid for; None
+    when it might. {"skipped", "note", evidence...} when either:
+
+    - "no headroom": the head makes no validation error and reaches `settings.headroom_cv_accuracy`
+      cross-validated on the training images;
+    - "too few errors to measure": the head's learning curve (`train.curve`) expects it to be wrong on
+      fewer validation images, even at the low end of its 95 % interval, than the keep rule needs to see
+      fine-tuning win (`wins_needed`): a gain fine-tuning made could not be told from noise.
+    """
+    cv, n_val = baseline.head.best_cv, int(len(baseline.val_labels))
+    facts = {"linear_head_cv_accuracy": cv, "linear_head_val_accuracy": baseline.val_accuracy, "n_val": n_val}
+    if baseline.val_accuracy == 1.0 and np.isfinite(cv) and cv >= settings.headroom_cv_accuracy:
+        return {"skipped": "no headroom", **facts, "note": (
+            f"fine-tuning skipped: the linear head makes no error on the {n_val} validation images and "
+            f"{cv:.1%} cross-validated accuracy on the training images (at least "
+            f"{settings.headroom_cv_accuracy:.1%}), so no gain could be measured")}
+    return _too_few_errors(baseline.curve, n_val, wins_needed(settings.compare_interval), facts)
 
 
-def linear_only(ctx: Context, model, plan, baseline: Baseline, settings) -> TrainResult:
-    """The linear head of phase 1 as the run's result, fine-tuning skipped before it was paid for (no headroom)."""
-    note = (f"fine-tuning skipped: the linear head makes no error on the {len(baseline.val_labels)} validation "
-            f"images and {baseline.head.best_cv:.1%} cross-validated accuracy on the training images (at least "
-            f"{settings.headroom_cv_accuracy:.1%}), so no gain could be measured; kept the linear head "
-            "(--strategy partial or full forces fine-tuning)")
+def wins_needed(level: float) -> int:
+    """The fewest validation images fine-tuning must turn from wrong to right (none the other way) before the
+    keep rule's paired bootstrap interval at `level` (0-1) excludes 0: with b such images of n, a resample
+    misses all of them with probability (1 - b/n)^n < exp(-b), which must fall below (1 - level) / 2."""
+    return int(np.ceil(np.log(2 / (1 - level))))
+
+
+def _too_few_errors(curve: dict | None, n_val: int, needed: int, facts: dict) -> dict | None:
+    """no_headroom's second reason (see there), from the learning-curve record, or None."""
+    now = next((row for row in (curve or {}).get("forecast", []) if row["multiple"] == 1.0), None)
+    if now is None or n_val * (1 - now["low"]) >= needed:
+        return None
+    errors = n_val * (1 - now["low"])
+    return {"skipped": "too few errors to measure", **facts, "expected_accuracy": now["accuracy"],
+            "expected_accuracy_low": now["low"], "expected_val_errors_at_most": round(errors, 2),
+            "wins_needed": needed, "curve_verdict": curve.get("verdict"), "note": (
+                f"fine-tuning skipped: the linear head's learning curve expects {now['accuracy']:.1%} accuracy "
+                f"(at least {now['low']:.1%} at 95 %), so it is wrong on at most {errors:.1f} of the {n_val} "
+                f"validation images; the keep rule needs fine-tuning to win on {needed} of them to tell a gain "
+                "from noise, so no gain could be measured")}
+
+
+def linear_only(ctx: Context, model, plan, baseline: Baseline, why: dict) -> TrainResult:
+    """The linear head of phase 1 as the run's result, fine-tuning skipped before it was paid for (`why`, from
+    `no_headroom`)."""
+    note = why["note"] + "; kept the linear head (--strategy partial or full forces fine-tuning)"
     ctx.reporter.on_note(note)
     size = ctx.backbone.ref.image_size
     score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)  # noqa: E731
-    metrics = {"C": baseline.head.C, "kept": "linear-head", **curve_of(baseline),
-               "pilot": {"skipped": "no headroom", "linear_head_cv_accuracy": baseline.head.best_cv,
-                         "linear_head_val_accuracy": 1.0, "n_val": int(len(baseline.val_labels))}}
+    pilot = {k: v for k, v in why.items() if k != "note"}
+    metrics = {"C": baseline.head.C, "kept": "linear-head", **curve_of(baseline), "pilot": pilot}
     return TrainResult(model, plan, baseline.head.scores, baseline.val_probs, baseline.val_labels, metrics, score,
                        [note])
 
