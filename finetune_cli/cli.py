@@ -28,7 +28,7 @@ from finetune_cli.files import jsonable
 from finetune_cli.options import (base_options, batch_size_option, cache_dir_option, cache_options, coverage_option,
                                   engine_options, json_option, model_option, out_option, overwrite_option,
                                   pretrain_options, replace_output_option, run_and_rest, run_argument, seed_option,
-                                  size_option, tta_option, weights_option)
+                                  size_option, table_options, tta_option, weights_option)
 from finetune_cli.strategy import recipes
 
 EXAMPLES = f"""
@@ -146,12 +146,13 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @json_option
 @click.option("--base", default=None, help="Also measure similarity to this backbone's pretraining data and show "
                                            "the plan `train` would choose.")
 @weights_option
 @size_option
+@table_options
 @handle_errors
 def inspect(folder: str, as_json: bool, base: str | None, weights: str, image_size: int | None) -> None:
     """Report classes, image sizes and formats, skipped files, duplicates (and, with --base, the plan)."""
@@ -219,6 +220,7 @@ def layers(base: str, weights: str, image_size: int | None, as_json: bool) -> No
 @batch_size_option
 @cache_options
 @engine_options
+@table_options
 @handle_errors
 def extract_features(folder, base, weights, image_size, out, overwrite, layer, pooling, batch_size, cache_dir, no_cache,
                      engine, address, workers):
@@ -278,7 +280,7 @@ def cache_clear(cache_dir):
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @base_options(DEFAULT_BASE)
 @out_option(f"Run folder to create (model, plan, metrics, plots). [default: a new {RUNS_DIR}/FOLDER-N]")
 @click.option("--strategy", type=click.Choice(["auto", *recipes.STRATEGIES]), default="auto", show_default=True,
@@ -286,9 +288,9 @@ def cache_clear(cache_dir):
 @click.option("--similarity", type=click.Choice(["auto", "similar", "different"]), default="auto", show_default=True,
               help="Skip the measurement and state the similarity to ImageNet.")
 @click.option("--recipe", default=None, help=f"A shipped recipe ({', '.join(recipes.shipped())}) or a .toml file.")
-@click.option("--val-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--val-dir", type=click.Path(), default=None,
               help="Validation folder (same classes); default: a stratified 20 %% split.")
-@click.option("--test-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--test-dir", type=click.Path(), default=None,
               help="Also evaluate the trained model on this labelled folder (as `finetune evaluate`, in one start-up).")
 @click.option("--drop-overlap", is_flag=True,
               help="Leave out --val-dir/--test-dir images that are copies of training images (refused by default).")
@@ -322,6 +324,7 @@ def cache_clear(cache_dir):
                    "when given), then train from its encoder.")
 @pretrain_options(epochs_flag="--pretrain-epochs")
 @json_option
+@table_options
 @handle_errors
 def train(folder, base, weights, image_size, out, strategy, similarity, recipe, val_dir, test_dir, drop_overlap, seed,
           resume, batch_size, cache_dir, no_cache, unlabeled, arch, noise, noise_type, code_size, pretrain_epochs,
@@ -361,7 +364,7 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
              f"(exponential, {LR_FIND.steps} steps at most, stopping when the smoothed loss passes "
              f"{LR_FIND.diverge_factor:g}x its best) on the model `train` would fine-tune; print the suggestions "
              "(valley, steepest, minimum/10) and write lr.csv and lr.png. The weights are not kept.")
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @base_options(DEFAULT_BASE)
 @click.option("--strategy", type=click.Choice([s for s in recipes.STRATEGIES if s != "linear"]), default="partial",
               show_default=True, help="The fine-tuning plan to sweep (what `train --strategy` would train).")
@@ -370,6 +373,7 @@ def train(folder, base, weights, image_size, out, strategy, similarity, recipe, 
 @seed_option()
 @cache_options
 @json_option
+@table_options
 @handle_errors
 def lr_find(folder, base, weights, image_size, strategy, recipe, out, seed, cache_dir, no_cache, as_json):
     console = err_console()
@@ -446,7 +450,7 @@ def predict(args, model_dir, out, overwrite, top_k, tta, coverage, abstain, engi
 
 
 @cli.command()
-@click.argument("args", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=str), metavar="RUN FOLDER")
+@click.argument("args", nargs=-1, required=True, type=click.Path(path_type=str), metavar="RUN FOLDER")
 @model_option
 @json_option
 @tta_option
@@ -454,6 +458,7 @@ def predict(args, model_dir, out, overwrite, top_k, tta, coverage, abstain, engi
               help="Also write a self-contained HTML page: confusion matrix, per-class scores, misclassified images.")
 @click.option("--overwrite", is_flag=True, help="Replace the --html page if it exists.")
 @coverage_option
+@table_options
 @handle_errors
 def evaluate(args, model_dir, as_json, tta, html, overwrite, coverage):
     """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and confusion matrix of RUN (a run
@@ -514,7 +519,7 @@ def diagnose(run: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @base_options(DEFAULT_BASE)
 @out_option(f"Search folder: new, or an earlier search's to continue it (done trials are skipped). "
                    f"[default: a new {RUNS_DIR}/FOLDER-tune-N]")
@@ -543,6 +548,7 @@ def diagnose(run: str, as_json: bool) -> None:
               help="With --engine ray: Ray Tune trials running at once. [default: as the cluster's CPUs allow]")
 @cache_options
 @json_option
+@table_options
 @handle_errors
 def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv, seed, recipe, batch_size, cache_dir,
          no_cache, as_json, engine, address, max_concurrent):
@@ -566,7 +572,7 @@ def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv,
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @click.option("--teacher", "teachers", multiple=True, type=str,
               help="A run folder of `finetune train` (repeat it: the teachers' probabilities are averaged).")
 @click.option("--student", required=True,
@@ -585,14 +591,15 @@ def tune(folder, base, weights, image_size, out, method, budget, time_limit, cv,
 @click.option("--views", type=click.IntRange(1, 64), default=None,
               help=f"Deterministic flip/crop views per training image, each scored by the teachers. "
                    f"[default: {DISTILL.views}]")
-@click.option("--val-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--val-dir", type=click.Path(), default=None,
               help="Labelled validation folder (early stopping). [default: a split of FOLDER, as train]")
-@click.option("--test-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--test-dir", type=click.Path(), default=None,
               help="Labelled folder the comparison table scores on. [default: the validation split]")
 @out_option(f"Run folder to create. [default: a new {RUNS_DIR}/FOLDER-distill-N]")
 @seed_option()
 @cache_options
 @json_option
+@table_options
 @handle_errors
 def distill(folder, teachers, student, student_weights, unlabeled, temperature, alpha, image_size, epochs, views,
             val_dir, test_dir, out, seed, cache_dir, no_cache, as_json):
@@ -627,10 +634,10 @@ def distill(folder, teachers, student, student_weights, unlabeled, temperature, 
                    "onnx: int8; keras and savedmodel: none.")
 @out_option("Folder for the file, labels.json and export.json (other files in it are kept). "
                    "[default: a new RUN/exports/FORMAT-QUANTIZE-N]")
-@click.option("--data", type=click.Path(file_okay=False), default=None,
+@click.option("--data", type=click.Path(), default=None,
               help="The folder the run was trained on: its validation split (as `train --seed`) verifies the "
                    "export, its training images calibrate int8.")
-@click.option("--check-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--check-dir", type=click.Path(), default=None,
               help="A labelled folder to verify on instead of the validation split.")
 @click.option("--calibration", type=click.IntRange(1, 100_000), default=EXPORT.calibration, show_default=True,
               metavar="N", help="Training images int8 quantisation calibrates on, at most.")
@@ -641,6 +648,7 @@ def distill(folder, teachers, student, student_weights, unlabeled, temperature, 
 @click.option("--overwrite", is_flag=True, help="Replace this format's file, labels.json and export.json in --out.")
 @seed_option("The --seed the run was trained with.")
 @json_option
+@table_options
 @handle_errors
 def export(run, fmt, quantize, out, data, check_dir, calibration, min_agreement, force, overwrite, seed, as_json):
     """Export a run for deployment (keras, savedmodel, tflite, onnx) and verify the file with its own runtime
@@ -698,7 +706,7 @@ def explain(run, images, method, class_name, sanity, out, overwrite, as_json):
 
 @cli.command()
 @run_argument()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @click.option("--eps", default=",".join(f"{e:g}" for e in ATTACK.eps), show_default=True,
               help="Perturbation budgets in pixels (of 255), comma-separated; 0 (clean) is always included.")
 @click.option("--method", "methods", default=",".join(ATTACK.methods), show_default=True,
@@ -708,6 +716,7 @@ def explain(run, images, method, class_name, sanity, out, overwrite, as_json):
 @out_option(f"Folder for robustness.json/.png and index.html. [default: a new {RUNS_DIR}/RUN-attack-N]")
 @replace_output_option
 @json_option
+@table_options
 @handle_errors
 def attack(run, folder, eps, methods, corruptions, out, overwrite, as_json):
     """Accuracy of RUN on a labelled FOLDER under adversarial perturbations of growing eps (and corruptions)."""
@@ -738,17 +747,18 @@ AUDIT_WORDS = {"label": "possible label errors (out-of-fold predictions disagree
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @base_options(DEFAULT_BASE)
-@click.option("--val-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--val-dir", type=click.Path(), default=None,
               help="Validation folder: also searched for near-duplicate copies of FOLDER's images (leakage).")
-@click.option("--test-dir", type=click.Path(file_okay=False), default=None, help="Test folder, as --val-dir.")
+@click.option("--test-dir", type=click.Path(), default=None, help="Test folder, as --val-dir.")
 @out_option(f"Folder for audit.csv and index.html. [default: a new {RUNS_DIR}/FOLDER-audit-N]")
 @replace_output_option
 @seed_option("Seeds the cross-validation folds.")
 @batch_size_option
 @cache_options
 @json_option
+@table_options
 @handle_errors
 def audit(folder, base, weights, image_size, val_dir, test_dir, out, overwrite, seed, batch_size, cache_dir, no_cache,
           as_json):
@@ -779,12 +789,13 @@ def audit(folder, base, weights, image_size, val_dir, test_dir, out, overwrite, 
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @base_options(DEFAULT_BASE)
 @seed_option("Seeds the folds, the nested orders and the bootstrap.")
 @batch_size_option
 @cache_options
 @json_option
+@table_options
 @handle_errors
 def curve(folder, base, weights, image_size, seed, batch_size, cache_dir, no_cache, as_json):
     """Would more labels help? A linear head on FOLDER's cached features, refitted on nested fractions of its
@@ -812,7 +823,7 @@ def curve(folder, base, weights, image_size, seed, batch_size, cache_dir, no_cac
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @click.option("--unlabeled", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Images not yet labelled (flat, or in subfolders whose names are ignored): the pool to rank.")
 @click.option("--n", "count", type=click.IntRange(1, 100_000), default=SUGGEST.n, show_default=True,
@@ -830,6 +841,7 @@ def curve(folder, base, weights, image_size, seed, batch_size, cache_dir, no_cac
 @batch_size_option
 @cache_options
 @json_option
+@table_options
 @handle_errors
 def suggest(folder, unlabeled, count, method, model_dir, base, weights, image_size, out, overwrite, copy_to, seed,
             batch_size, cache_dir, no_cache, as_json):
@@ -870,7 +882,7 @@ def _unit_list(text: str | None) -> list[int] | None:
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @base_options(DEFAULT_BASE)
 @click.option("--layer", required=True, help="Stage index or layer name (see `finetune layers --base B`).")
 @click.option("--units", type=click.IntRange(1, 4096), default=None,
@@ -882,6 +894,7 @@ def _unit_list(text: str | None) -> list[int] | None:
 @batch_size_option
 @cache_options
 @json_option
+@table_options
 @handle_errors
 def patches(folder, base, weights, image_size, layer, units, unit_ids, top, out, overwrite, batch_size, cache_dir,
             no_cache, as_json):
@@ -940,9 +953,10 @@ def filters(run, base, model_dir, weights, image_size, layer, units, unit_ids, d
 @cli.command()
 @click.argument("run_a", type=str)
 @click.argument("run_b", type=str)
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=click.Path(path_type=str))
 @tta_option
 @json_option
+@table_options
 @handle_errors
 def compare(run_a, run_b, folder, tta, as_json):
     """Do RUN_A and RUN_B differ in accuracy on the labelled FOLDER beyond noise? McNemar's exact test and a

@@ -5,6 +5,7 @@
     engine_options   --engine, --address, --workers        predict, extract-features
     run_argument     RUN (a run folder, or `last`)         every command that reads a finished run
     out_option       --out (a folder, a file, or a URI)    every command that writes
+    table_options    --path-column, --label-column, --allow-outside   every command that reads labelled images
     seed_option, batch_size_option, json_option, overwrite_option, tta_option, pretrain_options
 
 Defaults come from `config`; nothing here holds a default of its own.
@@ -12,9 +13,12 @@ Defaults come from `config`; nothing here holds a default of its own.
 
 from __future__ import annotations
 
+import functools
+
 import click
 
-from finetune_cli.config import FEATURES, IMAGE_SIZE_RANGE, PREDICT, PRETRAIN, RUNS_DIR, SCALE
+from finetune_cli.config import FEATURES, IMAGE_SIZE_RANGE, PREDICT, PRETRAIN, RUNS_DIR, SCALE, TABLE, TableConfig
+from finetune_cli.data import tables
 from finetune_cli.models import registry
 
 #: What RUN may be, in every command's help.
@@ -67,6 +71,27 @@ engine_options = options(
                       "default: start Ray on this machine for the run."),
     click.option("--workers", type=click.IntRange(0, 10_000), default=SCALE.workers, show_default=True,
                  help="With --engine ray: model actors, each loading the model once (0: one per CPU)."),
+)
+
+
+def _reading_tables(command):
+    """Run `command` with the label-table options it was given in force (`data.tables.using`)."""
+    @functools.wraps(command)
+    def run(*args, path_column, label_column, allow_outside, **kwargs):
+        with tables.using(TableConfig(path_column, label_column, allow_outside, TABLE.suffixes)):
+            return command(*args, **kwargs)
+    return run
+
+
+table_options = options(
+    click.option("--path-column", default=TABLE.path_column, show_default=True,
+                 help=f"A label table ({', '.join(TABLE.suffixes)}) given for a folder: its column of image paths "
+                      "(relative to the table's folder)."),
+    click.option("--label-column", default=TABLE.label_column, show_default=True,
+                 help="A label table's column of class names."),
+    click.option("--allow-outside", is_flag=True,
+                 help="A label table may list images outside its own folder (refused by default)."),
+    _reading_tables,
 )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from finetune_cli.config import SCAN, ScanConfig
 from finetune_cli.data.lists import expand_lists, is_uri
+from finetune_cli.data.tables import is_table
 from finetune_cli.data.scan import ImageRecord, Scan, Skipped, probe, scan_folder
 from finetune_cli.errors import FolderError
 from finetune_cli.files import shown
@@ -81,12 +82,14 @@ class Decoded:
 
 
 def scan_inputs(inputs, classes: list[str], config: ScanConfig = SCAN) -> Scan:
-    """One folder whose subfolders are all class names of the run: a labelled scan; anything else:
+    """One folder whose subfolders are all class names of the run, or one label table: a labelled scan; anything else:
     an unlabeled scan of the files and folders (`collect`, bad files skipped with reasons).
 
     Raises:
         FolderError: an input is missing, or nothing usable was found.
     """
+    if len(inputs) == 1 and is_table(inputs[0]):
+        return labelled_test_scan(inputs[0], classes, config)
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         subfolders = [p.name for p in Path(inputs[0]).iterdir() if p.is_dir() and not p.name.startswith(".")]
         if subfolders and all(name in classes for name in subfolders):

@@ -32,11 +32,12 @@ import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 from finetune_cli.config import IGNORED_NAMES, IMAGE_SUFFIXES, OUTPUT_MARKER, SCAN, ScanConfig
+from finetune_cli.data import tables
 from finetune_cli.data.images import DECODE_ERRORS, UnusableImage, open_checked, read_image_file
 from finetune_cli.errors import FolderError, OutputError
 from finetune_cli.files import shown
@@ -89,6 +90,7 @@ class Scan:
         images: usable images, sorted by path.
         skipped: files that could not be used, with reasons.
         warnings: folder-level warnings (empty class folders, ...).
+        source: the label table the scan was read from (`scan_table`); None for a folder.
     """
 
     root: Path
@@ -97,6 +99,7 @@ class Scan:
     images: tuple[ImageRecord, ...]
     skipped: tuple[Skipped, ...]
     warnings: tuple[str, ...] = field(default=())
+    source: Path | None = None
 
     def paths(self) -> list[Path]:
         """Absolute paths of the usable images, in `images` order."""
@@ -138,17 +141,18 @@ def scan_folder(
             each; False (evaluate, extract features) accepts one class and
             classes of one image.
 
-    Returns:
-        A `Scan`.
+    Returns a `Scan`; a label table (`data.tables.is_table`) is read by `scan_table`.
 
     Raises:
         FolderError: missing folder, no class subfolders, loose root images,
             a class name that is not UTF-8, no usable images; for training
             also a single class or a class with too few usable images.
     """
+    if tables.is_table(Path(root).expanduser()):
+        return scan_table(root, labelled=labelled, config=config, progress=progress, for_training=for_training)
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
-        raise FolderError(f"{root} is not a folder: give the folder that holds your images")
+        raise FolderError(_not_a_folder(root))
     if is_output(root):
         raise FolderError(f"{root} is an output folder of finetune (a run, gallery or export), not images: "
                           "give the folder that holds your images")
@@ -175,6 +179,33 @@ def scan_folder(
     _check_class_count(root, classes, 2 if for_training else 1)
     warnings = _output_notes(root, outputs) + warnings
     return _finish(root, True, tuple(classes), files, warnings, config, progress, for_training)
+
+
+def _not_a_folder(root: Path) -> str:
+    options = tables.current()
+    return (f"{root} is not a folder: give the folder that holds your images, or a label table "
+            f"({', '.join(options.suffixes)}) with {options.path_column!r} and {options.label_column!r} columns")
+
+
+def scan_table(table, *, labelled: bool | None = True, config: ScanConfig = SCAN, progress: Progress | None = None,
+               for_training: bool = True) -> Scan:
+    """`scan_folder` for a label table (`data.tables`): the same records, checks and skipped reasons, rooted
+    at the table's folder, `source` the table. Classes are the labels in natural order.
+
+    Raises:
+        FolderError: as `tables.read_rows`, and as `scan_folder` (too few classes or images).
+    """
+    rows = tables.read_rows(table, labelled)
+    skipped = [Skipped(path, reason) for path, reason in rows.skipped]
+    if not rows.files:
+        example = f", e.g. '{shown(skipped[0].path)}': {skipped[0].reason}" if skipped else ""
+        raise FolderError(f"{table} lists no usable image ({len(skipped)} rows skipped{example})")
+    classes = sorted({label for _, label in rows.files}, key=natural_key) if rows.labelled else []
+    if rows.labelled and for_training and len(classes) < 2:
+        raise FolderError(f"{table} has only one label ('{classes[0]}'): a classifier needs at least two")
+    scan = _finish(rows.root, rows.labelled, tuple(classes), rows.files, rows.warnings, config, progress,
+                   for_training, skipped=skipped)
+    return replace(scan, source=Path(table).expanduser().absolute())
 
 
 def is_output(folder: Path) -> bool:
@@ -268,9 +299,9 @@ def walk_files(top: Path, outputs: list[Path]) -> Iterable[Path]:
                 yield Path(dirpath, name)
 
 
-def _finish(root, labelled, classes, files, warnings, config, progress, for_training=True) -> Scan:
-    """Probe every file in parallel, then apply the per-class checks."""
-    images, skipped = [], []
+def _finish(root, labelled, classes, files, warnings, config, progress, for_training=True, skipped=()) -> Scan:
+    """Probe every file in parallel, then apply the per-class checks (`skipped`: files already refused)."""
+    images, skipped = [], list(skipped)
     total = len(files)
     with ThreadPoolExecutor(max_workers=config.n_workers()) as pool:
         results = pool.map(lambda item: probe(root, item[0], item[1], config), files)
@@ -287,7 +318,7 @@ def _finish(root, labelled, classes, files, warnings, config, progress, for_trai
 
 def probe(root: Path, path: Path, label: str, config: ScanConfig) -> ImageRecord | Skipped:
     """Read, hash and fully decode one file (truncation only shows on decode)."""
-    rel = path.relative_to(root).as_posix()
+    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
     try:
         data = read_image_file(path, config.max_bytes)
     except UnusableImage as exc:

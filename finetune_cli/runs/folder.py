@@ -168,6 +168,11 @@ class RunFolder:
         return self.write_bytes(name, figure_png(figure))
 
 
+def _stem(root: Path) -> str:
+    """A run's default name: the data folder's name, or a label table's name without its ending."""
+    return root.stem if root.is_file() else root.name
+
+
 def open_run(out, root, resume: bool, reporter: Reporter) -> RunFolder:
     """The run folder: `out`, or a new numbered one; says which, and whether a resumed run is finished.
 
@@ -177,7 +182,7 @@ def open_run(out, root, resume: bool, reporter: Reporter) -> RunFolder:
     if out is None and resume:
         raise SettingsError("--resume continues the run in --out: give --out")
     check_out_outside(out, root)
-    run = RunFolder(out, resume=resume) if out is not None else RunFolder.new(Path(root).resolve().name)
+    run = RunFolder(out, resume=resume) if out is not None else RunFolder.new(_stem(Path(root).resolve()))
     reporter.on_phase(f"run folder: {run.path}")
     if resume and run.finished:
         reporter.on_note(f"the run in {run.path} is finished: nothing to resume, nothing changed "

@@ -204,7 +204,7 @@ def finish(ctx: Context, result: TrainResult, profile, evidence, pretrained: dic
         ctx.reporter.on_phase(f"evaluating on {len(test_scan.images)} test images")
         extra["test"] = scores(*result.score(test_scan), test_scan, ctx.classes)
         extra["test_accuracy"] = extra["test"]["accuracy"]
-    header = {"run_folder": str(ctx.run.path), "data_root": str(Path(ctx.scan.root).absolute()), "strategy": result.plan.strategy, "recipe": result.plan.recipe,
+    header = {"run_folder": str(ctx.run.path), "data_root": str(Path(ctx.scan.source or ctx.scan.root).absolute()), "strategy": result.plan.strategy, "recipe": result.plan.recipe,
               "similarity": evidence.verdict, "size_category": profile.size_category}
     counts = {"n_train": len(ctx.train.images), "n_val": len(ctx.val.images), "n_skipped": len(ctx.scan.skipped)}
     result = with_diagnosis(ctx, result, extra)
