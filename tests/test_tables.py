@@ -81,14 +81,18 @@ def test_missing_repeated_conflicting_unlabelled_and_output_rows_are_skipped_wit
     (folder / "run" / ".finetune-output").write_text("")
     shutil.copy(folder / "0.jpg", folder / "run" / "x.jpg")
     shutil.copy(folder / "0.jpg", folder / "u.jpg")
-    rows = good + [("gone.jpg", good[0][1]), (good[1][0], good[1][1]), (good[2][0], "other"), ("u.jpg", ""),
+    (folder / "old").mkdir()  # a run folder of an older version: no marker, model.keras beside labels.json
+    for name in ("model.keras", "labels.json"):
+        (folder / "old" / name).write_text("")
+    shutil.copy(folder / "0.jpg", folder / "old" / "y.jpg")
+    rows = [("old/y.jpg", good[0][1])] + good + [("gone.jpg", good[0][1]), (good[1][0], good[1][1]), (good[2][0], "other"), ("u.jpg", ""),
                    ("run/x.jpg", good[0][1])]
     scan = scan_folder(write(folder, rows))
     reasons = {s.path: s.reason for s in scan.skipped}
     assert reasons["gone.jpg"].startswith("cannot read")
     assert "listed with 2 labels" in reasons[good[2][0]]
     assert reasons["u.jpg"].startswith("no label in labels.csv row")
-    assert "finetune's own output" in reasons["run/x.jpg"]
+    assert "finetune's own output" in reasons["run/x.jpg"] and "finetune's own output" in reasons["old/y.jpg"]
     assert len(scan.images) == len(good) - 1  # the conflicting image; the repeat counted once
     assert any("repeat an image" in w for w in scan.warnings) and any("two or more labels" in w for w in scan.warnings)
 

@@ -197,15 +197,40 @@ def scan_table(table, *, labelled: bool | None = True, config: ScanConfig = SCAN
     """
     rows = tables.read_rows(table, labelled)
     skipped = [Skipped(path, reason) for path, reason in rows.skipped]
-    if not rows.files:
+    files, inside = _outside_outputs(rows.root, rows.files)
+    skipped += [Skipped(shown(path.as_posix()), OUTPUT_ROW) for path in inside]
+    if not files:
         example = f", e.g. '{shown(skipped[0].path)}': {skipped[0].reason}" if skipped else ""
         raise FolderError(f"{table} lists no usable image ({len(skipped)} rows skipped{example})")
-    classes = sorted({label for _, label in rows.files}, key=natural_key) if rows.labelled else []
+    classes = sorted({label for _, label in files}, key=natural_key) if rows.labelled else []
     if rows.labelled and for_training and len(classes) < 2:
         raise FolderError(f"{table} has only one label ('{classes[0]}'): a classifier needs at least two")
-    scan = _finish(rows.root, rows.labelled, tuple(classes), rows.files, rows.warnings, config, progress,
+    scan = _finish(rows.root, rows.labelled, tuple(classes), files, rows.warnings, config, progress,
                    for_training, skipped=skipped)
     return replace(scan, source=Path(table).expanduser().absolute())
+
+
+#: A table row's skip reason when its image sits in the tool's own output.
+OUTPUT_ROW = "it lies in finetune's own output (a run, gallery or export), never read as an image"
+
+
+def _outside_outputs(root: Path, files: list) -> tuple[list, list[Path]]:
+    """(files not in an output folder (`is_output`) between `root` and them, the paths of those that are)."""
+    kept, inside, seen = [], [], {}
+
+    def output(folder: Path) -> bool:  # each folder is asked once, however many rows sit in it
+        if folder not in seen:
+            seen[folder] = is_output(folder)
+        return seen[folder]
+
+    for path, label in files:
+        under = path.is_relative_to(root)
+        below = path.parents[:len(path.parents) - len(root.parents)] if under else path.parents
+        if any(output(folder) for folder in below):
+            inside.append(path.relative_to(root) if under else path)
+        else:
+            kept.append((path, label))
+    return kept, inside
 
 
 def is_output(folder: Path) -> bool:

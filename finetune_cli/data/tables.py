@@ -6,8 +6,9 @@ The rows obey the folder scan's guarantees, checked here before any pixel is rea
   (through `..`, an absolute path or a link) is refused, naming the row, unless `allow_outside`;
 - a row with no path, a label holding "/" or a URI is a one-line error naming the row; a table that cannot
   be parsed is one naming the line the parser stopped at;
-- a row with an empty label, or inside the tool's own output folder, is skipped with its reason (the
-  run's skipped.csv); so is a missing or unreadable file (the scan's own probe);
+- a row with an empty label is skipped with its reason (the run's skipped.csv); so are a row inside the
+  tool's own output (`data.scan.is_output`, applied by `scan_table`) and a missing or unreadable file (the
+  scan's own probe);
 - a path listed twice is counted once; listed with two labels, it is skipped with both named.
 
 Which table options apply: `TABLE` (config.py), or those set with `using(...)` around a call (the
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_cli.config import OUTPUT_MARKER, TABLE, TableConfig
+from finetune_cli.config import TABLE, TableConfig
 from finetune_cli.errors import FolderError
 from finetune_cli.files import shown
 
@@ -87,7 +88,7 @@ def read_rows(table, labelled: bool | None = True, options: TableConfig | None =
                           f"{', '.join(map(str, frame.columns))}): name them with --path-column / --label-column")
     paths = frame[options.path_column].tolist()
     labels = frame[options.label_column].tolist() if labelled else [""] * len(paths)
-    return replace(_resolve(table, paths, labels, options, labelled), labelled=labelled)
+    return _resolve(table, paths, labels, options, labelled)
 
 
 def _frame(table: Path):
@@ -111,7 +112,7 @@ def _frame(table: Path):
 
 def _resolve(table: Path, paths: list, labels: list, options: TableConfig, labelled: bool) -> Rows:
     """Rows -> Rows: each path resolved and checked (module docstring), repeats merged."""
-    root, seen, skipped, outputs = table.parent, {}, [], {}
+    root, seen, skipped = table.parent, {}, []
     for row, (text, label) in enumerate(zip(paths, labels), start=1):
         text, label = text.strip(), label.strip()
         where = f"{table.name} row {row} (line {row + 1})"
@@ -125,12 +126,9 @@ def _resolve(table: Path, paths: list, labels: list, options: TableConfig, label
         _check_inside(path, root, where, text, options.allow_outside)
         if labelled and not label:
             skipped.append((text, f"no label in {where}"))
-        elif _in_output(path, root, outputs):
-            skipped.append((text, "it lies in finetune's own output (a run, gallery or export), never read as "
-                                  "an image"))
         else:
             seen.setdefault(path, []).append((text, label))
-    return _merged(root, seen, skipped)
+    return _merged(root, seen, skipped, labelled)
 
 
 def _check_inside(path: Path, root: Path, where: str, text: str, allow: bool) -> None:
@@ -143,19 +141,7 @@ def _check_inside(path: Path, root: Path, where: str, text: str, allow: bool) ->
                           "under it, or pass --allow-outside to read it where it is")
 
 
-def _in_output(path: Path, root: Path, cache: dict) -> bool:
-    """True when a folder between `root` (or the file system's top, outside it) and `path` holds the marker."""
-    for folder in path.parents:
-        if folder not in cache:
-            cache[folder] = (folder / OUTPUT_MARKER).is_file()
-        if cache[folder]:
-            return True
-        if folder == root:
-            return False
-    return False
-
-
-def _merged(root: Path, seen: dict, skipped: list) -> Rows:
+def _merged(root: Path, seen: dict, skipped: list, labelled: bool) -> Rows:
     """One file per distinct path: repeats with one label counted once, two labels skipped (both named)."""
     files, warnings, repeats = [], [], 0
     for path, listed in seen.items():
@@ -171,4 +157,4 @@ def _merged(root: Path, seen: dict, skipped: list) -> Rows:
     if conflicts:
         warnings.append(f"{conflicts} image(s) are listed with two or more labels and were skipped "
                         "(skipped.csv names them)")
-    return Rows(root, files, skipped, warnings)
+    return Rows(root, files, skipped, warnings, labelled)

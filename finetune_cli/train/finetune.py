@@ -190,9 +190,9 @@ def wins_needed(level: float) -> int:
 def _too_few_errors(curve: dict | None, n_val: int, needed: int, facts: dict) -> dict | None:
     """no_headroom's second reason (see there), from the learning-curve record, or None."""
     now = next((row for row in (curve or {}).get("forecast", []) if row["multiple"] == 1.0), None)
-    if now is None or n_val * (1 - now["low"]) >= needed:
+    errors = n_val * (1 - now["low"]) if now is not None else float("inf")
+    if errors >= needed:
         return None
-    errors = n_val * (1 - now["low"])
     return {"skipped": "too few errors to measure", **facts, "expected_accuracy": now["accuracy"],
             "expected_accuracy_low": now["low"], "expected_val_errors_at_most": round(errors, 2),
             "wins_needed": needed, "curve_verdict": curve.get("verdict"), "note": (
