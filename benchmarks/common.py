@@ -65,6 +65,29 @@ def subset(src: Path, dst: Path, per_class: int, seed: int = 0, keep_large: bool
     return dst
 
 
+def distinct_files(folder: Path, max_bytes: int | None = None) -> list[Path]:
+    """The files of `folder`, sorted, each content once (sha256; the first name kept), optionally under
+    `max_bytes`: a photo filed twice can never sit on both sides of a split."""
+    import hashlib
+
+    seen, files = set(), []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if (max_bytes is None or path.stat().st_size < max_bytes) and digest not in seen:
+            seen.add(digest)
+            files.append(path)
+    return files
+
+
+def split_class(files: list[Path], root: Path, name: str, n_train: int, n_test: int, rng) -> None:
+    """Copy a random `n_train` of `files` to root/train/NAME and `n_test` others to root/test/NAME."""
+    order = rng.permutation(len(files))
+    for part, idx in (("train", order[:n_train]), ("test", order[n_train:n_train + n_test])):
+        (root / part / name).mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            (root / part / name / files[i].name).write_bytes(files[i].read_bytes())
+
+
 def finetune_cmd(*args: str) -> list[str]:
     """The CLI, run as users run it, by the interpreter running the benchmark."""
     return [sys.executable, "-m", "finetune_cli", *map(str, args)]

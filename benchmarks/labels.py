@@ -23,7 +23,6 @@ It prints each one's test accuracy and wall time per seed, then the medians.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -33,7 +32,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, SIGNS, finetune_cmd, measure, require
+from common import BACKBONE, SIGNS, distinct_files, finetune_cmd, measure, require, split_class
 
 HERE = Path(__file__).parent
 OLD = {"cross_validate": False, "strategy": "auto", "similarity": "auto",
@@ -44,17 +43,8 @@ def draw(root: Path, per_class: int, test_per_class: int, seed: int, data: Path 
     """train/ and test/ folders of distinct photos of `data` (by content): no test photo is also a training photo."""
     rng = np.random.default_rng(seed)
     for folder in sorted(p for p in data.iterdir() if p.is_dir()):
-        seen, files = set(), []
-        for path in sorted(folder.iterdir()):
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if path.stat().st_size < 1_000_000 and digest not in seen:  # skip the three 3024 px phone photos
-                seen.add(digest)
-                files.append(path)
-        order = rng.permutation(len(files))
-        for part, idx in (("train", order[:per_class]), ("test", order[per_class:per_class + test_per_class])):
-            (root / part / folder.name).mkdir(parents=True, exist_ok=True)
-            for i in idx:
-                (root / part / folder.name / files[i].name).write_bytes(files[i].read_bytes())
+        files = distinct_files(folder, max_bytes=1_000_000)  # skip the three 3024 px phone photos
+        split_class(files, root, folder.name, per_class, test_per_class, rng)
     return root / "train", root / "test"
 
 

@@ -278,17 +278,21 @@ def linear_leaderboard(console: Console, summary: dict) -> None:
     """A linear search's trials and its best configuration."""
     table = Table(title=f"{summary['method']} search: best of {summary['trials']['total']} trials "
                         f"({summary['trials']['new']} new); {summary['cv']} CV on {summary['n_searched']} images")
-    for column in ("#", "trial", "C", "stage", "pooling", "views", "cv accuracy", "seconds"):
+    metric = summary.get("objective", "accuracy")
+    name = "macro-F1" if metric == "macro_f1" else "accuracy"
+    for column in ("#", "trial", "C", "stage", "pooling", "views", f"cv {name}", "seconds"):
         table.add_column(column, justify="left" if column in ("stage", "pooling") else "right")
     for rank, row in enumerate(summary["leaderboard"], 1):
         table.add_row(str(rank), str(row["trial"]), f"{row['C']:.3g}", str(row["stage"]), row["pooling"],
-                      str(row["views"]), f"{row['mean_accuracy']:.1%} ± {row['std_accuracy']:.1%}",
+                      str(row["views"]), f"{row[f'mean_{metric}']:.1%} ± {row[f'std_{metric}']:.1%}",
                       f"{row['seconds']:.2f}", style="bold" if row["trial"] == summary["best"]["trial"] else None)
     console.print(table)
     best = summary["best"]
     console.print(f"[bold green]best[/bold green]: C {best['C']:.3g}, stage {best['stage']}, {best['pooling']} pooling, "
-                  f"{best['views']} augmented views: cross-validated accuracy {best['mean_accuracy']:.1%} "
-                  f"± {best['std_accuracy']:.1%} (chosen on these scores, so optimistic)", highlight=False)
+                  f"{best['views']} augmented views: cross-validated {name} {best[f'mean_{metric}']:.1%} "
+                  f"± {best[f'std_{metric}']:.1%} (chosen on these scores, so optimistic"
+                  + ("; macro-F1 because the classes are imbalanced" if metric == "macro_f1" else "") + ")",
+                  highlight=False)
 
 
 def _tune_ending(console: Console, summary: dict) -> None:

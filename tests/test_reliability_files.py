@@ -372,7 +372,8 @@ def test_itemd_cut_off_trials_row_is_dropped_with_a_note(tmp_path):
     log = TrialLog(folder)
     for i, c in enumerate((0.01, 0.1, 1.0)):
         log.add({"C": c, "stage": "final", "pooling": "avg", "views": 0, "n_images": 24,
-                 "mean_accuracy": 0.5 + i / 10, "std_accuracy": 0.05, "n_splits": 5, "seconds": 0.1})
+                 "mean_accuracy": 0.5 + i / 10, "std_accuracy": 0.05, "mean_macro_f1": 0.4 + i / 10,
+                 "std_macro_f1": 0.05, "n_splits": 5, "seconds": 0.1})
     path = folder.file("trials.csv")
     whole = path.read_text()
     path.write_text(whole[: whole.rindex(",") - 2])  # the last row cut off mid-write

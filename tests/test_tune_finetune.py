@@ -182,6 +182,10 @@ def test_the_best_trial_comes_from_the_last_rung_and_edges_are_warned():
             {**row, "epochs": 8, "val_loss": 0.5, "unfreeze_stages": 2}, {**row, "epochs": 8, "val_loss": math.inf}]
     assert search.best_finetune_trial(rows) == rows[2]
     assert search.best_finetune_trial([rows[3]]) is None
+    # imbalanced classes: a higher validation macro-F1 outranks a lower cross-entropy; balanced ones: the reverse
+    scored = [{**rows[2], "val_macro_f1": 0.4}, {**rows[1], "val_macro_f1": 0.6}]
+    assert search.best_finetune_trial(scored, "macro_f1") == scored[1]
+    assert search.best_finetune_trial(scored) == scored[0]
     assert search.finetune_edge_warnings({**row, "epochs": 3}, SPACE, 5, 0.1) == []
     lines = search.finetune_edge_warnings({**row, "learning_rate": 1e-4, "unfreeze_stages": 3, "best_epoch": 8,
                                            "epochs": 8}, SPACE, 5, 0.1)
@@ -194,7 +198,7 @@ def test_a_finetuning_trial_table_reads_back_exactly_with_a_diverged_trial(tmp_p
     log = TrialLog(folder, FINETUNE_TABLE)
     params = {"learning_rate": 0.00123, "top_lr_factor": 0.03, "dropout": 0.2, "l2": 1e-4, "unfreeze_stages": 2}
     log.add({"rung": 0, "epochs": 1, **params, "best_epoch": 0, "val_loss": math.inf, "val_accuracy": 0.0,
-             "train_loss": math.inf, "n_train": 15, "n_val": 4, "rate_factor": 0.01, "status": "diverged",
+             "val_macro_f1": 0.0, "train_loss": math.inf, "n_train": 15, "n_val": 4, "rate_factor": 0.01, "status": "diverged",
              "computed": 34, "seconds": 0.25})
     again = TrialLog(folder, FINETUNE_TABLE)
     assert again.rows == log.rows and again.get({**params, "epochs": 1}) == log.rows[0]

@@ -75,7 +75,8 @@ class Diagnosis:
 
 
 def diagnose_history(history: list[dict], *, classes: int | None = None, planned_lr: float | None = None,
-                     used_lr: float | None = None, config: DiagnoseConfig = DIAGNOSE) -> Diagnosis:
+                     used_lr: float | None = None, config: DiagnoseConfig = DIAGNOSE,
+                     metric: str = "accuracy") -> Diagnosis:
     """Judge a training history (see the module docstring for the rules).
 
     Args:
@@ -85,6 +86,8 @@ def diagnose_history(history: list[dict], *, classes: int | None = None, planned
         classes: k, the number of classes (>= 2); None estimates it.
         planned_lr: the head's learning rate the plan asked for (plan.json).
         used_lr: the head's rate the history ran at; None: its first lr_head.
+        metric: what the run chose by (metrics.json's selection_metric): with "macro_f1" (imbalanced
+            classes) a linear history is judged on its cv_macro_f1 column, when it has one.
 
     Raises:
         ValueError: an empty history, or rows with neither set of columns.
@@ -92,7 +95,7 @@ def diagnose_history(history: list[dict], *, classes: int | None = None, planned
     if not history:
         raise ValueError("Expected at least one history row. Received: history=[]")
     if all(key in history[0] for key in LINEAR_COLUMNS):
-        return _linear(history, classes, config)
+        return _linear(history, classes, config, metric)
     missing = [key for key in EPOCH_COLUMNS if key not in history[0]]
     if missing:
         raise ValueError(f"Expected history rows with {EPOCH_COLUMNS} or {LINEAR_COLUMNS}. "
@@ -226,17 +229,20 @@ def _healthy(f: dict) -> Diagnosis:
 # ---------------------------------------------------------------- linear-head histories
 
 
-def _linear(history: list[dict], classes: int | None, config: DiagnoseConfig) -> Diagnosis:
-    """Judge the cross-validation curve over C (best C chosen as `train.linear.fit_linear` does)."""
-    rows = sorted(((float(r["C"]), float(r["cv_accuracy"])) for r in history), key=lambda r: r[0])
+def _linear(history: list[dict], classes: int | None, config: DiagnoseConfig, metric: str = "accuracy") -> Diagnosis:
+    """Judge the cross-validation curve over C (best C chosen as `train.linear.fit_linear` does), on the
+    column of `metric` when every row has it (else cv_accuracy)."""
+    column = f"cv_{metric}" if all(_finite_text(r.get(f"cv_{metric}")) for r in history) else "cv_accuracy"
+    name = "macro-F1" if column == "cv_macro_f1" else "accuracy"
+    rows = sorted(((float(r["C"]), float(r[column])) for r in history), key=lambda r: r[0])
     loss = {float(r["C"]): float(r["cv_log_loss"]) for r in history if _finite_text(r.get("cv_log_loss"))}
     grid = [c for c, _ in rows]
     best = grid.index(best_c([{"C": c, "cv_accuracy": a, "cv_log_loss": loss.get(c, 0.0)} for c, a in rows]))
     (c, accuracy), chance = rows[best], (1 / classes if classes else 0.0)
-    evidence = {"classes": classes, "grid": grid, "cv_accuracy": [a for _, a in rows], "best_C": c,
+    evidence = {"classes": classes, "grid": grid, "metric": name, "cv_accuracy": [a for _, a in rows], "best_C": c,
                 "best_cv_accuracy": accuracy, "chance_accuracy": chance, "edge": None}
     if accuracy < chance + config.linear_underfit_skill * (1 - chance):
-        reason = (f"best cross-validated accuracy {accuracy:.1%} (C = {c:g})"
+        reason = (f"best cross-validated {name} {accuracy:.1%} (C = {c:g})"
                   + (f" with {classes} classes (chance {chance:.0%})" if classes else ""))
         step = ("underfitting: the frozen features do not separate the classes; fine-tune (--strategy partial, or "
                 "--recipe partial-2 or full), take features from an earlier stage (feature_stage = \"best\" in a "
@@ -248,7 +254,7 @@ def _linear(history: list[dict], classes: int | None, config: DiagnoseConfig) ->
     where = (f"on the edge of the grid {_grid(grid)} but within {config.linear_edge_margin:.0%} of its neighbour "
              f"({rows[side][1]:.1%} at C = {rows[side][0]:g}): a plateau, not a limit"
              if len(rows) >= 2 and best in (0, len(rows) - 1) else f"inside the grid {_grid(grid)}")
-    reason = f"cross-validated accuracy {accuracy:.1%} at C = {c:g}, {where}"
+    reason = f"cross-validated {name} {accuracy:.1%} at C = {c:g}, {where}"
     step = "nothing to fix: use the run; to go further, fine-tune the top stages (--strategy partial)"
     return Diagnosis("healthy", reason, step, evidence)
 
@@ -257,7 +263,8 @@ def _linear_edge(evidence: dict, neighbour: tuple[float, float], strong: bool) -
     """The best C is the grid's smallest (`strong` regularisation) or largest: say which and what it means."""
     c, accuracy = evidence["best_C"], evidence["best_cv_accuracy"]
     end = "strongest" if strong else "weakest"
-    reason = (f"best C is on the edge of the grid {_grid(evidence['grid'])}: cross-validated accuracy {accuracy:.1%} at "
+    reason = (f"best C is on the edge of the grid {_grid(evidence['grid'])}: cross-validated {evidence['metric']} "
+              f"{accuracy:.1%} at "
               f"C = {c:g}, the {end} regularisation tried, vs {neighbour[1]:.1%} at C = {neighbour[0]:g}")
     if strong:
         step = ("the head is limited by noise, not by its flexibility: more images, or more augmented views "

@@ -10,11 +10,42 @@ from finetune_cli.data.scan import Scan
 from finetune_cli.files import shown
 
 
-def best_c(scores: list[dict]) -> float:
-    """The C of the best row: highest cross-validated accuracy, ties (to 1e-6) by the lower log loss, then
-    the smaller C. Accuracy on a few dozen images ties often; the log loss separates the tied Cs."""
-    return max(scores, key=lambda s: (round(s["cv_accuracy"], 6), -round(s.get("cv_log_loss", 0.0), 6),
+def best_c(scores: list[dict], metric: str = "accuracy") -> float:
+    """The C of the best row: highest cross-validated `metric` (the row's "cv_<metric>": "accuracy", or
+    "macro_f1" for imbalanced classes), ties (to 1e-6) by the lower log loss, then the smaller C. Accuracy on
+    a few dozen images ties often; the log loss separates the tied Cs."""
+    return max(scores, key=lambda s: (round(s[f"cv_{metric}"], 6), -round(s.get("cv_log_loss", 0.0), 6),
                                       -s["C"]))["C"]
+
+
+#: What a run chooses by when its training classes are imbalanced `imbalance_warn_ratio` x or more (else
+#: accuracy). Macro-F1 rather than balanced accuracy: balanced accuracy is the mean recall, so a model that
+#: calls every doubtful image the rare class gains on it at little cost, and class weighting already pushes
+#: that way; macro-F1 charges those false alarms to the rare class's precision.
+IMBALANCED_METRIC = "macro_f1"
+
+
+def selection_metric(balanced: bool) -> str:
+    """The score a run's choices maximise: "macro_f1" when its classes are imbalanced (`balanced`, the
+    flag that also weights them), else "accuracy"."""
+    return IMBALANCED_METRIC if balanced else "accuracy"
+
+
+def metric_value(metric: str, truth: np.ndarray, guess: np.ndarray) -> float:
+    """`metric` ("accuracy" | "macro_f1" | "balanced_accuracy", 0-1) of int predictions (n,) against truth
+    (n,), over the classes present in the truth."""
+    return float(resampled_metric(metric, truth[None, :], guess[None, :], sorted(set(truth.tolist())))[0])
+
+
+def resampled_metric(metric: str, truth: np.ndarray, guess: np.ndarray, labels: list[int]) -> np.ndarray:
+    """`metric_value` of each of b resamples: truth and guess (b, n) -> (b,), over the classes `labels`."""
+    if metric == "accuracy":
+        return (truth == guess).mean(1)
+    f1, recall = _per_class(truth, guess, labels)
+    if metric == "macro_f1":
+        return f1.mean(1)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(recall, 1)
 
 
 def scores(probs: np.ndarray, ok: np.ndarray, scan: Scan, classes: list[str], *, tta: int = 1,

@@ -75,7 +75,8 @@ def profile_scan(scan: Scan, config: ScanConfig = SCAN) -> Profile:
         big, small = max(counts, key=counts.get), min(counts, key=counts.get)
         warnings.append(
             f"classes are imbalanced: '{big}' has {counts[big]} images, '{small}' "
-            f"{counts[small]} ({imbalance:.1f}x); training weights classes to compensate"
+            f"{counts[small]} ({imbalance:.1f}x); training weights classes to compensate and chooses by macro-F1 "
+            "(the linear head's C, the best epoch, fine-tuned vs linear head, tune's objective)"
         )
     if scan.skipped:
         warnings.append(f"{len(scan.skipped)} file(s) could not be used and were skipped")

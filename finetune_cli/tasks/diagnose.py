@@ -58,7 +58,8 @@ def diagnose_run(path, *, config: DiagnoseConfig = DIAGNOSE) -> Diagnosis:
     metrics = _optional_json(folder / "metrics.json") or {}
     plan = (_optional_json(folder / "plan.json") or {}).get("plan")
     diagnosis = diagnose_history(history, classes=_n_classes(folder, metrics), planned_lr=_head_rate(plan),
-                                 used_lr=_head_rate(metrics), config=config)
+                                 used_lr=_head_rate(metrics), config=config,
+                                 metric=metrics.get("selection_metric", "accuracy"))
     if metrics.get("kept") == "linear-head" and diagnosis.verdict != "linear":
         diagnosis = replace(diagnosis, reason=diagnosis.reason + "; the run kept its linear head instead "
                             "(fine-tuning did not beat it on validation)")

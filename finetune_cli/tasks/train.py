@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune_cli.analysis.diagnose import diagnose_history
-from finetune_cli.analysis.scores import scores
+from finetune_cli.analysis.scores import scores, selection_metric
 from finetune_cli.config import (FEATURES, LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, PretrainConfig, ScanConfig,
                                  TrainConfig, checked_pretrain_config)
 from finetune_cli.data.scan import Scan
@@ -197,7 +197,7 @@ def finish(ctx: Context, result: TrainResult, profile, evidence, pretrained: dic
     if not np.isfinite(result.val_probs).all():
         raise TrainingError("the trained model gives NaN or infinite outputs on the validation images: "
                             "nothing was saved; lower learning_rate in a --recipe file")
-    extra = dict(result.metrics)
+    extra = {**result.metrics, "selection_metric": selection_metric(is_imbalanced(ctx, profile))}
     if pretrained is not None:
         extra["pretrained"] = pretrained
     if test_scan is not None:
@@ -251,7 +251,8 @@ def with_diagnosis(ctx: Context, result: TrainResult, extra: dict) -> TrainResul
     becomes a note with the next step."""
     if not result.history:
         return result
-    verdict = diagnose_history(result.history, classes=len(ctx.classes)).to_dict()
+    verdict = diagnose_history(result.history, classes=len(ctx.classes),
+                               metric=extra.get("selection_metric", "accuracy")).to_dict()
     extra["diagnosis"] = {k: verdict[k] for k in ("verdict", "reason", "next_step")}
     if verdict["verdict"] == "healthy":
         return result

@@ -53,7 +53,9 @@ class LoopState:
     Attributes:
         epoch: last completed epoch (0 before the first).
         best_val_loss: lowest validation loss so far.
-        best_epoch: the epoch that reached it (0: none yet).
+        best_epoch: the epoch that reached it (0: none yet), or the best by `best_score` when
+            early stopping monitors a score.
+        best_score: the highest monitored validation score so far (`EarlyStopping(monitor=...)`).
         stale: epochs since the last improvement.
         scale: multiplier on every group's rate (plateau reductions).
         history: one dict per epoch: epoch, loss, val_loss, images, seconds,
@@ -63,6 +65,7 @@ class LoopState:
     epoch: int = 0
     best_val_loss: float = math.inf
     best_epoch: int = 0
+    best_score: float = -math.inf
     stale: int = 0
     scale: float = 1.0
     history: list = field(default_factory=list)
@@ -277,10 +280,13 @@ class NanGuard(Callback):
 
 
 class EarlyStopping(Callback):
-    """Track the best validation loss; stop after `patience` stale epochs; end on the best weights.
+    """Track the best epoch; stop after `patience` stale epochs; end on the best weights.
+
+    The best epoch has the lowest validation loss, or with `monitor` (a higher-is-better key of the
+    validation logs, e.g. "val_macro_f1") the highest score, ties broken by the lower validation loss.
 
     Args:
-        min_delta: the least improvement that counts: absolute, or a fraction
+        min_delta: the least loss improvement that counts: absolute, or a fraction
             of the best so far when `relative`.
         on_improve: called with the trainer on each new best (save it).
         restore_best: (model) -> None loading the best weights saved by
@@ -291,20 +297,30 @@ class EarlyStopping(Callback):
 
     def __init__(self, patience: int, min_delta: float = 1e-4, relative: bool = False,
                  on_improve: Callable[["Trainer"], None] | None = None,
-                 restore_best: Callable[[object], None] | None = None):
+                 restore_best: Callable[[object], None] | None = None, monitor: str | None = None):
         self.patience, self.min_delta, self.relative = patience, min_delta, relative
-        self.on_improve, self.restore_best = on_improve, restore_best
+        self.on_improve, self.restore_best, self.monitor = on_improve, restore_best, monitor
         self.best_weights = None
 
     def on_train_begin(self, trainer, state):
         self.best_weights = None
 
-    def on_epoch_end(self, trainer, state, logs):
+    def improved(self, state: LoopState, logs: dict) -> bool:
+        """Whether this epoch beats the best so far (see the class docstring)."""
         best = state.best_val_loss
-        improved = logs["val_loss"] < (best * (1 - self.min_delta) if self.relative else best - self.min_delta)
+        lower = logs["val_loss"] < (best * (1 - self.min_delta) if self.relative else best - self.min_delta)
+        if self.monitor is None:
+            return lower
+        score = logs[self.monitor]
+        return score > state.best_score + 1e-9 or (abs(score - state.best_score) <= 1e-9 and lower)
+
+    def on_epoch_end(self, trainer, state, logs):
+        improved = self.improved(state, logs)
         logs["improved"] = improved
         if improved:
             state.best_val_loss, state.best_epoch, state.stale = logs["val_loss"], logs["epoch"], 0
+            if self.monitor is not None:
+                state.best_score = float(logs[self.monitor])
             self.best_weights = trainer.model.get_weights()
             if self.on_improve:
                 self.on_improve(trainer)

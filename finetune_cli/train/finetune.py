@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from finetune_cli.analysis.calibration import nll
+from finetune_cli.analysis.scores import metric_value, selection_metric
 from finetune_cli.data.splits import content_groups
 from finetune_cli.errors import TrainingError
 from finetune_cli.models.heads import classifier
@@ -27,7 +28,7 @@ from finetune_cli.models.inference import probabilities
 from finetune_cli.runtime.devices import replicas
 from finetune_cli.train import prefix
 from finetune_cli.train.averaging import WeightAverage, keep_average
-from finetune_cli.train.compare import compare_on_validation
+from finetune_cli.train.compare import METRIC_NAMES, compare_on_validation
 from finetune_cli.train.context import Context, TrainResult, class_weights
 from finetune_cli.train.engine import Callback, Diverged, fit_with_retries
 from finetune_cli.train.curve import table_curve
@@ -66,9 +67,10 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     clock.append(time.perf_counter())
     averager = _averager(settings)
     piloted = _piloted(baseline, averager, after, callbacks, settings, plan.epochs)
-    pilot = Pilot(baseline, settings.pilot_epochs) if piloted else None
+    metric = selection_metric(balanced)
+    pilot = Pilot(baseline, settings.pilot_epochs, metric=metric) if piloted else None
     state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries,
-                              list(callbacks) + ([averager] if averager else []) + ([pilot] if pilot else []))
+                              list(callbacks) + ([averager] if averager else []) + ([pilot] if pilot else []), metric)
     clock.append(time.perf_counter())
     averaging = _keep_average(ctx, averager, trainable, val_data, notes)
     probs, labels = predict_batches(trainable, val_data)
@@ -91,7 +93,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
         if baseline is None:
             ctx.reporter.on_note("resumed: the linear head of the first start is not kept, so no comparison with it")
         return result
-    return keep_better(ctx, result, baseline)
+    return keep_better(ctx, result, baseline, metric)
 
 
 def _start(ctx: Context, recipe, resume: bool):
@@ -126,6 +128,10 @@ class Baseline:
     def val_accuracy(self) -> float:
         """The linear head's accuracy (0-1) on the validation images."""
         return float((self.val_probs.argmax(1) == self.val_labels).mean())
+
+    def val_score(self, metric: str) -> float:
+        """The linear head's `metric` (`analysis.scores.metric_value`, 0-1) on the validation images."""
+        return metric_value(metric, self.val_labels, self.val_probs.argmax(1))
 
 
 def _cut(ctx: Context, model, plan, settings):
@@ -227,21 +233,23 @@ class Pilot(Callback):
     """Fine-tuning's first `epochs` epochs as a pilot, with the linear head of phase 1 as the bar to beat.
 
     After the pilot's last epoch the best epoch so far must beat the linear
-    head on the same validation images: a higher accuracy, or the same
-    accuracy and a cross-entropy lower by `margin` (a fraction). Otherwise
-    training stops there (`abandoned`) and the linear head is kept, so
-    fine-tuning that cannot win costs its pilot epochs, not its schedule.
+    head on the same validation images: a higher `metric` (accuracy, or
+    macro-F1 for imbalanced classes), or the same score and a cross-entropy
+    lower by `margin` (a fraction). Otherwise training stops there
+    (`abandoned`) and the linear head is kept, so fine-tuning that cannot win
+    costs its pilot epochs, not its schedule.
     """
 
-    def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01):
-        self.epochs, self.margin = epochs, margin
-        self.bar = (baseline.val_accuracy, float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
+    def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01, metric: str = "accuracy"):
+        self.epochs, self.margin, self.metric = epochs, margin, metric
+        self.bar = (baseline.val_score(metric), float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
         self.best = (-1.0, float("inf"))
         self.abandoned = False
 
     def on_epoch_end(self, trainer, state, logs: dict) -> None:
-        if (logs["val_accuracy"], -logs["val_loss"]) > (self.best[0], -self.best[1]):
-            self.best = (float(logs["val_accuracy"]), float(logs["val_loss"]))
+        score = logs[f"val_{self.metric}"]
+        if (score, -logs["val_loss"]) > (self.best[0], -self.best[1]):
+            self.best = (float(score), float(logs["val_loss"]))
         if logs["epoch"] == self.epochs and not self.wins():
             self.abandoned, state.stop = True, True
 
@@ -252,15 +260,17 @@ class Pilot(Callback):
                                                  and loss < bar_loss * (1 - self.margin))
 
     def note(self) -> str:
-        (accuracy, loss), (bar_accuracy, bar_loss) = self.best, self.bar
-        return (f"fine-tuning abandoned after its {self.epochs}-epoch pilot: best validation accuracy {accuracy:.1%} "
-                f"(cross-entropy {loss:.3f}) does not beat the linear head's {bar_accuracy:.1%} ({bar_loss:.3f}); "
-                "kept the linear head")
+        (score, loss), (bar_score, bar_loss) = self.best, self.bar
+        return (f"fine-tuning abandoned after its {self.epochs}-epoch pilot: best validation {METRIC_NAMES[self.metric]} "
+                f"{score:.1%} (cross-entropy {loss:.3f}) does not beat the linear head's {bar_score:.1%} "
+                f"({bar_loss:.3f}); kept the linear head")
 
     def record(self) -> dict:
-        """metrics["pilot"]: the bar, the pilot's best epoch, and whether it was abandoned."""
-        return {"epochs": self.epochs, "linear_head": {"val_accuracy": self.bar[0], "val_loss": self.bar[1]},
-                "best": {"val_accuracy": self.best[0], "val_loss": self.best[1]}, "abandoned": self.abandoned,
+        """metrics["pilot"]: the bar, the pilot's best epoch, and whether it was abandoned (scores under
+        "val_<metric>")."""
+        key = f"val_{self.metric}"
+        return {"epochs": self.epochs, "metric": self.metric, "linear_head": {key: self.bar[0], "val_loss": self.bar[1]},
+                "best": {key: self.best[0], "val_loss": self.best[1]}, "abandoned": self.abandoned,
                 "margin": self.margin}
 
 
@@ -271,17 +281,17 @@ def keep_linear(ctx: Context, result: TrainResult, baseline: Baseline, note: str
     return _linear_result(ctx, result, baseline, metrics, result.notes + [note])
 
 
-def keep_better(ctx: Context, result: TrainResult, baseline: Baseline) -> TrainResult:
+def keep_better(ctx: Context, result: TrainResult, baseline: Baseline, metric: str = "accuracy") -> TrainResult:
     """Keep the fine-tuned model only if it beats the linear head on the same validation images.
 
-    Better means higher validation accuracy, or the same accuracy and a lower
-    cross-entropy; otherwise the linear head on the original frozen features
+    Better means a higher validation `metric` (accuracy, or macro-F1 for imbalanced
+    classes) beyond noise, or a score within noise and a lower cross-entropy; otherwise the linear head on the original frozen features
     is kept (it is simpler, and fine-tuning that does not win is noise or
     overfitting). Both scores, the paired bootstrap interval of the accuracy
     difference and the choice go into metrics["comparison"] and a note.
     """
     comparison = compare_on_validation(result.val_probs, result.val_labels, baseline.val_probs,
-                                       baseline.val_labels, seed=ctx.seed)
+                                       baseline.val_labels, seed=ctx.seed, metric=metric)
     ctx.reporter.on_note(comparison["note"])
     metrics = {**result.metrics, "comparison": comparison, "kept": comparison["kept"]}
     notes = result.notes + [comparison["note"]]
@@ -343,7 +353,8 @@ def _keep_average(ctx: Context, averager, trainable, val_data, notes: list) -> d
     return {"averaging": record}
 
 
-def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, state, retries: int, extra=()):
+def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, state, retries: int, extra=(),
+         metric: str = "accuracy"):
     """Run the engine with checkpoints, the NaN policy and `extra` callbacks; returns (state, plan as run, notes)."""
     from finetune_cli.train.setup import finetuner
 
@@ -369,7 +380,7 @@ def _fit(ctx: Context, model, trainable, plan, recipe, train_data, val_data, sta
 
     trainer, validate = finetuner(trainable, plan, recipe, val_data, checkpoint=checkpoint, restore_best=restore_best,
                                   progress=lambda s, total: ctx.reporter.on_epoch(s.history[-1], total), whole=model,
-                                  extra=extra)
+                                  extra=extra, metric=metric)
     _announce(ctx, plan)
     try:
         state = fit_with_retries(trainer, train_data, validate, plan.epochs, state, retries=retries, on_retry=retry)

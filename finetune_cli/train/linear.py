@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from finetune_cli.analysis.scores import best_c
+from finetune_cli.analysis.scores import best_c, metric_value, selection_metric
 from finetune_cli.config import LINEAR, LinearConfig
 from finetune_cli.data.splits import content_groups, distinct_per_class, grouped_folds
 from finetune_cli.features import extract
@@ -32,7 +32,9 @@ class LinearHead:
         kernel: float32 (d, k), applied to raw (unstandardised) features.
         bias: float32 (k,).
         C: the chosen inverse regularisation strength.
-        scores: one dict per C tried, by increasing C: {"C", "cv_accuracy", "cv_log_loss"}.
+        scores: one dict per C tried, by increasing C: {"C", "cv_accuracy", "cv_log_loss", "cv_macro_f1"}
+            (the last of the pooled out-of-fold predictions).
+        metric: what chose C: "accuracy", or "macro_f1" when the classes were weighted (imbalanced).
         oof: float32 (m, k) out-of-fold probabilities at `C` for the first m rows
             of the features (the `primary` rows: each image once, no augmented
             view), each from a head that never saw that image; None without folds.
@@ -43,6 +45,7 @@ class LinearHead:
     C: float
     scores: list = field(default_factory=list)
     oof: np.ndarray | None = None
+    metric: str = "accuracy"
 
     @property
     def best_cv(self) -> float:
@@ -75,7 +78,8 @@ def fit_linear(
         labels: int (n,) in [0, n_classes).
         groups: image id per row, so augmented views of one image never sit on
             both sides of a fold; None when each row is its own image.
-        balanced: weight classes inversely to their frequency.
+        balanced: weight classes inversely to their frequency, and choose C by macro-F1
+            (`analysis.scores.selection_metric`) instead of accuracy.
         n_primary: the first `n_primary` rows are the images themselves (the
             rest augmented views of them): the out-of-fold probabilities are
             theirs; None: every row.
@@ -92,18 +96,19 @@ def _fit_linear(features, labels, n_classes: int, groups, balanced: bool, seed: 
     weight = "balanced" if balanced else None
     per_class = distinct_per_class(labels, groups)  # a fold cannot divide one image's copies or views
     n_folds = int(min(config.folds, per_class[per_class > 0].min()))
-    scores, oof = [], None
+    scores, oof, metric = [], None, selection_metric(balanced)
     if n_folds >= 2:
         path = CPath(features, labels, grouped_folds(labels, groups, n_folds, seed), n_classes, n_primary, weight,
-                     config).search()
-        scores = [{"C": c, "cv_accuracy": a, "cv_log_loss": loss} for c, (a, loss, _) in sorted(path.items())]
-        best = best_c(scores)
+                     config, metric).search()
+        scores = [{"C": c, "cv_accuracy": a, "cv_log_loss": loss, "cv_macro_f1": f1}
+                  for c, (a, loss, _, f1) in sorted(path.items())]
+        best = best_c(scores, metric)
         oof = path[best][2]
     else:  # too few images to fold: the one C given, else a moderate one
         best = config.c_grid[0] if len(config.c_grid) == 1 else 0.1
     scaler = floored_scaler(features, config.scale_floor)
     model = logistic(best, tol=config.tol, class_weight=weight).fit(scaler.transform(features), labels)
-    return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores, oof=oof)
+    return LinearHead(*_fold(model, scaler, n_classes), C=best, scores=scores, oof=oof, metric=metric)
 
 
 class CPath:
@@ -113,23 +118,27 @@ class CPath:
     warm-started from the previous solution (the same optimum, about a third
     of the time of fitting each C from zero). When the best C is the grid's
     smallest or largest, `config.c_extend` more points of the same log step
-    are tried beyond it, up to `config.c_range`.
+    are tried beyond it, up to `config.c_range`. The best is by `metric` ("accuracy": the folds' mean;
+    "macro_f1": of the pooled out-of-fold predictions, as an F1 of a few images per fold is too coarse).
     """
 
-    def __init__(self, features, labels, folds, n_classes: int, n_primary: int, weight, config: LinearConfig):
+    def __init__(self, features, labels, folds, n_classes: int, n_primary: int, weight, config: LinearConfig,
+                 metric: str = "accuracy"):
         self.x, self.y, self.folds, self.k, self.weight, self.config = features, labels, folds, n_classes, weight, config
+        self.metric = metric
         self.primary = np.arange(len(labels)) < n_primary
         self.position = np.cumsum(self.primary) - 1  # row -> its row among the primary ones
         self.n_primary = n_primary
         self.models = [None] * len(folds)
 
-    def search(self) -> dict[float, tuple[float, float, np.ndarray]]:
-        """{C: (mean accuracy over folds, mean log loss, out-of-fold probabilities (n_primary, k))}."""
+    def search(self) -> dict[float, tuple[float, float, np.ndarray, float]]:
+        """{C: (mean accuracy over folds, mean log loss, out-of-fold probabilities (n_primary, k), their macro-F1)}."""
         path = self.scores(sorted(self.config.c_grid))
         low, high = self.config.c_range
         while len(path) > 1:
             grid = sorted(path)
-            best = best_c([{"C": c, "cv_accuracy": path[c][0], "cv_log_loss": path[c][1]} for c in grid])
+            best = best_c([{"C": c, "cv_accuracy": path[c][0], "cv_log_loss": path[c][1], "cv_macro_f1": path[c][3]}
+                           for c in grid], self.metric)
             if best not in (grid[0], grid[-1]):
                 return path
             down = best == grid[0]
@@ -144,7 +153,7 @@ class CPath:
             path.update(self.scores(more))
         return path
 
-    def scores(self, cs: list[float]) -> dict[float, tuple[float, float, np.ndarray]]:
+    def scores(self, cs: list[float]) -> dict[float, tuple[float, float, np.ndarray, float]]:
         """Scores at each C of `cs` (ascending), each fold continuing from its last fitted model."""
 
         hits = {c: [] for c in cs}
@@ -164,7 +173,9 @@ class CPath:
                 hits[c].append(float((probs.argmax(1) == self.y[test]).mean()))
                 losses[c].append(float(-np.log(np.clip(truth, 1e-15, None)).mean()))
                 oof[c][self.position[test[keep]]] = probs[keep]
-        return {c: (float(np.mean(hits[c])), float(np.mean(losses[c])), oof[c]) for c in cs}
+        truth = self.y[self.primary]
+        return {c: (float(np.mean(hits[c])), float(np.mean(losses[c])), oof[c],
+                    metric_value("macro_f1", truth, oof[c].argmax(1))) for c in cs}
 
 
 def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

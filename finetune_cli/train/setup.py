@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from finetune_cli.analysis.calibration import nll
+from finetune_cli.analysis.scores import metric_value
 from finetune_cli.models.backbones import PREPROCESS_PREFIX
 from finetune_cli.models.stages import find_stages
 from finetune_cli.runtime.keras import import_keras
@@ -99,6 +100,7 @@ def finetuner(
     whole=None,
     extra: Sequence[Callback] = (),
     schedule: bool = True,
+    metric: str = "accuracy",
 ) -> tuple[Trainer, Callable[[], dict]]:
     """(trainer, validate): fine-tuning `model` as the plan says, for `engine.fit_with_retries`.
 
@@ -114,6 +116,8 @@ def finetuner(
         extra: more engine callbacks, run after the others (weight averaging, snapshots).
         schedule: early stopping and the plateau decay on (train); off, every epoch of `plan.epochs`
             runs at the planned rates (a tune rung trained for a fixed number of epochs).
+        metric: what early stopping keeps the best epoch by: "accuracy" (the lowest validation loss, as
+            ever) or "macro_f1" (the highest validation macro-F1, for imbalanced classes; ties by the loss).
     """
     import tensorflow as tf
 
@@ -121,7 +125,8 @@ def finetuner(
     rates = plan.learning_rates
     callbacks = [NanGuard()]
     if schedule:
-        callbacks += [EarlyStopping(recipe.patience, 1e-4, restore_best=restore_best),
+        callbacks += [EarlyStopping(recipe.patience, 1e-4, restore_best=restore_best,
+                                    monitor=None if metric == "accuracy" else f"val_{metric}"),
                       PlateauDecay(recipe.plateau_factor, recipe.patience // 2)]
     if checkpoint:
         callbacks.append(Each(lambda trainer, s, logs: checkpoint(trainer.model, s, logs["improved"])))
@@ -134,7 +139,16 @@ def finetuner(
     trainer = Trainer(model, cross_entropy(model), [Group(k, v, rates[k]) for k, v in groups.items()], signature,
                       optimizer=optimizer_for(recipe), callbacks=callbacks)
     forward = predictor(model)
-    return trainer, lambda: dict(zip(("val_loss", "val_accuracy"), evaluate(model, val_data, forward)))
+    return trainer, lambda: validation_scores(model, val_data, forward)
+
+
+def validation_scores(model, data, forward=None) -> dict:
+    """{"val_loss" (mean cross-entropy, nats), "val_accuracy", "val_macro_f1" (0-1)} of `model` over (x, y, w)
+    batches, inference mode (see `evaluate`)."""
+    probs, labels = predict_batches(model, data, forward)
+    guess = probs.argmax(1)
+    return {"val_loss": nll(probs, labels, floor=1e-7), "val_accuracy": float((guess == labels).mean()),
+            "val_macro_f1": metric_value("macro_f1", labels, guess)}
 
 
 def evaluate(model, data, forward=None) -> tuple[float, float]:

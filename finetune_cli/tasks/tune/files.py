@@ -42,18 +42,19 @@ class TrialTable:
     identity: object
 
 
-COLUMNS = ("trial", *PARAMETERS, "n_images", "mean_accuracy", "std_accuracy", "n_splits", "seconds")
+COLUMNS = ("trial", *PARAMETERS, "n_images", "mean_accuracy", "std_accuracy", "mean_macro_f1", "std_macro_f1",
+           "n_splits", "seconds")
 TYPES = {"trial": int, "C": float, "views": int, "n_images": int, "mean_accuracy": float, "std_accuracy": float,
-         "n_splits": int, "seconds": float}
+         "mean_macro_f1": float, "std_macro_f1": float, "n_splits": int, "seconds": float}
 LINEAR_TABLE = TrialTable(COLUMNS, TYPES, lambda row: (key(row), row["n_images"]))
 #: A fine-tuning trial: `rate_factor` 1, or 0.1 / 0.01 when the NaN guard lowered every rate; `status` ok or
 #: diverged (val_loss inf); `computed` the feature vectors and activation maps a backbone pass made for it.
 FINETUNE_COLUMNS = ("trial", "rung", "epochs", *FINETUNE_PARAMETERS, "best_epoch", "val_loss", "val_accuracy",
-                    "train_loss", "n_train", "n_val", "rate_factor", "status", "computed", "seconds")
+                    "val_macro_f1", "train_loss", "n_train", "n_val", "rate_factor", "status", "computed", "seconds")
 FINETUNE_TABLE = TrialTable(FINETUNE_COLUMNS, {
     "trial": int, "rung": int, "epochs": int, "learning_rate": float, "top_lr_factor": float, "dropout": float,
     "l2": float, "unfreeze_stages": int, "best_epoch": int, "val_loss": float, "val_accuracy": float,
-    "train_loss": float, "n_train": int, "n_val": int, "rate_factor": float, "computed": int, "seconds": float},
+    "val_macro_f1": float, "train_loss": float, "n_train": int, "n_val": int, "rate_factor": float, "computed": int, "seconds": float},
     lambda row: (finetune_key(row), row["epochs"]))
 #: tune.json entries a continued search must share with the one in the folder (`kind` and `recipe`: fine-tuning).
 MUST_MATCH = ("classes", "searched_images", "held_out_images", "backbone", "image_size", "seed", "folds", "kind",

@@ -44,6 +44,7 @@ import time
 import numpy as np
 
 from finetune_cli.analysis.calibration import nll
+from finetune_cli.analysis.scores import selection_metric
 from finetune_cli.config import TRAIN, TUNE, TrainConfig, TuneConfig
 from finetune_cli.errors import FolderError, SettingsError
 from finetune_cli.features import FeatureCache
@@ -230,7 +231,7 @@ def _fit_fresh(ctx: Context, scans: tuple, recipe, plan, balanced: bool, setting
                                 reporter=_ProgressOnly(reporter))
     model, trainable, train_data, val_data = start_fine_tuning(fresh, plan, recipe, balanced, settings)
     trainer, validate = finetuner(trainable, plan, recipe, val_data, whole=model, schedule=select,
-                                  progress=lambda state, total: reporter.on_epoch(state.history[-1], total))
+                                  metric=selection_metric(balanced), progress=lambda state, total: reporter.on_epoch(state.history[-1], total))
     factor = [1.0]
 
     def retry(exc, lowered: float) -> None:
@@ -259,6 +260,11 @@ class Trials:
         self.balanced, self.deadline, self.settings, self.stopped = balanced, deadline, settings, False
         self.engine = engine
 
+    @property
+    def metric(self) -> str:
+        """What ranks trials first: "accuracy" (then the cross-entropy leads), or "macro_f1" when imbalanced."""
+        return selection_metric(self.balanced)
+
     def time_up(self) -> bool:
         self.stopped = self.stopped or (self.deadline is not None and time.perf_counter() >= self.deadline)
         return self.stopped
@@ -279,6 +285,7 @@ class Trials:
         best = fitted.history[fitted.best_epoch - 1] if fitted.best_epoch else {}
         return self.log.add({"rung": rung, "epochs": epochs, **params, "best_epoch": fitted.best_epoch,
                              "val_loss": best.get("val_loss", math.inf), "val_accuracy": best.get("val_accuracy", 0.0),
+                             "val_macro_f1": best.get("val_macro_f1", 0.0),
                              "train_loss": best.get("loss", math.inf), "n_train": len(self.scans[0].images),
                              "n_val": len(self.scans[1].images), "rate_factor": fitted.rate_factor,
                              "status": fitted.status, "computed": self.writes() - writes,
@@ -309,13 +316,15 @@ def run_rungs(trials: Trials, candidates: list[dict], rungs: list[tuple[int, int
         if None in rows:
             return
         scored = list(zip(survivors[:keep], rows))
-        survivors = [p for p, _ in sorted(scored, key=lambda pair: walk.finetune_rank(pair[1]))]
+        survivors = [p for p, _ in sorted(scored, key=lambda pair: walk.finetune_rank(pair[1], trials.metric))]
 
 
 def search_notes(trials: Trials, rungs: list[tuple[int, int]], ctx: Context) -> list[str]:
     """Lines for the user: how trials were scored, stops, divergences, and --no-cache."""
     n_val = len(trials.scans[1].images)
-    notes = [f"each trial is scored by its validation cross-entropy on {n_val} of the searched images (one split; "
+    score = ("validation macro-F1 (the classes are imbalanced), ties by cross-entropy," if trials.metric == "macro_f1"
+             else "validation cross-entropy")
+    notes = [f"each trial is scored by its {score} on {n_val} of the searched images (one split; "
              "cross-validating fine-tuning would cost a run per fold, so --cv does not apply)"]
     if len(rungs) > 1:
         notes.append("halving: " + ", then ".join(f"{k} candidate(s) x {e} epoch(s)" for k, e in rungs)
@@ -359,19 +368,23 @@ def finish(folder: TuneFolder, trials: Trials, space: walk.FinetuneSpace, recipe
     from shlex import quote
 
     log = trials.log
-    best = walk.best_finetune_trial(log.rows)
+    metric = trials.metric
+    best = walk.best_finetune_trial(log.rows, metric)
     if best is None:
         raise SettingsError("no fine-tuning trial finished with a finite loss: give more --time, or lower "
                             "TuneConfig.lr_range")
     header = [f"finetune tune: best of {len(log.rows)} fine-tuning trials on {facts['folder']} (base {facts['base']}): "
-              f"validation cross-entropy {best['val_loss']:.4f}, accuracy {best['val_accuracy']:.3f} "
+              f"validation cross-entropy {best['val_loss']:.4f}, accuracy {best['val_accuracy']:.3f}, "
+              f"macro-F1 {best['val_macro_f1']:.3f} "
               f"after {best['best_epoch']} of {best['epochs']} epoch(s)"]
     text = finetune_recipe_text(recipe, best, header)
     folder.write_text("best.toml", text)  # before the estimate's run: an interrupted estimate leaves it
     estimate = held_out_estimate(trials, recipe_files.parse(text, "best.toml"))
     folder.save_figure("search.png", finetune_figure(log.rows, best, space))
     summary = {**facts, "kind": "fine-tuning", "tune_folder": str(folder.path), "space": space.to_dict(),
-               "parameters": space.varying(), "score": "validation cross-entropy (lower is better)",
+               "parameters": space.varying(), "objective": metric,
+               "score": ("validation macro-F1 (higher is better; the classes are imbalanced), then cross-entropy"
+                         if metric == "macro_f1" else "validation cross-entropy (lower is better)"),
                "n_searched": len(trials.ctx.train.images), "n_trial_train": len(trials.scans[0].images),
                "n_trial_val": len(trials.scans[1].images), "n_held_out": len(trials.ctx.val.images),
                "rungs": [{"candidates": k, "epochs": e} for k, e in rungs],
@@ -380,7 +393,8 @@ def finish(folder: TuneFolder, trials: Trials, space: walk.FinetuneSpace, recipe
                "carried_by_recipe": ["learning_rate", "top_lr_factor", "dropout", "l2", "unfreeze_stages", "epochs"],
                "warnings": walk.finetune_edge_warnings(best, space, trials.decider.n_stages, settings.edge_fraction),
                "notes": notes,
-               "leaderboard": [finite(r) for r in sorted(log.rows, key=walk.finetune_rank)[: settings.top]],
+               "leaderboard": [finite(r) for r in sorted(log.rows, key=lambda r: walk.finetune_rank(r, metric))
+                               [: settings.top]],
                "train_command": f"{facts['train_command']} --recipe {quote(str(folder.file('best.toml')))}",
                "files": {name: str(folder.file(name)) for name in ("trials.csv", "best.toml", "search.png",
                                                                   "summary.json")}}

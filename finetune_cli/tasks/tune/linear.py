@@ -25,6 +25,7 @@ from shlex import quote
 
 import numpy as np
 
+from finetune_cli.analysis.scores import metric_value, selection_metric
 from finetune_cli.config import LINEAR, SCAN, TRAIN, TUNE, ScanConfig, TrainConfig, TuneConfig
 from finetune_cli.data.scan import Scan, check_out_outside
 from finetune_cli.data.splits import content_groups
@@ -288,11 +289,18 @@ class Searcher:
         start, scores = time.perf_counter(), []
         for train, test in (folds or self.folds).splits:
             model = fit_head(*self.bank.training_rows(params, rows[train]), params["C"], self.balanced)
-            predicted = model.predict(self.bank.plain(params, rows[test]))
-            scores.append(float((predicted == self.bank.labels[rows[test]]).mean()))
-        return self.log.add({**params, "n_images": len(rows), "mean_accuracy": float(np.mean(scores)),
-                             "std_accuracy": float(np.std(scores)), "n_splits": len(scores),
+            predicted, truth = model.predict(self.bank.plain(params, rows[test])), self.bank.labels[rows[test]]
+            scores.append([metric_value(m, truth, predicted) for m in ("accuracy", "macro_f1")])
+        mean, std = np.mean(scores, axis=0), np.std(scores, axis=0)
+        return self.log.add({**params, "n_images": len(rows), "mean_accuracy": float(mean[0]),
+                             "std_accuracy": float(std[0]), "mean_macro_f1": float(mean[1]),
+                             "std_macro_f1": float(std[1]), "n_splits": len(scores),
                              "seconds": round(time.perf_counter() - start, 4)})
+
+    @property
+    def metric(self) -> str:
+        """What the search maximises: "accuracy", or "macro_f1" when the classes are imbalanced."""
+        return selection_metric(self.balanced)
 
     def trials(self, candidates: list[dict], rows: np.ndarray | None = None,
                folds: walk.Folds | None = None) -> list[dict | None]:
@@ -353,7 +361,7 @@ def halving(searcher: Searcher, candidates: list[dict], seed: int, settings: Tun
             labels[rows], folds.folds, settings.repeat_below, settings.repeats, seed, searcher.bank.groups[rows])
         scored = list(zip(survivors, searcher.trials(survivors, rows, rung)))
         scored = [(p, r) for p, r in scored if r is not None]
-        survivors = [p for p, _ in sorted(scored, key=lambda pr: -pr[1]["mean_accuracy"])]
+        survivors = [p for p, _ in sorted(scored, key=lambda pr: -pr[1][f"mean_{searcher.metric}"])]
         searcher.reporter.on_progress(rung_index + 1, len(schedule))
         if searcher.stopped:
             break
@@ -380,10 +388,12 @@ def held_out_estimate(searcher: Searcher, best: dict) -> dict:
     bank = searcher.bank
     model = fit_head(*bank.training_rows(best, np.arange(searcher.n_full)), best["C"], searcher.balanced)
     n = len(bank.held_out)
-    hits = int((model.predict(bank.held_out_features[(best["stage"], best["pooling"])])
-                == bank.ctx.labels(bank.held_out)).sum()) if n else 0
+    truth = bank.ctx.labels(bank.held_out)
+    guess = model.predict(bank.held_out_features[(best["stage"], best["pooling"])]) if n else truth
+    hits = int((guess == truth).sum())
     low, high = walk.wilson(hits, n)
-    return {"kind": "held-out", "accuracy": hits / n if n else None, "n_correct": hits, "n_images": n,
+    return {"kind": "held-out", "accuracy": hits / n if n else None,
+            "macro_f1": metric_value("macro_f1", truth, guess) if n else None, "n_correct": hits, "n_images": n,
             "interval95": [round(low, 4), round(high, 4)],
             "label": f"{n} held-out images the search never saw (those `finetune train --seed {bank.ctx.seed}` "
                      f"validates on), scored once by the best trial refitted on the {searcher.n_full} searched images"}
@@ -395,19 +405,21 @@ def finish(folder: TuneFolder, searcher: Searcher, space: walk.Space, recipe, no
     log = searcher.log
     full = [r for r in log.rows if r["n_images"] == searcher.n_full] or \
         [r for r in log.rows if r["n_images"] == max(r["n_images"] for r in log.rows)]
-    best = walk.best_trial(full)
+    metric = searcher.metric
+    best = walk.best_trial(full, metric)
     if best is None:
         raise SettingsError("no trial finished within --time: give more time (e.g. --time 5m)")
-    best = {k: best[k] for k in ("trial", *walk.PARAMETERS, "n_images", "mean_accuracy", "std_accuracy", "n_splits")}
+    best = {k: best[k] for k in ("trial", *walk.PARAMETERS, "n_images", "mean_accuracy", "std_accuracy",
+                                 "mean_macro_f1", "std_macro_f1", "n_splits")}
     estimate = held_out_estimate(searcher, best)
-    header = [f"finetune tune: best of {len(full)} trials on {facts['folder']} (base {facts['base']}), "
-              f"cross-validated accuracy {best['mean_accuracy']:.3f} +/- {best['std_accuracy']:.3f}",
+    header = [f"finetune tune: best of {len(full)} trials on {facts['folder']} (base {facts['base']}) by "
+              f"{metric}, cross-validated {metric} {best[f'mean_{metric}']:.3f} +/- {best[f'std_{metric}']:.3f}",
               f"honest estimate ({estimate['kind']}): accuracy {estimate['accuracy']:.3f} on {estimate['n_images']} "
               "images the search never saw"]
     folder.write_text("best.toml", best_recipe_text(recipe, best, header))
     folder.save_figure("search.png", search_figure(full, best, space))
-    ranked = sorted(full, key=lambda r: (-r["mean_accuracy"], r["std_accuracy"]))
-    summary = {**facts, "tune_folder": str(folder.path), "space": space.to_dict(), "parameters": space.varying(),
+    ranked = sorted(full, key=lambda r: (-r[f"mean_{metric}"], r[f"std_{metric}"]))
+    summary = {**facts, "objective": metric, "tune_folder": str(folder.path), "space": space.to_dict(), "parameters": space.varying(),
                "cv": searcher.folds.describe(), "n_searched": searcher.n_full,
                "n_held_out": len(searcher.bank.held_out),
                "trials": {"total": len(log.rows), "new": len(log.rows) - log.n_old, "earlier": log.n_old},

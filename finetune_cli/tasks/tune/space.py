@@ -235,11 +235,13 @@ def cv_folds(labels: np.ndarray, cv: int, repeat_below: int, repeats: int, seed:
     return Folds(grouped_folds(labels, groups, folds, seed, repeats), folds, repeats)
 
 
-def best_trial(rows: list[dict]) -> dict | None:
-    """The row with the highest mean score; ties go to the lower std, fewer views, then smaller C (simpler)."""
+def best_trial(rows: list[dict], metric: str = "accuracy") -> dict | None:
+    """The row with the highest mean `metric` ("accuracy", or "macro_f1" for imbalanced classes); ties go to
+    the lower std, fewer views, then smaller C (simpler)."""
     if not rows:
         return None
-    return max(rows, key=lambda r: (round(r["mean_accuracy"], 6), -round(r["std_accuracy"], 6), -r["views"], -r["C"]))
+    mean, std = f"mean_{metric}", f"std_{metric}"
+    return max(rows, key=lambda r: (round(r[mean], 6), -round(r[std], 6), -r["views"], -r["C"]))
 
 
 def edge_warnings(best: dict, space: Space, fraction: float) -> list[str]:
@@ -359,16 +361,20 @@ def epoch_rungs(n_candidates: int, first: int, most: int, factor: int) -> list[t
     return rungs
 
 
-def finetune_rank(row: dict) -> tuple:
+def finetune_rank(row: dict, metric: str = "accuracy") -> tuple:
     """Sort key of a fine-tuning trial, best first: more epochs (a later rung), then lower validation
-    cross-entropy, higher accuracy, fewer unfrozen stages, lower rate (simpler, safer)."""
-    return (-row["epochs"], row["val_loss"], -row["val_accuracy"], row["unfreeze_stages"], row["learning_rate"])
+    cross-entropy, higher accuracy, fewer unfrozen stages, lower rate (simpler, safer). With `metric`
+    "macro_f1" (imbalanced classes) a higher validation macro-F1 comes before the cross-entropy, which an
+    imbalanced validation set leaves to its large classes."""
+    first = (-row["val_macro_f1"],) if metric == "macro_f1" else ()
+    return (-row["epochs"], *first, row["val_loss"], -row["val_accuracy"], row["unfreeze_stages"],
+            row["learning_rate"])
 
 
-def best_finetune_trial(rows: list[dict]) -> dict | None:
+def best_finetune_trial(rows: list[dict], metric: str = "accuracy") -> dict | None:
     """The best trial with a finite score at the most epochs any such trial ran (see `finetune_rank`)."""
     scored = [r for r in rows if math.isfinite(r["val_loss"])]
-    return min(scored, key=finetune_rank) if scored else None
+    return min(scored, key=lambda r: finetune_rank(r, metric)) if scored else None
 
 
 def finetune_edge_warnings(best: dict, space: FinetuneSpace, n_stages: int, fraction: float) -> list[str]:
