@@ -32,7 +32,7 @@ import numpy as np
 from common import BACKBONE, distinct_files, finetune_cmd, measure, require, split_class
 
 HERE = Path(__file__).parent
-OFF = json.dumps({"imbalance_warn_ratio": 1e9, "strategy": "linear"})  # weights and macro-F1 choices both off
+OFF = json.dumps({"scan": {"imbalance_warn_ratio": 1e9}, "strategy": "linear"})  # weights and macro-F1 choices both off
 
 
 def draw(data: Path, root: Path, ratio: float, largest: int, test_per_class: int, seed: int) -> tuple[Path, Path]:

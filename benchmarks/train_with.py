@@ -3,7 +3,8 @@
 Usage: python benchmarks/train_with.py CHANGES TRAIN_DIR BASE OUT CACHE TEST_DIR
 
 CHANGES is a JSON object of TrainConfig fields, plus optionally "linear" (an
-object of LinearConfig fields, e.g. the old 3-point C grid), "strategy"
+object of LinearConfig fields, e.g. the old 3-point C grid), "scan" (an
+object of ScanConfig fields, e.g. imbalance_warn_ratio), "strategy"
 (default "partial", as benchmarks/prefix.py uses it) and "similarity"
 (default "similar").
 """
@@ -20,6 +21,7 @@ linear = changes.pop("linear", None)
 if linear:  # read at call time by the linear head (`train.linear.fit_source`)
     config.LINEAR = dataclasses.replace(config.LINEAR, **{k: tuple(v) if isinstance(v, list) else v
                                                           for k, v in linear.items()})
+scan = dataclasses.replace(config.SCAN, **changes.pop("scan", {}))
 strategy, similarity = changes.pop("strategy", "partial"), changes.pop("similarity", "similar")
 api.train(train, base, out=out, strategy=strategy, similarity=similarity, cache_dir=cache, test_dir=test,
-          settings=dataclasses.replace(config.TRAIN, **changes))
+          config=scan, settings=dataclasses.replace(config.TRAIN, **changes))

@@ -58,6 +58,10 @@ def test_fine_tuning_with_no_headroom_is_skipped_before_it_is_paid_for(tmp_path,
     assert metrics["size_category"] == "large" and metrics["strategy"] == "partial"
     assert metrics["kept"] == "linear-head" and metrics["pilot"]["skipped"] == "no headroom"
     assert metrics["val_accuracy"] == 1.0 and not (out / "checkpoint.keras").exists()  # no epoch was run
+    # the kept head is refitted on all 200 labelled images, validated out-of-fold, as a linear plan is
+    assert metrics["refit"] == "all labels" and metrics["n_train"] == 200
+    assert metrics["validation"]["method"] == "out-of-fold" and metrics["validation"]["n_images"] == 200
+    assert len(pd.read_csv(out / "predictions_val.csv")) == 200
     assert any(note.startswith("fine-tuning skipped") for note in metrics["notes"])
     forced = api.train(root, str(tiny_base), out=tmp_path / "forced", image_size=32, similarity="similar",
                        strategy="partial", settings=NO_CALIBRATION)

@@ -97,10 +97,12 @@ def train(
                 decide_and_record(ctx, profile, similarity, strategy, recipe, pretrained, test_scan)
             reporter.on_plan(plan, evidence)
             plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
-            ctx = all_labels(ctx, plan, val_dir is not None or not settings.cross_validate,
-                             getattr(settings, "ensemble", 1))
+            held_out = val_dir is not None or not settings.cross_validate
+            ctx = all_labels(ctx, plan, held_out, getattr(settings, "ensemble", 1))
             clock["plan"] = time.perf_counter() - started - clock["prepare"]
-            result = calibrate(ctx, fit(ctx, profile, plan, evidence, recipe_obj, resume, settings), settings)
+            result = fit(ctx, profile, plan, evidence, recipe_obj, resume, settings)
+            ctx, result = refit_skipped(ctx, profile, evidence, recipe_obj, result, held_out, settings)
+            result = calibrate(ctx, result, settings)
             result.metrics.update(lr_record)
             clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
             return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
@@ -168,6 +170,28 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
 
         return fit_finetune_ensemble(ctx, plan, recipe, balanced, settings)
     return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings)
+
+
+def refit_skipped(ctx: Context, profile, evidence, recipe, result: TrainResult, held_out: bool,
+                  settings: TrainConfig) -> tuple[Context, TrainResult]:
+    """(context, result) after fine-tuning was skipped before it was paid for (metrics["pilot"]["skipped"]):
+    the kept linear head refitted as a linear plan does, on every labelled image with C by cross-validation
+    and out-of-fold validation (`train.context.all_labels`), instead of phase 1's head on the 80 % that were
+    not held out; its features are already in the cache. Unchanged when nothing was skipped, without a
+    cache, or when a hold-out is required (`held_out`: --val-dir,
+    or cross_validate off) or a class has too few distinct images to fold."""
+    if "skipped" not in result.metrics.get("pilot", {}) or ctx.cache is None:  # no cache: a refit is a new pass
+        return ctx, result
+    plan = dataclasses.replace(result.plan, strategy="linear", feature_stage="final", feature_views=0)
+    every = all_labels(ctx, plan, held_out)
+    if every is ctx:
+        return ctx, result
+    refit = fit_linear_plan(every, plan, evidence, n_stages(every), is_imbalanced(ctx, profile), recipe,
+                            settings.learning_curve)
+    note = "the kept linear head is refitted on all labelled images (no fine-tuning needs the hold-out)"
+    every.reporter.on_note(note)
+    metrics = {**refit.metrics, "pilot": result.metrics["pilot"], "kept": "linear-head", "refit": "all labels"}
+    return every, dataclasses.replace(refit, plan=result.plan, metrics=metrics, notes=result.notes + [note])
 
 
 def set_rate(ctx: Context, profile, plan, recipe, lr, saved, settings: TrainConfig, lr_config: LrFindConfig):

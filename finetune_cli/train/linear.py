@@ -52,6 +52,11 @@ class LinearHead:
         """The best cross-validated accuracy over C (0-1); NaN when there were too few images to fold."""
         return max((s["cv_accuracy"] for s in self.scores), default=float("nan"))
 
+    @property
+    def best_score(self) -> float:
+        """The best cross-validated `metric` over C (0-1), what chose C; NaN without folds."""
+        return max((s[f"cv_{self.metric}"] for s in self.scores), default=float("nan"))
+
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """Softmax probabilities (n, k) for features (n, d)."""
         logits = features @ self.kernel + self.bias
@@ -218,7 +223,7 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe
         for view in range(plan.feature_views + 1):
             ctx.features(ctx.train, stages, view, pooling=pooling)
     fits = [fit_source(ctx, source, plan.feature_views, balanced, c) for source in sources]
-    cv = [f[1].best_cv if np.isfinite(f[1].best_cv) else -1.0 for f in fits]
+    cv = [f[1].best_score if np.isfinite(f[1].best_score) else -1.0 for f in fits]
     best = max(range(len(fits)), key=lambda i: (round(cv[i], 6), -i))
     source, head, (x, y), primary = sources[best], fits[best][1], fits[best][2], fits[best][3]
     extra = {}
@@ -302,11 +307,15 @@ def fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):
 
 
 def _record_candidates(ctx, sources, heads, best: int) -> list[dict]:
-    """The candidates' cross-validated accuracies, as a note, in metrics and in plan.json."""
-    table = [{"features": s.name, "cv_accuracy": round(h.best_cv, 4), "C": h.C, "dims": int(h.kernel.shape[0]),
-              "chosen": i == best} for i, (s, h) in enumerate(zip(sources, heads))]
-    ctx.reporter.on_note("features compared by cross-validated accuracy on the training images: " + "; ".join(
-        f"{row['features']} {row['cv_accuracy']:.1%}" for row in table) + f"; kept {sources[best].name}")
+    """The candidates' cross-validated accuracies (and macro-F1, which chose, for imbalanced classes), as a
+    note, in metrics and in plan.json."""
+    metric = heads[best].metric
+    table = [{"features": s.name, "cv_accuracy": round(h.best_cv, 4), f"cv_{metric}": round(h.best_score, 4),
+              "C": h.C, "dims": int(h.kernel.shape[0]), "chosen": i == best}
+             for i, (s, h) in enumerate(zip(sources, heads))]
+    name = "macro-F1" if metric == "macro_f1" else "accuracy"
+    ctx.reporter.on_note(f"features compared by cross-validated {name} on the training images: " + "; ".join(
+        f"{row['features']} {row[f'cv_{metric}']:.1%}" for row in table) + f"; kept {sources[best].name}")
     path = ctx.run.file("plan.json")
     if path.exists():
         ctx.run.write_json("plan.json", {**ctx.run.read_json("plan.json"), "candidates": table})
