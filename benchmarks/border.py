@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, SIGNS, finetune_cmd, measure, require
+from common import BACKBONE, SIGNS, finetune_cmd, measure, require, printed
 
 HERE = Path(__file__).parent
 
@@ -50,7 +50,7 @@ def run_pair(pair: tuple[str, str], per_class: int, tmp: Path) -> None:
                                     "--cache-dir", cache, *extra))
         rows[label] = (json.loads((out / "metrics.json").read_text()), done["wall"])
     guide = measure([sys.executable, HERE / "keras_guide_baseline.py", train_dir, test_dir, BACKBONE])
-    guide_acc = float(guide["output"].split("TEST_ACCURACY")[-1])
+    guide_acc = printed(guide["output"], "TEST_ACCURACY")
     decided, wall = rows["decided"]
     comparison = decided.get("comparison")
     print(f"pair {pair[0]}/{pair[1]}, {per_class} train per class, {decided['n_val']} validation, "

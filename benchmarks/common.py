@@ -88,6 +88,11 @@ def split_class(files: list[Path], root: Path, name: str, n_train: int, n_test: 
             (root / part / name / files[i].name).write_bytes(files[i].read_bytes())
 
 
+def printed(output: str, key: str) -> float:
+    """The number a baseline printed after `key` ("TEST_ACCURACY 0.91": 0.91), its last such line."""
+    return float(output.split(key + " ")[-1].split()[0])
+
+
 def finetune_cmd(*args: str) -> list[str]:
     """The CLI, run as users run it, by the interpreter running the benchmark."""
     return [sys.executable, "-m", "finetune_cli", *map(str, args)]

@@ -1,7 +1,7 @@
 """Imbalanced classes, measured by macro-F1: the automatic plan against the Keras guide's recipe.
 
 Usage: python benchmarks/imbalance.py --data FOLDER [--ratio 10] [--largest 200] [--test-per-class 50]
-       [--draws 2]
+       [--draws 2] [--first-draw 0]
 
 From a real photo set (one subfolder per class; TrashNet in the README), each
 draw builds a training folder imbalanced `--ratio` x: the classes, in order
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, distinct_files, finetune_cmd, measure, require, split_class
+from common import BACKBONE, distinct_files, finetune_cmd, measure, printed, require, split_class
 
 HERE = Path(__file__).parent
 OFF = json.dumps({"scan": {"imbalance_warn_ratio": 1e9}, "strategy": "linear"})  # weights and macro-F1 choices both off
@@ -83,7 +83,7 @@ def one_draw(args, seed: int, tmp: Path) -> dict:
     rows["linear, prior correction"] = {**prior_corrected(out, train_dir, test_dir), "wall": done["wall"]}
     for label, extra in (("guide", []), ("guide, class weights", ["--class-weight"])):
         done = measure([sys.executable, HERE / "keras_guide_baseline.py", train_dir, test_dir, BACKBONE, *extra])
-        value = lambda key: float(done["output"].split(key + " ")[-1].split()[0])  # noqa: E731
+        value = lambda key: printed(done["output"], key)  # noqa: E731
         rows[label] = {"macro_f1": value("TEST_MACRO_F1"), "accuracy": value("TEST_ACCURACY"), "wall": done["wall"]}
         if not extra:
             rows["guide, prior correction"] = {"macro_f1": value("TEST_MACRO_F1_PRIOR"), "accuracy": float("nan"),
@@ -101,10 +101,11 @@ def main() -> None:
     parser.add_argument("--largest", type=int, default=200)
     parser.add_argument("--test-per-class", type=int, default=50)
     parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--first-draw", type=int, default=0, help="the seed of the first draw (more draws later)")
     args = parser.parse_args()
     require(args.data, BACKBONE)
     with tempfile.TemporaryDirectory() as tmp:
-        draws = [one_draw(args, seed, Path(tmp)) for seed in range(args.draws)]
+        draws = [one_draw(args, seed, Path(tmp)) for seed in range(args.first_draw, args.first_draw + args.draws)]
     guide = statistics.median(d["guide"]["wall"] for d in draws)
     print(f"medians over {len(draws)} draws (time as a ratio of the guide's):")
     for label in draws[0]:

@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, SIGNS, distinct_files, finetune_cmd, measure, require, split_class
+from common import BACKBONE, SIGNS, distinct_files, finetune_cmd, measure, require, split_class, printed
 
 HERE = Path(__file__).parent
 OLD = {"cross_validate": False, "strategy": "auto", "similarity": "auto",
@@ -103,7 +103,7 @@ def run_seed(seed: int, args, tmp: Path, guide: bool) -> dict:
     result["raw pixels LR"] = {"test": accuracy, "wall": time.perf_counter() - start, "features": side}
     if guide:
         run = measure([sys.executable, HERE / "keras_guide_baseline.py", train_dir, test_dir, BACKBONE])
-        result["Keras guide"] = {"test": float(run["output"].split("TEST_ACCURACY")[-1]), "wall": run["wall"]}
+        result["Keras guide"] = {"test": printed(run["output"], "TEST_ACCURACY"), "wall": run["wall"]}
     for name, row in result.items():
         extra = "".join(f", {k} {row[k]}" for k in ("strategy", "features", "C", "n_train", "n_val", "fit_s") if row.get(k))
         print(f"seed {seed}: {name}: test {row['test']:.1%} in {row['wall']:.0f} s{extra}", flush=True)

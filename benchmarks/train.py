@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, SIGNS, finetune_cmd, measure, require
+from common import BACKBONE, SIGNS, finetune_cmd, measure, require, printed
 from PIL import Image
 
 HERE = Path(__file__).parent
@@ -72,7 +72,7 @@ def compare(name: str, train_dir: Path, test_dir: Path, tmp: Path, repeat: int =
                                         "--cache-dir", cache, "--test-dir", test_dir))
             warms.append(warm["wall"] / cold["wall"])
         guide = measure([sys.executable, HERE / "keras_guide_baseline.py", train_dir, test_dir, BACKBONE])
-        guide_acc = float(guide["output"].split("TEST_ACCURACY")[-1])
+        guide_acc = printed(guide["output"], "TEST_ACCURACY")
         ours.append((cold["wall"], metrics["test_accuracy"]))
         theirs.append((guide["wall"], guide_acc))
         ratios.append(cold["wall"] / guide["wall"])

@@ -100,9 +100,7 @@ def train(
             held_out = val_dir is not None or not settings.cross_validate
             ctx = all_labels(ctx, plan, held_out, getattr(settings, "ensemble", 1))
             clock["plan"] = time.perf_counter() - started - clock["prepare"]
-            result = fit(ctx, profile, plan, evidence, recipe_obj, resume, settings)
-            ctx, result = refit_skipped(ctx, profile, evidence, recipe_obj, result, held_out, settings)
-            result = calibrate(ctx, result, settings)
+            ctx, result = train_plan(ctx, profile, plan, evidence, recipe_obj, resume, settings, held_out)
             result.metrics.update(lr_record)
             clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
             return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
@@ -170,6 +168,15 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
 
         return fit_finetune_ensemble(ctx, plan, recipe, balanced, settings)
     return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings)
+
+
+def train_plan(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: TrainConfig,
+               held_out: bool) -> tuple[Context, TrainResult]:
+    """(context, result): the plan fitted (`fit`), a skipped fine-tuning's head refitted on every label
+    (`refit_skipped`), then calibrated (`calibrate`)."""
+    result = fit(ctx, profile, plan, evidence, recipe, resume, settings)
+    ctx, result = refit_skipped(ctx, profile, evidence, recipe, result, held_out, settings)
+    return ctx, calibrate(ctx, result, settings)
 
 
 def refit_skipped(ctx: Context, profile, evidence, recipe, result: TrainResult, held_out: bool,
