@@ -5,8 +5,9 @@ Usage: python benchmarks/train_with.py CHANGES TRAIN_DIR BASE OUT CACHE TEST_DIR
 CHANGES is a JSON object of TrainConfig fields, plus optionally "linear" (an
 object of LinearConfig fields, e.g. the old 3-point C grid), "scan" (an
 object of ScanConfig fields, e.g. imbalance_warn_ratio), "strategy"
-(default "partial", as benchmarks/prefix.py uses it) and "similarity"
-(default "similar").
+(default "partial", as benchmarks/prefix.py uses it), "similarity"
+(default "similar"), "val_dir" (a labelled folder to validate on instead of a split),
+"seed" (default 0) and "lr" (`train --lr`: a head rate or "auto").
 """
 
 import dataclasses
@@ -23,5 +24,6 @@ if linear:  # read at call time by the linear head (`train.linear.fit_source`)
                                                           for k, v in linear.items()})
 scan = dataclasses.replace(config.SCAN, **changes.pop("scan", {}))
 strategy, similarity = changes.pop("strategy", "partial"), changes.pop("similarity", "similar")
+val_dir, seed, lr = changes.pop("val_dir", None), changes.pop("seed", 0), changes.pop("lr", None)
 api.train(train, base, out=out, strategy=strategy, similarity=similarity, cache_dir=cache, test_dir=test,
-          config=scan, settings=dataclasses.replace(config.TRAIN, **changes))
+          val_dir=val_dir, seed=seed, lr=lr, config=scan, settings=dataclasses.replace(config.TRAIN, **changes))

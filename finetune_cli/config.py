@@ -236,6 +236,10 @@ class TrainConfig:
         cache_prefix: train the top stages on cached frozen-prefix
             activations (`train.prefix`); False runs the frozen stages every
             epoch, end to end, with on-line augmentation.
+        activation_shift: training on cached activations translates each
+            feature map by a random offset of up to this many cells per batch
+            (`train.prefix.shift_maps`), augmentation in activation space;
+            0 is off.
         max_steps_back: how far back from a stage's end the prefix cut may
             move (single-input layers) to find a narrower tensor to cache.
         keep_better: after fine-tuning, keep the linear head of phase 1
@@ -285,6 +289,10 @@ class TrainConfig:
         learning_curve: refit the linear head (of a linear plan, or fine-tuning's phase 1) on nested
             fractions of the training images and forecast the accuracy at more labels (`train.curve`,
             `CurveConfig`; metrics["learning_curve"]): seconds on cached features, no backbone pass.
+        flip_check: before fine-tuning that would train on flipped images, score the phase-1 linear head on
+            crops and on flipped crops of up to `flip_check_images` validation images (two backbone
+            passes over them); when the flipped ones lose `flip_max_loss` (0-1) of accuracy or more, a
+            flip changes the class (digits, text) and fine-tuning trains without flips (`train.flips`).
     """
 
     val_fraction: float = 0.2
@@ -292,6 +300,7 @@ class TrainConfig:
     activation_budget_mb: int = 2048
     activation_dtype: str = "float16"
     cache_prefix: bool = True
+    activation_shift: int = 0
     max_steps_back: int = 8
     keep_better: bool = True
     compare_resamples: int = 2000
@@ -308,6 +317,9 @@ class TrainConfig:
     headroom_check: bool = True
     headroom_cv_accuracy: float = 0.995
     learning_curve: bool = True
+    flip_check: bool = True
+    flip_check_images: int = 128
+    flip_max_loss: float = 0.10
 
 
 @dataclass(frozen=True)

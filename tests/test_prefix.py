@@ -69,3 +69,33 @@ def test_float16_activations_and_cached_views_train(shapes, tiny_base, tmp_path)
     assert [p for p in recorder.phases if "view 2 of 2" in p]
     # views change what the top sees: the weights differ from the run without views
     assert any(not np.allclose(a, b) for a, b in zip(half, full))
+
+
+def test_shift_maps_translates_each_map_within_the_cells_with_edges_repeated():
+    from finetune_cli.train.prefix import shift_maps
+
+    maps = np.random.default_rng(0).normal(size=(64, 6, 5, 3)).astype(np.float32)
+    shifted = shift_maps(maps, 1, np.random.default_rng(1))
+    assert shifted.shape == maps.shape
+    padded = np.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    offsets = []
+    for k in range(len(maps)):
+        found = [(dy, dx) for dy in range(3) for dx in range(3)
+                 if np.array_equal(shifted[k], padded[k, dy : dy + 6, dx : dx + 5])]
+        assert found, f"map {k} is not a translation of its input by at most one cell"
+        offsets.append(found[0])
+    assert len(set(offsets)) == 9  # 64 draws reach every offset, including none
+    np.testing.assert_array_equal(shifted, shift_maps(maps, 1, np.random.default_rng(1)))
+
+
+def test_activation_shift_changes_what_the_top_trains_on(shapes, tiny_base, tmp_path):
+    r = recipe(tmp_path, epochs=2)
+    plain, _ = trained_weights(shapes, tiny_base, tmp_path / "plain", r, activation_dtype="float32")
+    shifted, _ = trained_weights(shapes, tiny_base, tmp_path / "shift", r, activation_dtype="float32",
+                                 activation_shift=1)
+    again, _ = trained_weights(shapes, tiny_base, tmp_path / "again", r, activation_dtype="float32",
+                               activation_shift=1)
+    assert all(np.isfinite(w).all() for w in shifted)
+    assert any(not np.allclose(a, b) for a, b in zip(plain, shifted))
+    for a, b in zip(shifted, again):  # the shifts come from the run's seed
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -49,14 +49,20 @@ def loader(size: int, config: ScanConfig, view: int = 0):
     return load
 
 
+MIRROR = -1  # the view number of an image's mirror image alone
+
+
 def augmented_view(pixels: np.ndarray, view: int, salt: int) -> np.ndarray:
-    """The `view`-th deterministic augmentation of an image: flip, crop 70-100 %, resize back.
+    """The `view`-th deterministic augmentation of an image: flip (odd views), crop 70-100 %, resize back.
 
     Args:
         pixels: uint8 (S, S, 3). Returns the same shape and dtype.
+        view: >= 1, or `MIRROR` (-1): the horizontal mirror image alone, no crop (`train.flips`).
         salt: a checksum of the file's bytes, so a view depends on the content
             alone, as its cache key does (a copy elsewhere gets the same crop).
     """
+    if view == MIRROR:
+        return np.ascontiguousarray(pixels[:, ::-1])
     rng = np.random.default_rng([view, salt])
     size = pixels.shape[0]
     if view % 2:
@@ -100,16 +106,18 @@ def decoded_arrays(paths: Sequence[Path], size: int, config: ScanConfig = SCAN,
     return np.concatenate([b[0] for b in batches]).astype(np.float32), np.concatenate([b[1] for b in batches])
 
 
-def augmenter(strength: str):
+def augmenter(strength: str, flips: bool = True):
     """A Keras layer stack augmenting float image batches in [0, 255], or None.
 
-    light: horizontal flip, shifts up to 10 %. strong: also zoom up to 20 %,
-    rotation up to 0.05 turns (18 degrees), contrast up to 20 %.
+    light: horizontal flip (unless `flips` is False), shifts up to 10 %.
+    strong: also zoom up to 20 %, rotation up to 0.05 turns (18 degrees),
+    contrast up to 20 %.
     """
     keras = import_keras()
     if strength == "none":
         return None
-    layers = [keras.layers.RandomFlip("horizontal"), keras.layers.RandomTranslation(0.1, 0.1)]
+    layers = [keras.layers.RandomFlip("horizontal")] if flips else []
+    layers += [keras.layers.RandomTranslation(0.1, 0.1)]
     if strength == "strong":
         layers += [keras.layers.RandomZoom(0.2), keras.layers.RandomRotation(0.05),
                    keras.layers.RandomContrast(0.2, value_range=(0, 255))]

@@ -56,6 +56,8 @@ class Plan:
         epochs: fine-tuning epochs at most (0 for linear).
         reason: why, in words.
         suggestions: what the user could do next.
+        flips: horizontal flips in that augmentation and those views; False once the
+            flip check (`train.flips`) found that a flip changes the class.
     """
 
     strategy: str
@@ -71,6 +73,7 @@ class Plan:
     epochs: int
     reason: str
     suggestions: tuple[str, ...] = ()
+    flips: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

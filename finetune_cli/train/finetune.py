@@ -26,7 +26,7 @@ from finetune_cli.errors import TrainingError
 from finetune_cli.models.heads import classifier
 from finetune_cli.models.inference import probabilities
 from finetune_cli.runtime.devices import replicas
-from finetune_cli.train import prefix
+from finetune_cli.train import flips, prefix
 from finetune_cli.train.averaging import WeightAverage, keep_average
 from finetune_cli.train.compare import METRIC_NAMES, compare_on_validation
 from finetune_cli.train.context import Context, TrainResult, class_weights
@@ -62,6 +62,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     why = no_headroom(baseline, settings) if baseline is not None and plain and settings.headroom_check else None
     if why is not None:
         return linear_only(ctx, model, plan, baseline, why)
+    plan, flipped = _check_flips(ctx, plan, cut, baseline, settings)
     clock.append(time.perf_counter())
     trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
     clock.append(time.perf_counter())
@@ -81,7 +82,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
              "validation_and_checkpoints": clock[3] - clock[2] - epochs}
     metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch,
                "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}, **averaging, **_devices(),
-               **curve_of(baseline)}
+               **curve_of(baseline), **flipped}
     result = TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
     if after is not None:
         result = after(result, trainable, val_data)
@@ -164,6 +165,19 @@ def _fit_head(ctx: Context, model, cut, balanced: bool, settings, curve: bool = 
 def curve_of(baseline: Baseline | None) -> dict:
     """{"learning_curve": the phase-1 head's curve} for metrics, or {} (none measured, or a resumed run)."""
     return {"learning_curve": baseline.curve} if baseline is not None and baseline.curve is not None else {}
+
+
+def _check_flips(ctx: Context, plan, cut, baseline: Baseline | None, settings) -> tuple:
+    """(plan, {"flip_check": record} or {}): `train.flips.flip_check` on a new run whose training would flip
+    images, the plan without flips when the check says a flip changes the class (plan.json says so too)."""
+    if baseline is None or not settings.flip_check or not flips.needs_check(plan, cut) or not len(ctx.val.images):
+        return plan, {}
+    record = flips.flip_check(ctx, baseline.head, settings.flip_check_images, settings.flip_max_loss)
+    ctx.reporter.on_note(record["note"])
+    plan = dataclasses.replace(plan, flips=record["flips"])
+    if ctx.run.file("plan.json").exists():  # a resumed run trains as this one did
+        ctx.run.write_json("plan.json", {**ctx.run.read_json("plan.json"), "plan": plan.to_dict(), "flip_check": record})
+    return plan, {"flip_check": record}
 
 
 def no_headroom(baseline: Baseline, settings) -> dict | None:
@@ -321,14 +335,15 @@ def _datasets(ctx: Context, model, cut, plan, recipe, balanced: bool, settings):
     weights = class_weights(y_train, len(ctx.classes), balanced)[y_train]
     if cut is not None:
         train_data, val_data = prefix.datasets(ctx, cut, plan.feature_views, y_train, weights, recipe.batch_size,
-                                               settings.activation_dtype, settings.activation_budget_mb)
+                                               settings.activation_dtype, settings.activation_budget_mb,
+                                               settings.activation_shift, plan.flips)
         return cut.top, train_data, val_data
     if plan.train_stages and min(plan.train_stages) > 1:
         ctx.reporter.on_note("the frozen stages run every epoch (" + ("--no-cache" if ctx.cache is None else
                              "no clean cut below the trained stages") + ")")
     size = ctx.backbone.ref.image_size
     train_data = labelled_batches(ctx.train.paths(), y_train, weights, size, recipe.batch_size,
-                                  shuffle_seed=ctx.seed, augment=augmenter(plan.augmentation), config=ctx.config)
+                                  shuffle_seed=ctx.seed, augment=augmenter(plan.augmentation, plan.flips), config=ctx.config)
     val_data = labelled_batches(ctx.val.paths(), y_val, np.ones(len(y_val)), size, recipe.batch_size,
                                 config=ctx.config)
     return model, train_data, val_data

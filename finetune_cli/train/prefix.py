@@ -15,7 +15,13 @@ changes either. So:
 3. each epoch draws one (image, view) pair per image slot from the pool,
    shuffled, and the top trains on the cached activations: held in memory when
    they fit `TrainConfig.activation_budget_mb`, else read from the cache on
-   disk batch by batch, so memory stays flat.
+   disk batch by batch, so memory stays flat;
+4. each training batch is augmented again in activation space
+   (`TrainConfig.activation_shift`, `shift_maps`): a random translation of
+   each feature map by up to that many cells, edges repeated, the
+   activation-space twin of the image pipeline's random shifts (a conv
+   prefix is translation-equivariant up to its padding), so the few cached
+   views do not become a few memorised inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 from finetune_cli.config import TRAIN
 from finetune_cli.features import FeatureCache
 from finetune_cli.models.stages import find_stages
+from finetune_cli.train.flips import view_ids
 from finetune_cli.runtime.keras import import_keras
 
 
@@ -73,44 +80,45 @@ def _chain(model, name: str, steps: int) -> list:
     return chain
 
 
-def fill(ctx, cut: Split, views: int, dtype: str) -> None:
-    """Cache the prefix's activations for the training images (views 0..`views`) and the validation images."""
-    for view in range(views + 1):
+def fill(ctx, cut: Split, views: int, dtype: str, flips: bool = True) -> None:
+    """Cache the prefix's activations for the training images (view 0 and `views` augmented ones,
+    `data.pipeline.view_ids`) and the validation images."""
+    for k, view in enumerate(view_ids(views, flips)):
         ctx.reporter.on_phase(f"frozen stages: activations at '{cut.layer}' {cut.shape}, "
-                              f"view {view} of {views} ({len(ctx.train.images)} images)")
+                              f"view {k} of {views} ({len(ctx.train.images)} images)")
         ctx.features(ctx.train, [cut.layer], view, pooling="none", dtype=dtype, keep=False)
     ctx.reporter.on_phase(f"frozen stages: activations of {len(ctx.val.images)} validation images")
     ctx.features(ctx.val, [cut.layer], 0, pooling="none", dtype=dtype, keep=False)
 
 
 def datasets(ctx, cut: Split, views: int, labels: np.ndarray, weights: np.ndarray, batch_size: int,
-             dtype: str, budget_mb: int):
+             dtype: str, budget_mb: int, shift: int = 0, flips: bool = True):
     """(train batches, validation batches) of (activations float32 (B, *shape), labels int32, weights float32).
 
     Training: each epoch, `len(train)` (image, view) pairs drawn from the
     pool of all pairs without replacement, reshuffled each epoch with the
     run's seed; with `views` = 0 that is a plain shuffle, in the same order as
-    the end-to-end image pipeline. Validation: view 0, in order.
+    the end-to-end image pipeline. Without `flips`, the views are crops alone. Validation: view 0, in order.
     """
-    fill(ctx, cut, views, dtype)
+    fill(ctx, cut, views, dtype, flips)
     size = int(np.prod(cut.shape)) * np.dtype(dtype).itemsize
     total_mb = size * (len(ctx.train.images) * (views + 1) + len(ctx.val.images)) / 1e6
     in_memory = total_mb <= budget_mb
     ctx.reporter.on_note(f"training the top stages on cached activations ({total_mb:,.0f} MB, "
                          + ("held in memory)" if in_memory else f"over the {budget_mb} MB budget: read from disk)"))
-    train = _source(ctx, ctx.train, cut, views, dtype, in_memory)
-    val = _source(ctx, ctx.val, cut, 0, dtype, in_memory)
+    train = _source(ctx, ctx.train, cut, view_ids(views, flips), dtype, in_memory)
+    val = _source(ctx, ctx.val, cut, [0], dtype, in_memory)
     y_val = ctx.labels(ctx.val.images)
     n_train, n_val = len(ctx.train.images), len(ctx.val.images)
-    return (_Batches(train, labels, weights, n_train, views, batch_size, ctx.seed),
+    return (_Batches(train, labels, weights, n_train, views, batch_size, ctx.seed, shift),
             _Batches(val, y_val, np.ones(n_val), n_val, 0, batch_size, None))
 
 
-def _source(ctx, scan, cut: Split, views: int, dtype: str, in_memory: bool):
-    """pair index (view * n + i) -> (activation (*shape) float32, found bool)."""
+def _source(ctx, scan, cut: Split, views: list[int], dtype: str, in_memory: bool):
+    """pair index (k * n + i) -> (activation (*shape) float32 of image i's view views[k], found bool)."""
     cache: FeatureCache = ctx.cache
     ref, n = ctx.backbone.ref, len(scan.images)
-    spaces = [cache.namespace(ref, cut.layer, "none", v, dtype) for v in range(views + 1)]
+    spaces = [cache.namespace(ref, cut.layer, "none", v, dtype) for v in views]
     zeros = np.zeros(cut.shape, np.float32)
 
     def read(pair: int):
@@ -119,7 +127,7 @@ def _source(ctx, scan, cut: Split, views: int, dtype: str, in_memory: bool):
 
     if not in_memory:
         return read
-    held = [read(pair) for pair in range(n * (views + 1))]
+    held = [read(pair) for pair in range(n * len(views))]
     stacked = np.stack([a.astype(dtype) for a, _ in held]) if held else np.zeros((0, *cut.shape), dtype)
     found = np.array([ok for _, ok in held])
     return lambda pair: (stacked[pair].astype(np.float32), bool(found[pair]))
@@ -135,10 +143,12 @@ class _Batches:
     pipeline's order; a reader thread fetches the next batch during a step.
     """
 
-    def __init__(self, source, labels, weights, n: int, views: int, batch_size: int, seed: int | None):
+    def __init__(self, source, labels, weights, n: int, views: int, batch_size: int, seed: int | None,
+                 shift: int = 0):
         import tensorflow as tf
 
         self.source, self.labels, self.weights, self.n, self.batch_size = source, labels, weights, n, batch_size
+        self.shift, self.rng = shift, np.random.default_rng(seed)
         pool = n * (views + 1)
         order = tf.data.Dataset.range(pool)
         if seed is not None:
@@ -151,7 +161,10 @@ class _Batches:
         loaded = [self.source(int(p)) for p in pairs]
         ok = np.array([found for _, found in loaded], np.float32)
         i = pairs % self.n
-        return (tf.constant(np.stack([a for a, _ in loaded])), tf.constant(self.labels[i].astype(np.int32)),
+        maps = np.stack([a for a, _ in loaded])
+        if self.shift and maps.ndim == 4:
+            maps = shift_maps(maps, self.shift, self.rng)
+        return (tf.constant(maps), tf.constant(self.labels[i].astype(np.int32)),
                 tf.constant((self.weights[i] * ok).astype(np.float32)))
 
     def __iter__(self):
@@ -165,3 +178,15 @@ class _Batches:
                 batch = pending.result()
                 pending = reader.submit(self._load, chunks[k + 1]) if k + 1 < len(chunks) else None
                 yield batch
+
+
+def shift_maps(maps: np.ndarray, cells: int, rng: np.random.Generator) -> np.ndarray:
+    """Each map of `maps` (B, H, W, C) translated by its own random (dy, dx) in [-cells, cells], edges repeated.
+
+    At EfficientNet-Lite0's `partial` cut (14 x 14) one cell is 16 pixels of a
+    224 px image, so 1 cell is the image pipeline's light shift (up to 10 %).
+    """
+    b, h, w, _ = maps.shape
+    padded = np.pad(maps, ((0, 0), (cells, cells), (cells, cells), (0, 0)), mode="edge")
+    dy, dx = rng.integers(0, 2 * cells + 1, (2, b))
+    return np.stack([padded[k, dy[k] : dy[k] + h, dx[k] : dx[k] + w] for k in range(b)])
