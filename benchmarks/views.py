@@ -85,7 +85,7 @@ def ours(tmp: Path, name: str, changes: dict, train: Path, val: Path | None, tes
     flip = {k: metrics["flip_check"][k] for k in ("accuracy", "accuracy_mirrored", "flips")} if "flip_check" in metrics else None
     return {"wall": timing["wall"], "test": metrics["test_accuracy"], "best_epoch": metrics.get("best_epoch"),
             "epochs": epochs, "kept": metrics.get("kept"), "flip_check": flip,
-            "pilot_abandoned": metrics.get("pilot", {}).get("abandoned")}
+            "pilot_abandoned": metrics.get("pilot", {}).get("abandoned"), "features": metrics.get("features")}
 
 
 def guide(train: Path, test: Path) -> dict:

@@ -293,6 +293,9 @@ class TrainConfig:
             crops and on flipped crops of up to `flip_check_images` validation images (two backbone
             passes over them); when the flipped ones lose `flip_max_loss` (0-1) of accuracy or more, a
             flip changes the class (digits, text) and fine-tuning trains without flips (`train.flips`).
+        feature_rival: fine-tuning on data unlike the pretraining data must also beat the trouble cell's
+            linear head (earlier stages, their concatenation, raw pixels, by cross-validation), fitted
+            first on cached features, and that head is kept when it does not (`train.finetune.feature_rival`).
     """
 
     val_fraction: float = 0.2
@@ -320,6 +323,7 @@ class TrainConfig:
     flip_check: bool = True
     flip_check_images: int = 128
     flip_max_loss: float = 0.10
+    feature_rival: bool = True
 
 
 @dataclass(frozen=True)

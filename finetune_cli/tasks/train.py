@@ -151,7 +151,7 @@ def decide_and_record(ctx: Context, profile, similarity: str, strategy: str, rec
 
 def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: TrainConfig) -> TrainResult:
     """Train what the plan says: the linear head, or fine-tuning."""
-    from finetune_cli.train.finetune import fit_finetune_plan
+    from finetune_cli.train.finetune import feature_rival, fit_finetune_plan
 
     balanced = is_imbalanced(ctx, profile)
     n = getattr(settings, "ensemble", 1)
@@ -167,29 +167,32 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
         from finetune_cli.train.ensemble import fit_finetune_ensemble
 
         return fit_finetune_ensemble(ctx, plan, recipe, balanced, settings)
-    return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings)
+    rival = feature_rival(ctx, plan, evidence, n_stages(ctx), balanced, settings) if not resume else None
+    return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings, rival=rival)
 
 
 def train_plan(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: TrainConfig,
                held_out: bool) -> tuple[Context, TrainResult]:
-    """(context, result): the plan fitted (`fit`), a skipped fine-tuning's head refitted on every label
-    (`refit_skipped`), then calibrated (`calibrate`)."""
+    """(context, result): the plan fitted (`fit`), a linear head a fine-tuning plan kept, refitted on every label
+    (`refit_kept_head`), then calibrated (`calibrate`)."""
     result = fit(ctx, profile, plan, evidence, recipe, resume, settings)
-    ctx, result = refit_skipped(ctx, profile, evidence, recipe, result, held_out, settings)
+    ctx, result = refit_kept_head(ctx, profile, evidence, recipe, result, held_out, settings)
     return ctx, calibrate(ctx, result, settings)
 
 
-def refit_skipped(ctx: Context, profile, evidence, recipe, result: TrainResult, held_out: bool,
+def refit_kept_head(ctx: Context, profile, evidence, recipe, result: TrainResult, held_out: bool,
                   settings: TrainConfig) -> tuple[Context, TrainResult]:
-    """(context, result) after fine-tuning was skipped before it was paid for (metrics["pilot"]["skipped"]):
-    the kept linear head refitted as a linear plan does, on every labelled image with C by cross-validation
-    and out-of-fold validation (`train.context.all_labels`), instead of phase 1's head on the 80 % that were
-    not held out; its features are already in the cache. Unchanged when nothing was skipped, without a
-    cache, or when a hold-out is required (`held_out`: --val-dir,
+    """(context, result) after a fine-tuning plan kept a linear head (metrics["kept"]: fine-tuning skipped
+    before it was paid for, its pilot abandoned, or the keep rule against it): that head refitted as a
+    linear plan does, on every labelled image with C (and, for a rival on other features, the features)
+    by cross-validation and out-of-fold validation (`train.context.all_labels`), instead of the head on
+    the 80 % that were not held out; its features are already in the cache. Unchanged when no linear
+    head was kept, without a cache, or when a hold-out is required (`held_out`: --val-dir,
     or cross_validate off) or a class has too few distinct images to fold."""
-    if "skipped" not in result.metrics.get("pilot", {}) or ctx.cache is None:  # no cache: a refit is a new pass
+    if result.metrics.get("kept") != "linear-head" or ctx.cache is None:  # no cache: a refit is a new pass
         return ctx, result
-    plan = dataclasses.replace(result.plan, strategy="linear", feature_stage="final", feature_views=0)
+    stage = "best" if "candidates" in result.metrics else "final"  # the rival of `feature_rival`, or phase 1
+    plan = dataclasses.replace(result.plan, strategy="linear", feature_stage=stage, feature_views=0)
     every = all_labels(ctx, plan, held_out)
     if every is ctx:
         return ctx, result
@@ -197,8 +200,11 @@ def refit_skipped(ctx: Context, profile, evidence, recipe, result: TrainResult, 
                             settings.learning_curve)
     note = "the kept linear head is refitted on all labelled images (no fine-tuning needs the hold-out)"
     every.reporter.on_note(note)
-    metrics = {**refit.metrics, "pilot": result.metrics["pilot"], "kept": "linear-head", "refit": "all labels"}
-    return every, dataclasses.replace(refit, plan=result.plan, metrics=metrics, notes=result.notes + [note])
+    kept = {k: result.metrics[k] for k in ("pilot", "comparison", "flip_check", "best_epoch") if k in result.metrics}
+    metrics = {**refit.metrics, **kept, "kept": "linear-head", "refit": "all labels"}
+    history = refit.history if "skipped" in result.metrics.get("pilot", {}) else result.history  # epochs run
+    return every, dataclasses.replace(refit, plan=result.plan, history=history, metrics=metrics,
+                                      notes=result.notes + [note])
 
 
 def set_rate(ctx: Context, profile, plan, recipe, lr, saved, settings: TrainConfig, lr_config: LrFindConfig):

@@ -39,7 +39,7 @@ BEST_WEIGHTS = "best.weights.h5"
 
 
 def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, settings, callbacks=(),
-                      after=None) -> TrainResult:
+                      after=None, rival: TrainResult | None = None) -> TrainResult:
     """Fine-tune as the plan says (see the module docstring); retries at lr/10 when it diverges.
 
     Args:
@@ -47,6 +47,9 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
         callbacks: more engine callbacks (`train.averaging`), run after the standard ones.
         after: (result, trainable, val_data) -> TrainResult, applied before the comparison with
             the linear head (`train.ensemble` builds snapshot members there).
+        rival: a linear plan's result on other features (`feature_rival`), validated on the same images:
+            when it beats phase 1's head there, it is the bar the pilot and the keep rule hold
+            fine-tuning to, and the run's result when fine-tuning does not beat it.
 
     Raises:
         TrainingError: still diverging after `settings.max_retries` retries.
@@ -58,17 +61,18 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     cut = _cut(ctx, model, plan, settings)
     curve = getattr(settings, "learning_curve", False)
     baseline = _fit_head(ctx, model, cut, balanced, settings, curve) if state is None else None
+    metric = selection_metric(balanced)
     plain = getattr(settings, "average", "none") == "none" and after is None and not callbacks  # no ensemble
     why = no_headroom(baseline, settings) if baseline is not None and plain and settings.headroom_check else None
     if why is not None:
         return linear_only(ctx, model, plan, baseline, why)
+    baseline, rival = _bar(ctx, baseline, rival, metric)
     plan, flipped = _check_flips(ctx, plan, cut, baseline, settings)
     clock.append(time.perf_counter())
     trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
     clock.append(time.perf_counter())
     averager = _averager(settings)
     piloted = _piloted(baseline, averager, after, callbacks, settings, plan.epochs)
-    metric = selection_metric(balanced)
     pilot = Pilot(baseline, settings.pilot_epochs, metric=metric) if piloted else None
     state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries,
                               list(callbacks) + ([averager] if averager else []) + ([pilot] if pilot else []), metric)
@@ -89,12 +93,45 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     if pilot is not None:
         result = dataclasses.replace(result, metrics={**result.metrics, "pilot": pilot.record()})
         if pilot.abandoned:
-            return keep_linear(ctx, result, baseline, pilot.note())
+            return keep_linear(ctx, result, baseline, pilot.note(), rival)
     if baseline is None or not settings.keep_better:
         if baseline is None:
             ctx.reporter.on_note("resumed: the linear head of the first start is not kept, so no comparison with it")
         return result
-    return keep_better(ctx, result, baseline, metric)
+    return keep_better(ctx, result, baseline, metric, rival)
+
+
+def feature_rival(ctx: Context, plan, similarity, n_stages: int, balanced: bool, settings) -> TrainResult | None:
+    """The linear head fine-tuning on data unlike the pretraining data must also beat, or None.
+
+    For a plan with similarity `different` (and `settings.feature_rival`): the trouble cell's linear
+    plan (`train.linear.fit_linear_plan` with feature_stage `best`: the probe's best earlier stage,
+    the probed stages together, and raw pixels, compared by cross-validated accuracy on the training
+    images), fitted on cached features before any fine-tuning is paid for. Final features that
+    ImageNet shaped can lose to an earlier stage, or to the pixels themselves (digits: 90 % against 96 %).
+    """
+    if plan.similarity != "different" or not settings.feature_rival:
+        return None
+    from finetune_cli.train.linear import fit_linear_plan
+
+    ctx.reporter.on_phase("phase 0: linear heads on earlier stages and raw pixels, the bar fine-tuning must also beat")
+    linear = dataclasses.replace(plan, strategy="linear", feature_stage="best", feature_views=0, train_stages=(),
+                                 top_stages=(), epochs=0)
+    return fit_linear_plan(ctx, linear, similarity, n_stages, balanced)
+
+
+def _bar(ctx: Context, baseline: Baseline | None, rival: TrainResult | None, metric: str):
+    """(the Baseline the pilot and the keep rule compare with, the rival or None): the rival when its
+    validation `metric` beats phase 1's head, which is said; else phase 1's head alone."""
+    if baseline is None or rival is None:
+        return baseline, None
+    score = metric_value(metric, rival.val_labels, rival.val_probs.argmax(1))
+    if score <= baseline.val_score(metric):
+        return baseline, None
+    ctx.reporter.on_note(f"the linear head on {rival.metrics['features']} scores {score:.1%} on validation against "
+                         f"{baseline.val_score(metric):.1%} on the final features: fine-tuning must beat it")
+    bar = Baseline(baseline.head, rival.val_probs, rival.val_labels, baseline.frozen, baseline.curve)
+    return bar, rival
 
 
 def _start(ctx: Context, recipe, resume: bool):
@@ -288,21 +325,25 @@ class Pilot(Callback):
                 "margin": self.margin}
 
 
-def keep_linear(ctx: Context, result: TrainResult, baseline: Baseline, note: str) -> TrainResult:
-    """The linear head of phase 1 as the run's model (after an abandoned pilot), with `note` said and kept."""
+def keep_linear(ctx: Context, result: TrainResult, baseline: Baseline, note: str,
+                rival: TrainResult | None = None) -> TrainResult:
+    """The linear head of phase 1 (or the `rival`) as the run's model (after an abandoned pilot), with `note`
+    said and kept."""
     ctx.reporter.on_note(note)
     metrics = {**result.metrics, "kept": "linear-head"}
-    return _linear_result(ctx, result, baseline, metrics, result.notes + [note])
+    return _linear_result(ctx, result, baseline, metrics, result.notes + [note], rival)
 
 
-def keep_better(ctx: Context, result: TrainResult, baseline: Baseline, metric: str = "accuracy") -> TrainResult:
+def keep_better(ctx: Context, result: TrainResult, baseline: Baseline, metric: str = "accuracy",
+                rival: TrainResult | None = None) -> TrainResult:
     """Keep the fine-tuned model only if it beats the linear head on the same validation images.
 
     Better means a higher validation `metric` (accuracy, or macro-F1 for imbalanced
     classes) beyond noise, or a score within noise and a lower cross-entropy; otherwise the linear head on the original frozen features
     is kept (it is simpler, and fine-tuning that does not win is noise or
     overfitting). Both scores, the paired bootstrap interval of the accuracy
-    difference and the choice go into metrics["comparison"] and a note.
+    difference and the choice go into metrics["comparison"] and a note. With a
+    `rival` (`_bar`), `baseline` holds its validation probabilities and the rival is kept instead.
     """
     comparison = compare_on_validation(result.val_probs, result.val_labels, baseline.val_probs,
                                        baseline.val_labels, seed=ctx.seed, metric=metric)
@@ -311,12 +352,18 @@ def keep_better(ctx: Context, result: TrainResult, baseline: Baseline, metric: s
     notes = result.notes + [comparison["note"]]
     if comparison["kept"] == "fine-tuned":
         return dataclasses.replace(result, metrics=metrics, notes=notes)
-    return _linear_result(ctx, result, baseline, metrics, notes)
+    return _linear_result(ctx, result, baseline, metrics, notes, rival)
 
 
-def _linear_result(ctx: Context, result: TrainResult, baseline: Baseline, metrics: dict, notes: list) -> TrainResult:
-    """`result` with the linear head on the original frozen features as its model (the fine-tuned one dropped)."""
+def _linear_result(ctx: Context, result: TrainResult, baseline: Baseline, metrics: dict, notes: list,
+                   rival: TrainResult | None = None) -> TrainResult:
+    """`result` with the linear head on the original frozen features (or the `rival`) as its model (the
+    fine-tuned one dropped)."""
     ctx.backbone.model.set_weights(baseline.frozen)  # the fine-tuned model shares these layers; it is dropped
+    if rival is not None:
+        metrics = {**metrics, **{k: rival.metrics[k] for k in ("C", "features", "candidates") if k in rival.metrics},
+                   "train_accuracy_fine_tuned": metrics.pop("train_accuracy"), "train_accuracy": rival.metrics["train_accuracy"]}
+        return dataclasses.replace(rival, plan=result.plan, history=result.history, metrics=metrics, notes=notes)
     head = baseline.head
     model = classifier(ctx.backbone.model, ctx.backbone.model.layers[-1].name, len(ctx.classes),
                        kernel=head.kernel, bias=head.bias)

@@ -1,0 +1,48 @@
+"""Fine-tuning on data unlike the pretraining data must also beat the trouble cell's linear head."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+from PIL import Image
+
+from finetune_cli import api
+from finetune_cli.config import TRAIN
+from tests.test_prefix import recipe
+
+
+def corners(root, per_class: int = 16, size: int = 32, seed: int = 0):
+    """Two classes told apart only by where a bright square sits (top left or bottom right, away from the
+    borders): raw pixels separate them, the tiny backbone's average-pooled features cannot."""
+    rng = np.random.default_rng(seed)
+    for name, at in (("top-left", 6), ("bottom-right", 18)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.normal(60, 3, (size, size, 3))
+            pixels[at:at + 8, at:at + 8] = 220
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_unlike_data_keeps_the_raw_pixel_head_when_fine_tuning_cannot_beat_it(tmp_path, tiny_base):
+    train, test = corners(tmp_path / "train"), corners(tmp_path / "test", per_class=8, seed=1)
+    out = tmp_path / "run"
+    r = recipe(tmp_path, strategy="full", unfreeze_stages=0, epochs=3)
+    metrics = api.train(train, str(tiny_base), out=out, image_size=32, similarity="different", recipe=r,
+                        test_dir=test, settings=dataclasses.replace(TRAIN, pilot_epochs=2))
+    assert metrics["features"].startswith("raw pixels") and metrics["kept"] == "linear-head"
+    assert metrics["pilot"]["abandoned"] and metrics["refit"] == "all labels"  # then refitted on every label
+    assert metrics["validation"]["method"] == "out-of-fold" and metrics["n_val"] == 32
+    assert [c["features"] for c in metrics["candidates"] if c["chosen"]] == [metrics["features"]]
+    assert metrics["test_accuracy"] == 1.0  # the saved model is the raw-pixel head, scored on other images
+    assert json.loads((out / "metrics.json").read_text())["features"] == metrics["features"]
+
+
+def test_without_the_rival_the_final_features_head_is_all_fine_tuning_is_held_to(tmp_path, tiny_base):
+    train, test = corners(tmp_path / "train"), corners(tmp_path / "test", per_class=8, seed=1)
+    r = recipe(tmp_path, strategy="full", unfreeze_stages=0, epochs=3)
+    metrics = api.train(train, str(tiny_base), out=tmp_path / "run", image_size=32, similarity="different",
+                        recipe=r, test_dir=test, settings=dataclasses.replace(TRAIN, feature_rival=False))
+    assert "candidates" not in metrics and metrics["test_accuracy"] < 1.0
