@@ -294,8 +294,7 @@ def extract_many(
         dtype: what the cache stores, `float32` or `float16` (one, or one per layer).
         keep: False fills the cache and returns no features, so memory stays
             flat however large the maps (needs a cache); one, or one per layer.
-        view: 0 for the image as is; k >= 1 the k-th deterministic augmented view (flip, crop); -1 the
-            mirror image (`data.pipeline.augmented_view`).
+        view: 0 the image; k >= 1 its k-th augmented view (flip, crop); -1 its mirror (`augmented_view`).
         backbone: an already built `Backbone` for `ref`, to avoid rebuilding.
         note: told once when the batch is lowered (also in each table's notes).
 

@@ -200,8 +200,7 @@ def refit_kept_head(ctx: Context, profile, evidence, recipe, result: TrainResult
                             settings.learning_curve)
     note = "the kept linear head is refitted on all labelled images (no fine-tuning needs the hold-out)"
     every.reporter.on_note(note)
-    kept = {k: result.metrics[k] for k in ("pilot", "comparison", "flip_check", "best_epoch") if k in result.metrics}
-    metrics = {**refit.metrics, **kept, "kept": "linear-head", "refit": "all labels"}
+    metrics = {**result.metrics, **refit.metrics, "kept": "linear-head", "refit": "all labels"}  # the refit's own win
     history = refit.history if "skipped" in result.metrics.get("pilot", {}) else result.history  # epochs run
     return every, dataclasses.replace(refit, plan=result.plan, history=history, metrics=metrics,
                                       notes=result.notes + [note])

@@ -59,9 +59,8 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     clock = [time.perf_counter()]
     model, state = _start(ctx, recipe, resume)
     cut = _cut(ctx, model, plan, settings)
-    curve = getattr(settings, "learning_curve", False)
+    curve, metric = getattr(settings, "learning_curve", False), selection_metric(balanced)
     baseline = _fit_head(ctx, model, cut, balanced, settings, curve) if state is None else None
-    metric = selection_metric(balanced)
     plain = getattr(settings, "average", "none") == "none" and after is None and not callbacks  # no ensemble
     why = no_headroom(baseline, settings) if baseline is not None and plain and settings.headroom_check else None
     if why is not None:

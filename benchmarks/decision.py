@@ -1,0 +1,145 @@
+"""The decision table on five real sets of different kinds, as a user runs it: the plan as decided
+against `--strategy linear` and the Keras guide's recipe, each a whole process with its own cold cache.
+
+Usage: python benchmarks/decision.py [--clothing DIR] [--bccd DIR] [--sets signs-20,signs-pair,...]
+
+Sets (a set whose data is absent is skipped with a message):
+  signs-20:    sign-language digits (../shared/datasets), 20 training / 20 test photos per class, 10
+               classes: small, photos of hands;
+  signs-pair:  classes 6 and 9 of the same photos, 120 training per class, the rest to test: large, 2 classes;
+  clothing:    a checkout of github.com/alexeygrigorev/clothing-dataset-small (CC0): the first 100
+               distinct photos per class of train/ to train, test/ (372) to test; 10 classes, large,
+               like ImageNet;
+  bccd:        a checkout of github.com/Shenggan/BCCD_Dataset (MIT): every labelled box of the 364
+               blood-smear microscope photos cropped (`Platelets`, `RBC`, `WBC`), split by photo (70 % of
+               the photos train, 30 % test), at most 150 training and 80 test crops per class: large,
+               3 classes, unlike ImageNet;
+  digits:      scikit-learn's 8x8 digits drawn at 64 px, 110 training / 60 test per class (benchmarks/train.py
+               `write_digits`): large, 10 classes, unlike ImageNet, not photos.
+Each set runs `finetune train DIR --test-dir TEST` (as decided), the same with `--strategy linear`, and
+keras_guide_baseline.py; prints the plan, what was kept, test accuracy and wall time, and the plan's
+time as a ratio of the linear head's and of the guide's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+from common import BACKBONE, SIGNS, finetune_cmd, measure, printed, require
+from PIL import Image
+from train import split_signs, write_digits
+
+HERE = Path(__file__).parent
+SETS = ("signs-20", "signs-pair", "clothing", "bccd", "digits")
+
+
+def signs_pair(root: Path, pair=("6", "9"), per_class: int = 120, seed: int = 0) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    for name in pair:
+        files = sorted((SIGNS / name).iterdir())
+        order = rng.permutation(len(files))
+        for part, idx in (("train", order[:per_class]), ("test", order[per_class:])):
+            (root / part / name).mkdir(parents=True, exist_ok=True)
+            for i in idx:
+                (root / part / name / files[i].name).write_bytes(files[i].read_bytes())
+    return root / "train", root / "test"
+
+
+def clothing(src: Path, root: Path, per_class: int = 100) -> tuple[Path, Path]:
+    """train/ (the first `per_class` distinct files per class) and test/, no content on both sides."""
+    import hashlib
+
+    seen: set[str] = set()
+    for part in ("test", "train"):
+        for folder in sorted(p for p in (src / part).iterdir() if p.is_dir()):
+            kept = 0
+            for path in sorted(folder.iterdir()):
+                digest = hashlib.sha1(path.read_bytes()).hexdigest()
+                if digest in seen or (part == "train" and kept >= per_class):
+                    continue
+                seen.add(digest)
+                kept += 1
+                (root / part / folder.name).mkdir(parents=True, exist_ok=True)
+                (root / part / folder.name / path.name).write_bytes(path.read_bytes())
+    return root / "train", root / "test"
+
+
+def bccd(src: Path, root: Path, train_cap: int = 150, test_cap: int = 80, seed: int = 0) -> tuple[Path, Path]:
+    """Box crops of the BCCD photos, split by photo (module docstring)."""
+    rng = np.random.default_rng(seed)
+    notes = sorted((src / "BCCD" / "Annotations").glob("*.xml"))
+    test_photos = {notes[i].stem for i in rng.permutation(len(notes))[: int(0.3 * len(notes))]}
+    crops: dict[tuple[str, str], list] = {}
+    for note in notes:
+        part = "test" if note.stem in test_photos else "train"
+        for obj in ET.parse(note).getroot().iter("object"):
+            box = [int(float(obj.find("bndbox").find(k).text)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            if box[2] - box[0] >= 8 and box[3] - box[1] >= 8:
+                crops.setdefault((part, obj.find("name").text.strip()), []).append((note.stem, box))
+    for (part, label), items in sorted(crops.items()):
+        cap = train_cap if part == "train" else test_cap
+        (root / part / label).mkdir(parents=True, exist_ok=True)
+        for k in sorted(rng.permutation(len(items))[:cap]):
+            stem, box = items[k]
+            with Image.open(src / "BCCD" / "JPEGImages" / f"{stem}.jpg") as photo:
+                photo.convert("RGB").crop(box).save(root / part / label / f"{stem}-{k}.jpg", quality=95)
+    return root / "train", root / "test"
+
+
+def build(name: str, args, tmp: Path) -> tuple[Path, Path] | None:
+    data = tmp / name
+    if name == "signs-20":
+        return split_signs(data, 20)
+    if name == "signs-pair":
+        return signs_pair(data)
+    if name == "digits":
+        return write_digits(data, 110, 60)
+    src = args.clothing if name == "clothing" else args.bccd
+    if src is None or not src.exists():
+        print(f"{name}: skipped (pass --{name} DIR, a checkout; see the docstring)")
+        return None
+    return clothing(src, data) if name == "clothing" else bccd(src, data)
+
+
+def run_set(name: str, train: Path, test: Path, tmp: Path) -> None:
+    rows = {}
+    for label, extra in (("decided", []), ("linear", ["--strategy", "linear"])):
+        out, cache = tmp / f"run-{name}-{label}", tmp / f"cache-{name}-{label}"
+        done = measure(finetune_cmd("train", train, "--base", BACKBONE, "--out", out, "--test-dir", test,
+                                    "--cache-dir", cache, *extra))
+        rows[label] = (json.loads((out / "metrics.json").read_text()), done["wall"])
+    guide = measure([sys.executable, HERE / "keras_guide_baseline.py", train, test, BACKBONE])
+    guide_acc = printed(guide["output"], "TEST_ACCURACY")
+    (plan, wall), (linear, linear_wall) = rows["decided"], rows["linear"]
+    record = {"set": name, "n_train": plan["n_train"], "n_val": plan["n_val"], "n_test": plan["test"]["n_images"],
+              "decided": f"{plan['strategy']} ({plan['size_category']}, {plan['similarity']})",
+              "kept": plan.get("kept"), "features": plan.get("features"),
+              "test": plan["test_accuracy"], "wall": round(wall, 1), "linear_test": linear["test_accuracy"],
+              "linear_wall": round(linear_wall, 1), "guide_test": guide_acc, "guide_wall": round(guide["wall"], 1),
+              "x_linear": round(wall / linear_wall, 2), "x_guide": round(wall / guide["wall"], 2)}
+    print(json.dumps(record), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clothing", type=Path)
+    parser.add_argument("--bccd", type=Path)
+    parser.add_argument("--sets", default=",".join(SETS))
+    args = parser.parse_args()
+    require(BACKBONE, SIGNS)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in args.sets.split(","):
+            built = build(name, args, tmp)
+            if built is not None:
+                run_set(name, *built, tmp)
+
+
+if __name__ == "__main__":
+    main()
