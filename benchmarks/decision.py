@@ -8,8 +8,8 @@ Sets (a set whose data is absent is skipped with a message):
                classes: small, photos of hands;
   signs-pair:  classes 6 and 9 of the same photos, 120 training per class, the rest to test: large, 2 classes;
   clothing:    a checkout of github.com/alexeygrigorev/clothing-dataset-small (CC0): the first 100
-               distinct photos per class of train/ to train, test/ (372) to test; 10 classes, large,
-               like ImageNet;
+               distinct photos per class of train/ to train, test/ (372) to test (benchmarks/views.py);
+               10 classes, large, like ImageNet;
   bccd:        a checkout of github.com/Shenggan/BCCD_Dataset (MIT): every labelled box of the 364
                blood-smear microscope photos cropped (`Platelets`, `RBC`, `WBC`), split by photo (70 % of
                the photos train, 30 % test), at most 150 training and 80 test crops per class: large,
@@ -34,6 +34,7 @@ import numpy as np
 from common import BACKBONE, SIGNS, finetune_cmd, measure, printed, require
 from PIL import Image
 from train import split_signs, write_digits
+from views import clothing
 
 HERE = Path(__file__).parent
 SETS = ("signs-20", "signs-pair", "clothing", "bccd", "digits")
@@ -48,25 +49,6 @@ def signs_pair(root: Path, pair=("6", "9"), per_class: int = 120, seed: int = 0)
             (root / part / name).mkdir(parents=True, exist_ok=True)
             for i in idx:
                 (root / part / name / files[i].name).write_bytes(files[i].read_bytes())
-    return root / "train", root / "test"
-
-
-def clothing(src: Path, root: Path, per_class: int = 100) -> tuple[Path, Path]:
-    """train/ (the first `per_class` distinct files per class) and test/, no content on both sides."""
-    import hashlib
-
-    seen: set[str] = set()
-    for part in ("test", "train"):
-        for folder in sorted(p for p in (src / part).iterdir() if p.is_dir()):
-            kept = 0
-            for path in sorted(folder.iterdir()):
-                digest = hashlib.sha1(path.read_bytes()).hexdigest()
-                if digest in seen or (part == "train" and kept >= per_class):
-                    continue
-                seen.add(digest)
-                kept += 1
-                (root / part / folder.name).mkdir(parents=True, exist_ok=True)
-                (root / part / folder.name / path.name).write_bytes(path.read_bytes())
     return root / "train", root / "test"
 
 
@@ -104,7 +86,10 @@ def build(name: str, args, tmp: Path) -> tuple[Path, Path] | None:
     if src is None or not src.exists():
         print(f"{name}: skipped (pass --{name} DIR, a checkout; see the docstring)")
         return None
-    return clothing(src, data) if name == "clothing" else bccd(src, data)
+    if name == "bccd":
+        return bccd(src, data)
+    train, _, test = clothing(src, data)  # its validation/ folder is not used: the run holds out its own
+    return train, test
 
 
 def run_set(name: str, train: Path, test: Path, tmp: Path) -> None:
