@@ -105,6 +105,7 @@ def run_set(name: str, train: Path, test: Path, tmp: Path) -> None:
     record = {"set": name, "n_train": plan["n_train"], "n_val": plan["n_val"], "n_test": plan["test"]["n_images"],
               "decided": f"{plan['strategy']} ({plan['size_category']}, {plan['similarity']})",
               "kept": plan.get("kept"), "features": plan.get("features"),
+              "pilot": {k: v for k, v in plan.get("pilot", {}).items() if k in ("skipped", "abandoned", "best")},
               "test": plan["test_accuracy"], "wall": round(wall, 1), "linear_test": linear["test_accuracy"],
               "linear_wall": round(linear_wall, 1), "guide_test": guide_acc, "guide_wall": round(guide["wall"], 1),
               "x_linear": round(wall / linear_wall, 2), "x_guide": round(wall / guide["wall"], 2)}
