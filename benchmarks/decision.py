@@ -33,23 +33,12 @@ from pathlib import Path
 import numpy as np
 from common import BACKBONE, SIGNS, finetune_cmd, measure, printed, require
 from PIL import Image
+from border import two_classes
 from train import split_signs, write_digits
 from views import clothing
 
 HERE = Path(__file__).parent
 SETS = ("signs-20", "signs-pair", "clothing", "bccd", "digits")
-
-
-def signs_pair(root: Path, pair=("6", "9"), per_class: int = 120, seed: int = 0) -> tuple[Path, Path]:
-    rng = np.random.default_rng(seed)
-    for name in pair:
-        files = sorted((SIGNS / name).iterdir())
-        order = rng.permutation(len(files))
-        for part, idx in (("train", order[:per_class]), ("test", order[per_class:])):
-            (root / part / name).mkdir(parents=True, exist_ok=True)
-            for i in idx:
-                (root / part / name / files[i].name).write_bytes(files[i].read_bytes())
-    return root / "train", root / "test"
 
 
 def bccd(src: Path, root: Path, train_cap: int = 150, test_cap: int = 80, seed: int = 0) -> tuple[Path, Path]:
@@ -79,7 +68,7 @@ def build(name: str, args, tmp: Path) -> tuple[Path, Path] | None:
     if name == "signs-20":
         return split_signs(data, 20)
     if name == "signs-pair":
-        return signs_pair(data)
+        return two_classes(data, ("6", "9"), 120)
     if name == "digits":
         return write_digits(data, 110, 60)
     src = args.clothing if name == "clothing" else args.bccd

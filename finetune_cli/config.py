@@ -290,9 +290,9 @@ class TrainConfig:
             fractions of the training images and forecast the accuracy at more labels (`train.curve`,
             `CurveConfig`; metrics["learning_curve"]): seconds on cached features, no backbone pass.
         flip_check: before fine-tuning that would train on flipped images, score the phase-1 linear head on
-            crops and on flipped crops of up to `flip_check_images` validation images (two backbone
-            passes over them); when the flipped ones lose `flip_max_loss` (0-1) of accuracy or more, a
-            flip changes the class (digits, text) and fine-tuning trains without flips (`train.flips`).
+            up to `flip_check_images` validation images as they are and mirrored (one more backbone pass
+            over them); when the mirror images lose `flip_max_loss` (0-1) of accuracy or more, a flip
+            changes the class (digits, text) and fine-tuning trains without flips (`train.flips`).
         feature_rival: fine-tuning on data unlike the pretraining data must also beat the trouble cell's
             linear head (earlier stages, their concatenation, raw pixels, by cross-validation), fitted
             first on cached features, and that head is kept when it does not (`train.finetune.feature_rival`).

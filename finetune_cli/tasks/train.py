@@ -167,7 +167,7 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
         from finetune_cli.train.ensemble import fit_finetune_ensemble
 
         return fit_finetune_ensemble(ctx, plan, recipe, balanced, settings)
-    rival = feature_rival(ctx, plan, evidence, n_stages(ctx), balanced, settings) if not resume else None
+    rival = None if resume else lambda: feature_rival(ctx, plan, evidence, n_stages(ctx), balanced, settings)
     return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings, rival=rival)
 
 

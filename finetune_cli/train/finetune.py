@@ -39,7 +39,7 @@ BEST_WEIGHTS = "best.weights.h5"
 
 
 def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, settings, callbacks=(),
-                      after=None, rival: TrainResult | None = None) -> TrainResult:
+                      after=None, rival=None) -> TrainResult:
     """Fine-tune as the plan says (see the module docstring); retries at lr/10 when it diverges.
 
     Args:
@@ -47,9 +47,9 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
         callbacks: more engine callbacks (`train.averaging`), run after the standard ones.
         after: (result, trainable, val_data) -> TrainResult, applied before the comparison with
             the linear head (`train.ensemble` builds snapshot members there).
-        rival: a linear plan's result on other features (`feature_rival`), validated on the same images:
-            when it beats phase 1's head there, it is the bar the pilot and the keep rule hold
-            fine-tuning to, and the run's result when fine-tuning does not beat it.
+        rival: () -> a linear result on other features or None (`feature_rival`), called unless fine-tuning
+            is skipped for lack of headroom; when it beats phase 1's head on validation, the pilot and the
+            keep rule hold fine-tuning to it, and it is the run's result when fine-tuning does not beat it.
 
     Raises:
         TrainingError: still diverging after `settings.max_retries` retries.
@@ -106,23 +106,24 @@ def feature_rival(ctx: Context, plan, similarity, n_stages: int, balanced: bool,
     For a plan with similarity `different` (and `settings.feature_rival`): the trouble cell's linear
     plan (`train.linear.fit_linear_plan` with feature_stage `best`: the probe's best earlier stage,
     the probed stages together, and raw pixels, compared by cross-validated accuracy on the training
-    images), fitted on cached features before any fine-tuning is paid for. Final features that
+    images), fitted on cached features after phase 1 and before any fine-tuning is paid for. Final features that
     ImageNet shaped can lose to an earlier stage, or to the pixels themselves (digits: 90 % against 96 %).
     """
     if plan.similarity != "different" or not settings.feature_rival:
         return None
     from finetune_cli.train.linear import fit_linear_plan
 
-    ctx.reporter.on_phase("phase 0: linear heads on earlier stages and raw pixels, the bar fine-tuning must also beat")
+    ctx.reporter.on_phase("linear heads on earlier stages and raw pixels: the bar fine-tuning must also beat")
     linear = dataclasses.replace(plan, strategy="linear", feature_stage="best", feature_views=0, train_stages=(),
                                  top_stages=(), epochs=0)
     return fit_linear_plan(ctx, linear, similarity, n_stages, balanced)
 
 
-def _bar(ctx: Context, baseline: Baseline | None, rival: TrainResult | None, metric: str):
-    """(the Baseline the pilot and the keep rule compare with, the rival or None): the rival when its
-    validation `metric` beats phase 1's head, which is said; else phase 1's head alone."""
-    if baseline is None or rival is None:
+def _bar(ctx: Context, baseline: Baseline | None, rival, metric: str):
+    """(the Baseline the pilot and the keep rule compare with, the rival's result or None): the result of
+    `rival()` when its validation `metric` beats phase 1's head, which is said; else phase 1's head alone."""
+    rival = rival() if rival is not None and baseline is not None else None
+    if rival is None:
         return baseline, None
     score = metric_value(metric, rival.val_labels, rival.val_probs.argmax(1))
     if score <= baseline.val_score(metric):

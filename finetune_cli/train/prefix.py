@@ -82,7 +82,7 @@ def _chain(model, name: str, steps: int) -> list:
 
 def fill(ctx, cut: Split, views: int, dtype: str, flips: bool = True) -> None:
     """Cache the prefix's activations for the training images (view 0 and `views` augmented ones,
-    `data.pipeline.view_ids`) and the validation images."""
+    `train.flips.view_ids`) and the validation images."""
     for k, view in enumerate(view_ids(views, flips)):
         ctx.reporter.on_phase(f"frozen stages: activations at '{cut.layer}' {cut.shape}, "
                               f"view {k} of {views} ({len(ctx.train.images)} images)")
