@@ -108,3 +108,26 @@ def test_ctrl_c_during_training_always_stops_it_between_steps():
         assert seen and all(h is signal.getsignal(signal.SIGINT) for h in seen) and mine is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_mixup_mixes_pairs_of_images_and_their_labels():
+    """On a batch of copies of one example mixup changes nothing; on distinct ones the loss is that of
+    mixed inputs against mixed targets, so it differs from the plain loss; a recipe's alpha is checked."""
+    import tensorflow as tf
+
+    from finetune_cli.errors import RecipeError
+    from finetune_cli.strategy.recipes import parse
+    from finetune_cli.train.setup import cross_entropy
+
+    keras = import_keras()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    plain, mixed = cross_entropy(model), cross_entropy(model, mixup=0.4)
+    same = (tf.ones((8, 4)), tf.fill((8,), 2), tf.ones((8,)))
+    assert float(mixed(*same)[0]) == pytest.approx(float(plain(*same)[0]), rel=1e-6)
+    x = tf.constant(np.random.default_rng(0).normal(size=(8, 4)) * 3, tf.float32)
+    distinct = (x, tf.constant([0, 1, 2, 0, 1, 2, 0, 1]), tf.ones((8,)))
+    assert max(abs(float(mixed(*distinct)[0]) - float(plain(*distinct)[0])) for _ in range(5)) > 0.01  # lam varies
+    assert parse("mixup = 0.4").mixup == 0.4
+    with pytest.raises(RecipeError, match="mixup"):
+        parse("mixup = 5.0")

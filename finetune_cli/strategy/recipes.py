@@ -66,6 +66,9 @@ class Recipe:
         dropout: before the head, [0, 1).
         l2: L2 penalty on the head's kernel, >= 0.
         patience: epochs without validation-loss improvement before stopping.
+        mixup: fine-tuning: mixup's alpha, [0, 4]; each training batch is mixed with a shuffled copy of
+            itself at a weight drawn from Beta(alpha, alpha), inputs and targets alike (Zhang et al. 2018);
+            on cached activations this mixes the frozen prefix's maps. 0: off.
     """
 
     name: str = "custom"
@@ -90,6 +93,7 @@ class Recipe:
     dropout: float = 0.2
     l2: float = 1e-4
     patience: int = 3
+    mixup: float = 0.0
 
     def with_learning_rate(self, rate: float) -> "Recipe":
         return dataclasses.replace(self, learning_rate=rate)
@@ -118,6 +122,7 @@ _CHECKS = {
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "l2": (lambda v: v >= 0, ">= 0"),
     "patience": (lambda v: v >= 1, ">= 1"),
+    "mixup": (lambda v: 0 <= v <= 4, "in [0, 4] (0: off; 0.2-0.4 is usual)"),
 }
 
 

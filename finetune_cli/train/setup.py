@@ -72,15 +72,29 @@ def optimizer_for(recipe: Recipe) -> Callable[[float], object]:
     return lambda rate: keras.optimizers.Adam(rate, weight_decay=decay)
 
 
-def cross_entropy(model):
-    """An engine loss: weighted mean sparse cross-entropy of (x, y, w) batches, and weighted hits."""
+def cross_entropy(model, mixup: float = 0.0):
+    """An engine loss: weighted mean sparse cross-entropy of (x, y, w) batches, and weighted hits.
+
+    `mixup` > 0: each batch is mixed with a shuffled copy of itself at lam ~ Beta(mixup, mixup)
+    per batch, lam >= 0.5 (so the hits count the first label): x = lam x + (1 - lam) x', the loss
+    lam CE(y) + (1 - lam) CE(y'), weights mixed the same way.
+    """
     import tensorflow as tf
 
     keras = import_keras()
+    ce = keras.losses.sparse_categorical_crossentropy
 
     def loss(x, y, w):
-        probs = model(x, training=True)
-        per_sample = keras.losses.sparse_categorical_crossentropy(y, probs)
+        if mixup > 0:
+            order = tf.random.shuffle(tf.range(tf.shape(x)[0]))
+            a, b = tf.random.gamma([], mixup), tf.random.gamma([], mixup)
+            lam = tf.maximum(a / (a + b), b / (a + b))
+            probs = model(lam * x + (1 - lam) * tf.gather(x, order), training=True)
+            per_sample = lam * ce(y, probs) + (1 - lam) * ce(tf.gather(y, order), probs)
+            w = lam * w + (1 - lam) * tf.gather(w, order)
+        else:
+            probs = model(x, training=True)
+            per_sample = ce(y, probs)
         weight = tf.reduce_sum(w)
         hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, 1, output_type=tf.int32), y), tf.float32) * w)
         return tf.reduce_sum(per_sample * w) / tf.maximum(weight, 1e-8), weight, {"accuracy": hits}
@@ -119,8 +133,6 @@ def finetuner(
         metric: what early stopping keeps the best epoch by: "accuracy" (the lowest validation loss, as
             ever) or "macro_f1" (the highest validation macro-F1, for imbalanced classes; ties by the loss).
     """
-    import tensorflow as tf
-
     groups = set_trainable(model, plan, whole)
     rates = plan.learning_rates
     callbacks = [NanGuard()]
@@ -133,13 +145,20 @@ def finetuner(
     if progress:
         callbacks.append(Each(lambda trainer, s, logs: progress(s, plan.epochs)))
     callbacks.extend(extra)
-    shape = tuple(model.input_shape[1:])
-    signature = [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32),
-                 tf.TensorSpec((None,), tf.float32)]
-    trainer = Trainer(model, cross_entropy(model), [Group(k, v, rates[k]) for k, v in groups.items()], signature,
+    trainer = Trainer(model, cross_entropy(model, recipe.mixup), [Group(k, v, rates[k]) for k, v in groups.items()],
+                      signature_of(model),
                       optimizer=optimizer_for(recipe), callbacks=callbacks)
     forward = predictor(model)
     return trainer, lambda: validation_scores(model, val_data, forward)
+
+
+def signature_of(model) -> list:
+    """The engine's tf.function signature for (inputs float32 (B, *model input), labels int32, weights float32)."""
+    import tensorflow as tf
+
+    shape = tuple(model.input_shape[1:])
+    return [tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int32),
+            tf.TensorSpec((None,), tf.float32)]
 
 
 def validation_scores(model, data, forward=None) -> dict:
