@@ -289,6 +289,11 @@ class TrainConfig:
         learning_curve: refit the linear head (of a linear plan, or fine-tuning's phase 1) on nested
             fractions of the training images and forecast the accuracy at more labels (`train.curve`,
             `CurveConfig`; metrics["learning_curve"]): seconds on cached features, no backbone pass.
+        refit_fine_tuned: a fine-tuned model the keep rule kept, on a hold-out split from the training
+            folder (no --val-dir) and cached activations, is trained again from the same start on the
+            training and held-out images together, for the held-out run's best number of epochs
+            (`train.finetune.refit_fine_tuned`): the hold-out did its jobs (early stopping, the keep rule,
+            calibration), and its labels then train the model too.
         flip_check: before fine-tuning that would train on flipped images, score the phase-1 linear head on
             up to `flip_check_images` validation images as they are and mirrored (one more backbone pass
             over them); when the mirror images lose `flip_max_loss` (0-1) of accuracy or more, a flip
@@ -324,6 +329,7 @@ class TrainConfig:
     flip_check_images: int = 128
     flip_max_loss: float = 0.10
     feature_rival: bool = True
+    refit_fine_tuned: bool = True
 
 
 @dataclass(frozen=True)

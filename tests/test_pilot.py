@@ -8,6 +8,7 @@ import pandas as pd
 
 from finetune_cli import api
 from finetune_cli.config import TRAIN
+from finetune_cli.train.finetune import wins_needed
 from finetune_cli.data.synthetic import make_shapes_folder
 from tests.test_train import recipe_file
 
@@ -121,3 +122,59 @@ def test_wins_needed_is_where_the_keep_rules_own_interval_first_excludes_zero():
             tuned[:wins] = True  # fine-tuning right where the head was wrong, nowhere worse
             return paired_interval(tuned, np.zeros(n, bool), TRAIN.compare_resamples, TRAIN.compare_interval)[0]
         assert low(needed) > 0 and low(needed - 1) <= 0
+
+
+
+def _pilot(val_accuracy: float, loss_ratio: float, n: int = 100):
+    """A 1-epoch Pilot after an epoch of `val_accuracy` and `loss_ratio` x the head's cross-entropy, against
+    a real head's probabilities that are right on 90 of `n` validation images."""
+    import numpy as np
+
+    from finetune_cli.train.engine import LoopState
+    from finetune_cli.train.finetune import Baseline, Pilot, wins_needed
+
+    right = np.where(np.arange(n) < int(0.9 * n), 0.8, 0.3)  # p(true class): 90 right, 10 wrong
+    pilot, state = Pilot(Baseline(None, np.stack([right, 1 - right], 1), np.zeros(n, int), []), 1,
+                         tolerance=wins_needed(0.9)), LoopState()
+    assert pilot.bar[0] == 0.9
+    pilot.on_epoch_end(None, state, {"epoch": 1, "val_accuracy": val_accuracy, "val_loss": pilot.bar[1] * loss_ratio})
+    assert pilot.abandoned == state.stop
+    return pilot
+
+
+def test_the_pilot_judges_as_the_keep_rule_does_a_lower_loss_within_noise_of_the_head_goes_on():
+    assert wins_needed(0.9) == 3
+    assert not _pilot(0.91, 5.0).abandoned  # a higher accuracy wins outright
+    assert not _pilot(0.88, 0.9).abandoned  # 2 images short (fewer than the 3 noise hides), a lower loss
+    assert _pilot(0.87, 0.9).abandoned  # 3 images short: a loss the keep rule could tell from noise
+    assert _pilot(0.89, 0.995).abandoned  # within noise, but the loss is not lower by the 1 % margin
+    assert _pilot(0.90, 1.2).abandoned  # level on accuracy, worse on loss
+    assert _pilot(0.89, 0.9).record()["score_slack"] == 0.025
+
+
+def test_a_kept_fine_tuned_model_is_trained_again_on_the_held_out_images_too(tmp_path, tiny_base):
+    """The hold-out picks the epochs and judges the model; then its labels train the model as well."""
+    import numpy as np
+
+    from finetune_cli.models.files import load_model_file as load_model
+
+    shapes = make_shapes_folder(tmp_path / "shapes", per_class=10, size=32, seed=2)
+    settings = dataclasses.replace(NO_CALIBRATION, pilot_epochs=0, keep_better=False, headroom_check=False)
+    runs = {}
+    for refit in (True, False):
+        out = tmp_path / f"run-{refit}"
+        runs[refit] = out, api.train(shapes, str(tiny_base), out=out, image_size=32, similarity="similar",
+                                     recipe=recipe_file(tmp_path, epochs=3, learning_rate=1e-2),
+                                     settings=dataclasses.replace(settings, refit_fine_tuned=refit))
+    (out, metrics), (_, plain) = runs[True], runs[False]
+    record = metrics["refit_fine_tuning"]
+    assert metrics["refit"] == "all labels" and "refit" not in plain
+    assert record["images"] == 30 and record["held_out_images"] == plain["n_val"] > 0
+    assert record["epochs"] == metrics["best_epoch"] >= 1
+    assert metrics["n_train"] == 30 and plain["n_train"] == 30 - plain["n_val"]
+    assert len(set((out / "trained_on.txt").read_text().split())) == 30
+    assert len(pd.read_csv(out / "predictions_val.csv")) == plain["n_val"]  # the held-out run's, out of sample
+    saved, best = load_model(out / "model.keras"), load_model(out / "model.keras")
+    best.load_weights(out / "best.weights.h5")  # the held-out run's best epoch
+    kernel = lambda m: m.get_layer("classifier").get_weights()[0]  # noqa: E731
+    assert not np.allclose(kernel(saved), kernel(best))

@@ -35,7 +35,7 @@ from finetune_cli.runtime.devices import scope
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
 from finetune_cli.train.calibrate import calibrate
-from finetune_cli.train.context import Context, TrainResult, all_labels
+from finetune_cli.train.context import Context, TrainResult, all_labels, every_image
 from finetune_cli.train.ensemble import checked_settings
 from finetune_cli.train.linear import fit_linear_plan
 from finetune_cli.train.lr_sweep import apply_rate, checked_rate
@@ -149,8 +149,10 @@ def decide_and_record(ctx: Context, profile, similarity: str, strategy: str, rec
     return plan, evidence, recipe_obj
 
 
-def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: TrainConfig) -> TrainResult:
-    """Train what the plan says: the linear head, or fine-tuning."""
+def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: TrainConfig,
+        held_out: bool = True) -> TrainResult:
+    """Train what the plan says: the linear head, or fine-tuning (refitted on the held-out images too when
+    the hold-out is a split of the folder: not `held_out`, `train.finetune.refit_fine_tuned`)."""
     from finetune_cli.train.finetune import feature_rival, fit_finetune_plan
 
     balanced = is_imbalanced(ctx, profile)
@@ -168,14 +170,18 @@ def fit(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: T
 
         return fit_finetune_ensemble(ctx, plan, recipe, balanced, settings)
     rival = None if resume else lambda: feature_rival(ctx, plan, evidence, n_stages(ctx), balanced, settings)
-    return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings, rival=rival)
+    return fit_finetune_plan(ctx, plan, recipe, balanced, resume, settings, rival=rival,
+                             refit=not held_out and not resume and not ctx.out_of_fold)
 
 
 def train_plan(ctx: Context, profile, plan, evidence, recipe, resume: bool, settings: TrainConfig,
                held_out: bool) -> tuple[Context, TrainResult]:
     """(context, result): the plan fitted (`fit`), a linear head a fine-tuning plan kept, refitted on every label
-    (`refit_kept_head`), then calibrated (`calibrate`)."""
-    result = fit(ctx, profile, plan, evidence, recipe, resume, settings)
+    (`refit_kept_head`; a kept fine-tuned model is refitted inside `fit`, and the context's `train` then
+    holds the held-out images too), then calibrated (`calibrate`)."""
+    result = fit(ctx, profile, plan, evidence, recipe, resume, settings, held_out)
+    if "refit_fine_tuning" in result.metrics:  # the model has trained on the held-out images too
+        ctx = every_image(ctx)
     ctx, result = refit_kept_head(ctx, profile, evidence, recipe, result, held_out, settings)
     return ctx, calibrate(ctx, result, settings)
 

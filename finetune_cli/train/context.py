@@ -155,6 +155,13 @@ def all_labels(ctx: Context, plan: Plan, held_out_given: bool, ensemble: int = 1
     return dataclasses.replace(ctx, train=ctx.scan, val=ctx.scan, out_of_fold=True)
 
 
+def every_image(ctx: Context) -> Context:
+    """`ctx` with the held-out images trained on too: `train` holds `train` and `val` (sorted by path), `val`
+    stays as it was (its predictions are the held-out run's, `train.finetune.refit_fine_tuned`)."""
+    images = tuple(sorted({r.path: r for r in ctx.train.images + ctx.val.images}.values(), key=lambda r: r.path))
+    return dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, images=images))
+
+
 def split_notes(scan: Scan, result) -> list[str]:
     """Lines for the user about a split (`split_scan`'s result): duplicates grouped, classes not validated."""
     if result is None:

@@ -29,8 +29,8 @@ from finetune_cli.runtime.devices import replicas
 from finetune_cli.train import flips, prefix
 from finetune_cli.train.averaging import WeightAverage, keep_average
 from finetune_cli.train.compare import METRIC_NAMES, compare_on_validation
-from finetune_cli.train.context import Context, TrainResult, class_weights
-from finetune_cli.train.engine import Callback, Diverged, fit_with_retries
+from finetune_cli.train.context import Context, TrainResult, class_weights, every_image
+from finetune_cli.train.engine import Callback, Diverged, Group, fit_with_retries
 from finetune_cli.train.curve import table_curve
 from finetune_cli.train.linear import fit_linear
 from finetune_cli.train.resume import load_checkpoint
@@ -39,7 +39,7 @@ BEST_WEIGHTS = "best.weights.h5"
 
 
 def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, settings, callbacks=(),
-                      after=None, rival=None) -> TrainResult:
+                      after=None, rival=None, refit: bool = False) -> TrainResult:
     """Fine-tune as the plan says (see the module docstring); retries at lr/10 when it diverges.
 
     Args:
@@ -50,6 +50,9 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
         rival: () -> a linear result on other features or None (`feature_rival`), called unless fine-tuning
             is skipped for lack of headroom; when it beats phase 1's head on validation, the pilot and the
             keep rule hold fine-tuning to it, and it is the run's result when fine-tuning does not beat it.
+        refit: the validation images are a hold-out split from the training folder: a kept fine-tuned model
+            on cached activations is then trained again on both (`refit_fine_tuned`, with
+            `settings.refit_fine_tuned`).
 
     Raises:
         TrainingError: still diverging after `settings.max_retries` retries.
@@ -72,7 +75,8 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     clock.append(time.perf_counter())
     averager = _averager(settings)
     piloted = _piloted(baseline, averager, after, callbacks, settings, plan.epochs)
-    pilot = Pilot(baseline, settings.pilot_epochs, metric=metric) if piloted else None
+    pilot = Pilot(baseline, settings.pilot_epochs, metric=metric,
+                  tolerance=wins_needed(settings.compare_interval)) if piloted else None
     state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state, settings.max_retries,
                               list(callbacks) + ([averager] if averager else []) + ([pilot] if pilot else []), metric)
     clock.append(time.perf_counter())
@@ -93,11 +97,76 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
         result = dataclasses.replace(result, metrics={**result.metrics, "pilot": pilot.record()})
         if pilot.abandoned:
             return keep_linear(ctx, result, baseline, pilot.note(), rival)
-    if baseline is None or not settings.keep_better:
-        if baseline is None:
-            ctx.reporter.on_note("resumed: the linear head of the first start is not kept, so no comparison with it")
+    if baseline is None:
+        ctx.reporter.on_note("resumed: the linear head of the first start is not kept, so no comparison with it")
         return result
-    return keep_better(ctx, result, baseline, metric, rival)
+    if settings.keep_better:
+        result = keep_better(ctx, result, baseline, metric, rival)
+    if refit and settings.refit_fine_tuned and cut is not None and plain and result.metrics.get("kept") != "linear-head":
+        result = refit_fine_tuned(ctx, model, trainable, cut, plan, recipe, balanced, settings, baseline, result)
+    return result
+
+
+def refit_fine_tuned(ctx: Context, model, trainable, cut, plan, recipe, balanced: bool, settings, baseline: Baseline,
+                     result: TrainResult) -> TrainResult:
+    """`result` with its model trained again on the training and held-out images together (`every_image`).
+
+    The refit starts where the held-out run started (the frozen backbone, phase 1's head), and runs the held-out
+    run's best number of epochs at the rates each of them ran at, with no validation: every labelled image is
+    now a training image. The hold-out has done its jobs first (early stopping, the pilot, the keep rule), and
+    its probabilities from the held-out run stay the run's validation figures and calibrate the refit (they
+    are out of sample; the refit's own would not be). When the refit diverges, the held-out run's model is
+    kept, and the note says so. metrics["refit"] is "all labels", metrics["refit_fine_tuning"] the record.
+    """
+    every, epochs, started = every_image(ctx), int(result.metrics["best_epoch"]), time.perf_counter()
+    kept = model.get_weights()
+    ctx.backbone.model.set_weights(baseline.frozen)
+    model.get_layer("classifier").set_weights([baseline.head.kernel, baseline.head.bias])
+    y = every.labels(every.train.images)
+    train_data, _ = prefix.datasets(every, cut, plan.feature_views, y, class_weights(y, len(ctx.classes), balanced)[y],
+                                    recipe.batch_size, settings.activation_dtype, settings.activation_budget_mb,
+                                    settings.activation_shift, plan.flips)
+    head = plan.learning_rates["head"]
+    scales = [h.get("lr_head", head) / head for h in result.history[:epochs]] or [1.0]
+    ctx.reporter.on_phase(f"refit: the kept fine-tuned model trained again on all {len(y)} labelled images "
+                          f"({len(ctx.val.images)} held out until now), {epochs} epoch(s) as the held-out run's best")
+    try:
+        _refit_epochs(trainable, model, plan, recipe, train_data, epochs, scales)
+    except Diverged as exc:
+        model.set_weights(kept)
+        note = f"the refit on all labelled images stopped ({exc}): kept the model trained without the hold-out"
+        ctx.reporter.on_note(note)
+        return dataclasses.replace(result, notes=result.notes + [note])
+    record = {"images": len(y), "held_out_images": len(ctx.val.images), "epochs": epochs,
+              "seconds": round(time.perf_counter() - started, 2)}
+    note = (f"the kept fine-tuned model is trained again on all {len(y)} labelled images for {epochs} epoch(s); "
+            f"the validation figures are those of the run that held {len(ctx.val.images)} of them out")
+    ctx.reporter.on_note(note)
+    return dataclasses.replace(result, metrics={**result.metrics, "refit": "all labels", "refit_fine_tuning": record},
+                               notes=result.notes + [note])
+
+
+class _Rates(Callback):
+    """Epoch e + 1 of a refit at `scales[e]` x the plan's rates (the rates the held-out run's epoch ran at)."""
+
+    def __init__(self, scales: list[float]):
+        self.scales = scales
+
+    def on_epoch_end(self, trainer, state, logs: dict) -> None:
+        state.scale = self.scales[min(logs["epoch"], len(self.scales) - 1)]
+        trainer.set_scale(state.scale)
+
+
+def _refit_epochs(trainable, model, plan, recipe, train_data, epochs: int, scales: list[float]) -> None:
+    """`epochs` epochs of the engine on `train_data`, no validation, early stopping or plateau decay."""
+    from finetune_cli.train.engine import LoopState, NanGuard, Trainer
+    from finetune_cli.train.setup import cross_entropy, optimizer_for, set_trainable, signature_of
+
+    groups = set_trainable(trainable, plan, model)
+    trainer = Trainer(trainable, cross_entropy(trainable, recipe.mixup),
+                      [Group(k, v, plan.learning_rates[k]) for k, v in groups.items()], signature_of(trainable),
+                      optimizer=optimizer_for(recipe), callbacks=[NanGuard(), _Rates(scales)])
+    trainer.fit(train_data, lambda: {}, epochs, LoopState(scale=scales[0]))
 
 
 def feature_rival(ctx: Context, plan, similarity, n_stages: int, balanced: bool, settings) -> TrainResult | None:
@@ -284,31 +353,39 @@ class Pilot(Callback):
     """Fine-tuning's first `epochs` epochs as a pilot, with the linear head of phase 1 as the bar to beat.
 
     After the pilot's last epoch the best epoch so far must beat the linear
-    head on the same validation images: a higher `metric` (accuracy, or
-    macro-F1 for imbalanced classes), or the same score and a cross-entropy
-    lower by `margin` (a fraction). Otherwise training stops there
+    head on the same validation images as the keep rule (`keep_better`) would
+    judge it: a higher `metric` (accuracy, or macro-F1 for imbalanced classes),
+    or a cross-entropy lower by `margin` (a fraction) with a `metric` short of
+    the head's by fewer than `tolerance` validation images (the fewest the keep
+    rule could tell from noise, `wins_needed`). Otherwise training stops there
     (`abandoned`) and the linear head is kept, so fine-tuning that cannot win
     costs its pilot epochs, not its schedule.
     """
 
-    def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01, metric: str = "accuracy"):
+    def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01, metric: str = "accuracy",
+                 tolerance: int = 0):
         self.epochs, self.margin, self.metric = epochs, margin, metric
+        self.slack = max(tolerance - 0.5, 0) / max(len(baseline.val_labels), 1)  # strictly fewer than tolerance
         self.bar = (baseline.val_score(metric), float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
         self.best = (-1.0, float("inf"))
         self.abandoned = False
 
     def on_epoch_end(self, trainer, state, logs: dict) -> None:
-        score = logs[f"val_{self.metric}"]
-        if (score, -logs["val_loss"]) > (self.best[0], -self.best[1]):
-            self.best = (float(score), float(logs["val_loss"]))
+        epoch = (float(logs[f"val_{self.metric}"]), float(logs["val_loss"]))
+        rank = lambda e: (self.beats(e), e[0], -e[1])  # noqa: E731  a winning epoch first, then by score, loss
+        if rank(epoch) > rank(self.best):
+            self.best = epoch
         if logs["epoch"] == self.epochs and not self.wins():
             self.abandoned, state.stop = True, True
 
+    def beats(self, epoch: tuple) -> bool:
+        """Whether an epoch's (score, cross-entropy) beats the linear head (see the class docstring)."""
+        (score, loss), (bar_score, bar_loss) = epoch, self.bar
+        return score > bar_score + 1e-9 or (score >= bar_score - self.slack - 1e-9 and loss < bar_loss * (1 - self.margin))
+
     def wins(self) -> bool:
-        """Whether the best pilot epoch beats the linear head (see the class docstring)."""
-        (accuracy, loss), (bar_accuracy, bar_loss) = self.best, self.bar
-        return accuracy > bar_accuracy + 1e-9 or (abs(accuracy - bar_accuracy) <= 1e-9
-                                                 and loss < bar_loss * (1 - self.margin))
+        """Whether the best pilot epoch beats the linear head."""
+        return self.beats(self.best)
 
     def note(self) -> str:
         (score, loss), (bar_score, bar_loss) = self.best, self.bar
@@ -322,7 +399,7 @@ class Pilot(Callback):
         key = f"val_{self.metric}"
         return {"epochs": self.epochs, "metric": self.metric, "linear_head": {key: self.bar[0], "val_loss": self.bar[1]},
                 "best": {key: self.best[0], "val_loss": self.best[1]}, "abandoned": self.abandoned,
-                "margin": self.margin}
+                "margin": self.margin, "score_slack": self.slack}
 
 
 def keep_linear(ctx: Context, result: TrainResult, baseline: Baseline, note: str,
