@@ -289,6 +289,10 @@ class TrainConfig:
         learning_curve: refit the linear head (of a linear plan, or fine-tuning's phase 1) on nested
             fractions of the training images and forecast the accuracy at more labels (`train.curve`,
             `CurveConfig`; metrics["learning_curve"]): seconds on cached features, no backbone pass.
+        strength_check: before fine-tuning end to end with on-line augmentation, score the phase-1 linear
+            head on up to `flip_check_images` validation images as they are and through one draw of the
+            plan's augmentation; when they lose `strength_max_loss` (0-1) or more, the next weaker level is
+            tried, and the plan trains with the strongest that keeps the loss under it (`train.strength`).
         refit_fine_tuned: a fine-tuned model the keep rule kept, on a hold-out split from the training
             folder (no --val-dir) and cached activations, is trained again from the same start on the
             training and held-out images together, for the held-out run's best number of epochs
@@ -328,6 +332,8 @@ class TrainConfig:
     flip_check: bool = True
     flip_check_images: int = 128
     flip_max_loss: float = 0.10
+    strength_check: bool = True
+    strength_max_loss: float = 0.15
     feature_rival: bool = True
     refit_fine_tuned: bool = True
 

@@ -26,7 +26,7 @@ from finetune_cli.errors import TrainingError
 from finetune_cli.models.heads import classifier
 from finetune_cli.models.inference import probabilities
 from finetune_cli.runtime.devices import replicas
-from finetune_cli.train import flips, prefix
+from finetune_cli.train import flips, prefix, strength
 from finetune_cli.train.averaging import WeightAverage, keep_average
 from finetune_cli.train.compare import METRIC_NAMES, compare_on_validation
 from finetune_cli.train.context import Context, TrainResult, class_weights, every_image
@@ -70,6 +70,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
         return linear_only(ctx, model, plan, baseline, why)
     baseline, rival = _bar(ctx, baseline, rival, metric)
     plan, flipped = _check_flips(ctx, plan, cut, baseline, settings)
+    plan, strengthened = _check_strength(ctx, plan, cut, baseline, settings)
     clock.append(time.perf_counter())
     trainable, train_data, val_data = _datasets(ctx, model, cut, plan, recipe, balanced, settings)
     clock.append(time.perf_counter())
@@ -89,7 +90,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
              "validation_and_checkpoints": clock[3] - clock[2] - epochs}
     metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch,
                "fine_tuning_s": {k: round(v, 2) for k, v in steps.items()}, **averaging, **_devices(),
-               **curve_of(baseline), **flipped}
+               **curve_of(baseline), **flipped, **strengthened}
     result = TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
     if after is not None:
         result = after(result, trainable, val_data)
@@ -284,6 +285,21 @@ def _check_flips(ctx: Context, plan, cut, baseline: Baseline | None, settings) -
     if ctx.run.file("plan.json").exists():  # a resumed run trains as this one did
         ctx.run.write_json("plan.json", {**ctx.run.read_json("plan.json"), "plan": plan.to_dict(), "flip_check": record})
     return plan, {"flip_check": record}
+
+
+def _check_strength(ctx: Context, plan, cut, baseline: Baseline | None, settings) -> tuple:
+    """(plan, {"augmentation_check": record} or {}): `train.strength.strength_check` on a new run that trains end
+    to end with on-line augmentation, the plan at the strength the check chose (plan.json says so too)."""
+    if baseline is None or not settings.strength_check or not strength.needs_check(plan, cut) or not len(ctx.val.images):
+        return plan, {}
+    record = strength.strength_check(ctx, baseline.head, plan.augmentation, plan.flips, settings.flip_check_images,
+                                     settings.strength_max_loss)
+    ctx.reporter.on_note(record["note"])
+    plan = dataclasses.replace(plan, augmentation=record["augmentation"])
+    if ctx.run.file("plan.json").exists():  # a resumed run trains as this one did
+        ctx.run.write_json("plan.json", {**ctx.run.read_json("plan.json"), "plan": plan.to_dict(),
+                                         "augmentation_check": record})
+    return plan, {"augmentation_check": record}
 
 
 def no_headroom(baseline: Baseline, settings) -> dict | None:

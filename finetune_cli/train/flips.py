@@ -31,7 +31,7 @@ def flip_check(ctx, head, images: int, max_loss: float) -> dict:
     """
     from finetune_cli.data.pipeline import MIRROR  # TensorFlow: only once fine-tuning is under way
 
-    scan = dataclasses.replace(ctx.val, images=_spread(ctx.val.images, images), skipped=())
+    scan = dataclasses.replace(ctx.val, images=spread(ctx.val.images, images), skipped=())
     scores = {}
     for name, view in (("accuracy", 0), ("accuracy_mirrored", MIRROR)):
         table = ctx.features(scan, [None], view)[0]
@@ -53,7 +53,7 @@ def view_ids(views: int, flips: bool = True) -> list[int]:
     return [0] + [v if flips else 2 * v for v in range(1, views + 1)]
 
 
-def _spread(records, n: int) -> tuple:
+def spread(records, n: int) -> tuple:
     """Up to n of `records`, taking each class in turn, so a capped sample keeps every class."""
     by_class: dict[str, list] = {}
     for record in records:
