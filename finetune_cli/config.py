@@ -276,6 +276,9 @@ class TrainConfig:
             pilot with the linear head as the bar: when its best epoch does
             not beat the head on validation by then (`train.finetune.Pilot`),
             fine-tuning stops and the head is kept; 0: no pilot.
+        pilot_rate_factors: on cached activations, one pilot per factor, each at the plan's rates times it,
+            and the best goes on (`train.finetune._pilot_arms`: successive halving with the linear head as
+            the bar); one factor: a single pilot at the plan's rates.
         headroom_check: before fine-tuning is paid for, skip it and keep the
             linear head when that head makes no validation error and reaches
             `headroom_cv_accuracy` in cross-validation on the training images,
@@ -326,6 +329,7 @@ class TrainConfig:
     drop_overlap: bool = False
     cross_validate: bool = True
     pilot_epochs: int = 2
+    pilot_rate_factors: tuple[float, ...] = (1.0, 0.1)
     headroom_check: bool = True
     headroom_cv_accuracy: float = 0.995
     learning_curve: bool = True

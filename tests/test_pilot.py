@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
+import pytest
 
 from finetune_cli import api
 from finetune_cli.config import TRAIN
@@ -178,3 +179,24 @@ def test_a_kept_fine_tuned_model_is_trained_again_on_the_held_out_images_too(tmp
     best.load_weights(out / "best.weights.h5")  # the held-out run's best epoch
     kernel = lambda m: m.get_layer("classifier").get_weights()[0]  # noqa: E731
     assert not np.allclose(kernel(saved), kernel(best))
+
+
+def test_on_cached_activations_the_pilot_runs_one_arm_per_rate_and_the_best_goes_on(tmp_path, tiny_base):
+    """Successive halving over the head's rate: an arm that cannot move the weights never beats the linear head;
+    the arm that goes on is the best one, at its own rate, and both are recorded."""
+    from tests.test_prefix import recipe
+
+    shapes = make_shapes_folder(tmp_path / "shapes", per_class=12, size=32, seed=3)
+    out = tmp_path / "run"
+    settings = dataclasses.replace(NO_CALIBRATION, pilot_epochs=1, pilot_rate_factors=(1e-9, 1.0), headroom_check=False)
+    metrics = api.train(shapes, str(tiny_base), out=out, image_size=32, similarity="similar", settings=settings,
+                        recipe=recipe(tmp_path, unfreeze_stages=1, epochs=3, learning_rate=0.05))
+    arms = metrics["pilot"]["arms"]
+    assert [a["head_lr"] for a in arms] == pytest.approx([0.05e-9, 0.05])
+    assert not arms[0]["wins"]  # weights that do not move are the linear head: no lower loss, no higher score
+    history = pd.read_csv(out / "history.csv")
+    if metrics["pilot"]["abandoned"]:
+        assert not arms[1]["wins"] and len(history) == 1
+    else:  # the live arm won, and the rest of the schedule runs at its rate
+        assert arms[1]["wins"] and len(history) > 1 and history["lr_head"].iloc[-1] <= 0.05 + 1e-12
+        assert history["lr_head"].iloc[0] == pytest.approx(0.05)

@@ -25,7 +25,7 @@ def recipe(tmp_path, **fields):
 
 def trained_weights(shapes, base, out, recipe_path, **settings):
     recorder = Recorder()
-    settings = {"keep_better": False, **settings}  # compare the fine-tuned weights themselves
+    settings = {"keep_better": False, "refit_fine_tuned": False, **settings}  # the fine-tuned weights themselves
     api.train(shapes, str(base), out=out, image_size=32, similarity="similar", recipe=recipe_path,
               settings=dataclasses.replace(TRAIN, **settings), reporter=recorder)
     model = import_keras().saving.load_model(out / "model.keras")
