@@ -194,6 +194,7 @@ def test_on_cached_activations_the_pilot_runs_one_arm_per_rate_and_the_best_goes
     arms = metrics["pilot"]["arms"]
     assert [a["head_lr"] for a in arms] == pytest.approx([0.05e-9, 0.05])
     assert not arms[0]["wins"]  # weights that do not move are the linear head: no lower loss, no higher score
+    assert metrics["fine_tuning_s"]["epochs"] >= sum(a["seconds"] for a in arms) - 0.05  # every arm is counted
     history = pd.read_csv(out / "history.csv")
     if metrics["pilot"]["abandoned"]:
         assert not arms[1]["wins"] and len(history) == 1

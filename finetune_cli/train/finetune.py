@@ -94,7 +94,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     probs, labels = predict_batches(trainable, val_data)
     size = ctx.backbone.ref.image_size
     score = lambda scan: probabilities(model, scan, size, ctx.batch_size, ctx.config)
-    epochs = sum(h["seconds"] for h in state.history)
+    epochs = sum(h["seconds"] for h in state.history) + (pilot.other_arms_s if pilot is not None else 0.0)
     steps = {"linear_head": clock[1] - clock[0], "inputs": clock[2] - clock[1], "epochs": epochs,
              "validation_and_checkpoints": clock[3] - clock[2] - epochs}
     metrics = {"train_accuracy": state.history[-1]["accuracy"], "best_epoch": state.best_epoch,
@@ -393,7 +393,7 @@ class Pilot(Callback):
         self.slack = max(tolerance - 0.5, 0) / max(len(baseline.val_labels), 1)  # strictly fewer than tolerance
         self.bar = (baseline.val_score(metric), float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
         self.best = (-1.0, float("inf"))
-        self.abandoned, self.arms = False, []
+        self.abandoned, self.arms, self.other_arms_s = False, [], 0.0  # rate arms (`_pilot_arms`)
 
     def on_epoch_end(self, trainer, state, logs: dict) -> None:
         epoch = (float(logs[f"val_{self.metric}"]), float(logs["val_loss"]))
@@ -453,11 +453,12 @@ def _pilot_arms(ctx: Context, model, trainable, plan, recipe, train_data, val_da
                                  [pilot], metric, epochs=settings.pilot_epochs)
         arms.append((pilot, state, arm, notes, model.get_weights()))
     pilot, state, arm, notes, weights = max(arms, key=lambda a: a[0].rank())
+    pilot.other_arms_s = sum(h["seconds"] for a in arms if a[0] is not pilot for h in a[1].history)
     model.set_weights(weights)
     ctx.run.save_weights(model, BEST_WEIGHTS)  # the file the rest of the schedule restores from is this arm's
     key = f"val_{metric}"
     pilot.arms = [{"head_lr": a[2].learning_rates["head"], "best": {key: a[0].best[0], "val_loss": a[0].best[1]},
-                   "wins": a[0].wins()} for a in arms]
+                   "wins": a[0].wins(), "seconds": round(sum(h["seconds"] for h in a[1].history), 2)} for a in arms]
     shown = "; ".join(f"head lr {a['head_lr']:.0e}: {a['best'][key]:.1%} ({a['best']['val_loss']:.3f})"
                       for a in pilot.arms)
     note = f"pilot arms ({settings.pilot_epochs} epochs each) against the linear head: {shown}; " + (
