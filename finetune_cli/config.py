@@ -276,9 +276,10 @@ class TrainConfig:
             pilot with the linear head as the bar: when its best epoch does
             not beat the head on validation by then (`train.finetune.Pilot`),
             fine-tuning stops and the head is kept; 0: no pilot.
-        pilot_rate_factors: on cached activations, one pilot per factor, each at the plan's rates times it,
-            and the best goes on (`train.finetune._pilot_arms`: successive halving with the linear head as
-            the bar); one factor: a single pilot at the plan's rates.
+        pilot_rate_factors: on cached activations, when the pilot at the plan's rates (the first factor,
+            1.0) is abandoned, one more pilot per further factor from the same start at the plan's rates
+            times it, and the best that beats the linear head goes on (`train.finetune._pilot_arms`:
+            successive halving with the linear head as the bar); one factor: a single pilot.
         headroom_check: before fine-tuning is paid for, skip it and keep the
             linear head when that head makes no validation error and reaches
             `headroom_cv_accuracy` in cross-validation on the training images,

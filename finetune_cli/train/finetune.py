@@ -76,19 +76,10 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     clock.append(time.perf_counter())
     averager = _averager(settings)
     piloted = _piloted(baseline, averager, after, callbacks, settings, plan.epochs)
-    pilot = Pilot(baseline, settings.pilot_epochs, metric=metric,
-                  tolerance=wins_needed(settings.compare_interval)) if piloted else None
+    pilot = Pilot(baseline, settings.pilot_epochs, metric, wins_needed(settings.compare_interval)) if piloted else None
     extra = list(callbacks) + ([averager] if averager else [])
-    if pilot is not None and cut is not None and len(settings.pilot_rate_factors) > 1:
-        state, plan, notes, pilot = _pilot_arms(ctx, model, trainable, plan, recipe, train_data, val_data, baseline,
-                                                settings, metric)
-        if not pilot.abandoned:
-            state, plan, more = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state,
-                                     settings.max_retries, extra, metric)
-            notes += more
-    else:
-        state, plan, notes = _fit(ctx, model, trainable, plan, recipe, train_data, val_data, state,
-                                  settings.max_retries, extra + ([pilot] if pilot else []), metric)
+    state, plan, notes, pilot = _train(ctx, model, trainable, plan, recipe, (train_data, val_data), state, settings,
+                                       extra, pilot, baseline if cut is not None else None, metric)
     clock.append(time.perf_counter())
     averaging = _keep_average(ctx, averager, trainable, val_data, notes)
     probs, labels = predict_batches(trainable, val_data)
@@ -103,6 +94,16 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     result = TrainResult(model, plan, state.history, probs, labels, metrics, score, notes + _slow_note(state.history))
     if after is not None:
         result = after(result, trainable, val_data)
+    result = _judge(ctx, result, baseline, pilot, rival, metric, settings)
+    if refit and settings.refit_fine_tuned and cut is not None and plain and result.metrics.get("kept") != "linear-head":
+        result = refit_fine_tuned(ctx, model, trainable, cut, plan, recipe, balanced, settings, baseline, result)
+    return result
+
+
+def _judge(ctx: Context, result: TrainResult, baseline: Baseline | None, pilot, rival, metric: str,
+           settings) -> TrainResult:
+    """The fine-tuned `result` as judged: the linear head (or the rival) after an abandoned `pilot`, the keep
+    rule's choice (`keep_better`), or `result` itself (a resumed run, or the keep rule off)."""
     if pilot is not None:
         result = dataclasses.replace(result, metrics={**result.metrics, "pilot": pilot.record()})
         if pilot.abandoned:
@@ -110,11 +111,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     if baseline is None:
         ctx.reporter.on_note("resumed: the linear head of the first start is not kept, so no comparison with it")
         return result
-    if settings.keep_better:
-        result = keep_better(ctx, result, baseline, metric, rival)
-    if refit and settings.refit_fine_tuned and cut is not None and plain and result.metrics.get("kept") != "linear-head":
-        result = refit_fine_tuned(ctx, model, trainable, cut, plan, recipe, balanced, settings, baseline, result)
-    return result
+    return keep_better(ctx, result, baseline, metric, rival) if settings.keep_better else result
 
 
 def refit_fine_tuned(ctx: Context, model, trainable, cut, plan, recipe, balanced: bool, settings, baseline: Baseline,
@@ -387,8 +384,8 @@ class Pilot(Callback):
     costs its pilot epochs, not its schedule.
     """
 
-    def __init__(self, baseline: Baseline, epochs: int, margin: float = 0.01, metric: str = "accuracy",
-                 tolerance: int = 0):
+    def __init__(self, baseline: Baseline, epochs: int, metric: str = "accuracy", tolerance: int = 0,
+                 margin: float = 0.01):
         self.epochs, self.margin, self.metric = epochs, margin, metric
         self.slack = max(tolerance - 0.5, 0) / max(len(baseline.val_labels), 1)  # strictly fewer than tolerance
         self.bar = (baseline.val_score(metric), float(nll(baseline.val_probs, baseline.val_labels, floor=1e-7)))
@@ -432,25 +429,46 @@ class Pilot(Callback):
                 "margin": self.margin, "score_slack": self.slack, **({"arms": self.arms} if self.arms else {})}
 
 
-def _pilot_arms(ctx: Context, model, trainable, plan, recipe, train_data, val_data, baseline: Baseline, settings,
-                metric: str):
-    """(state, plan, notes, pilot) of the best of several pilots, one per head rate: successive halving.
+def _train(ctx: Context, model, trainable, plan, recipe, data: tuple, state, settings, extra: list, pilot,
+           arms_bar: Baseline | None, metric: str):
+    """(state, plan as run, notes, pilot): the engine on `data` (train, validation batches), with the `pilot`
+    when there is one. When that pilot is abandoned at the planned rates (no NaN retry) and `arms_bar` is given
+    (cached activations), the other rate arms are tried from the same start (`_pilot_arms`), and the best that
+    beats the head goes on."""
+    start, planned = (trainable.get_weights() if pilot is not None and arms_bar is not None else None), plan
+    state, plan, notes = _fit(ctx, model, trainable, plan, recipe, *data, state, settings.max_retries,
+                              extra + ([pilot] if pilot else []), metric)
+    if start is None or not pilot.abandoned or len(settings.pilot_rate_factors) < 2 or plan != planned:
+        return state, plan, notes, pilot  # (a NaN retry already lowered the rates: no more arms)
+    first = (pilot, state, plan, notes, model.get_weights())
+    state, arm, notes, pilot = _pilot_arms(ctx, model, trainable, start, first, recipe, data, arms_bar, settings, metric)
+    if not pilot.abandoned:
+        state, arm, more = _fit(ctx, model, trainable, arm, recipe, *data, state, settings.max_retries, extra, metric)
+        notes = notes + more
+    return state, arm, notes, pilot
+
+
+def _pilot_arms(ctx: Context, model, trainable, start: list, first: tuple, recipe, data: tuple, baseline: Baseline,
+                settings, metric: str):
+    """(state, plan, notes, pilot) of the best pilot over the rate arms: successive halving, after the pilot at
+    the plan's rates (`first`: its pilot, state, plan, notes, weights) was abandoned.
 
     On cached activations a pilot costs seconds, and the rate that fine-tunes well differs from set to set (on
     1,000 clothing photos `partial`'s head rate 1e-3 lost 4.5 points of validation accuracy in its first epoch,
-    1e-4 lowered the cross-entropy at once; on 1,000 sign photos 1e-3 won). Each arm starts from the same
-    weights at the plan's rates times one of `settings.pilot_rate_factors` and runs the pilot's epochs; the
-    linear head is the bar for all of them (`Pilot`). The arm with the best pilot (`Pilot.rank`) goes on from
-    its best epoch's weights (saved as the best-weights file), or, when none beats the head, is the abandoned
-    pilot the run reports. The pilot's record gains "arms": each arm's head rate, best epoch and verdict.
+    1e-4 lowered the cross-entropy at once; on 1,000 sign photos 1e-3 won). Each other arm starts from `start`
+    (the weights before fine-tuning) at the first arm's rates times one of `settings.pilot_rate_factors[1:]`
+    and runs the pilot's epochs; the linear head is the bar for all of them (`Pilot`). The best arm
+    (`Pilot.rank`) goes on from its best epoch's weights (saved as the best-weights file), or, when none beats
+    the head, is the abandoned pilot the run reports. The pilot's record gains "arms": each arm's head rate,
+    best epoch, verdict and seconds.
     """
-    start, base, arms = trainable.get_weights(), dict(plan.learning_rates), []
-    for factor in settings.pilot_rate_factors:
+    base, arms = dict(first[2].learning_rates), [first]
+    for factor in settings.pilot_rate_factors[1:]:
         trainable.set_weights(start)
-        arm = dataclasses.replace(plan, learning_rates={k: v * factor for k, v in base.items()})
+        arm = dataclasses.replace(first[2], learning_rates={k: v * factor for k, v in base.items()})
         pilot = Pilot(baseline, settings.pilot_epochs, metric=metric, tolerance=wins_needed(settings.compare_interval))
-        state, arm, notes = _fit(ctx, model, trainable, arm, recipe, train_data, val_data, None, settings.max_retries,
-                                 [pilot], metric, epochs=settings.pilot_epochs)
+        state, arm, notes = _fit(ctx, model, trainable, arm, recipe, *data, None, settings.max_retries, [pilot], metric,
+                                 epochs=settings.pilot_epochs)
         arms.append((pilot, state, arm, notes, model.get_weights()))
     pilot, state, arm, notes, weights = max(arms, key=lambda a: a[0].rank())
     pilot.other_arms_s = sum(h["seconds"] for a in arms if a[0] is not pilot for h in a[1].history)
