@@ -30,7 +30,7 @@ from finetune_cli.train import flips, prefix, strength
 from finetune_cli.train.averaging import WeightAverage, keep_average
 from finetune_cli.train.compare import METRIC_NAMES, compare_on_validation
 from finetune_cli.train.context import Context, TrainResult, class_weights, every_image
-from finetune_cli.train.engine import Callback, Diverged, Group, fit_with_retries
+from finetune_cli.train.engine import Callback, Diverged, fit_with_retries
 from finetune_cli.train.curve import table_curve
 from finetune_cli.train.linear import fit_linear
 from finetune_cli.train.resume import load_checkpoint
@@ -76,7 +76,7 @@ def fit_finetune_plan(ctx: Context, plan, recipe, balanced: bool, resume: bool, 
     clock.append(time.perf_counter())
     averager = _averager(settings)
     piloted = _piloted(baseline, averager, after, callbacks, settings, plan.epochs)
-    pilot = Pilot(baseline, settings.pilot_epochs, metric, wins_needed(settings.compare_interval)) if piloted else None
+    pilot = _pilot(baseline, settings, metric) if piloted else None
     extra = list(callbacks) + ([averager] if averager else [])
     state, plan, notes, pilot = _train(ctx, model, trainable, plan, recipe, (train_data, val_data), state, settings,
                                        extra, pilot, baseline if cut is not None else None, metric)
@@ -165,14 +165,12 @@ class _Rates(Callback):
 
 
 def _refit_epochs(trainable, model, plan, recipe, train_data, epochs: int, scales: list[float]) -> None:
-    """`epochs` epochs of the engine on `train_data`, no validation, early stopping or plateau decay."""
-    from finetune_cli.train.engine import LoopState, NanGuard, Trainer
-    from finetune_cli.train.setup import cross_entropy, optimizer_for, set_trainable, signature_of
+    """`epochs` epochs of the engine on `train_data` (`setup.finetuner` without its schedule: no validation,
+    early stopping or plateau decay; the NaN guard on the training loss)."""
+    from finetune_cli.train.engine import LoopState
+    from finetune_cli.train.setup import finetuner
 
-    groups = set_trainable(trainable, plan, model)
-    trainer = Trainer(trainable, cross_entropy(trainable, recipe.mixup),
-                      [Group(k, v, plan.learning_rates[k]) for k, v in groups.items()], signature_of(trainable),
-                      optimizer=optimizer_for(recipe), callbacks=[NanGuard(), _Rates(scales)])
+    trainer, _ = finetuner(trainable, plan, recipe, (), whole=model, extra=[_Rates(scales)], schedule=False)
     trainer.fit(train_data, lambda: {}, epochs, LoopState(scale=scales[0]))
 
 
@@ -429,6 +427,11 @@ class Pilot(Callback):
                 "margin": self.margin, "score_slack": self.slack, **({"arms": self.arms} if self.arms else {})}
 
 
+def _pilot(baseline: Baseline, settings, metric: str) -> Pilot:
+    """A `Pilot` of `settings.pilot_epochs` epochs against `baseline`, within the keep rule's noise."""
+    return Pilot(baseline, settings.pilot_epochs, metric, wins_needed(settings.compare_interval))
+
+
 def _train(ctx: Context, model, trainable, plan, recipe, data: tuple, state, settings, extra: list, pilot,
            arms_bar: Baseline | None, metric: str):
     """(state, plan as run, notes, pilot): the engine on `data` (train, validation batches), with the `pilot`
@@ -466,7 +469,7 @@ def _pilot_arms(ctx: Context, model, trainable, start: list, first: tuple, recip
     for factor in settings.pilot_rate_factors[1:]:
         trainable.set_weights(start)
         arm = dataclasses.replace(first[2], learning_rates={k: v * factor for k, v in base.items()})
-        pilot = Pilot(baseline, settings.pilot_epochs, metric=metric, tolerance=wins_needed(settings.compare_interval))
+        pilot = _pilot(baseline, settings, metric)
         state, arm, notes = _fit(ctx, model, trainable, arm, recipe, *data, None, settings.max_retries, [pilot], metric,
                                  epochs=settings.pilot_epochs)
         arms.append((pilot, state, arm, notes, model.get_weights()))

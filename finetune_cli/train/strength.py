@@ -41,7 +41,11 @@ def strength_check(ctx, head, strength: str, flips: bool, images: int, max_loss:
     from finetune_cli.train.flips import spread
 
     scan = dataclasses.replace(ctx.val, images=spread(ctx.val.images, images), skipped=())
-    pixels, labels = _pixels(ctx, scan), ctx.labels(scan.images)
+    pixels, ok = _pixels(ctx, scan)
+    if not ok.any():
+        return {"accuracy": None, "augmented": {}, "augmentation": strength, "n_images": 0, "max_loss": max_loss,
+                "note": f"augmentation check skipped: no validation image decoded; kept {strength}"}
+    labels = ctx.labels(scan.images)[ok]
     score = _scorer(ctx, head, labels)
     plain, tried, chosen = score(pixels, None), {}, "none"
     for level in LEVELS[LEVELS.index(strength):-1]:
@@ -59,12 +63,15 @@ def strength_check(ctx, head, strength: str, flips: bool, images: int, max_loss:
             "max_loss": max_loss, "note": note}
 
 
-def _pixels(ctx, scan) -> np.ndarray:
-    """float32 (n, S, S, 3) in 0-255: `scan`'s images decoded at the backbone's size."""
+def _pixels(ctx, scan) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 (m, S, S, 3) in 0-255, ok bool (n,)): `scan`'s images decoded at the backbone's size, those
+    that decode (`ok`) alone."""
     from finetune_cli.data.pipeline import decode_dataset
 
-    size = ctx.backbone.ref.image_size
-    return np.stack([image.numpy() for image, _ in decode_dataset(scan.paths(), size, ctx.config)]).astype("float32")
+    decoded = [(image.numpy(), bool(ok)) for image, ok in decode_dataset(scan.paths(), ctx.backbone.ref.image_size,
+                                                                       ctx.config)]
+    ok = np.array([good for _, good in decoded], dtype=bool)
+    return np.array([image for image, good in decoded if good], dtype="float32"), ok
 
 
 def _scorer(ctx, head, labels: np.ndarray):
