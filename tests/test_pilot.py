@@ -203,3 +203,37 @@ def test_on_cached_activations_an_abandoned_pilot_tries_the_other_rates_and_the_
     live = api.train(shapes, str(tiny_base), out=tmp_path / "live", image_size=32, similarity="similar",
                      settings=settings, recipe=recipe(tmp_path, unfreeze_stages=1, epochs=3, learning_rate=0.05))
     assert live["pilot"]["abandoned"] or "arms" not in live["pilot"]
+
+
+class _Steps:
+    """A real `progress.Reporter` that keeps each phase's progress events: (phase, [(done, total), ...])."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_phase(self, name: str) -> None:
+        self.steps.append((name, []))
+
+    def on_progress(self, done: int, total: int) -> None:
+        if self.steps:
+            self.steps[-1][1].append((done, total))
+
+    def __getattr__(self, name):  # on_epoch, on_plan, on_note: nothing to keep
+        return lambda *args, **kwargs: None
+
+
+def test_a_large_automatic_plan_runs_the_backbone_once_for_the_probe_and_the_linear_head(tmp_path, tiny_base):
+    """The probe's stages, the final features and phase 1's prefix activations come from one shared pass, so
+    phase 1 (and the skip it leads to) reads the cache: every one of its progress events is already done."""
+    shapes = make_shapes_folder(tmp_path / "shapes", per_class=100, size=32, seed=3)
+    steps = _Steps()
+    metrics = api.train(shapes, str(tiny_base), out=tmp_path / "run", image_size=32, batch_size=16,
+                        cache_dir=tmp_path / "cache", settings=NO_CALIBRATION, reporter=steps)
+    assert metrics["size_category"] == "large" and metrics["strategy"] in ("partial", "full")
+    names = [name for name, _ in steps.steps]
+    shared = [i for i, name in enumerate(names) if name.startswith("features of")]
+    assert len(shared) == 1 and names[shared[0] + 1] == "measuring similarity to the pretraining data"
+    assert "'" in names[shared[0]].split("stages ")[1]  # beside the stage numbers and 'final', the cut's layer
+    assert steps.steps[shared[0]][1][0][0] < steps.steps[shared[0]][1][0][1]  # that pass computed, in batches
+    phase1 = next(events for name, events in steps.steps if name.startswith("phase 1"))
+    assert phase1 and all(done == total for done, total in phase1)

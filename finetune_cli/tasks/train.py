@@ -41,7 +41,7 @@ from finetune_cli.train.linear import fit_linear_plan
 from finetune_cli.train.lr_sweep import apply_rate, checked_rate
 from finetune_cli.train.pretrain import companion, pretrain
 from finetune_cli.train.resume import already_finished, read_saved
-from finetune_cli.train.session import choose, is_imbalanced, n_stages, prefetch, prepare
+from finetune_cli.train.session import choose, is_imbalanced, n_stages, prefetch, prefetch_fine_tuning, prepare
 
 
 def train(
@@ -94,7 +94,7 @@ def train(
                                               settings=settings, reporter=reporter)
             clock = {"prepare": time.perf_counter() - started}
             plan, evidence, recipe_obj = (saved.plan, saved.evidence, saved.recipe) if saved else \
-                decide_and_record(ctx, profile, similarity, strategy, recipe, pretrained, test_scan)
+                decide_and_record(ctx, profile, similarity, strategy, recipe, pretrained, test_scan, settings)
             reporter.on_plan(plan, evidence)
             plan, lr_record = set_rate(ctx, profile, plan, recipe_obj, lr, saved, settings, lr_config)
             held_out = val_dir is not None or not settings.cross_validate
@@ -125,8 +125,11 @@ def checked_start(base: str | None, unlabeled, recipe: str | None, strategy: str
 
 
 def decide_and_record(ctx: Context, profile, similarity: str, strategy: str, recipe: str | None,
-                      pretrained: dict | None, test_scan: Scan | None):
+                      pretrained: dict | None, test_scan: Scan | None, settings: TrainConfig = TRAIN):
     """Choose the plan (see `choose`) and write plan.json, recipe.toml, labels.json, skipped.csv.
+
+    The backbone's pass is shared first where the plan is the table's to choose: a linear head's
+    (`prefetch`: the probe, the head, validation and test) or a fine-tuning plan's (`prefetch_fine_tuning`).
 
     Returns:
         (Plan, Similarity, Recipe).
@@ -136,6 +139,8 @@ def decide_and_record(ctx: Context, profile, similarity: str, strategy: str, rec
     if recipe is None and (strategy == "linear" or (strategy == "auto" and profile.size_category == "small")):
         # A linear head is all but certain: one pass now serves the probe, the head, validation and test.
         prefetch(ctx, [ctx.train, ctx.val] + ([test_scan] if test_scan else []), sim.probe_layers(n_stages(ctx)))
+    elif recipe is None and strategy == "auto" and similarity == "auto" and pretrained is None:
+        prefetch_fine_tuning(ctx, profile.size_category, settings)
     evidence, plan, recipe_obj, recipe_text = choose(ctx, profile, similarity, strategy, recipe,
                                                      pretrained is not None)
     ref, run = ctx.backbone.ref, ctx.run

@@ -87,11 +87,12 @@ def is_imbalanced(ctx: Context, profile) -> bool:
     return profile.imbalance >= ctx.config.imbalance_warn_ratio
 
 
-def prefetch(ctx: Context, scans: list[Scan], layers: list) -> None:
+def prefetch(ctx: Context, scans: list[Scan], layers: list, **options) -> None:
     """Fill the feature cache for every image of `scans` in one backbone pass (one trace, one pipeline).
 
     Later per-scan requests for these layers are then cache reads, so the
     probe, the linear head and the test scores share one forward pass.
+    `options`: `features.extract_many`'s pooling, dtype and keep, per layer.
     """
     if ctx.cache is None:
         return
@@ -102,7 +103,29 @@ def prefetch(ctx: Context, scans: list[Scan], layers: list) -> None:
                 seen.add(record.digest)
                 records.append(dataclasses.replace(record, path=str(scan.root / record.path)))
     ctx.reporter.on_phase(f"features of {len(records)} images (stages {[k or 'final' for k in layers]})")
-    ctx.features(Scan(Path("/"), False, (), tuple(records), ()), layers)
+    ctx.features(Scan(Path("/"), False, (), tuple(records), ()), layers, **options)
+
+
+def prefetch_fine_tuning(ctx: Context, size_category: str, settings: TrainConfig) -> bool:
+    """Before the probe of a `size_category` folder whose plan is the table's to choose: one backbone pass over
+    the training and validation images fills the cache for the probe's stages, the final features and the
+    activations at the frozen-prefix cut of the plan the table picks for similar data (`train.prefix.split`),
+    so the probe, phase 1's linear head (`train.finetune`) and the stage rivals read one pass, not three.
+    A plan that fine-tunes end to end after all has only written activations it does not read. False (nothing
+    done) without a cache, with prefix caching off, or when that plan has no frozen prefix."""
+    from finetune_cli.train import prefix
+
+    if ctx.cache is None or not settings.cache_prefix:
+        return False
+    k = n_stages(ctx)
+    plan = decide(size_category, "similar", k, recipe_files.load(table_recipe(size_category, "similar"))[0])
+    cut = prefix.split(ctx.backbone.model, plan, settings.max_steps_back)
+    if cut is None:
+        return False
+    pooled = probe_layers(k)
+    prefetch(ctx, [ctx.train, ctx.val], pooled + [cut.layer], pooling=("avg",) * len(pooled) + ("none",),
+             dtype=("float32",) * len(pooled) + (settings.activation_dtype,), keep=(True,) * len(pooled) + (False,))
+    return True
 
 
 def measure_similarity(ctx: Context) -> sim.Similarity:
