@@ -23,7 +23,7 @@ from finetune_cli.runs.run import Run
 from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.context import Context
 from finetune_cli.train.linear import fit_linear
-from finetune_cli.train.sources import PixelSource, StageSource
+from finetune_cli.train.sources import JointSource, PixelSource, StageSource
 from tests.conftest import Recorder
 
 
@@ -42,7 +42,8 @@ def images(scan, size=32):
 def test_each_source_model_computes_its_own_features(shapes, tiny_base, tmp_path):
     ctx = context(shapes, tiny_base, tmp_path)
     x = images(ctx.scan)
-    for source in (StageSource((1, None)), StageSource((2,)), PixelSource(8)):
+    for source in (StageSource((1, None)), StageSource((2,)), PixelSource(8),
+                   JointSource(StageSource((1, None)), PixelSource(8))):
         rows = source.rows(ctx, ctx.scan)
         head = fit_linear(rows.features, ctx.labels(rows.records), len(ctx.classes))
         model = source.model(ctx, head.kernel, head.bias)
@@ -60,7 +61,7 @@ def test_trouble_plan_compares_stages_concatenation_and_pixels(shapes, tiny_base
     plan = json.loads((out / "plan.json").read_text())
     best = plan["similarity"]["best_stage"]  # the probe runs even under a forced verdict: this cell needs it
     assert names == [f"stage {best}" if best < 3 else "final stage", "stage 1 + stage 2 + final stage",
-                     "raw pixels 16x16"]
+                     "raw pixels 16x16", "stage 1 + stage 2 + final stage + raw pixels 16x16"]
     chosen = [row for row in table if row["chosen"]]
     assert len(chosen) == 1 and chosen[0]["cv_accuracy"] == max(row["cv_accuracy"] for row in table)
     assert metrics["features"] == chosen[0]["features"]
@@ -84,8 +85,9 @@ def test_candidates_follow_the_probe_evidence():
     plan = decide("small", "different", 5, load("trouble")[0])
     measured = Similarity("different", {"3": 0.9, "4": 0.8, "5": 0.6}, 3, None, 40, "an earlier stage probes better")
     names = [s.name for s in candidate_sources(plan, measured, 5)]
-    assert names == ["stage 3", "stage 3 + stage 4 + final stage", "raw pixels 16x16"]
+    assert names == ["stage 3", "stage 3 + stage 4 + final stage", "raw pixels 16x16",
+                     "stage 3 + stage 4 + final stage + raw pixels 16x16"]
     names = [s.name for s in candidate_sources(plan, forced("different"), 5)]
-    assert names[:3] == ["stage 3", "stage 4", "final stage"] and len(names) == 5
+    assert names[:3] == ["stage 3", "stage 4", "final stage"] and len(names) == 6
     linear_plan = decide("small", "similar", 5, load("linear")[0])
     assert [s.name for s in candidate_sources(linear_plan, measured, 5)] == ["final stage"]

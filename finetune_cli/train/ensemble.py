@@ -36,7 +36,7 @@ from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.averaging import CosineSnapshots, cross_entropy
 from finetune_cli.train.context import TrainResult
 from finetune_cli.train.linear import candidate_sources, fit_linear_plan, fit_source
-from finetune_cli.train.sources import StageSource
+from finetune_cli.train.sources import JointSource, StageSource
 
 
 def checked_settings(settings, ensemble, ensemble_mode: str, average: str, resume: bool = False):
@@ -175,6 +175,8 @@ def member_head(ctx, source, kernel, bias, suffix: str):
     """`source`'s head (kernel (d, k), bias (k,)) on the backbone's own input tensor, its layer names + `suffix`,
     so that several heads join one graph (one backbone pass)."""
     backbone = ctx.backbone.model
+    if isinstance(source, JointSource):
+        return source.model(ctx, kernel, bias, suffix)
     if hasattr(source, "layers"):
         return classifier(backbone, [select_layer(backbone, k) for k in source.layers], len(ctx.classes),
                           kernel=kernel, bias=bias, pooling=source.pooling, suffix=suffix)

@@ -21,7 +21,7 @@ from finetune_cli.strategy.similarity import probe_layers
 from finetune_cli.train.context import TrainResult
 from finetune_cli.train.curve import table_curve
 from finetune_cli.train.logistic import floored_scaler, logistic
-from finetune_cli.train.sources import PixelSource, Rows, StageSource
+from finetune_cli.train.sources import JointSource, PixelSource, Rows, StageSource
 
 
 @dataclass
@@ -271,7 +271,7 @@ def out_of_fold_record(head: LinearHead, n: int) -> dict:
 def candidate_sources(plan, similarity, n_stages: int, pooling: str = "avg") -> list:
     """The feature sources a plan considers: its one stage, or (feature_stage "best") the stage the
     similarity probe found best (every probed stage when the verdict was forced and nothing was probed),
-    the probed stages concatenated, and raw pixels."""
+    the probed stages concatenated, raw pixels, and the probed stages beside raw pixels (`JointSource`)."""
     stage = plan.feature_stage
     if stage != "best":
         layer = None if stage == "final" or int(stage) == n_stages else int(stage)
@@ -281,10 +281,10 @@ def candidate_sources(plan, similarity, n_stages: int, pooling: str = "avg") -> 
     measured = bool(similarity.stage_accuracy) and best in probed
     # the probe already compared the single stages; without its evidence (a forced verdict), compare them here
     ordered = (best,) if measured else probed
-    sources = [StageSource((k,), pooling) for k in ordered]
+    sources, pixels = [StageSource((k,), pooling) for k in ordered], PixelSource(LINEAR.pixel_side)
     if len(probed) > 1:
         sources.append(StageSource(probed, pooling))
-    return sources + [PixelSource(LINEAR.pixel_side)]
+    return sources + [pixels, JointSource(StageSource(probed, pooling), pixels)]
 
 
 def fit_source(ctx, source, views: int, balanced: bool, c: float = 0.0):

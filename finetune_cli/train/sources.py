@@ -103,3 +103,54 @@ class PixelSource:
         outputs = dense(self._pixels(keras, inputs))
         dense.set_weights([kernel, bias])
         return keras.Model(inputs, outputs, name="finetune_pixel_classifier")
+
+
+@dataclass(frozen=True)
+class JointSource:
+    """Backbone stages and the image's raw pixels side by side (`stages`' features, then `pixels`'): the
+    network's features added to the pixels they must beat on data unlike its pretraining data, not put in
+    their place. Originals only, as for pixels.
+
+    On scikit-learn's digits drawn at 64 px (1,100 training images), the probed stages with 16x16 pixels
+    reached 97.8 % cross-validated, against 96.2 % for the pixels alone and 95.6 % for the stages alone.
+    """
+
+    stages: StageSource
+    pixels: PixelSource
+
+    @property
+    def layers(self) -> tuple:
+        return self.stages.layers
+
+    @property
+    def name(self) -> str:
+        return f"{self.stages.name} + {self.pixels.name}"
+
+    @property
+    def views_apply(self) -> bool:
+        return False
+
+    def rows(self, ctx, scan, view: int = 0) -> Rows:
+        network, pixels = self.stages.rows(ctx, scan), self.pixels.rows(ctx, scan)
+        index = {r.path: i for i, r in enumerate(pixels.records)}
+        both = [i for i, r in enumerate(network.records) if r.path in index]  # an image unreadable to either is out
+        matched = pixels.features[[index[network.records[i].path] for i in both]]
+        return Rows(np.concatenate([network.features[both], matched], axis=1), [network.records[i] for i in both])
+
+    def model(self, ctx, kernel, bias, suffix: str = ""):
+        """raw RGB (B, S, S, 3) in [0, 255] -> probabilities, on the backbone's own input tensor (layer names +
+        `suffix`, so that an ensemble can hold several heads in one graph)."""
+        keras = import_keras()
+        backbone = ctx.backbone.model
+        pool = keras.layers.GlobalMaxPooling2D if self.stages.pooling == "max" else keras.layers.GlobalAveragePooling2D
+        parts = []
+        for i, k in enumerate(self.layers):
+            x = backbone.get_layer(select_layer(backbone, k)).output
+            parts.append(pool(name=f"head_pool_{i}{suffix}")(x) if len(x.shape) == 4 else x)
+        side = self.pixels.side
+        x = keras.layers.Resizing(side, side, name="pixels_resize" + suffix)(backbone.input)
+        parts.append(keras.layers.Flatten(name="pixels" + suffix)(x))
+        dense = keras.layers.Dense(len(ctx.classes), activation="softmax", name="classifier" + suffix)
+        outputs = dense(keras.layers.Concatenate(name="head_concat" + suffix)(parts))
+        dense.set_weights([kernel, bias])
+        return keras.Model(backbone.input, outputs, name="finetune_joint_classifier" + suffix)
