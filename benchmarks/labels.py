@@ -1,10 +1,13 @@
 """Every label used: the linear head validated out-of-fold and refitted on all labels, vs a hold-out.
 
-Usage: python benchmarks/labels.py [--per-class 10] [--test-per-class 60] [--seeds 0 1 2] [--no-guide]
+Usage: python benchmarks/labels.py [--set signs|digits] [--per-class 10] [--test-per-class 60] [--seeds 0 1 2]
+                                   [--no-guide]
 
 On `--per-class` labelled photos per class of the sign-language digits
 (../shared/datasets/sign_language_digits, 10 classes) and `--test-per-class`
-other photos per class as the test folder (disjoint by content), for each
+other photos per class as the test folder (disjoint by content), or with
+`--set digits` scikit-learn's 8x8 digits drawn at 64 px (unlike ImageNet, not
+photos; benchmarks/train.py `write_digits`), for each
 seed (a different draw of the labelled photos), as whole processes:
 - `finetune train` as it now decides (no --val-dir: C, and the features where
   the plan compares them, by k-fold CV on every labelled image, the head
@@ -78,7 +81,12 @@ def raw_pixel_accuracy(train_dir: Path, test_dir: Path) -> tuple[float, str]:
 
 
 def run_seed(seed: int, args, tmp: Path, guide: bool) -> dict:
-    train_dir, test_dir = draw(tmp / f"seed{seed}", args.per_class, args.test_per_class, seed)
+    if args.set == "digits":
+        from train import write_digits
+
+        train_dir, test_dir = write_digits(tmp / f"seed{seed}", args.per_class, args.test_per_class, seed)
+    else:
+        train_dir, test_dir = draw(tmp / f"seed{seed}", args.per_class, args.test_per_class, seed)
     rows = {"all labels (now)": [], "hold-out, 3 C (before)": []}
     # an untimed first run: the first process after the photos are drawn is measurably slower (about 10 s
     # here, whichever variant it is), which would otherwise be charged to one side
@@ -112,6 +120,7 @@ def run_seed(seed: int, args, tmp: Path, guide: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", choices=["signs", "digits"], default="signs")
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--test-per-class", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
