@@ -17,13 +17,7 @@ def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, d
     """
     keras = import_keras()
     names = [layer_name] if isinstance(layer_name, str) else list(layer_name)
-    pooled = []
-    for i, name in enumerate(names):
-        x = backbone_model.get_layer(name).output
-        if len(x.shape) == 4:
-            pool = keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
-            x = pool(name="head_pool" + (f"_{i}" if i else "") + suffix)(x)
-        pooled.append(x)
+    pooled = pooled_outputs(backbone_model, names, pooling, suffix)
     x = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="head_concat" + suffix)(pooled)
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_dropout" + suffix)(x)
@@ -35,3 +29,15 @@ def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, d
     if kernel is not None:
         dense.set_weights([kernel, bias])
     return keras.Model(backbone_model.input, outputs, name="finetune_classifier" + suffix)
+
+
+def pooled_outputs(backbone_model, names: list[str], pooling: str = "avg", suffix: str = "") -> list:
+    """The named layers' outputs, each 4-D map (B, H, W, C) globally average- (or `max`-) pooled to (B, C)
+    (layers `head_pool`, `head_pool_1`, ... + `suffix`); a 2-D output as it is."""
+    keras = import_keras()
+    pool = keras.layers.GlobalMaxPooling2D if pooling == "max" else keras.layers.GlobalAveragePooling2D
+    pooled = []
+    for i, name in enumerate(names):
+        x = backbone_model.get_layer(name).output
+        pooled.append(pool(name="head_pool" + (f"_{i}" if i else "") + suffix)(x) if len(x.shape) == 4 else x)
+    return pooled

@@ -29,14 +29,12 @@ import numpy as np
 
 from finetune_cli.config import ENSEMBLE, EnsembleConfig
 from finetune_cli.errors import SettingsError
-from finetune_cli.models.heads import classifier
 from finetune_cli.models.inference import probabilities
-from finetune_cli.models.stages import select_layer
 from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.averaging import CosineSnapshots, cross_entropy
 from finetune_cli.train.context import TrainResult
 from finetune_cli.train.linear import candidate_sources, fit_linear_plan, fit_source
-from finetune_cli.train.sources import JointSource, StageSource
+from finetune_cli.train.sources import StageSource
 
 
 def checked_settings(settings, ensemble, ensemble_mode: str, average: str, resume: bool = False):
@@ -175,15 +173,11 @@ def member_head(ctx, source, kernel, bias, suffix: str):
     """`source`'s head (kernel (d, k), bias (k,)) on the backbone's own input tensor, its layer names + `suffix`,
     so that several heads join one graph (one backbone pass)."""
     backbone = ctx.backbone.model
-    if isinstance(source, JointSource):
+    if hasattr(source, "layers"):  # stages, or stages beside pixels: their own model takes the suffix
         return source.model(ctx, kernel, bias, suffix)
-    if hasattr(source, "layers"):
-        return classifier(backbone, [select_layer(backbone, k) for k in source.layers], len(ctx.classes),
-                          kernel=kernel, bias=bias, pooling=source.pooling, suffix=suffix)
     keras = import_keras()  # raw pixels: resized and flattened from the same input
-    x = keras.layers.Resizing(source.side, source.side, name="pixels_resize" + suffix)(backbone.input)
     dense = keras.layers.Dense(len(ctx.classes), activation="softmax", name="classifier" + suffix)
-    outputs = dense(keras.layers.Flatten(name="pixels" + suffix)(x))
+    outputs = dense(source.flattened(backbone.input, suffix))
     dense.set_weights([kernel, bias])
     return keras.Model(backbone.input, outputs, name="finetune_pixel_classifier" + suffix)
 

@@ -106,26 +106,25 @@ def prefetch(ctx: Context, scans: list[Scan], layers: list, **options) -> None:
     ctx.features(Scan(Path("/"), False, (), tuple(records), ()), layers, **options)
 
 
-def prefetch_fine_tuning(ctx: Context, size_category: str, settings: TrainConfig) -> bool:
+def prefetch_fine_tuning(ctx: Context, size_category: str, settings: TrainConfig) -> None:
     """Before the probe of a `size_category` folder whose plan is the table's to choose: one backbone pass over
     the training and validation images fills the cache for the probe's stages, the final features and the
     activations at the frozen-prefix cut of the plan the table picks for similar data (`train.prefix.split`),
     so the probe, phase 1's linear head (`train.finetune`) and the stage rivals read one pass, not three.
-    A plan that fine-tunes end to end after all has only written activations it does not read. False (nothing
-    done) without a cache, with prefix caching off, or when that plan has no frozen prefix."""
+    A plan that fine-tunes end to end after all has only written activations it does not read. Nothing is
+    done without a cache, with prefix caching off, or when that plan has no frozen prefix."""
     from finetune_cli.train import prefix
 
     if ctx.cache is None or not settings.cache_prefix:
-        return False
+        return
     k = n_stages(ctx)
     plan = decide(size_category, "similar", k, recipe_files.load(table_recipe(size_category, "similar"))[0])
     cut = prefix.split(ctx.backbone.model, plan, settings.max_steps_back)
     if cut is None:
-        return False
+        return
     pooled = probe_layers(k)
     prefetch(ctx, [ctx.train, ctx.val], pooled + [cut.layer], pooling=("avg",) * len(pooled) + ("none",),
              dtype=("float32",) * len(pooled) + (settings.activation_dtype,), keep=(True,) * len(pooled) + (False,))
-    return True
 
 
 def measure_similarity(ctx: Context) -> sim.Similarity:

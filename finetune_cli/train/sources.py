@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune_cli.models.heads import classifier
+from finetune_cli.models.heads import classifier, pooled_outputs
 from finetune_cli.models.stages import select_layer
 from finetune_cli.runtime.keras import import_keras
 
@@ -52,10 +52,11 @@ class StageSource:
             raise RuntimeError("feature tables of one scan disagree on their images")
         return Rows(np.concatenate([t.features for t in tables], axis=1), tables[0].records)
 
-    def model(self, ctx, kernel, bias):
+    def model(self, ctx, kernel, bias, suffix: str = ""):
+        """The head on the backbone's own input tensor, layer names + `suffix` (several heads in one graph)."""
         backbone = ctx.backbone.model
         return classifier(backbone, [select_layer(backbone, k) for k in self.layers], len(ctx.classes),
-                          kernel=kernel, bias=bias, pooling=self.pooling)
+                          kernel=kernel, bias=bias, pooling=self.pooling, suffix=suffix)
 
 
 @dataclass(frozen=True)
@@ -89,18 +90,21 @@ class PixelSource:
     def _features_model(self, size: int):
         keras = import_keras()
         inputs = keras.Input((size, size, 3), name="image")
-        return keras.Model(inputs, self._pixels(keras, inputs))
+        return keras.Model(inputs, self.flattened(inputs))
 
-    def _pixels(self, keras, x):
-        x = keras.layers.Resizing(self.side, self.side, name="pixels_resize")(x)
-        return keras.layers.Flatten(name="pixels")(x)
+    def flattened(self, x, suffix: str = ""):
+        """Images (B, S, S, 3) -> (B, 3 * side**2): resized and flattened (layers `pixels_resize`, `pixels` +
+        `suffix`)."""
+        keras = import_keras()
+        x = keras.layers.Resizing(self.side, self.side, name="pixels_resize" + suffix)(x)
+        return keras.layers.Flatten(name="pixels" + suffix)(x)
 
     def model(self, ctx, kernel, bias):
         keras = import_keras()
         size = ctx.backbone.ref.image_size
         inputs = keras.Input((size, size, 3), name="image")
         dense = keras.layers.Dense(len(ctx.classes), activation="softmax", name="classifier")
-        outputs = dense(self._pixels(keras, inputs))
+        outputs = dense(self.flattened(inputs))
         dense.set_weights([kernel, bias])
         return keras.Model(inputs, outputs, name="finetune_pixel_classifier")
 
@@ -142,14 +146,8 @@ class JointSource:
         `suffix`, so that an ensemble can hold several heads in one graph)."""
         keras = import_keras()
         backbone = ctx.backbone.model
-        pool = keras.layers.GlobalMaxPooling2D if self.stages.pooling == "max" else keras.layers.GlobalAveragePooling2D
-        parts = []
-        for i, k in enumerate(self.layers):
-            x = backbone.get_layer(select_layer(backbone, k)).output
-            parts.append(pool(name=f"head_pool_{i}{suffix}")(x) if len(x.shape) == 4 else x)
-        side = self.pixels.side
-        x = keras.layers.Resizing(side, side, name="pixels_resize" + suffix)(backbone.input)
-        parts.append(keras.layers.Flatten(name="pixels" + suffix)(x))
+        parts = pooled_outputs(backbone, [select_layer(backbone, k) for k in self.layers], self.stages.pooling, suffix)
+        parts.append(self.pixels.flattened(backbone.input, suffix))
         dense = keras.layers.Dense(len(ctx.classes), activation="softmax", name="classifier" + suffix)
         outputs = dense(keras.layers.Concatenate(name="head_concat" + suffix)(parts))
         dense.set_weights([kernel, bias])
