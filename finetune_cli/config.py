@@ -106,12 +106,15 @@ class TableConfig:
         allow_outside: accept rows whose image lies outside the table's folder (through `..`, an absolute
             path or a link); False refuses the table, naming the row.
         suffixes: file endings read as a table wherever a labelled folder is expected.
+        separator: in a label cell, what separates the several labels of one image (`cat;outdoor`): a
+            table with any such cell is multi-label (`data.tables`); "" reads every cell as one label.
     """
 
     path_column: str = "path"
     label_column: str = "label"
     allow_outside: bool = False
     suffixes: tuple[str, ...] = (".csv", ".tsv", ".parquet")
+    separator: str = ";"
 
 
 @dataclass(frozen=True)

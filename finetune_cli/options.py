@@ -5,7 +5,8 @@
     engine_options   --engine, --address, --workers        predict, extract-features
     run_argument     RUN (a run folder, or `last`)         every command that reads a finished run
     out_option       --out (a folder, a file, or a URI)    every command that writes
-    table_options    --path-column, --label-column, --allow-outside   every command that reads labelled images
+    table_options    --path-column, --label-column, --allow-outside,  every command that reads labelled images
+                     --label-separator
     seed_option, batch_size_option, json_option, overwrite_option, tta_option, pretrain_options
 
 Defaults come from `config`; nothing here holds a default of its own.
@@ -77,8 +78,11 @@ engine_options = options(
 def _reading_tables(command):
     """Run `command` with the label-table options it was given in force (`data.tables.using`)."""
     @functools.wraps(command)
-    def run(*args, path_column, label_column, allow_outside, **kwargs):
-        with tables.using(TableConfig(path_column, label_column, allow_outside, TABLE.suffixes)):
+    def run(*args, path_column, label_column, allow_outside, label_separator, **kwargs):
+        if "/" in label_separator or "\\" in label_separator:
+            raise click.BadParameter("a slash cannot separate labels (labels are saved as names)",
+                                     param_hint="--label-separator")
+        with tables.using(TableConfig(path_column, label_column, allow_outside, TABLE.suffixes, label_separator)):
             return command(*args, **kwargs)
     return run
 
@@ -89,6 +93,9 @@ table_options = options(
                       "(relative to the table's folder)."),
     click.option("--label-column", default=TABLE.label_column, show_default=True,
                  help="A label table's column of class names."),
+    click.option("--label-separator", default=TABLE.separator, show_default=True,
+                 help="In a label table, what separates an image's several labels (`cat;outdoor`): such a table "
+                      "is multi-label (train, evaluate, predict). '' reads each cell as one label."),
     click.option("--allow-outside", is_flag=True,
                  help="A label table may list images outside its own folder (refused by default)."),
     _reading_tables,

@@ -57,13 +57,15 @@ def collect(inputs, config: ScanConfig = SCAN) -> Scan:
     return Scan(Path("/"), False, (), tuple(records), tuple(skipped))
 
 
-def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN) -> Scan:
+def labelled_test_scan(root, classes: list[str], config: ScanConfig = SCAN, multi_label: bool = False) -> Scan:
     """Scan a labelled test folder whose classes the model must know (one class is enough).
+
+    `multi_label`: the model is multi-label, and a multi-label table is read (else refused).
 
     Raises:
         FolderError: the folder is unusable or holds a class unknown to the model.
     """
-    scan = scan_folder(root, labelled=True, config=config, for_training=False)
+    scan = scan_folder(root, labelled=True, config=config, for_training=False, multi_label=multi_label)
     unknown = [c for c in scan.classes if c not in classes]
     if unknown:
         raise FolderError(f"class folder(s) {', '.join(unknown)} unknown to the model, which knows: {', '.join(classes)}")

@@ -67,11 +67,11 @@ class Profile:
 def profile_scan(scan: Scan, config: ScanConfig = SCAN) -> Profile:
     """Compute a `Profile` from a `Scan` (labelled or not)."""
     frame = pd.DataFrame([{**r.__dict__, "path": shown(r.path)} for r in scan.images])
-    counts = {name: int((frame["label"] == name).sum()) for name in scan.classes}
+    counts = dict(zip(scan.classes, scan.label_matrix().sum(0).astype(int).tolist())) if scan.labelled else {}
     warnings = list(scan.warnings)
     duplicates = _duplicate_groups(scan, warnings)
     imbalance = max(counts.values()) / min(counts.values()) if counts else 1.0
-    if imbalance >= config.imbalance_warn_ratio:
+    if imbalance >= config.imbalance_warn_ratio and not scan.multi_label:
         big, small = max(counts, key=counts.get), min(counts, key=counts.get)
         warnings.append(
             f"classes are imbalanced: '{big}' has {counts[big]} images, '{small}' "
@@ -80,7 +80,7 @@ def profile_scan(scan: Scan, config: ScanConfig = SCAN) -> Profile:
         )
     if scan.skipped:
         warnings.append(f"{len(scan.skipped)} file(s) could not be used and were skipped")
-    distinct = {name: len({r.digest for r in scan.images if r.label == name}) for name in scan.classes}
+    distinct = {name: len({r.digest for r in scan.images if name in scan.label_set(r.label)}) for name in scan.classes}
     per_class = pd.Series(list(distinct.values()) or [len({r.digest for r in scan.images})]).median()
     category = "small" if per_class < config.small_max_per_class else "large"
     return Profile(scan, frame, counts, duplicates, warnings, category, float(imbalance))

@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+
+import numpy as np
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -91,6 +93,8 @@ class Scan:
         skipped: files that could not be used, with reasons.
         warnings: folder-level warnings (empty class folders, ...).
         source: the label table the scan was read from (`scan_table`); None for a folder.
+        multi_label: read from a table where some image carries several labels: a record's `label` is then
+            its labels joined by `separator` (sorted), and `classes` the labels (`label_sets`, `label_matrix`).
     """
 
     root: Path
@@ -100,6 +104,8 @@ class Scan:
     skipped: tuple[Skipped, ...]
     warnings: tuple[str, ...] = field(default=())
     source: Path | None = None
+    multi_label: bool = False
+    separator: str = ";"
 
     def paths(self) -> list[Path]:
         """Absolute paths of the usable images, in `images` order."""
@@ -109,6 +115,23 @@ class Scan:
         """Index into `classes` of each usable image (labelled scans only)."""
         index = {name: i for i, name in enumerate(self.classes)}
         return [index[r.label] for r in self.images]
+
+    def label_set(self, label: str) -> tuple[str, ...]:
+        """The labels a record's `label` names: its parts for a multi-label scan, else just it."""
+        return tuple(label.split(self.separator)) if self.multi_label and self.separator else (label,)
+
+    def label_matrix(self, records=None, classes=None) -> np.ndarray:
+        """Multi-hot labels (n, L) float32 of `records` (default: `images`) over `classes` (default: this
+        scan's); a label not among `classes` is left out."""
+        classes = list(self.classes if classes is None else classes)
+        index = {name: i for i, name in enumerate(classes)}
+        records = self.images if records is None else records
+        matrix = np.zeros((len(records), len(classes)), np.float32)
+        for row, record in enumerate(records):
+            for name in self.label_set(record.label):
+                if name in index:
+                    matrix[row, index[name]] = 1.0
+        return matrix
 
 
 def natural_key(name: str) -> list:
@@ -128,6 +151,7 @@ def scan_folder(
     config: ScanConfig = SCAN,
     progress: Progress | None = None,
     for_training: bool = True,
+    multi_label: bool = False,
 ) -> Scan:
     """Scan a folder for usable images.
 
@@ -140,16 +164,17 @@ def scan_folder(
         for_training: True requires two classes and `min_per_class` images in
             each; False (evaluate, extract features) accepts one class and
             classes of one image.
+        multi_label: accept a multi-label table (`scan_table`); False refuses one.
 
     Returns a `Scan`; a label table (`data.tables.is_table`) is read by `scan_table`.
 
     Raises:
-        FolderError: missing folder, no class subfolders, loose root images,
-            a class name that is not UTF-8, no usable images; for training
-            also a single class or a class with too few usable images.
+        FolderError: missing folder, no class subfolders, loose root images, a class name that is not
+            UTF-8, no usable images; for training also a single class or a class with too few usable images.
     """
     if tables.is_table(Path(root).expanduser()):
-        return scan_table(root, labelled=labelled, config=config, progress=progress, for_training=for_training)
+        return scan_table(root, labelled=labelled, config=config, progress=progress,
+                          for_training=for_training, multi_label=multi_label)
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise FolderError(_not_a_folder(root))
@@ -188,25 +213,32 @@ def _not_a_folder(root: Path) -> str:
 
 
 def scan_table(table, *, labelled: bool | None = True, config: ScanConfig = SCAN, progress: Progress | None = None,
-               for_training: bool = True) -> Scan:
+               for_training: bool = True, multi_label: bool = False) -> Scan:
     """`scan_folder` for a label table (`data.tables`): the same records, checks and skipped reasons, rooted
-    at the table's folder, `source` the table. Classes are the labels in natural order.
+    at the table's folder, `source` the table. Classes are the labels in natural order (for a multi-label
+    table, every label any image carries).
 
     Raises:
-        FolderError: as `tables.read_rows`, and as `scan_folder` (too few classes or images).
+        FolderError: as `tables.read_rows`, and as `scan_folder` (too few classes or images); a multi-label
+            table where `multi_label` is False.
     """
     rows = tables.read_rows(table, labelled)
+    if rows.multi_label and not multi_label:
+        example = next(label for _, label in rows.files if rows.separator in label)
+        raise FolderError(f"{table} is multi-label (e.g. '{example}'): this command reads one label per image (train "
+                          "and evaluate read several); or pass --label-separator '' to read each cell as one label")
     skipped = [Skipped(path, reason) for path, reason in rows.skipped]
     files, inside = _outside_outputs(rows.root, rows.files)
     skipped += [Skipped(shown(path.as_posix()), OUTPUT_ROW) for path in inside]
     if not files:
         example = f", e.g. '{shown(skipped[0].path)}': {skipped[0].reason}" if skipped else ""
         raise FolderError(f"{table} lists no usable image ({len(skipped)} rows skipped{example})")
-    classes = sorted({label for _, label in files}, key=natural_key) if rows.labelled else []
+    parts = {name for _, label in files for name in (label.split(rows.separator) if rows.multi_label else [label])}
+    classes = sorted(parts, key=natural_key) if rows.labelled else []
     if rows.labelled and for_training and len(classes) < 2:
         raise FolderError(f"{table} has only one label ('{classes[0]}'): a classifier needs at least two")
     scan = _finish(rows.root, rows.labelled, tuple(classes), files, rows.warnings, config, progress,
-                   for_training, skipped=skipped)
+                   for_training, skipped=skipped, multi=(rows.multi_label, rows.separator))
     return replace(scan, source=Path(table).expanduser().absolute())
 
 
@@ -324,7 +356,8 @@ def walk_files(top: Path, outputs: list[Path]) -> Iterable[Path]:
                 yield Path(dirpath, name)
 
 
-def _finish(root, labelled, classes, files, warnings, config, progress, for_training=True, skipped=()) -> Scan:
+def _finish(root, labelled, classes, files, warnings, config, progress, for_training=True, skipped=(),
+            multi=(False, ";")) -> Scan:
     """Probe every file in parallel, then apply the per-class checks (`skipped`: files already refused)."""
     images, skipped = [], list(skipped)
     total = len(files)
@@ -336,7 +369,7 @@ def _finish(root, labelled, classes, files, warnings, config, progress, for_trai
                 progress(done, total)
     images.sort(key=lambda r: natural_key(r.path))
     skipped.sort(key=lambda s: natural_key(s.path))
-    scan = Scan(root, labelled, classes, tuple(images), tuple(skipped), tuple(warnings))
+    scan = Scan(root, labelled, classes, tuple(images), tuple(skipped), tuple(warnings), None, *multi)
     _check_usable(scan, config, for_training)
     return scan
 
@@ -375,12 +408,14 @@ def _check_usable(scan: Scan, config: ScanConfig, for_training: bool = True) -> 
         )
     if not scan.labelled or not for_training:
         return
-    counts = {name: 0 for name in scan.classes}
-    for record in scan.images:
-        counts[record.label] += 1
+    counts = dict(zip(scan.classes, scan.label_matrix().sum(0).astype(int).tolist()))
     short = [f"'{n}' ({c})" for n, c in counts.items() if c < config.min_per_class]
     if short:
         raise FolderError(
             f"class(es) {', '.join(short)} have fewer than {config.min_per_class} usable "
             "images: add images to them or remove those folders"
         )
+    everywhere = [name for name, c in counts.items() if c == len(scan.images)]
+    if scan.multi_label and everywhere:
+        raise FolderError(f"label '{everywhere[0]}' is on every usable image ({len(scan.images)}): it tells the "
+                          "images apart from nothing; drop it from the table, or add images without it")

@@ -9,7 +9,10 @@ The rows obey the folder scan's guarantees, checked here before any pixel is rea
 - a row with an empty label is skipped with its reason (the run's skipped.csv); so are a row inside the
   tool's own output (`data.scan.is_output`, applied by `scan_table`) and a missing or unreadable file (the
   scan's own probe);
-- a path listed twice is counted once; listed with two labels, it is skipped with both named.
+- a path listed twice is counted once; listed with two labels, it is skipped with both named;
+- a label cell holding the separator (`TableConfig.separator`, `;` by default: `cat;outdoor`) gives the image
+  several labels: the table is multi-label (`Rows.multi_label`); the cell is normalised (parts stripped, empty
+  parts dropped, repeats merged, sorted, joined by the separator), so `outdoor; cat` and `cat;outdoor` agree.
 
 Which table options apply: `TABLE` (config.py), or those set with `using(...)` around a call (the
 command line's --path-column, --label-column and --allow-outside do this).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from finetune_cli.config import TABLE, TableConfig
@@ -60,6 +63,8 @@ class Rows:
         skipped: (path as written, reason) per row not used.
         warnings: table-level notes (repeated rows, conflicting labels).
         labelled: whether the labels were read.
+        multi_label: some image carries several labels (its label: the sorted parts joined by `separator`).
+        separator: what joins an image's labels.
     """
 
     root: Path
@@ -67,6 +72,8 @@ class Rows:
     skipped: list[tuple[str, str]]
     warnings: list[str]
     labelled: bool = True
+    multi_label: bool = False
+    separator: str = ";"
 
 
 def read_rows(table, labelled: bool | None = True, options: TableConfig | None = None) -> Rows:
@@ -114,8 +121,8 @@ def _resolve(table: Path, paths: list, labels: list, options: TableConfig, label
     """Rows -> Rows: each path resolved and checked (module docstring), repeats merged."""
     root, seen, skipped = table.parent, {}, []
     for row, (text, label) in enumerate(zip(paths, labels), start=1):
-        text, label = text.strip(), label.strip()
         where = f"{table.name} row {row} (line {row + 1})"
+        text, label = text.strip(), normalised(label, options.separator)
         if not text:
             raise FolderError(f"{where} has no {options.path_column!r}: give each row the image's path")
         if "://" in text:
@@ -128,7 +135,17 @@ def _resolve(table: Path, paths: list, labels: list, options: TableConfig, label
             skipped.append((text, f"no label in {where}"))
         else:
             seen.setdefault(path, []).append((text, label))
-    return _merged(root, seen, skipped, labelled)
+    rows = _merged(root, seen, skipped, labelled)
+    several = bool(options.separator) and any(options.separator in label for _, label in rows.files)
+    return replace(rows, multi_label=several, separator=options.separator)
+
+
+def normalised(cell: str, separator: str) -> str:
+    """A label cell as one label, or (holding `separator`) its distinct stripped non-empty parts, sorted and
+    joined by `separator`: "outdoor; cat;" -> "cat;outdoor". "" stays "" (no label)."""
+    if not separator or separator not in cell:
+        return cell.strip()
+    return separator.join(sorted({part.strip() for part in cell.split(separator)} - {""}))
 
 
 def _check_inside(path: Path, root: Path, where: str, text: str, allow: bool) -> None:
