@@ -79,6 +79,19 @@ def distinct_files(folder: Path, max_bytes: int | None = None) -> list[Path]:
     return files
 
 
+def print_medians(draws: list[dict], baseline: str, scores: dict[str, str], width: int = 26) -> None:
+    """Each method's median scores over `draws` ({method: {key: value, "wall": s}} per draw) and its median
+    time as a ratio of `baseline`'s; `scores` maps each key to print to its name ("macro_f1": "macro-F1")."""
+    import statistics
+
+    base = statistics.median(d[baseline]["wall"] for d in draws)
+    print(f"medians over {len(draws)} draws (time as a ratio of {baseline}'s):")
+    for label in draws[0]:
+        median = lambda key: statistics.median(d[label][key] for d in draws)  # noqa: E731
+        shown = "  ".join(f"{name} {median(key):.3f}" for key, name in scores.items())
+        print(f"  {label:{width}s} {shown}  time {median('wall') / base:.2f}x")
+
+
 def split_class(files: list[Path], root: Path, name: str, n_train: int, n_test: int, rng) -> None:
     """Copy a random `n_train` of `files` to root/train/NAME and `n_test` others to root/test/NAME."""
     order = rng.permutation(len(files))

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, distinct_files, finetune_cmd, measure, printed, require, split_class
+from common import BACKBONE, distinct_files, finetune_cmd, measure, print_medians, printed, require, split_class
 
 HERE = Path(__file__).parent
 OFF = json.dumps({"scan": {"imbalance_warn_ratio": 1e9}, "strategy": "linear"})  # weights and macro-F1 choices both off
@@ -106,12 +105,7 @@ def main() -> None:
     require(args.data, BACKBONE)
     with tempfile.TemporaryDirectory() as tmp:
         draws = [one_draw(args, seed, Path(tmp)) for seed in range(args.first_draw, args.first_draw + args.draws)]
-    guide = statistics.median(d["guide"]["wall"] for d in draws)
-    print(f"medians over {len(draws)} draws (time as a ratio of the guide's):")
-    for label in draws[0]:
-        median = lambda key: statistics.median(d[label][key] for d in draws)  # noqa: E731
-        print(f"  {label:26s} macro-F1 {median('macro_f1'):.3f}  accuracy {median('accuracy'):.3f}  "
-              f"time {median('wall') / guide:.2f}x")
+    print_medians(draws, "guide", {"macro_f1": "macro-F1", "accuracy": "accuracy"})
 
 
 if __name__ == "__main__":

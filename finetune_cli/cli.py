@@ -470,6 +470,8 @@ def evaluate(args, model_dir, as_json, tta, html, overwrite, coverage):
         click.echo(json.dumps({**result, "run": model_dir}, indent=2, ensure_ascii=False))
         return
     console = Console()
+    if result.get("task") == "multi-label":
+        return multi_label_evaluation(console, result, model_dir)
     views = f" (mean of {result['tta']} views per image)" if result["tta"] > 1 else ""
     low, high = result["accuracy_interval95"]
     console.print(f"accuracy [bold]{result['accuracy']:.1%}[/bold] (95 % interval {low:.1%}-{high:.1%}) on "
@@ -489,6 +491,16 @@ def evaluate(args, model_dir, as_json, tta, html, overwrite, coverage):
                       highlight=False)
     if html:
         console.print(f"page: {result['html']}", highlight=False)
+    echo_run(model_dir)
+
+
+def multi_label_evaluation(console, result: dict, model_dir: str) -> None:
+    """`evaluate`'s lines for a multi-label run: the scores, per label, and a warning on training images."""
+    console.print(f"{report.multilabel_scores_line(result)} on {result['n_images']} images", highlight=False)
+    report.multilabel_table(console, result["per_label"])
+    if result.get("n_training_images"):
+        console.print(f"[yellow]warning:[/yellow] {result['n_training_images']} of these {result['n_images']} images "
+                      "trained this model (same content): the scores above are not held-out scores", highlight=False)
     echo_run(model_dir)
 
 

@@ -159,8 +159,39 @@ def interval(span) -> str:
     return f" (95 % interval {span[0]:.1%}-{span[1]:.1%})" if span else ""
 
 
+def multilabel_scores_line(scores: dict, prefix: str = "") -> str:
+    """One line of a multi-label score dict (`analysis.multilabel.multilabel_scores`, keys maybe prefixed)."""
+    get = lambda key: scores[prefix + key]
+    return (f"mAP [bold]{get('mean_average_precision'):.3f}[/bold], macro-F1 {get('macro_f1'):.3f}, micro-F1 "
+            f"{get('micro_f1'):.3f}, exact label set {get('subset_accuracy'):.1%}")
+
+
+def multilabel_table(console: Console, per_label: dict) -> None:
+    """Per-label precision, recall, F1, support, average precision and threshold."""
+    rows = [{"label": name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}}
+            for name, row in per_label.items()]
+    rows_table(console, rows, ["label", "precision", "recall", "f1", "support", "average_precision", "threshold"])
+
+
+def multilabel_summary(console: Console, metrics: dict, out) -> None:
+    """The end of a multi-label training run: its out-of-fold (or held-out) scores, per label, notes."""
+    method = metrics["validation"]["method"]
+    console.print(f"[bold green]done[/bold green]: multi-label, {len(metrics['classes'])} labels, linear heads on "
+                  f"{metrics['n_train']} images; {method} {multilabel_scores_line(metrics, 'val_')} on "
+                  f"{metrics['validation']['n_images']} in {metrics['timings_s']['total']:.1f} s", highlight=False)
+    if "test" in metrics:
+        console.print(f"test {multilabel_scores_line(metrics['test'])} on {metrics['test']['n_images']} images",
+                      highlight=False)
+    multilabel_table(console, metrics["validation"]["per_label"])
+    for note in metrics["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    console.print(f"run folder: {out} (model.keras, plan.json, metrics.json, predictions_val.csv)", highlight=False)
+
+
 def metrics_summary(console: Console, metrics: dict, out) -> None:
     """The end of a training run: accuracy, where things are, notes."""
+    if metrics.get("task") == "multi-label":
+        return multilabel_summary(console, metrics, out)
     console.print(
         f"[bold green]done[/bold green]: {metrics['strategy']}"
         f"{' (kept the linear head: fine-tuning did not beat it)' if metrics.get('kept') == 'linear-head' else ''}"

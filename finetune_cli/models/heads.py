@@ -6,7 +6,8 @@ from finetune_cli.runtime.keras import import_keras
 
 
 def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, dropout: float = 0.0,
-               l2: float = 0.0, kernel=None, bias=None, pooling: str = "avg", suffix: str = ""):
+               l2: float = 0.0, kernel=None, bias=None, pooling: str = "avg", suffix: str = "",
+               activation: str = "softmax"):
     """raw RGB (B, S, S, 3) in [0, 255] -> class probabilities (B, n_classes).
 
     Global average (or, with `pooling="max"`, max) pooling of `layer_name`'s
@@ -14,6 +15,7 @@ def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, d
     `classifier` (Glorot-uniform init, or `kernel` (d, k) and `bias` (k,) when
     given, e.g. from the linear head). `suffix` is appended to the head's layer
     names (and the model's), so several heads can share one backbone graph (an ensemble).
+    `activation="sigmoid"`: one independent probability per output (a multi-label head, `train.multilabel`).
     """
     keras = import_keras()
     names = [layer_name] if isinstance(layer_name, str) else list(layer_name)
@@ -22,7 +24,7 @@ def classifier(backbone_model, layer_name: str | list[str], n_classes: int, *, d
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_dropout" + suffix)(x)
     dense = keras.layers.Dense(
-        n_classes, activation="softmax", name="classifier" + suffix, kernel_initializer="glorot_uniform",
+        n_classes, activation=activation, name="classifier" + suffix, kernel_initializer="glorot_uniform",
         kernel_regularizer=keras.regularizers.L2(l2) if l2 else None,
     )
     outputs = dense(x)

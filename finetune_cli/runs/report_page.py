@@ -24,7 +24,7 @@ from finetune_cli.data.images import UnusableImage, open_checked, read_image_fil
 from finetune_cli.errors import ModelFileError
 from finetune_cli.files import read_json
 from finetune_cli.pages.html import Tile, figure, page, preformatted, section, table, tiles, write_page
-from finetune_cli.runs.run import read_predictions
+from finetune_cli.runs.run import read_predictions, single_label_only
 from finetune_cli.runs.write import predictions_frame
 
 #: The page `train` writes into the run folder.
@@ -47,6 +47,7 @@ def write_report(folder, extra: Extra = (), config: ReportConfig = REPORT) -> Pa
 def run_document(folder: Path, extra: Extra = (), config: ReportConfig = REPORT) -> str:
     """The whole report of the run in `folder`, as an HTML document."""
     metrics = _read_json(folder / "metrics.json", required=True)
+    single_label_only(folder, "report")
     plan = _read_json(folder / "plan.json") or {}
     frame = read_predictions(folder / "predictions_val.csv")
     classes = list(metrics.get("classes") or [])

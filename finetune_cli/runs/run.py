@@ -34,6 +34,8 @@ class Run:
         image_size: S, the input side in pixels.
         plan, metrics: the run's plan.json and metrics.json, or None if absent.
         recipe: the run's recipe.toml text, or None.
+        multi_label: the model gives one independent (sigmoid) probability per label (`train.multilabel`);
+            `thresholds` (k,) are then its per-label decision thresholds and `separator` joins a label set.
     """
 
     path: Path
@@ -43,14 +45,20 @@ class Run:
     plan: dict | None = None
     recipe: str | None = None
     metrics: dict | None = None
+    multi_label: bool = False
+    thresholds: tuple = ()
+    separator: str = ";"
 
     @classmethod
-    def load(cls, path) -> "Run":
+    def load(cls, path, multi_label: bool = False) -> "Run":
         """Load a run folder (or a model.keras inside one); `last` is the last finished run under ./runs.
+
+        `multi_label`: the caller reads multi-label runs too (predict, evaluate); False refuses one.
 
         Raises:
             ModelFileError: not a run, a truncated or corrupt model, a model
-                that is not a classifier, or class names that disagree.
+                that is not a classifier, or class names that disagree; a multi-label run where the
+                caller reads single-label runs only.
         """
         path = last_run() if str(path) == "last" else Path(path).expanduser().absolute()
         folder = path.parent if path.suffix == ".keras" else path
@@ -61,10 +69,11 @@ class Run:
         classes = _classes((facts or {}).get("classes"), folder / "labels.json")
         declared = input_of(config, model_file, ModelFileError)
         side = input_side(declared, None, model_file.name, DEFAULT_IMAGE_SIZE)
+        task = _task(facts or {}, classes, model_file, multi_label)
         model = load_model_file(model_file, ModelFileError)
         _check_classifier(model, model_file, classes)
         return cls(folder, model, classes, side, _optional_json(folder / "plan.json"),
-                   _optional_text(folder / "recipe.toml"), _optional_json(folder / "metrics.json"))
+                   _optional_text(folder / "recipe.toml"), _optional_json(folder / "metrics.json"), *task)
 
     def validation(self) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (n, k) float64, true labels (n,)) of the run's held-out validation images, from
@@ -101,6 +110,35 @@ def trained_on(folder: Path) -> frozenset[str] | None:
     except (OSError, UnicodeDecodeError):
         return None
     return frozenset(lines) if all(re.fullmatch(r"[0-9a-f]{32}", line) for line in lines) else None
+
+
+def single_label_only(folder: Path, command: str) -> None:
+    """Refuse a multi-label run (its metrics.json says so) for a `command` built for single-label runs.
+
+    Raises:
+        ModelFileError: naming the command and what reads such a run.
+    """
+    if (_optional_json(Path(folder) / "metrics.json") or {}).get("task") == "multi-label":
+        raise ModelFileError(f"{folder} is a multi-label run: `{command}` is built for single-label runs; "
+                             "evaluate and predict read it, and its metrics.json holds the per-label scores")
+
+
+def _task(facts: dict, classes: list[str], model_file: Path, allowed: bool) -> tuple:
+    """(multi_label, thresholds, separator) from the model's facts, checked before the model is loaded.
+
+    Raises:
+        ModelFileError: a multi-label run where it is not `allowed`, or thresholds that do not fit its labels.
+    """
+    if facts.get("task") != "multi-label":
+        return False, (), ";"
+    if not allowed:
+        raise ModelFileError(f"{model_file.parent} is a multi-label run (one probability per label): this command "
+                             "reads single-label runs; predict and evaluate read multi-label runs")
+    thresholds = facts.get("thresholds")
+    if not isinstance(thresholds, list) or len(thresholds) != len(classes) or not all(
+            isinstance(t, (int, float)) and 0 < t < 1 for t in thresholds):
+        raise ModelFileError(f"{model_file} is multi-label but its thresholds are damaged: train the run again")
+    return True, tuple(float(t) for t in thresholds), str(facts.get("separator") or ";")
 
 
 def _classes(inside: list | None, labels_file: Path) -> list[str]:

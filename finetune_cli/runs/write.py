@@ -50,6 +50,46 @@ def write_run(run: RunFolder, result, classes: list[str], image_size: int, facts
     return metrics
 
 
+def write_multilabel_run(run: RunFolder, scan, fitted, image_size: int, facts: dict, notes: list, timings,
+                         out_of_fold: bool = True) -> dict:
+    """Write a multi-label run (`train.multilabel.MultiLabelFit`): the model (its facts: task, thresholds,
+    separator), labels.json, skipped.csv, trained_on.txt, history.csv, predictions_val.csv (path, true and
+    predicted label sets, `PROB_PREFIX` + label per label), then metrics.json (last); returns the metrics.
+
+    facts: what is known before writing (strategy, counts, test scores); `scan`: the training scan;
+    `out_of_fold`: validated out-of-fold (else on a --val-dir)."""
+    import pandas as pd
+
+    from finetune_cli.analysis.multilabel import label_sets, multilabel_scores
+    from finetune_cli.runs.run import TRAINED_ON
+
+    labels, sep, thresholds = list(scan.classes), scan.separator, fitted.thresholds
+    run.save_model(fitted.model, facts={"classes": labels, "image_size": image_size, "task": "multi-label",
+                                        "thresholds": [float(t) for t in thresholds], "separator": sep})
+    run.write_json("labels.json", labels)
+    run.write_frame("skipped.csv", pd.DataFrame([{"path": shown(s.path), "reason": shown(s.reason)}
+                                                 for s in scan.skipped], columns=["path", "reason"]))
+    run.write_text(TRAINED_ON, "".join(f"{d}\n" for d in sorted({r.digest for r in scan.images})))
+    run.write_frame("history.csv", pd.DataFrame(fitted.history))
+    frame = pd.DataFrame({"path": [shown(p) for p in fitted.val_paths],
+                          "true": label_sets(fitted.val_truth, 0.5, labels, sep),
+                          "predicted": label_sets(fitted.val_guess, 0.5, labels, sep)})
+    probs = pd.DataFrame(fitted.val_probs.round(6), columns=[PROB_PREFIX + name for name in labels])
+    run.write_frame("predictions_val.csv", pd.concat([frame, probs], axis=1))
+    val = multilabel_scores(fitted.val_truth, fitted.val_probs, thresholds, labels, guess=fitted.val_guess)
+    chosen = "on the other folds' images" if out_of_fold else "on these images"
+    metrics = {**facts, "task": "multi-label", "separator": sep,
+               **{f"val_{k}": v for k, v in val.items() if k not in ("n_images", "per_label")},
+               "validation": {"method": "out-of-fold" if out_of_fold else "held-out", "n_images": val["n_images"],
+                              "thresholds_chosen": chosen, "per_label": val["per_label"]},
+               "thresholds": dict(zip(labels, [round(float(t), 6) for t in thresholds])), "C": fitted.C,
+               "candidates": fitted.candidates, "classes": labels, "timings_s": timings(),
+               "notes": notes + ["report.html is not written for multi-label runs: metrics.json holds the "
+                                 "per-label scores"]}
+    run.write_json("metrics.json", metrics)
+    return metrics
+
+
 def validation_intervals(labels: np.ndarray, guess: np.ndarray) -> dict:
     """metrics.json's val_accuracy_interval95, val_macro_f1 (+ interval), val_balanced_accuracy (+ interval):
     `analysis.scores` on the validation images; {} without any."""

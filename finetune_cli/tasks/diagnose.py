@@ -15,7 +15,7 @@ from finetune_cli.analysis.diagnose import EPOCH_COLUMNS, LINEAR_COLUMNS, Diagno
 from finetune_cli.config import DIAGNOSE, DiagnoseConfig
 from finetune_cli.errors import ModelFileError
 from finetune_cli.files import read_json
-from finetune_cli.runs.run import last_run
+from finetune_cli.runs.run import last_run, single_label_only
 
 
 def diagnose(run: str | os.PathLike) -> dict:
@@ -54,7 +54,8 @@ def diagnose_run(path, *, config: DiagnoseConfig = DIAGNOSE) -> Diagnosis:
     """
     folder = last_run() if str(path) == "last" else Path(path).expanduser().absolute()
     folder = folder.parent if folder.suffix == ".keras" and folder.is_file() else folder
-    history = _read_history(_check_run(folder))
+    single_label_only(_check_run(folder), "diagnose")
+    history = _read_history(folder)
     metrics = _optional_json(folder / "metrics.json") or {}
     plan = (_optional_json(folder / "plan.json") or {}).get("plan")
     diagnosis = diagnose_history(history, classes=_n_classes(folder, metrics), planned_lr=_head_rate(plan),

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from finetune_cli.analysis.conformal import calibrate, checked_coverage, prediction_sets
+from finetune_cli.analysis.multilabel import label_sets, multilabel_scores
 from finetune_cli.analysis.scores import scores
 from finetune_cli.config import PREDICT, SCALE, SCAN, ScanConfig, checked_tta
 from finetune_cli.data.inputs import collect, labelled_test_scan
@@ -14,7 +15,7 @@ from finetune_cli.data.scan import Progress, Skipped
 from finetune_cli.errors import SettingsError
 from finetune_cli.files import check_output_file, shown, writing
 from finetune_cli.models.inference import prediction_frame, probabilities
-from finetune_cli.runs.run import Run, training_overlap
+from finetune_cli.runs.run import Run, trained_on, training_overlap
 from finetune_cli.scale import ray_data
 from finetune_cli.scale.backend import ray_requested
 
@@ -55,12 +56,17 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
                                 address=address, settings=dataclasses.replace(SCALE, workers=workers),
                                 progress=progress)
     out = check_output_file(out, overwrite=overwrite) if out is not None else None
-    run = Run.load(model)
+    run = Run.load(model, multi_label=True)
     model, classes, size = run.model, run.classes, run.image_size
+    if run.multi_label and coverage is not None:
+        raise SettingsError("--coverage makes prediction sets of one class; this run is multi-label, and its "
+                            "`labels` column is already a set per image (per-label thresholds): drop --coverage")
     sets = conformal_sets(run, coverage, tta) if coverage is not None else None
     scan = collect(inputs, config)
     probs, ok = probabilities(model, scan, size, config=config, tta=tta)
-    frame = prediction_frame([shown(r.path) for r in scan.images], probs, classes, top_k, tta)
+    paths = [shown(r.path) for r in scan.images]
+    frame = multi_label_frame(run, paths, probs, tta) if run.multi_label else \
+        prediction_frame(paths, probs, classes, top_k, tta)
     if sets is not None:
         chosen = sets(probs)[0]
         frame["set"] = [";".join(classes[i] for i in s) for s in chosen]
@@ -91,7 +97,9 @@ def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, 
     """
     tta = checked_tta(tta)
     page = check_output_file(html, overwrite=overwrite, suffixes=(".html", ".htm"), option="--html") if html else None
-    run = Run.load(model)
+    run = Run.load(model, multi_label=True)
+    if run.multi_label:
+        return evaluate_multi_label(root, run, tta, config, page, coverage)
     sets = conformal_sets(run, coverage, tta) if coverage is not None else None
     scan = labelled_test_scan(root, run.classes, config)
     probs, ok = probabilities(run.model, scan, run.image_size, config=config, tta=tta)
@@ -108,6 +116,39 @@ def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, 
     return result
 
 
+def multi_label_frame(run: Run, paths: list[str], probs: np.ndarray, tta: int):
+    """`predict`'s frame for a multi-label run: path, labels (those at or above their threshold, joined by the
+    run's separator; "" for none), n_labels, one p_LABEL column per label, tta."""
+    import pandas as pd
+
+    chosen = label_sets(probs, np.array(run.thresholds), run.classes, run.separator)
+    frame = pd.DataFrame({"path": paths, "labels": chosen,
+                          "n_labels": (probs >= np.array(run.thresholds)).sum(1).astype(int)})
+    for j, name in enumerate(run.classes):
+        frame[f"p_{name}"] = probs[:, j].round(6)
+    frame["tta"] = tta
+    return frame
+
+
+def evaluate_multi_label(root, run: Run, tta: int, config: ScanConfig, page, coverage) -> dict:
+    """`evaluate` for a multi-label run: `analysis.multilabel.multilabel_scores` at the run's thresholds, on a
+    table of label sets (or a class folder: one label per image), with how many images trained the run.
+
+    Raises:
+        SettingsError: --html or --coverage (single-label only); FolderError: as `labelled_test_scan`.
+    """
+    if page is not None or coverage is not None:
+        raise SettingsError(f"{'--html' if page is not None else '--coverage'} is built for single-label runs; "
+                            "this run is multi-label: drop it (the scores are printed, and --json has them all)")
+    scan = labelled_test_scan(root, run.classes, config, multi_label=True)
+    probs, ok = probabilities(run.model, scan, run.image_size, config=config, tta=tta)
+    records = [r for r, good in zip(scan.images, ok) if good]
+    result = multilabel_scores(scan.label_matrix(records, run.classes), probs[ok], np.array(run.thresholds),
+                               run.classes)
+    trained = trained_on(run.path)
+    seen = sum(r.digest in trained for r in records) if trained is not None else 0
+    return {"task": "multi-label", **result, "tta": tta, "n_skipped": int((~ok).sum()) + len(scan.skipped),
+            **({"n_training_images": seen} if seen else {})}
 
 
 def conformal_sets(run: Run, coverage: float, tta: int):

@@ -19,25 +19,28 @@ from pathlib import Path
 import numpy as np
 
 from finetune_cli.analysis.diagnose import diagnose_history
+from finetune_cli.analysis.multilabel import multilabel_scores
 from finetune_cli.analysis.scores import scores, selection_metric
 from finetune_cli.config import (FEATURES, LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, PretrainConfig, ScanConfig,
                                  TrainConfig, checked_pretrain_config)
 from finetune_cli.data.scan import Scan
-from finetune_cli.errors import BackboneError, TrainingError
+from finetune_cli.errors import BackboneError, SettingsError, TrainingError
 from finetune_cli.features import FeatureCache
 from finetune_cli.files import shown
 from finetune_cli.progress import QUIET, Reporter
 from finetune_cli.runs.folder import RunFolder, open_run
 from finetune_cli.runs.report_page import write_report
 from finetune_cli.runs.run import TRAINED_ON
-from finetune_cli.runs.write import write_run
+from finetune_cli.runs.write import write_multilabel_run, write_run
 from finetune_cli.runtime.devices import scope
 from finetune_cli.strategy import recipes as recipe_files
 from finetune_cli.strategy import similarity as sim
+from finetune_cli.strategy.decide import decide, table_recipe
 from finetune_cli.train.calibrate import calibrate
 from finetune_cli.train.context import Context, TrainResult, all_labels, every_image
 from finetune_cli.train.ensemble import checked_settings
 from finetune_cli.train.linear import fit_linear_plan
+from finetune_cli.train.multilabel import fit_multilabel
 from finetune_cli.train.lr_sweep import apply_rate, checked_rate
 from finetune_cli.train.pretrain import companion, pretrain
 from finetune_cli.train.resume import already_finished, read_saved
@@ -61,19 +64,17 @@ def train(
         strategy: auto, linear, partial or full (overrides the table); similarity: auto, similar or different.
         val_dir, test_dir: labelled folders to validate on instead of a split, and to score the kept
             model on in the same process (metrics["test"], as `evaluate` returns it).
-        unlabeled: first pretrain a denoising autoencoder on these images into RUN/encoder.keras
-            (`pretrain_settings`, `greedy`; starting from `base`'s early stages when a base is given)
-            and train from that encoder.
-        resume: continue the run in `out` (`train.resume` says what is checked); a finished run is
-            left as it is. settings: beyond the recipe (`TrainConfig`).
+        unlabeled: first pretrain a denoising autoencoder on these images into RUN/encoder.keras (`pretrain_settings`,
+            `greedy`; starting from `base`'s early stages when a base is given) and train from that encoder.
+        resume: continue the run in `out` (`train.resume` checks); a finished one is left. settings: `TrainConfig`.
         lr: the head's rate (> 0, or its text), or "auto": the lr-find valley on the plan's model
             (`set_rate`); other groups keep their ratio. Fine-tuning only; None: the recipe's.
-        ensemble, ensemble_mode, average: see `config.TrainConfig` (text accepted), `train.ensemble`;
-            devices: fine-tune on N devices (or "all" GPUs) under a MirroredStrategy (`runtime.devices`).
+        ensemble, ensemble_mode, average: see `config.TrainConfig` (text accepted), `train.ensemble`; devices:
+            fine-tune on N devices (or "all" GPUs) under a MirroredStrategy. A multi-label table: `train_multi_label`.
 
-    Returns the run's metrics (also in `out/metrics.json`); a failure before anything worth resuming
-    removes what it wrote. Raises: FolderError, BackboneError, WeightsUnavailableError, RecipeError,
-    OutputError, SettingsError, ModelFileError, TrainingError.
+    Returns the run's metrics (also in `out/metrics.json`); a failure before anything worth resuming removes
+    what it wrote. Raises: FolderError, BackboneError, WeightsUnavailableError, RecipeError, OutputError,
+    SettingsError, ModelFileError, TrainingError.
     """
     started = time.perf_counter()
     settings, lr = checked_settings(settings, ensemble, ensemble_mode, average, resume), checked_rate(lr)
@@ -88,11 +89,13 @@ def train(
             pretrained, base, weights, image_size, similarity = encoder_start(
                 run, unlabeled, base, weights, image_size, similarity, seed=seed, settings=pretrain_settings,
                 greedy=greedy, config=config, reporter=reporter)
-            ctx, profile, test_scan = prepare(run, root, base, weights=weights, image_size=image_size, saved=saved,
-                                              recipe=recipe, val_dir=val_dir, test_dir=test_dir, seed=seed,
-                                              cache=cache, batch_size=batch_size, config=config,
-                                              settings=settings, reporter=reporter)
+            ctx, profile, test_scan = prepare(
+                run, root, base, weights=weights, image_size=image_size, saved=saved, recipe=recipe, val_dir=val_dir,
+                test_dir=test_dir, seed=seed, cache=cache, batch_size=batch_size, config=config, settings=settings,
+                reporter=reporter, multi_label=True)
             clock = {"prepare": time.perf_counter() - started}
+            if ctx.scan.multi_label:
+                return train_multi_label(ctx, profile, test_scan, strategy, recipe, clock, started, (ensemble, average, lr))
             plan, evidence, recipe_obj = (saved.plan, saved.evidence, saved.recipe) if saved else \
                 decide_and_record(ctx, profile, similarity, strategy, recipe, pretrained, test_scan, settings)
             reporter.on_plan(plan, evidence)
@@ -104,6 +107,72 @@ def train(
             result.metrics.update(lr_record)
             clock["train"] = time.perf_counter() - started - clock["prepare"] - clock["plan"]
             return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
+
+
+def train_multi_label(ctx: Context, profile, test_scan: Scan | None, strategy: str, recipe: str | None,
+                      clock: dict, started: float, unused: tuple = (1, "none", None)) -> dict:
+    """Train a multi-label table's run (`train.multilabel`): the heads, the plan the table gives with their
+    stage scores as the probe's evidence, then the run folder (`runs.write.write_multilabel_run`).
+
+    `unused`: (--ensemble, --average, --lr), which apply to single-label runs: a note names each one given.
+
+    Raises:
+        SettingsError: --strategy partial/full or a --recipe (multi-label fine-tuning is not built).
+    """
+    if strategy in ("partial", "full") or recipe is not None:
+        raise SettingsError(f"{'--strategy ' + strategy if recipe is None else '--recipe'} fine-tunes, and multi-label "
+                            "fine-tuning (binary cross-entropy) is not built: use --strategy auto or linear")
+    for name, value in zip(("ensemble", "average", "lr"), unused):
+        if value not in (None, 1, "1", "none", TRAIN.average):
+            ctx.reporter.on_note(f"--{name} applies to single-label runs: ignored for this multi-label table")
+    fitted = fit_multilabel(ctx, n_stages(ctx))
+    evidence = sim.judge({row["stage"]: row["cv_mean_average_precision"] for row in fitted.candidates}, None,
+                         len(ctx.train.images))
+    plan, notes = multi_label_plan(ctx, profile, evidence, strategy, fitted)
+    ctx.reporter.on_plan(plan, evidence)
+    for note in notes:
+        ctx.reporter.on_note(note)
+    clock["train"] = time.perf_counter() - started - clock["prepare"]
+    header = {"run_folder": str(ctx.run.path), "data_root": str(Path(ctx.scan.source).absolute()),
+              "strategy": plan.strategy, "recipe": plan.recipe, "similarity": evidence.verdict,
+              "size_category": profile.size_category, "n_train": len(ctx.train.images), "n_val": len(ctx.val.images),
+              "n_skipped": len(ctx.scan.skipped), "profile": profile_facts(profile)}
+    if test_scan is not None:
+        ctx.reporter.on_phase(f"evaluating on {len(test_scan.images)} test images")
+        header["test"] = multi_label_test(fitted, ctx, test_scan)
+    ctx.reporter.on_phase(f"saving to {ctx.run.path}")
+    ctx.run.write_json("plan.json", {"plan": plan.to_dict(), "similarity": evidence.to_dict(), "task": "multi-label",
+                                     "candidates": fitted.candidates, "base": ctx.backbone.ref.label,
+                                     "weights": ctx.backbone.ref.weights, "image_size": ctx.backbone.ref.image_size})
+    timings = lambda: {**{k: round(v, 3) for k, v in clock.items()}, "total": round(time.perf_counter() - started, 3)}
+    return write_multilabel_run(ctx.run, ctx.scan, fitted, ctx.backbone.ref.image_size, header, notes, timings,
+                                ctx.out_of_fold)
+
+
+def multi_label_plan(ctx: Context, profile, evidence, strategy: str, fitted) -> tuple:
+    """(Plan, notes): the table's plan for the size and the measured similarity, as the linear heads that were
+    fitted (a fine-tuning cell is named in a note: multi-label fine-tuning is not built)."""
+    name = table_recipe(profile.size_category, evidence.verdict, strategy)
+    plan = decide(profile.size_category, evidence.verdict, n_stages(ctx), recipe_files.load(name)[0],
+                  overridden=strategy != "auto")
+    stage = "final" if fitted.layer is None else str(fitted.layer)
+    notes = [f"multi-label: one sigmoid per label ({len(ctx.classes)}), C {fitted.C:g} and the {stage} stage by "
+             f"{len(fitted.candidates)}-stage cross-validated mean average precision; thresholds per label by F1 "
+             "on the out-of-fold probabilities"]
+    if plan.strategy != "linear":
+        notes.append(f"the table says {plan.strategy} fine-tuning for {profile.size_category} {evidence.verdict} "
+                     "data; multi-label fine-tuning (binary cross-entropy) is not built: the linear heads are kept")
+    reason = plan.reason + ("; multi-label: linear heads" if plan.strategy != "linear" else "")
+    plan = dataclasses.replace(plan, strategy="linear", feature_stage=stage, train_stages=(), top_stages=(),
+                               epochs=0, feature_views=0, augmentation="none", reason=reason)
+    return plan, notes
+
+
+def multi_label_test(fitted, ctx: Context, test_scan: Scan) -> dict:
+    """The --test-dir's multi-label scores (`analysis.multilabel.multilabel_scores`) through the fitted heads."""
+    table = ctx.features(test_scan, [fitted.layer])[0]
+    truth = test_scan.label_matrix(table.records, ctx.classes)
+    return multilabel_scores(truth, fitted.probabilities(table.features), fitted.thresholds, ctx.classes)
 
 
 def checked_start(base: str | None, unlabeled, recipe: str | None, strategy: str, settings: TrainConfig

@@ -37,8 +37,11 @@ from finetune_cli.train.resume import check_unchanged
 
 def prepare(run: RunFolder, root, base: str, *, weights: str, image_size: int | None, saved, recipe: str | None,
             val_dir, test_dir, seed: int, cache: FeatureCache | None, batch_size: int, config: ScanConfig,
-            settings: TrainConfig, reporter: Reporter):
+            settings: TrainConfig, reporter: Reporter, multi_label: bool = False):
     """Scan, check a resume against the saved run, split, and build the backbone.
+
+    `multi_label`: accept a multi-label table (`data.scan.scan_table`); its context is not split: `train` and
+    `val` are every image (validated out-of-fold, `Context.out_of_fold`), or `val` is --val-dir's.
 
     Returns:
         (Context, Profile, test Scan or None).
@@ -47,18 +50,22 @@ def prepare(run: RunFolder, root, base: str, *, weights: str, image_size: int | 
         FolderError, BackboneError, SettingsError (a resume that changed something).
     """
     reporter.on_phase("scanning")
-    scan = scan_folder(root, labelled=True, config=config)
+    scan = scan_folder(root, labelled=True, config=config, multi_label=multi_label)
     profile = profile_scan(scan, config)
     ref = resolve(base, weights, image_size or (saved.image_size if saved else None), seed)
     if saved:
         check_unchanged(saved, scan.classes, ref, recipe)
     val_scan, test_scan = held_out_scans(scan, val_dir, test_dir, config, settings.drop_overlap, reporter)
-    train_scan, val_scan, result = split_scan(scan, val_scan, settings.val_fraction, seed=seed)
+    if scan.multi_label:
+        train_scan, val_scan, result = scan, val_scan or scan, None
+    else:
+        train_scan, val_scan, result = split_scan(scan, val_scan, settings.val_fraction, seed=seed)
     for note in split_notes(scan, result):
         reporter.on_note(note)
     reporter.on_phase(f"building {ref.label} ({ref.weights} weights, {ref.image_size} px)")
     backbone = build(ref)
-    ctx = Context(run, scan, train_scan, val_scan, backbone, cache, config, reporter, seed, batch_size)
+    ctx = Context(run, scan, train_scan, val_scan, backbone, cache, config, reporter, seed, batch_size,
+                  out_of_fold=scan.multi_label and val_dir is None)
     return ctx, profile, test_scan
 
 
@@ -69,8 +76,11 @@ def held_out_scans(scan: Scan, val_dir, test_dir, config: ScanConfig, drop: bool
         FolderError: a folder is unusable, or shares images with the training folder and `drop` is
             False (`train.context.without_overlap`).
     """
-    val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
-    test_scan = labelled_test_scan(test_dir, list(scan.classes), config) if test_dir else None
+    if scan.multi_label:  # a held-out table names the training labels, each image any number of them
+        val_scan = labelled_test_scan(val_dir, list(scan.classes), config, multi_label=True) if val_dir else None
+    else:
+        val_scan = scan_folder(val_dir, labelled=True, config=config) if val_dir else None
+    test_scan = labelled_test_scan(test_dir, list(scan.classes), config, scan.multi_label) if test_dir else None
     if val_scan is not None:
         val_scan = without_overlap(scan, val_scan, "--val-dir", drop, reporter)
     if test_scan is not None:
