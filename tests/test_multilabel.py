@@ -77,7 +77,7 @@ def test_single_label_commands_refuse_a_multi_label_table_in_one_line(tmp_path):
     table = blobs_table(tmp_path / "data", n=24)
     with pytest.raises(FolderError, match="is multi-label .*--label-separator ''"):
         scan_folder(table)
-    result = invoke("inspect", table)
+    result = invoke("audit", table)
     assert result.exit_code == 2 and "is multi-label" in result.output and "Traceback" not in result.output
     # with no separator, each cell is one label (a class named "blue;red"), as before
     with tables.using(TableConfig(TABLE.path_column, TABLE.label_column, False, TABLE.suffixes, "")):
@@ -201,3 +201,36 @@ def test_a_single_label_run_refuses_a_multi_label_table(tmp_path, tiny_base, sha
     table = blobs_table(tmp_path / "data", n=24)
     result = invoke("evaluate", tmp_path / "single", table)
     assert result.exit_code == 2 and "is multi-label" in result.output
+
+
+def test_inspect_counts_per_label_and_features_keep_each_images_set(tmp_path, tiny_base):
+    table = blobs_table(tmp_path / "data", n=24)
+    scan = scan_folder(table, multi_label=True)
+    result = invoke("inspect", table, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    counts = {row["name"]: row["count"] for row in info["classes"]}
+    assert info["multi_label"] and counts == dict(zip(scan.classes, scan.label_matrix().sum(0).astype(int).tolist()))
+    assert sum(counts.values()) > len(scan.images)  # images with two or three labels count under each
+    out = tmp_path / "features.csv"
+    result = invoke("extract-features", table, "--base", tiny_base, "--image-size", 32, "--out", out)
+    assert result.exit_code == 0, result.output
+    written = pd.read_csv(out, keep_default_na=False)
+    assert dict(zip(written["path"], written["label"])) == {r.path: r.label for r in scan.images}
+
+
+def test_a_val_dir_table_validates_the_heads_and_chooses_the_thresholds(trained, tmp_path):
+    table, held_out, _, _ = trained
+    base = save_tiny_backbone(tmp_path / "tiny.keras")
+    metrics = api.train(table, str(base), out=tmp_path / "run", image_size=32, val_dir=held_out)
+    assert metrics["validation"]["method"] == "held-out" and metrics["validation"]["n_images"] == 30
+    assert metrics["n_val"] == 30 and metrics["val_mean_average_precision"] > 0.9
+    assert any("--val-dir images' probabilities" in note for note in metrics["notes"])
+    frame = pd.read_csv(tmp_path / "run" / "predictions_val.csv", keep_default_na=False)
+    assert sorted(frame["path"]) == sorted(str(p) for p in scan_folder(held_out, multi_label=True).paths())
+    # the thresholds were chosen on these images: their F1 at those thresholds is the F1 reported
+    probs = frame[[f"prob_{c}" for c in metrics["classes"]]].to_numpy()
+    truth = np.array([[c in s.split(";") for c in metrics["classes"]] for s in frame["true"]], float)
+    again = multilabel_scores(truth, probs, np.array([metrics["thresholds"][c] for c in metrics["classes"]]),
+                              metrics["classes"])
+    assert again["macro_f1"] == pytest.approx(metrics["val_macro_f1"], abs=0.02)

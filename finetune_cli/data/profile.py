@@ -46,6 +46,7 @@ class Profile:
             "root": str(self.scan.root),
             "n_images": self.n_images,
             "n_classes": len(self.class_counts),
+            "multi_label": self.scan.multi_label,  # then a class's count and share are of the images carrying it
             "classes": [
                 {"name": name, "count": count, "share": round(count / max(self.n_images, 1), 4)}
                 for name, count in self.class_counts.items()

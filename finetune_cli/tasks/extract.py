@@ -64,7 +64,8 @@ def extract_features(
         out = check_table_path(Path(out), overwrite)
     ref = resolve(base, weights, image_size, FEATURES.init_seed)
     cache = FeatureCache.at(cache_dir, write=True) if use_cache else None
-    scan = scan_folder(root, labelled=None, config=config, progress=scan_progress, for_training=False)
+    scan = scan_folder(root, labelled=None, config=config, progress=scan_progress, for_training=False,
+                       multi_label=True)  # a multi-label table's label column keeps each image's set
     table = extract(scan, ref, layer=layer, pooling=pooling, batch_size=batch_size, cache=cache,
                     config=config, progress=progress)
     if out is not None:

@@ -16,7 +16,8 @@ def inspect(
     config: ScanConfig = SCAN,
     progress: Progress | None = None,
 ):
-    """Scan and profile a class-per-subfolder image folder.
+    """Scan and profile a class-per-subfolder image folder, or a label table (a multi-label one too: its
+    counts are per label).
 
     Returns:
         A `data.profile.Profile`; `profile.to_dict()` is the `inspect --json` contract.
@@ -24,4 +25,4 @@ def inspect(
     Raises:
         FolderError: the folder is unusable (see `scan_folder`).
     """
-    return profile_scan(scan_folder(root, labelled=True, config=config, progress=progress), config)
+    return profile_scan(scan_folder(root, labelled=True, config=config, progress=progress, multi_label=True), config)

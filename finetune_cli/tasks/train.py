@@ -156,9 +156,10 @@ def multi_label_plan(ctx: Context, profile, evidence, strategy: str, fitted) -> 
     plan = decide(profile.size_category, evidence.verdict, n_stages(ctx), recipe_files.load(name)[0],
                   overridden=strategy != "auto")
     stage = "final" if fitted.layer is None else str(fitted.layer)
+    where = "out-of-fold probabilities" if ctx.out_of_fold else "--val-dir images' probabilities"
     notes = [f"multi-label: one sigmoid per label ({len(ctx.classes)}), C {fitted.C:g} and the {stage} stage by "
              f"{len(fitted.candidates)}-stage cross-validated mean average precision; thresholds per label by F1 "
-             "on the out-of-fold probabilities"]
+             f"on the {where}"]
     if plan.strategy != "linear":
         notes.append(f"the table says {plan.strategy} fine-tuning for {profile.size_category} {evidence.verdict} "
                      "data; multi-label fine-tuning (binary cross-entropy) is not built: the linear heads are kept")
