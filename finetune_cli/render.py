@@ -122,6 +122,8 @@ class RichReporter(Reporter):
         if "accuracy" in logs:
             line = (f"loss {logs['loss']:.4f} acc {logs['accuracy']:.1%}  val_loss {logs['val_loss']:.4f} "
                     f"val_acc {logs['val_accuracy']:.1%}")
+        elif "val_map" in logs:  # multi-label fine-tuning
+            line = f"binary cross-entropy {logs['loss']:.4f}  val_loss {logs['val_loss']:.4f} val_mAP {logs['val_map']:.3f}"
         elif "agreement" in logs:
             line = (f"distillation loss {logs['loss']:.4f} agreement with the teachers {logs['agreement']:.1%}  "
                     f"val_loss {logs['val_loss']:.4f} val_acc {logs['val_accuracy']:.1%}")
@@ -176,7 +178,8 @@ def multilabel_table(console: Console, per_label: dict) -> None:
 def multilabel_summary(console: Console, metrics: dict, out) -> None:
     """The end of a multi-label training run: its out-of-fold (or held-out) scores, per label, notes."""
     method = metrics["validation"]["method"]
-    console.print(f"[bold green]done[/bold green]: multi-label, {len(metrics['classes'])} labels, linear heads on "
+    model = "fine-tuned" if metrics.get("fine_tuning", {}).get("kept") == "fine-tuned" else "linear heads"
+    console.print(f"[bold green]done[/bold green]: multi-label, {len(metrics['classes'])} labels, {model} on "
                   f"{metrics['n_train']} images; {method} {multilabel_scores_line(metrics, 'val_')} on "
                   f"{metrics['validation']['n_images']} in {metrics['timings_s']['total']:.1f} s", highlight=False)
     if "test" in metrics:

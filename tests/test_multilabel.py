@@ -25,18 +25,20 @@ from .conftest import save_tiny_backbone
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
-def blobs_table(folder, n: int = 60, seed: int = 0, name: str = "labels.csv"):
+def blobs_table(folder, n: int = 60, seed: int = 0, name: str = "labels.csv", side: int = 14, noise: int = 20):
     """`n` 32 px images, each with one to three coloured squares on grey noise; the table labels each with
-    the colours it holds ("blue;red"). Returns the table's path."""
+    the colours it holds ("blue;red"). Squares of `side` 14 sit in fixed quadrants, smaller ones anywhere
+    (a harder set). Returns the table's path."""
     folder.mkdir(parents=True, exist_ok=True)
     rng, rows = np.random.default_rng(seed), []
     for i in range(n):
-        image = (np.full((32, 32, 3), 128) + rng.integers(-20, 20, (32, 32, 3))).astype(np.uint8)
+        image = (np.full((32, 32, 3), 128) + rng.integers(-noise, noise, (32, 32, 3))).clip(0, 255).astype(np.uint8)
         present = [c for c in COLOURS if rng.random() < 0.5] or [list(COLOURS)[i % 3]]
         if len(present) == 3 and i % 2:
             present = present[:2]  # no label on every image
         for j, colour in enumerate(present):
-            image[(j // 2) * 16:(j // 2) * 16 + 14, (j % 2) * 16:(j % 2) * 16 + 14] = COLOURS[colour]
+            y, x = ((j // 2) * 16, (j % 2) * 16) if side == 14 else rng.integers(0, 32 - side, 2)
+            image[y:y + side, x:x + side] = COLOURS[colour]
         Image.fromarray(image).save(folder / f"img{i}.png")
         rows.append({"path": f"img{i}.png", "label": ";".join(reversed(present)) + (";" if i % 5 == 0 else "")})
     pd.DataFrame(rows).to_csv(folder / name, index=False)
@@ -188,12 +190,80 @@ def test_what_multi_label_runs_cannot_do_is_refused_in_one_line(trained, tmp_pat
     assert not (tmp_path / "e").exists() and not (tmp_path / "p.html").exists()
 
 
-def test_fine_tuning_a_multi_label_table_is_refused_before_training(trained, tmp_path):
-    table, _, _, _ = trained
+WARM = """name = "warm"
+strategy = "full"
+description = "every stage at the head's rate"
+unfreeze_stages = 0
+top_stages = 1
+learning_rate = 3e-3
+top_lr_factor = 1.0
+intermediate_lr_factor = 1.0
+optimizer = "adam"
+epochs = 12
+batch_size = 16
+augmentation = "light"
+patience = 4
+"""
+
+
+def one_stage_backbone(path):
+    """A real one-stage conv backbone (B, S, S, 3) -> (B, S/2, S/2, 8): its final stage is the only one, so
+    the fine-tuned model starts from the heads it must beat."""
+    from finetune_cli.runtime.keras import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s1_conv")(
+        keras.layers.Rescaling(1 / 255.0)(inputs))
+    keras.Model(inputs, x, name="one").save(path)
+    return path
+
+
+def test_fine_tuning_that_loses_to_the_heads_puts_the_backbone_back(tmp_path):
+    table = blobs_table(tmp_path / "hard", n=120, seed=1, side=4, noise=70)
+    held_out = blobs_table(tmp_path / "test", n=30, seed=2, side=4, noise=70)
     base = save_tiny_backbone(tmp_path / "tiny.keras")
-    result = invoke("train", table, "--base", base, "--image-size", 32, "--strategy", "partial", "--out", tmp_path / "r")
-    assert result.exit_code == 2 and "multi-label fine-tuning (binary cross-entropy) is not built" in result.output
-    assert not (tmp_path / "r" / "model.keras").exists()
+    runs = {s: api.train(table, str(base), out=tmp_path / s, image_size=32, cache_dir=tmp_path / "cache",
+                         strategy=s, test_dir=held_out) for s in ("linear", "full")}
+    record = runs["full"]["fine_tuning"]
+    assert "fine_tuning" not in runs["linear"] and record["kept"] == "linear-heads"
+    assert record["n_val"] == 24 and record["n_train"] == 96 and record["fine_tuned_val_map"] <= record["linear_val_map"]
+    plan = json.loads((tmp_path / "full" / "plan.json").read_text())["plan"]
+    assert runs["full"]["strategy"] == "linear" and "the linear heads were kept" in plan["reason"]
+    assert any(note.startswith("full fine-tuning kept the linear heads") for note in runs["full"]["notes"])
+    # the kept model shares the backbone fine-tuning changed: its weights were put back, so it predicts as
+    # the linear run's model does, and its scores are the out-of-fold ones of every image
+    images = [str(p) for p in scan_folder(held_out, multi_label=True).paths()]
+    probs = [api.predict(images, str(tmp_path / s))[0][["p_blue", "p_green", "p_red"]].to_numpy() for s in runs]
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)
+    assert runs["full"]["test"] == runs["linear"]["test"] and runs["full"]["validation"]["method"] == "out-of-fold"
+
+
+def test_fine_tuning_that_beats_the_heads_is_kept_and_scored_on_its_hold_out(tmp_path):
+    table = blobs_table(tmp_path / "hard", n=200, seed=4, side=4, noise=70)
+    base, recipe = one_stage_backbone(tmp_path / "one.keras"), tmp_path / "warm.toml"
+    recipe.write_text(WARM)
+    result = invoke("train", table, "--base", base, "--image-size", 32, "--recipe", recipe, "--out", tmp_path / "run",
+                    "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert "binary cross-entropy" in result.output and "val_mAP" in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    record = metrics["fine_tuning"]
+    assert record["kept"] == "fine-tuned" and record["fine_tuned_val_map"] > record["linear_val_map"]
+    assert metrics["strategy"] == "full" and metrics["n_train"] == record["n_train"] == 160 and metrics["n_val"] == 40
+    assert metrics["val_mean_average_precision"] == pytest.approx(record["fine_tuned_val_map"], abs=1e-4)
+    # the scores and thresholds are the hold-out's, and no hold-out image trained the model
+    frame = pd.read_csv(tmp_path / "run" / "predictions_val.csv", keep_default_na=False)
+    trained_on = set((tmp_path / "run" / "trained_on.txt").read_text().split())
+    scan = scan_folder(table, multi_label=True)
+    digest = {str(p): r.digest for p, r in zip(scan.paths(), scan.images)}
+    assert len(frame) == 40 and len(trained_on) == 160 and not {digest[p] for p in frame["path"]} & trained_on
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert {"loss", "val_loss", "val_map"} <= set(history.columns)
+    assert history["val_map"].max() == pytest.approx(record["fine_tuned_val_map"], abs=1e-4)
+    again = api.evaluate(table, str(tmp_path / "run"))
+    assert again["n_training_images"] == 160  # evaluate flags the 160 by content, not the 40 hold-out images
 
 
 def test_a_single_label_run_refuses_a_multi_label_table(tmp_path, tiny_base, shapes):

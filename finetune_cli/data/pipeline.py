@@ -135,14 +135,15 @@ def labelled_batches(
     augment=None,
     config: ScanConfig = SCAN,
 ) -> tf.data.Dataset:
-    """Batches of (images float32 (B, S, S, 3) in 0-255, labels int32 (B,), weights float32 (B,)).
+    """Batches of (images float32 (B, S, S, 3) in 0-255, labels int32 (B,), weights float32 (B,)); `labels`
+    given as a multi-hot matrix (n, L) give float32 (B, L) labels (multi-label fine-tuning).
 
     Shuffled (reshuffled each epoch) when `shuffle_seed` is given; files that
     fail to decode get weight 0 so they cannot affect training.
     """
     load = loader(size, config)
     data = tf.data.Dataset.from_tensor_slices((
-        path_tensor(paths), tf.constant(list(labels), tf.int32),
+        path_tensor(paths), tf.constant(np.asarray(labels), tf.float32 if np.ndim(labels) == 2 else tf.int32),
         tf.constant(list(weights), tf.float32),
     ))
     if shuffle_seed is not None:

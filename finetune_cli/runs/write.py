@@ -69,7 +69,8 @@ def write_multilabel_run(run: RunFolder, scan, fitted, image_size: int, facts: d
     run.write_json("labels.json", labels)
     run.write_frame("skipped.csv", pd.DataFrame([{"path": shown(s.path), "reason": shown(s.reason)}
                                                  for s in scan.skipped], columns=["path", "reason"]))
-    run.write_text(TRAINED_ON, "".join(f"{d}\n" for d in sorted({r.digest for r in scan.images})))
+    trained = fitted.trained_on if fitted.trained_on is not None else {r.digest for r in scan.images}
+    run.write_text(TRAINED_ON, "".join(f"{d}\n" for d in sorted(trained)))
     run.write_frame("history.csv", pd.DataFrame(fitted.history))
     frame = pd.DataFrame({"path": [shown(p) for p in fitted.val_paths],
                           "true": label_sets(fitted.val_truth, 0.5, labels, sep),

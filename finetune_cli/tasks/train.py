@@ -24,7 +24,7 @@ from finetune_cli.analysis.scores import scores, selection_metric
 from finetune_cli.config import (FEATURES, LR_FIND, PRETRAIN, SCAN, TRAIN, LrFindConfig, PretrainConfig, ScanConfig,
                                  TrainConfig, checked_pretrain_config)
 from finetune_cli.data.scan import Scan
-from finetune_cli.errors import BackboneError, SettingsError, TrainingError
+from finetune_cli.errors import BackboneError, TrainingError
 from finetune_cli.features import FeatureCache
 from finetune_cli.files import shown
 from finetune_cli.progress import QUIET, Reporter
@@ -95,7 +95,7 @@ def train(
                 reporter=reporter, multi_label=True)
             clock = {"prepare": time.perf_counter() - started}
             if ctx.scan.multi_label:
-                return train_multi_label(ctx, profile, test_scan, strategy, recipe, clock, started, (ensemble, average, lr))
+                return train_multi_label(ctx, profile, test_scan, (strategy, recipe, settings), clock, (ensemble, average, lr))
             plan, evidence, recipe_obj = (saved.plan, saved.evidence, saved.recipe) if saved else \
                 decide_and_record(ctx, profile, similarity, strategy, recipe, pretrained, test_scan, settings)
             reporter.on_plan(plan, evidence)
@@ -109,34 +109,33 @@ def train(
             return finish(ctx, result, profile, evidence, pretrained, test_scan, clock, started)
 
 
-def train_multi_label(ctx: Context, profile, test_scan: Scan | None, strategy: str, recipe: str | None,
-                      clock: dict, started: float, unused: tuple = (1, "none", None)) -> dict:
-    """Train a multi-label table's run (`train.multilabel`): the heads, the plan the table gives with their
-    stage scores as the probe's evidence, then the run folder (`runs.write.write_multilabel_run`).
+def train_multi_label(ctx: Context, profile, test_scan: Scan | None, choices: tuple, clock: dict,
+                      unused: tuple = (1, "none", None)) -> dict:
+    """Train a multi-label table's run: the heads (`train.multilabel`), the plan the table gives with their
+    stage scores as the probe's evidence, its fine-tuning checked against the heads
+    (`train.multilabel_tuning`), then the run folder (`runs.write.write_multilabel_run`).
 
+    choices: (--strategy, --recipe or None, `TrainConfig`); clock: {"prepare": seconds so far};
     `unused`: (--ensemble, --average, --lr), which apply to single-label runs: a note names each one given.
-
-    Raises:
-        SettingsError: --strategy partial/full or a --recipe (multi-label fine-tuning is not built).
     """
-    if strategy in ("partial", "full") or recipe is not None:
-        raise SettingsError(f"{'--strategy ' + strategy if recipe is None else '--recipe'} fine-tunes, and multi-label "
-                            "fine-tuning (binary cross-entropy) is not built: use --strategy auto or linear")
+    started, (strategy, recipe, settings) = time.perf_counter() - clock["prepare"], choices
     for name, value in zip(("ensemble", "average", "lr"), unused):
         if value not in (None, 1, "1", "none", TRAIN.average):
             ctx.reporter.on_note(f"--{name} applies to single-label runs: ignored for this multi-label table")
     fitted = fit_multilabel(ctx, n_stages(ctx))
     evidence = sim.judge({row["stage"]: row["cv_mean_average_precision"] for row in fitted.candidates}, None,
                          len(ctx.train.images))
-    plan, notes = multi_label_plan(ctx, profile, evidence, strategy, fitted)
+    plan, recipe_obj, notes = multi_label_plan(ctx, profile, evidence, strategy, recipe, fitted)
     ctx.reporter.on_plan(plan, evidence)
+    fitted, plan, tuning = multi_label_tuning(ctx, plan, recipe_obj, fitted, settings, notes)
     for note in notes:
         ctx.reporter.on_note(note)
     clock["train"] = time.perf_counter() - started - clock["prepare"]
     header = {"run_folder": str(ctx.run.path), "data_root": str(Path(ctx.scan.source).absolute()),
               "strategy": plan.strategy, "recipe": plan.recipe, "similarity": evidence.verdict,
-              "size_category": profile.size_category, "n_train": len(ctx.train.images), "n_val": len(ctx.val.images),
-              "n_skipped": len(ctx.scan.skipped), "profile": profile_facts(profile)}
+              "size_category": profile.size_category, "n_train": len(fitted.trained_on or ctx.train.images),
+              "n_val": len(fitted.val_paths), "n_skipped": len(ctx.scan.skipped), "profile": profile_facts(profile),
+              **({"fine_tuning": tuning} if tuning else {})}
     if test_scan is not None:
         ctx.reporter.on_phase(f"evaluating on {len(test_scan.images)} test images")
         header["test"] = multi_label_test(fitted, ctx, test_scan)
@@ -146,34 +145,55 @@ def train_multi_label(ctx: Context, profile, test_scan: Scan | None, strategy: s
                                      "weights": ctx.backbone.ref.weights, "image_size": ctx.backbone.ref.image_size})
     timings = lambda: {**{k: round(v, 3) for k, v in clock.items()}, "total": round(time.perf_counter() - started, 3)}
     return write_multilabel_run(ctx.run, ctx.scan, fitted, ctx.backbone.ref.image_size, header, notes, timings,
-                                ctx.out_of_fold)
+                                ctx.out_of_fold and fitted.trained_on is None)
 
 
-def multi_label_plan(ctx: Context, profile, evidence, strategy: str, fitted) -> tuple:
-    """(Plan, notes): the table's plan for the size and the measured similarity, as the linear heads that were
-    fitted (a fine-tuning cell is named in a note: multi-label fine-tuning is not built)."""
-    name = table_recipe(profile.size_category, evidence.verdict, strategy)
-    plan = decide(profile.size_category, evidence.verdict, n_stages(ctx), recipe_files.load(name)[0],
-                  overridden=strategy != "auto")
+def multi_label_plan(ctx: Context, profile, evidence, strategy: str, recipe: str | None, fitted) -> tuple:
+    """(Plan, Recipe, notes): the table's plan (or --strategy's, --recipe's) for the size and the measured
+    similarity; a linear plan is the heads that were fitted."""
+    recipe_obj, _ = recipe_files.load(recipe or table_recipe(profile.size_category, evidence.verdict, strategy))
+    plan = decide(profile.size_category, evidence.verdict, n_stages(ctx), recipe_obj,
+                  overridden=recipe is not None or strategy != "auto")
     stage = "final" if fitted.layer is None else str(fitted.layer)
     where = "out-of-fold probabilities" if ctx.out_of_fold else "--val-dir images' probabilities"
     notes = [f"multi-label: one sigmoid per label ({len(ctx.classes)}), C {fitted.C:g} and the {stage} stage by "
              f"{len(fitted.candidates)}-stage cross-validated mean average precision; thresholds per label by F1 "
              f"on the {where}"]
-    if plan.strategy != "linear":
-        notes.append(f"the table says {plan.strategy} fine-tuning for {profile.size_category} {evidence.verdict} "
-                     "data; multi-label fine-tuning (binary cross-entropy) is not built: the linear heads are kept")
-    reason = plan.reason + ("; multi-label: linear heads" if plan.strategy != "linear" else "")
-    plan = dataclasses.replace(plan, strategy="linear", feature_stage=stage, train_stages=(), top_stages=(),
-                               epochs=0, feature_views=0, augmentation="none", reason=reason)
-    return plan, notes
+    return (linear_heads(plan, fitted) if plan.strategy == "linear" else plan), recipe_obj, notes
+
+
+def linear_heads(plan, fitted, why: str = ""):
+    """`plan` as the linear heads of `fitted` (a fine-tuning plan they won against: `why` joins its reason)."""
+    stage = "final" if fitted.layer is None else str(fitted.layer)
+    return dataclasses.replace(plan, strategy="linear", feature_stage=stage, train_stages=(), top_stages=(),
+                               epochs=0, feature_views=0, augmentation="none",
+                               reason=plan.reason + (f"; the linear heads were kept: {why}" if why else ""))
+
+
+def multi_label_tuning(ctx: Context, plan, recipe, fitted, settings: TrainConfig, notes: list) -> tuple:
+    """(the fit kept, the plan as run, metrics["fine_tuning"] or None): a fine-tuning plan run against the heads
+    (`train.multilabel_tuning`), its outcome added to `notes`; a linear plan as it is."""
+    if plan.strategy == "linear":
+        return fitted, plan, None
+    from finetune_cli.train.multilabel_tuning import fine_tune_multilabel
+
+    kept, record = fine_tune_multilabel(ctx, plan, recipe, fitted, settings)
+    if record["kept"] == "fine-tuned":
+        notes.append(f"fine-tuned with binary cross-entropy: hold-out mAP {record['fine_tuned_val_map']:.3f} against "
+                     f"the linear heads' {record['linear_val_map']:.3f} on {record['n_val']} images; the thresholds "
+                     "and the validation scores are from those hold-out images")
+        return kept, plan, record
+    notes.append(f"{plan.strategy} fine-tuning kept the linear heads: {record['why']}")
+    return fitted, linear_heads(plan, fitted, record["why"]), record
 
 
 def multi_label_test(fitted, ctx: Context, test_scan: Scan) -> dict:
-    """The --test-dir's multi-label scores (`analysis.multilabel.multilabel_scores`) through the fitted heads."""
-    table = ctx.features(test_scan, [fitted.layer])[0]
-    truth = test_scan.label_matrix(table.records, ctx.classes)
-    return multilabel_scores(truth, fitted.probabilities(table.features), fitted.thresholds, ctx.classes)
+    """The --test-dir's multi-label scores (`analysis.multilabel.multilabel_scores`) through the kept model."""
+    from finetune_cli.models.inference import probabilities
+
+    probs, ok = probabilities(fitted.model, test_scan, ctx.backbone.ref.image_size, ctx.batch_size, ctx.config)
+    truth = test_scan.label_matrix([r for r, good in zip(test_scan.images, ok) if good], ctx.classes)
+    return multilabel_scores(truth, probs[ok], fitted.thresholds, ctx.classes)
 
 
 def checked_start(base: str | None, unlabeled, recipe: str | None, strategy: str, settings: TrainConfig

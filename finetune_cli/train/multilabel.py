@@ -44,7 +44,8 @@ class MultiLabelFit:
         candidates: one row per stage tried: {"features", "stage" (the final one: the stage count),
             "cv_mean_average_precision", "C", "chosen"}.
         history: the chosen stage's C path: one row per C, {"C", "cv_mean_average_precision"}.
-        kernel, bias: the head on raw features: (d, L), (L,) float32.
+        kernel, bias: the head on raw features: (d, L), (L,) float32; None for a fine-tuned model.
+        trained_on: the content digests of the images that trained `model`; None: every image of the run's table.
     """
 
     model: object
@@ -57,12 +58,9 @@ class MultiLabelFit:
     val_paths: list
     candidates: list
     history: list
-    kernel: np.ndarray
-    bias: np.ndarray
-
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Sigmoid probabilities (n, L) of raw features (n, d)."""
-        return 1.0 / (1.0 + np.exp(-(features @ self.kernel + self.bias)))
+    kernel: np.ndarray | None
+    bias: np.ndarray | None
+    trained_on: frozenset | None = None
 
 
 def fit_multilabel(ctx, n_stages: int, config: LinearConfig = LINEAR) -> MultiLabelFit:
