@@ -91,13 +91,15 @@ def one_draw(args, seed: int, tmp: Path) -> dict:
     test_csv = mosaics(test_pool, args.test, tmp / f"draw{seed}" / "test", rng)
     out = tmp / f"run-{seed}"
     trained = measure(finetune_cmd("train", train_csv, "--base", BACKBONE, "--out", out, "--cache-dir",
-                                   tmp / f"cache-{seed}", "--seed", seed))
+                                   tmp / f"cache-{seed}", "--seed", seed, "--strategy", args.strategy,
+                                   *(["--no-pilot"] if args.no_pilot else [])))
     evaluated = measure(finetune_cmd("evaluate", out, test_csv, "--json"))
     result = json.loads(evaluated["output"][evaluated["output"].index("{"):])
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {"finetune": {"map": result["mean_average_precision"], "macro_f1": result["macro_f1"],
                          "wall": trained["wall"], "stage": next(c["features"] for c in metrics["candidates"]
-                                                                if c["chosen"])}}
+                                                                if c["chosen"])
+                         + (f", fine-tuning {metrics['fine_tuning']}" if "fine_tuning" in metrics else "")}}
     started = time.perf_counter()
     pixels = pixels_baseline(train_csv, test_csv)
     rows["raw pixels, one-vs-rest LR"] = {**pixels, "wall": time.perf_counter() - started}
@@ -116,6 +118,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--first-draw", type=int, default=0)
+    parser.add_argument("--strategy", default="auto", choices=["auto", "linear", "partial", "full"],
+                        help="finetune train's --strategy (partial/full: multi-label fine-tuning, checked by its pilot)")
+    parser.add_argument("--no-pilot", action="store_true", help="fine-tuning runs its whole schedule")
     args = parser.parse_args()
     require(SIGNS, BACKBONE)
     with tempfile.TemporaryDirectory() as tmp:
