@@ -412,18 +412,26 @@ def staging_folder(parent: Path, target: str) -> Path:
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so the same cleanup runs.
 
-    Only in the main thread (elsewhere a no-op); the previous handler is restored after.
+    Only in the main thread (elsewhere a no-op); the previous handler is restored after. A library that
+    catches the KeyboardInterrupt and raises its own error (TensorFlow does, when the signal lands while a
+    tf.function binds its inputs) still ends as KeyboardInterrupt, chained to that error.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received = []
 
     def interrupt(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
+    except Exception as exc:
+        if received:
+            raise KeyboardInterrupt(f"signal {received[0]}") from exc
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 

@@ -267,6 +267,27 @@ def test_item10_a_full_disk_is_one_line_and_leaves_nothing(world, small_disk, co
 # ---------------------------------------------------------------- item 11: staging of a killed export
 
 
+def test_item11_a_sigterm_a_library_rewraps_still_ends_as_an_interrupt():
+    """TensorFlow turns an exception raised while a tf.function binds its inputs into its own TypeError; a
+    SIGTERM landing there must still end the command as an interrupt (exit 130), not a traceback."""
+    from finetune_cli.files import sigterm_as_interrupt
+
+    def library_call():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt as exc:
+            raise TypeError(f"Binding inputs to tf.function failed due to `{exc}`") from None
+
+    with pytest.raises(KeyboardInterrupt, match="signal 15") as caught:
+        with sigterm_as_interrupt():
+            library_call()
+    assert isinstance(caught.value.__cause__, TypeError)
+    with pytest.raises(TypeError):  # without a signal, the library's own error is left as it is
+        with sigterm_as_interrupt():
+            raise TypeError("a real bug")
+
+
 def test_item11_sigterm_during_export_leaves_no_staging(world, tmp_path):
     out, log = tmp_path / "exported", tmp_path / "export.log"
     args = [sys.executable, "-m", "finetune_cli", "export", str(world.run), "--format", "keras", "--check-dir",
