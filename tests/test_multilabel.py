@@ -3,6 +3,7 @@ command that cannot read such a table or run refusing it in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from finetune_cli import api
 from finetune_cli.analysis.multilabel import best_thresholds, cross_fitted, label_sets, multilabel_scores
 from finetune_cli.cli import cli
-from finetune_cli.config import TABLE, TableConfig
+from finetune_cli.config import TABLE, TRAIN, TableConfig
 from finetune_cli.data import tables
 from finetune_cli.data.scan import scan_folder
 from finetune_cli.errors import FolderError
@@ -238,6 +239,11 @@ def test_fine_tuning_that_loses_to_the_heads_puts_the_backbone_back(tmp_path):
     probs = [api.predict(images, str(tmp_path / s))[0][["p_blue", "p_green", "p_red"]].to_numpy() for s in runs]
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)
     assert runs["full"]["test"] == runs["linear"]["test"] and runs["full"]["validation"]["method"] == "out-of-fold"
+    # with the keep rule off (and so the pilot), the fine-tuned model is kept whatever its score
+    unchecked = api.train(table, str(base), out=tmp_path / "unchecked", image_size=32, cache_dir=tmp_path / "cache",
+                          strategy="full", settings=dataclasses.replace(TRAIN, keep_better=False))
+    assert unchecked["fine_tuning"]["kept"] == "fine-tuned" and unchecked["strategy"] == "full"
+    assert unchecked["fine_tuning"]["epochs_run"] > 2 and any("the keep rule is off" in n for n in unchecked["notes"])
 
 
 def test_fine_tuning_that_beats_the_heads_is_kept_and_scored_on_its_hold_out(tmp_path):

@@ -181,7 +181,8 @@ def multi_label_tuning(ctx: Context, plan, recipe, fitted, settings: TrainConfig
     if record["kept"] == "fine-tuned":
         notes.append(f"fine-tuned with binary cross-entropy: hold-out mAP {record['fine_tuned_val_map']:.3f} against "
                      f"the linear heads' {record['linear_val_map']:.3f} on {record['n_val']} images; the thresholds "
-                     "and the validation scores are from those hold-out images")
+                     "and the validation scores are from those hold-out images"
+                     + ("" if settings.keep_better else " (the keep rule is off: kept without the check)"))
         return kept, plan, record
     notes.append(f"{plan.strategy} fine-tuning kept the linear heads: {record['why']}")
     return fitted, linear_heads(plan, fitted, record["why"]), record

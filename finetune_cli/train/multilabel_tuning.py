@@ -4,7 +4,8 @@
     bar       the linear heads of `train.multilabel` refitted on the other 80 %: their hold-out mAP
     start     the fine-tuned model's sigmoid head begins as the final stage's linear heads (phase 1)
     pilot     after `pilot_epochs`, fine-tuning goes on only if its best hold-out mAP beats the bar
-    keep      the fine-tuned model is kept only if its best epoch's hold-out mAP beats the bar
+    keep      the fine-tuned model is kept only if its best epoch's hold-out mAP beats the bar (always, with
+              the keep rule off: `TrainConfig.keep_better`, which also turns the pilot off)
 
 End to end on the images, with on-line augmentation (`light` unless the plan says `strong`); the stages
 and rates are the plan's (`train.setup.set_trainable`), early stopping keeps the best epoch by hold-out
@@ -51,7 +52,7 @@ def fine_tune_multilabel(ctx, plan, recipe, fitted: MultiLabelFit, settings) -> 
         return fitted, {**record, "kept": "linear-heads", "why": f"fine-tuning diverged ({exc})"}
     best = float(state.best_score)
     record.update(fine_tuned_val_map=round(best, 4), best_epoch=state.best_epoch, epochs_run=state.epoch)
-    if pilot.abandoned or best <= bar:
+    if pilot.abandoned or (settings.keep_better and best <= bar):
         backbone.set_weights(saved)
         why = f"the pilot's best hold-out mAP {best:.3f} after {pilot.epochs} epochs did not beat the heads' {bar:.3f}" \
             if pilot.abandoned else f"its best hold-out mAP {best:.3f} did not beat the heads' {bar:.3f}"
