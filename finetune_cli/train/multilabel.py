@@ -89,7 +89,7 @@ def fit_multilabel(ctx, n_stages: int, config: LinearConfig = LINEAR) -> MultiLa
     val_probs, val_truth, val_paths = oof, truth, [str(ctx.train.root / r.path) for r in records]
     if not ctx.out_of_fold:
         val_table = ctx.features(ctx.val, [layers[best]])[0]
-        val_probs = 1.0 / (1.0 + np.exp(-(val_table.features @ kernel + bias)))
+        val_probs = head_probabilities(val_table.features, kernel, bias)
         val_truth = ctx.val.label_matrix(val_table.records, ctx.classes)
         val_paths = [str(ctx.val.root / r.path) for r in val_table.records]
     thresholds = np.round(best_thresholds(val_truth, val_probs), 6)  # as metrics.json and the model say them
@@ -142,6 +142,11 @@ def cv_path(features: np.ndarray, truth: np.ndarray, folds: list, config: Linear
                 for c in grid:
                     oof[c][test, j] = model.set_params(C=c).fit(x_train, y).predict_proba(x_test)[:, 1]
     return oof
+
+
+def head_probabilities(features: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Sigmoid probabilities (n, L) of raw features (n, d) through a head (`fit_heads`'s kernel (d, L), bias (L,))."""
+    return 1.0 / (1.0 + np.exp(-(features @ kernel + bias)))
 
 
 def fit_heads(features: np.ndarray, truth: np.ndarray, c: float, config: LinearConfig = LINEAR):

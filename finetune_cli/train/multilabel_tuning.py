@@ -22,11 +22,12 @@ import numpy as np
 from finetune_cli.analysis.multilabel import best_thresholds, mean_average_precision
 from finetune_cli.data.splits import content_groups
 from finetune_cli.models.heads import classifier
+from finetune_cli.models.inference import probabilities
 from finetune_cli.models.stages import select_layer
 from finetune_cli.runtime.keras import import_keras
 from finetune_cli.train.engine import Callback, Diverged, EarlyStopping, Each, Group, NanGuard, PlateauDecay, \
     Trainer, fit_with_retries
-from finetune_cli.train.multilabel import MultiLabelFit, fit_heads, label_folds
+from finetune_cli.train.multilabel import MultiLabelFit, fit_heads, head_probabilities, label_folds
 from finetune_cli.train.setup import optimizer_for, set_trainable
 
 
@@ -36,7 +37,8 @@ def fine_tune_multilabel(ctx, plan, recipe, fitted: MultiLabelFit, settings) -> 
     Returns `fitted` itself when the heads win: the pilot abandoned, the keep rule against, or a divergence.
     """
     train, val = hold_out(ctx)
-    (y_train, y_val), (bar, start) = labels_of(ctx, train, val), linear_bar(ctx, train, val, fitted)
+    y_train, y_val = labels_of(ctx, train, val)
+    bar, start = linear_bar(ctx, (train, y_train), (val, y_val), fitted)
     record = {"method": "--val-dir" if not ctx.out_of_fold else "hold-out", "n_train": len(train.images),
               "n_val": len(val.images), "linear_val_map": round(bar, 4)}
     if bar >= 1 - 1e-9:
@@ -57,7 +59,7 @@ def fine_tune_multilabel(ctx, plan, recipe, fitted: MultiLabelFit, settings) -> 
         why = f"the pilot's best hold-out mAP {best:.3f} after {pilot.epochs} epochs did not beat the heads' {bar:.3f}" \
             if pilot.abandoned else f"its best hold-out mAP {best:.3f} did not beat the heads' {bar:.3f}"
         return fitted, {**record, "kept": "linear-heads", "why": why}
-    probs = predict(model, val.paths(), ctx)
+    probs = probabilities(model, val, ctx.backbone.ref.image_size, ctx.batch_size, ctx.config)[0]
     thresholds = np.round(best_thresholds(y_val, probs), 6)
     kept = MultiLabelFit(model, None, fitted.C, thresholds, probs.astype(np.float32), y_val, probs >= thresholds,
                          [str(p) for p in val.paths()], fitted.candidates, state.history, None, None,
@@ -81,16 +83,17 @@ def labels_of(ctx, *scans) -> list[np.ndarray]:
     return [scan.label_matrix(None, ctx.classes) for scan in scans]
 
 
-def linear_bar(ctx, train, val, fitted: MultiLabelFit) -> tuple[float, tuple]:
-    """(hold-out mAP of the chosen stage's heads refitted on `train`, the final stage's heads on `train`: the
-    fine-tuned head's start). Features from the cache; an image unreadable now fails loudly."""
+def linear_bar(ctx, train_part: tuple, val_part: tuple, fitted: MultiLabelFit) -> tuple[float, tuple]:
+    """(hold-out mAP of the chosen stage's heads refitted on the train part, the final stage's heads on it: the
+    fine-tuned head's start). Each part: (scan, multi-hot truth (n, L)). Features from the cache; an image
+    unreadable now fails loudly."""
+    (train, y_train), (val, y_val) = train_part, val_part
     layers = [fitted.layer] if fitted.layer is None else [fitted.layer, None]
     fit, held = ctx.features(train, layers), ctx.features(val, layers[:1])[0]
     if len(fit[0].records) != len(train.images) or len(held.records) != len(val.images):
         raise ValueError("an image could not be read for fine-tuning's linear bar")
-    y_train, y_val = labels_of(ctx, train, val)
-    kernel, bias = fit_heads(fit[0].features, y_train, fitted.C)
-    bar = mean_average_precision(y_val, 1.0 / (1.0 + np.exp(-(held.features @ kernel + bias))))
+    bar = mean_average_precision(y_val, head_probabilities(held.features, *fit_heads(fit[0].features, y_train,
+                                                                                        fitted.C)))
     c_of = {row["stage"]: row["C"] for row in fitted.candidates}
     return bar, fit_heads(fit[-1].features, y_train, c_of[max(c_of)])
 
@@ -165,13 +168,4 @@ def _forward(model):
 
     shape = tuple(model.input_shape[1:])
     return tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None, *shape), tf.float32)])
-
-
-def predict(model, paths, ctx) -> np.ndarray:
-    """Probabilities (n, L) of the images at `paths`, in order (the pipeline `predict` uses)."""
-    from finetune_cli.data.pipeline import batched_images
-
-    forward = _forward(model)
-    batches = batched_images(paths, ctx.backbone.ref.image_size, ctx.batch_size, ctx.config)
-    return np.concatenate([forward(np.asarray(x, np.float32)).numpy() for x, _ in batches])
 
