@@ -442,6 +442,8 @@ def predict(args, model_dir, out, overwrite, top_k, tta, coverage, abstain, engi
                                  engine=engine, address=address, coverage=coverage, abstain=abstain)
     for item in skipped:
         click.echo(f"skipped {shown(item.path)}: {shown(item.reason)}", err=True)
+    if "coverage" in frame.attrs:
+        click.echo(report.coverage_promise(frame.attrs["coverage"]), err=True)
     if out:
         click.echo(f"wrote {len(frame)} predictions to {out}")
     else:
@@ -480,8 +482,8 @@ def evaluate(args, model_dir, as_json, tta, html, overwrite, coverage):
                   f"NLL {result['nll']:.3f}", highlight=False)
     if coverage is not None:
         console.print(f"prediction sets at coverage {result['coverage_target']:g}: the true class was in "
-                      f"{result['coverage']:.1%} of them, mean size {result['mean_set_size']:.2f} classes "
-                      f"(calibrated on the run's {result['n_calibration']} validation images)", highlight=False)
+                      f"{result['coverage']:.1%} of them, mean size {result['mean_set_size']:.2f} classes; "
+                      + report.coverage_promise(result), highlight=False)
     report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
     if result.get("n_training_images"):
         rest = (f"; on the other {result['n_held_out']}: accuracy {result['held_out_accuracy']:.1%}"

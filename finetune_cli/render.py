@@ -161,6 +161,15 @@ def interval(span) -> str:
     return f" (95 % interval {span[0]:.1%}-{span[1]:.1%})" if span else ""
 
 
+def coverage_promise(facts: dict) -> str:
+    """What prediction sets promise, from `analysis.conformal.calibrate`'s facts: the target, on average,
+    and the 90 % spread of one calibration of its size."""
+    low, high = facts["coverage_spread90"]
+    return (f"calibrated on the run's {facts['n_calibration']} validation images: on average the sets hold the "
+            f"true class {facts['coverage_target']:.0%} of the time; with {facts['n_calibration']} calibration "
+            f"images one run's sets hold it {low:.1%}-{high:.1%} of the time (90 % of calibrations)")
+
+
 def multilabel_scores_line(scores: dict, prefix: str = "") -> str:
     """One line of a multi-label score dict (`analysis.multilabel.multilabel_scores`, keys maybe prefixed)."""
     get = lambda key: scores[prefix + key]

@@ -48,6 +48,18 @@ def test_too_few_calibration_images_or_a_coverage_outside_0_1_is_refused():
             conformal.checked_coverage(bad)
 
 
+@pytest.mark.parametrize("n,target", [(30, 0.8), (180, 0.9)])
+def test_the_stated_spread_is_where_one_calibration_s_coverage_falls(n, target):
+    # Uniform scores: the sets' coverage given a calibration is its threshold q itself (P(score <= q) = q).
+    # Over 4,000 calibration draws the middle 90 % of q is the spread `calibrate` states.
+    rng = np.random.default_rng(3)
+    qs = [conformal.threshold(rng.random(n), target) for _ in range(4000)]
+    low, high = conformal.spread(n, target)
+    assert np.percentile(qs, 5) == pytest.approx(low, abs=0.01)
+    assert np.percentile(qs, 95) == pytest.approx(high, abs=0.01)
+    assert low < target < high and high - low > conformal.spread(10 * n, target)[1] - conformal.spread(10 * n, target)[0]
+
+
 def test_the_interval_of_a_tiny_set_is_wide_and_of_a_large_one_narrow():
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 3, 2000)
@@ -98,6 +110,8 @@ def test_predict_and_evaluate_with_coverage(linear_run, tmp_path):
     scores = json.loads(evaluated.stdout)
     assert 0 <= scores["coverage"] <= 1 and 1 <= scores["mean_set_size"] <= 3
     assert scores["n_calibration"] == 24 and scores["coverage_target"] == 0.8
+    assert scores["coverage_spread90"] == [round(v, 4) for v in conformal.spread(24, 0.8)]
+    assert "one run's sets hold it" in result.stderr and "24 calibration images" in result.stderr
     assert scores["accuracy_interval95"][0] <= scores["accuracy"] <= scores["accuracy_interval95"][1]
     assert {"macro_f1", "balanced_accuracy", "macro_f1_interval95"} <= set(scores)
     assert all("f1_interval95" in row for row in scores["per_class"])

@@ -14,6 +14,13 @@ The guarantee is a floor: a set holds at least the top class, so coverage is nev
 top-1 accuracy. With n calibration images a coverage above n / (n + 1) cannot be promised: it is refused,
 saying how many images it would take.
 
+The guarantee is an average over draws of the calibration images; the coverage of one run's sets (one
+draw) follows Beta(r, n + 1 - r) with r = ceil((n + 1) * coverage) (Vovk, "Conditional validity of
+inductive conformal predictors", ACML 2012; Angelopoulos & Bates, "A gentle introduction to conformal
+prediction", 2021, section 3.2). `spread` gives its central 90 %: with 180 calibration images at 0.9 a run's
+sets cover between about 0.86 and 0.94 of new images, with 1,000 between 0.88 and 0.92. A test set of m
+images adds its own binomial noise on top.
+
 Adaptive prediction sets (APS, Romano et al. 2020) were measured and not kept: on 600 held-out sign
 photos their never-empty sets covered 0.967 at a 0.9 target with 1.6-1.7 classes per set (exact
 coverage needs empty sets on confident images), against LAC's 0.90-0.93 with 1.1 classes.
@@ -73,17 +80,30 @@ def prediction_sets(probs: np.ndarray, q: float) -> list[np.ndarray]:
     return [row[mask] for row, mask in zip(order, keep)]
 
 
+def spread(n: int, coverage: float, mass: float = 0.9) -> tuple[float, float]:
+    """The central `mass` of the coverage that sets calibrated on n images deliver (over draws of the n):
+    the quantiles of Beta(r, n + 1 - r), r = ceil((n + 1) * coverage) <= n; each in [0, 1]."""
+    from scipy.stats import beta
+
+    rank = math.ceil((n + 1) * coverage - 1e-9)
+    low, high = beta.ppf([(1 - mass) / 2, (1 + mass) / 2], rank, n + 1 - rank)
+    return float(low), float(high)
+
+
 def calibrate(cal_probs: np.ndarray, cal_labels: np.ndarray, coverage: float) -> tuple[float, dict]:
-    """(q, facts {"coverage_target", "n_calibration", "threshold", "method"}) from the calibration
-    probabilities (n, k) and labels (n,): what `prediction_sets` needs, computed once.
+    """(q, facts {"coverage_target", "n_calibration", "threshold", "method", "coverage_spread90"}) from the
+    calibration probabilities (n, k) and labels (n,): what `prediction_sets` needs, computed once.
+    "coverage_spread90" is [low, high] (`spread`): where this calibration's coverage lies for 90 % of
+    calibration draws of its size.
 
     Raises:
         SettingsError: coverage out of (0, 1), or too few calibration images for it.
     """
     coverage = checked_coverage(coverage)
     q = threshold(scores(cal_probs, cal_labels), coverage)
+    low, high = spread(len(cal_labels), coverage)
     return q, {"coverage_target": coverage, "n_calibration": int(len(cal_labels)), "threshold": round(q, 6),
-               "method": METHOD}
+               "method": METHOD, "coverage_spread90": [round(low, 4), round(high, 4)]}
 
 
 def calibrated_sets(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, coverage: float

@@ -67,14 +67,11 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
     paths = [shown(r.path) for r in scan.images]
     frame = multi_label_frame(run, paths, probs, tta) if run.multi_label else \
         prediction_frame(paths, probs, classes, top_k, tta)
-    if sets is not None:
-        chosen = sets(probs)[0]
-        frame["set"] = [";".join(classes[i] for i in s) for s in chosen]
-        frame["set_size"] = [len(s) for s in chosen]
-        if abstain:
-            frame["abstain"] = frame["set_size"] > 1
+    facts = with_sets(frame, sets(probs), classes, abstain) if sets is not None else None
     late = [Skipped(r.path, "could not be read") for r, good in zip(scan.images, ok) if not good]
     frame = frame[ok].reset_index(drop=True)
+    if facts is not None:  # what the sets promise, for the caller to say (`analysis.conformal.calibrate`'s facts)
+        frame.attrs["coverage"] = facts
     if out is not None:
         with writing(out) as tmp:
             frame.to_csv(tmp, index=False)
@@ -149,6 +146,17 @@ def evaluate_multi_label(root, run: Run, tta: int, config: ScanConfig, page, cov
     seen = sum(r.digest in trained for r in records) if trained is not None else 0
     return {"task": "multi-label", **result, "tta": tta, "n_skipped": int((~ok).sum()) + len(scan.skipped),
             **({"n_training_images": seen} if seen else {})}
+
+
+def with_sets(frame, sets: tuple, classes: list[str], abstain: bool) -> dict:
+    """Add `predict --coverage`'s columns to `frame` in place: set (class names joined by ";", most probable
+    first), set_size and, with `abstain`, abstain (more than one class); returns the calibration's facts."""
+    chosen, facts = sets
+    frame["set"] = [";".join(classes[i] for i in s) for s in chosen]
+    frame["set_size"] = [len(s) for s in chosen]
+    if abstain:
+        frame["abstain"] = frame["set_size"] > 1
+    return facts
 
 
 def conformal_sets(run: Run, coverage: float, tta: int):
