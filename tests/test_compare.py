@@ -49,6 +49,17 @@ def test_accuracies_within_noise_go_to_the_lower_cross_entropy():
     assert "19 of" not in facts["note"] and "20 validation images" in facts["note"]
 
 
+def test_a_tie_within_noise_goes_to_the_fine_tuned_model_only_with_a_loss_lower_by_the_margin():
+    labels = np.arange(120) % 4
+    head = one_hot_probs(labels, np.arange(120) % 8 != 0, k=4, confidence=0.8)  # 105 of 120 right
+    one_more = np.arange(120) % 8 != 0
+    one_more[0] = True  # fine-tuning gets one more image right: noise
+    for confidence, kept in ((0.77, "linear-head"), (0.78, "fine-tuned")):  # loss 0.6 % lower, then 1.8 % lower
+        facts = compare_on_validation(one_hot_probs(labels, one_more, k=4, confidence=confidence), labels, head, labels)
+        assert facts["difference_interval"][0] <= 0 <= facts["difference_interval"][1]
+        assert facts["kept"] == kept and "lower by 1% or more wins" in facts["decided_by"]
+
+
 def test_unpaired_labels_have_no_interval_and_use_cross_entropy():
     labels = np.arange(12) % 3
     facts = compare_on_validation(one_hot_probs(labels, labels >= 0, confidence=0.9), labels,

@@ -145,7 +145,9 @@ def _pilot(val_accuracy: float, loss_ratio: float, n: int = 100):
 
 def test_the_pilot_judges_as_the_keep_rule_does_a_lower_loss_within_noise_of_the_head_goes_on():
     assert wins_needed(0.9) == 3
-    assert not _pilot(0.91, 5.0).abandoned  # a higher accuracy wins outright
+    assert not _pilot(0.93, 5.0).abandoned  # 3 images better (what the keep rule tells from noise) wins outright
+    assert _pilot(0.92, 0.995).abandoned  # 2 images better is noise: the loss must then be lower by the 1 % margin
+    assert not _pilot(0.92, 0.98).abandoned  # ... as it is here
     assert not _pilot(0.88, 0.9).abandoned  # 2 images short (fewer than the 3 noise hides), a lower loss
     assert _pilot(0.87, 0.9).abandoned  # 3 images short: a loss the keep rule could tell from noise
     assert _pilot(0.89, 0.995).abandoned  # within noise, but the loss is not lower by the 1 % margin

@@ -46,3 +46,15 @@ def test_without_the_rival_the_final_features_head_is_all_fine_tuning_is_held_to
     metrics = api.train(train, str(tiny_base), out=tmp_path / "run", image_size=32, similarity="different",
                         recipe=r, test_dir=test, settings=dataclasses.replace(TRAIN, feature_rival=False))
     assert "candidates" not in metrics and metrics["test_accuracy"] < 1.0
+
+
+def test_the_rival_is_also_fitted_where_the_probe_found_an_earlier_stage_as_good_as_the_final_one():
+    from finetune_cli.strategy.similarity import forced, judge
+    from finetune_cli.train.finetune import earlier_stage_holds
+
+    tie = judge({3: 0.78, 4: 0.78, 5: 0.76}, None, 200)  # brain MRI: within the 3-point margin, so `similar`
+    assert tie.verdict == "similar" and tie.best_stage == 4 and earlier_stage_holds(tie)
+    final_best = judge({3: 0.70, 4: 0.78, 5: 0.78}, None, 200)  # a tie goes to the later stage: the final one
+    assert final_best.verdict == "similar" and not earlier_stage_holds(final_best)
+    assert earlier_stage_holds(judge({3: 0.90, 4: 0.80, 5: 0.70}, None, 200))  # `different`: fitted anyway
+    assert not earlier_stage_holds(forced("similar"))  # a verdict given, nothing measured

@@ -55,7 +55,8 @@ def compare_on_validation(tuned_probs, tuned_labels, linear_probs, linear_labels
         tuned_labels, linear_labels: (n,) int labels; the same images in the
             same order when both models saw the same validation set.
         metric: what decides first ("accuracy", or "macro_f1" for imbalanced classes,
-            `analysis.scores.selection_metric`); the cross-entropy breaks a tie within noise.
+            `analysis.scores.selection_metric`); the cross-entropy breaks a tie within noise, the
+            fine-tuned model winning it only with a loss lower by `config.tie_loss_margin`.
 
     Returns:
         {"kept": "fine-tuned"|"linear-head", "metric", "decided_by", "n_val", each model's accuracy,
@@ -71,8 +72,9 @@ def compare_on_validation(tuned_probs, tuned_labels, linear_probs, linear_labels
     if low > 0 or high < 0:
         tuned_wins, decided_by = low > 0, METRIC_NAMES[metric]
     else:
-        tuned_wins, decided_by = facts["fine_tuned"]["cross_entropy"] < facts["linear_head"]["cross_entropy"], \
-            f"cross-entropy ({METRIC_NAMES[metric]} within noise)"
+        bar = facts["linear_head"]["cross_entropy"] * (1 - config.tie_loss_margin)
+        tuned_wins, decided_by = facts["fine_tuned"]["cross_entropy"] < bar, \
+            f"cross-entropy ({METRIC_NAMES[metric]} within noise; lower by {config.tie_loss_margin:.0%} or more wins)"
     span = [round(low, 4), round(high, 4)]
     facts.update(kept="fine-tuned" if tuned_wins else "linear-head", decided_by=decided_by, difference_interval=span,
                  interval_level=config.compare_interval)

@@ -177,13 +177,15 @@ def _refit_epochs(trainable, model, plan, recipe, train_data, epochs: int, scale
 def feature_rival(ctx: Context, plan, similarity, n_stages: int, balanced: bool, settings) -> TrainResult | None:
     """The linear head fine-tuning on data unlike the pretraining data must also beat, or None.
 
-    For a plan with similarity `different` (and `settings.feature_rival`): the trouble cell's linear
+    For a plan with similarity `different`, or one whose probe found an earlier stage at least as good as
+    the final one (`earlier_stage_holds`), and `settings.feature_rival`: the trouble cell's linear
     plan (`train.linear.fit_linear_plan` with feature_stage `best`: the probe's best earlier stage,
     the probed stages together, and raw pixels, compared by cross-validated accuracy on the training
     images), fitted on cached features after phase 1 and before any fine-tuning is paid for. Final features that
-    ImageNet shaped can lose to an earlier stage, or to the pixels themselves (digits: 90 % against 96 %).
+    ImageNet shaped can lose to an earlier stage, or to the pixels themselves (digits: 90 % against 96 %;
+    brain MRI scans, probed `similar` within the margin: stage 4 87 % against the final stage's 83 % by CV).
     """
-    if plan.similarity != "different" or not settings.feature_rival:
+    if not settings.feature_rival or not (plan.similarity == "different" or earlier_stage_holds(similarity)):
         return None
     from finetune_cli.train.linear import fit_linear_plan
 
@@ -191,6 +193,13 @@ def feature_rival(ctx: Context, plan, similarity, n_stages: int, balanced: bool,
     linear = dataclasses.replace(plan, strategy="linear", feature_stage="best", feature_views=0, train_stages=(),
                                  top_stages=(), epochs=0)
     return fit_linear_plan(ctx, linear, similarity, n_stages, balanced)
+
+
+def earlier_stage_holds(similarity) -> bool:
+    """Whether the similarity probe measured an earlier stage at least as good as the final one (its best
+    stage is not the last it probed: ties go to the later stage); False for a verdict given, not measured."""
+    stages = [int(k) for k in similarity.stage_accuracy]
+    return bool(stages) and similarity.best_stage < max(stages)
 
 
 def _bar(ctx: Context, baseline: Baseline | None, rival, metric: str):
@@ -374,10 +383,10 @@ class Pilot(Callback):
 
     After the pilot's last epoch the best epoch so far must beat the linear
     head on the same validation images as the keep rule (`keep_better`) would
-    judge it: a higher `metric` (accuracy, or macro-F1 for imbalanced classes),
-    or a cross-entropy lower by `margin` (a fraction) with a `metric` short of
-    the head's by fewer than `tolerance` validation images (the fewest the keep
-    rule could tell from noise, `wins_needed`). Otherwise training stops there
+    judge it: a `metric` (accuracy, or macro-F1 for imbalanced classes) higher
+    by at least `tolerance` validation images (the fewest the keep rule could
+    tell from noise, `wins_needed`), or, within that noise either way, a
+    cross-entropy lower by `margin` (a fraction). Otherwise training stops there
     (`abandoned`) and the linear head is kept, so fine-tuning that cannot win
     costs its pilot epochs, not its schedule.
     """
@@ -400,7 +409,8 @@ class Pilot(Callback):
     def beats(self, epoch: tuple) -> bool:
         """Whether an epoch's (score, cross-entropy) beats the linear head (see the class docstring)."""
         (score, loss), (bar_score, bar_loss) = epoch, self.bar
-        return score > bar_score + 1e-9 or (score >= bar_score - self.slack - 1e-9 and loss < bar_loss * (1 - self.margin))
+        return score > bar_score + self.slack + 1e-9 or (score >= bar_score - self.slack - 1e-9
+                                                          and loss < bar_loss * (1 - self.margin))
 
     def wins(self) -> bool:
         """Whether the best pilot epoch beats the linear head."""
@@ -429,7 +439,8 @@ class Pilot(Callback):
 
 def _pilot(baseline: Baseline, settings, metric: str) -> Pilot:
     """A `Pilot` of `settings.pilot_epochs` epochs against `baseline`, within the keep rule's noise."""
-    return Pilot(baseline, settings.pilot_epochs, metric, wins_needed(settings.compare_interval))
+    return Pilot(baseline, settings.pilot_epochs, metric, wins_needed(settings.compare_interval),
+                 settings.tie_loss_margin)
 
 
 def _train(ctx: Context, model, trainable, plan, recipe, data: tuple, state, settings, extra: list, pilot,
@@ -502,7 +513,8 @@ def keep_better(ctx: Context, result: TrainResult, baseline: Baseline, metric: s
     """Keep the fine-tuned model only if it beats the linear head on the same validation images.
 
     Better means a higher validation `metric` (accuracy, or macro-F1 for imbalanced
-    classes) beyond noise, or a score within noise and a lower cross-entropy; otherwise the linear head on the original frozen features
+    classes) beyond noise, or a score within noise and a cross-entropy lower by `tie_loss_margin`; otherwise the
+    linear head on the original frozen features
     is kept (it is simpler, and fine-tuning that does not win is noise or
     overfitting). Both scores, the paired bootstrap interval of the accuracy
     difference and the choice go into metrics["comparison"] and a note. With a
