@@ -26,7 +26,7 @@ from finetune_cli.analysis.acquisition import METHODS
 from finetune_cli.errors import FinetuneError
 from finetune_cli.files import jsonable
 from finetune_cli.options import (base_options, batch_size_option, cache_dir_option, cache_options, coverage_option,
-                                  engine_options, json_option, model_option, out_option, overwrite_option,
+                                  empty_sets_option, engine_options, json_option, model_option, out_option, overwrite_option,
                                   pretrain_options, replace_output_option, run_and_rest, run_argument, seed_option,
                                   size_option, table_options, tta_option, weights_option)
 from finetune_cli.strategy import recipes
@@ -421,10 +421,11 @@ def pretrain(unlabeled, out, arch, noise, noise_type, code_size, pretrain_epochs
 @tta_option
 @coverage_option
 @click.option("--abstain", is_flag=True, help="With --coverage: an `abstain` column, true where the set has more "
-                                              "than one class (no single answer at that coverage).")
+                                              "than one class, or none (no single answer at that coverage).")
+@empty_sets_option
 @engine_options
 @handle_errors
-def predict(args, model_dir, out, overwrite, top_k, tta, coverage, abstain, engine, address, workers):
+def predict(args, model_dir, out, overwrite, top_k, tta, coverage, abstain, empty_sets, engine, address, workers):
     """Predict the class of image files and folders (INPUTS) with RUN: a run folder, or `last`."""
     from finetune_cli.files import shown
 
@@ -439,7 +440,8 @@ def predict(args, model_dir, out, overwrite, top_k, tta, coverage, abstain, engi
         echo_run(model_dir)
         return
     frame, skipped = api.predict(list(inputs), model_dir, top_k=top_k, out=out, overwrite=overwrite, tta=tta,
-                                 engine=engine, address=address, coverage=coverage, abstain=abstain)
+                                 engine=engine, address=address, coverage=coverage, abstain=abstain,
+                                 empty_sets=empty_sets)
     for item in skipped:
         click.echo(f"skipped {shown(item.path)}: {shown(item.reason)}", err=True)
     if "coverage" in frame.attrs:
@@ -460,14 +462,16 @@ def predict(args, model_dir, out, overwrite, top_k, tta, coverage, abstain, engi
               help="Also write a self-contained HTML page: confusion matrix, per-class scores, misclassified images.")
 @click.option("--overwrite", is_flag=True, help="Replace the --html page if it exists.")
 @coverage_option
+@empty_sets_option
 @table_options
 @handle_errors
-def evaluate(args, model_dir, as_json, tta, html, overwrite, coverage):
+def evaluate(args, model_dir, as_json, tta, html, overwrite, coverage, empty_sets):
     """Accuracy, calibration (ECE, NLL), per-class precision/recall/F1 and confusion matrix of RUN (a run
     folder, or `last`) on a labelled FOLDER."""
     model_dir, (folder,) = run_and_rest(args, model_dir, "FOLDER", at_most=1)
     model_dir = chosen_run(model_dir)
-    result = api.evaluate(folder, model_dir, tta=tta, html=html, overwrite=overwrite, coverage=coverage)
+    result = api.evaluate(folder, model_dir, tta=tta, html=html, overwrite=overwrite, coverage=coverage,
+                          empty_sets=empty_sets)
     if as_json:  # the run it read is in the object, stdout stays one JSON object
         click.echo(json.dumps({**result, "run": model_dir}, indent=2, ensure_ascii=False))
         return
@@ -482,7 +486,8 @@ def evaluate(args, model_dir, as_json, tta, html, overwrite, coverage):
                   f"NLL {result['nll']:.3f}", highlight=False)
     if coverage is not None:
         console.print(f"prediction sets at coverage {result['coverage_target']:g}: the true class was in "
-                      f"{result['coverage']:.1%} of them, mean size {result['mean_set_size']:.2f} classes; "
+                      f"{result['coverage']:.1%} of them, mean size {result['mean_set_size']:.2f} classes"
+                      + (f" ({result['empty_share']:.1%} empty)" if result["empty_sets"] else "") + "; "
                       + report.coverage_promise(result), highlight=False)
     report.rows_table(console, result["per_class"], ["class", "precision", "recall", "f1", "support"])
     if result.get("n_training_images"):

@@ -61,6 +61,10 @@ coverage_option = click.option("--coverage", type=click.FloatRange(0, 1, min_ope
                                metavar="P", help="Also the prediction set of each image: the fewest classes holding "
                                                  "the true one with probability P (split conformal, on the run's "
                                                  "validation images).")
+empty_sets_option = click.option("--empty-sets", is_flag=True,
+                                 help="With --coverage: a set may be empty where no class is plausible enough "
+                                      "(exact coverage); without it each set holds at least the top class, so "
+                                      "coverage never falls below the top-1 accuracy.")
 batch_size_option = click.option("--batch-size", type=click.IntRange(1, 1024), default=FEATURES.batch_size,
                                  show_default=True)
 engine_options = options(

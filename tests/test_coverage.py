@@ -39,6 +39,20 @@ def test_sets_cover_the_true_class_at_the_target_rate(target):
     assert all(probs[i, s[0]] == probs[i].max() for i, s in enumerate(sets[:200]))  # most probable first
 
 
+def test_empty_sets_give_the_target_coverage_where_the_top_class_alone_would_cover_more():
+    rng = np.random.default_rng(4)
+    def sharp(n):  # a model right about 90 % of the time, calibrated: labels drawn from its probabilities
+        probs = rng.dirichlet(np.full(5, 0.05), n)
+        return probs, np.array([rng.choice(5, p=p) for p in probs])
+    (cal_probs, cal_labels), (probs, labels) = sharp(2000), sharp(5000)
+    q, _ = conformal.calibrate(cal_probs, cal_labels, 0.8)
+    floor, exact = conformal.prediction_sets(probs, q), conformal.prediction_sets(probs, q, empty=True)
+    top1 = float(np.mean(probs.argmax(1) == labels))
+    covered = [float(np.mean([y in s for y, s in zip(labels, sets)])) for sets in (floor, exact)]
+    assert top1 > 0.85 and covered[0] >= top1  # never empty: floored at the top-1 accuracy, above the target
+    assert 0.78 <= covered[1] <= 0.83 and min(len(s) for s in exact) == 0
+
+
 def test_too_few_calibration_images_or_a_coverage_outside_0_1_is_refused():
     with pytest.raises(SettingsError, match="needs at least 9 validation images; this run has 5"):
         conformal.threshold(np.linspace(0.1, 0.9, 5), 0.9)
@@ -112,6 +126,15 @@ def test_predict_and_evaluate_with_coverage(linear_run, tmp_path):
     assert scores["n_calibration"] == 24 and scores["coverage_target"] == 0.8
     assert scores["coverage_spread90"] == [round(v, 4) for v in conformal.spread(24, 0.8)]
     assert "one run's sets hold it" in result.stderr and "24 calibration images" in result.stderr
+    exact = invoke("evaluate", run, held, "--coverage", "0.8", "--empty-sets", "--json")
+    assert exact.exit_code == 0, exact.output
+    found = json.loads(exact.stdout)
+    assert found["empty_sets"] is True and 0 <= found["empty_share"] <= 1
+    assert found["mean_set_size"] <= scores["mean_set_size"] and found["coverage"] <= scores["coverage"]
+    empties = invoke("predict", run, held, "--coverage", "0.8", "--empty-sets", "--abstain", "--out", tmp_path / "e.csv",)
+    frame = pd.read_csv(tmp_path / "e.csv", dtype={"set": str}, keep_default_na=False)
+    assert empties.exit_code == 0 and (frame["abstain"] == (frame["set_size"] != 1)).all()
+    assert ((frame["set"] == "") == (frame["set_size"] == 0)).all()
     assert scores["accuracy_interval95"][0] <= scores["accuracy"] <= scores["accuracy_interval95"][1]
     assert {"macro_f1", "balanced_accuracy", "macro_f1_interval95"} <= set(scores)
     assert all("f1_interval95" in row for row in scores["per_class"])
@@ -120,6 +143,7 @@ def test_predict_and_evaluate_with_coverage(linear_run, tmp_path):
 def test_coverage_refusals_are_one_line(linear_run, tmp_path):
     run, held = linear_run
     for args, expected in ((("--coverage", "1.5"), "--coverage"), (("--abstain",), "give --coverage"),
+                           (("--empty-sets",), "--empty-sets is about the prediction sets of --coverage"),
                            (("--coverage", "0.8", "--tta", "2"), "use --tta 1 with --coverage"),
                            (("--coverage", "0.99"), "needs at least 99 validation images; this run has 24")):
         result = invoke("predict", run, held, *args)

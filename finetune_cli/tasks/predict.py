@@ -23,7 +23,7 @@ from finetune_cli.scale.backend import ray_requested
 def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False, tta: int | str = PREDICT.tta,
             engine: str = SCALE.engine, address: str | None = None, workers: int = SCALE.workers,
             progress: Progress | None = None, coverage: float | None = None, abstain: bool = False,
-            config: ScanConfig = SCAN):
+            empty_sets: bool = False, config: ScanConfig = SCAN):
     """(frame of predictions, skipped files) for image files and folders.
 
     The frame: path, predicted, probability, top-k labels, one column per class (p_NAME), then tta.
@@ -45,8 +45,9 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
         range, engine, coverage out of (0, 1), too few validation images for it).
     """
     tta = checked_tta(tta)
-    if abstain and coverage is None:
-        raise SettingsError("--abstain marks images whose --coverage set has more than one class: give --coverage")
+    if (abstain or empty_sets) and coverage is None:
+        raise SettingsError(f"{'--abstain' if abstain else '--empty-sets'} is about the prediction sets of "
+                            "--coverage: give --coverage")
     if ray_requested(engine, address):
         if coverage is not None:
             raise SettingsError("--coverage runs with the local engine: drop --engine ray")
@@ -61,7 +62,7 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
     if run.multi_label and coverage is not None:
         raise SettingsError("--coverage makes prediction sets of one class; this run is multi-label, and its "
                             "`labels` column is already a set per image (per-label thresholds): drop --coverage")
-    sets = conformal_sets(run, coverage, tta) if coverage is not None else None
+    sets = conformal_sets(run, coverage, tta, empty_sets) if coverage is not None else None
     scan = collect(inputs, config)
     probs, ok = probabilities(model, scan, size, config=config, tta=tta)
     paths = [shown(r.path) for r in scan.images]
@@ -79,7 +80,7 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
 
 
 def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, html=None,
-             overwrite: bool = False, coverage: float | None = None) -> dict:
+             overwrite: bool = False, coverage: float | None = None, empty_sets: bool = False) -> dict:
     """Accuracy, ECE and NLL, per-class metrics and confusion matrix of a run on a labelled folder.
 
     `tta`: as for `predict` (1-16), recorded as result["tta"].
@@ -97,7 +98,9 @@ def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, 
     run = Run.load(model, multi_label=True)
     if run.multi_label:
         return evaluate_multi_label(root, run, tta, config, page, coverage)
-    sets = conformal_sets(run, coverage, tta) if coverage is not None else None
+    if empty_sets and coverage is None:
+        raise SettingsError("--empty-sets is about the prediction sets of --coverage: give --coverage")
+    sets = conformal_sets(run, coverage, tta, empty_sets) if coverage is not None else None
     scan = labelled_test_scan(root, run.classes, config)
     probs, ok = probabilities(run.model, scan, run.image_size, config=config, tta=tta)
     result = {**scores(probs, ok, scan, run.classes, tta=tta), **training_overlap(run, scan, probs, ok)}
@@ -105,7 +108,8 @@ def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, 
         chosen, facts = sets(probs[ok])
         truth = [run.classes.index(r.label) for r, good in zip(scan.images, ok) if good]
         result.update(coverage=float(np.mean([y in s for y, s in zip(truth, chosen)])),
-                      mean_set_size=float(np.mean([len(s) for s in chosen])), **facts)
+                      mean_set_size=float(np.mean([len(s) for s in chosen])),
+                      empty_share=float(np.mean([len(s) == 0 for s in chosen])), **facts)
     if page is not None:
         from finetune_cli.runs.report_page import write_evaluation
 
@@ -150,16 +154,17 @@ def evaluate_multi_label(root, run: Run, tta: int, config: ScanConfig, page, cov
 
 def with_sets(frame, sets: tuple, classes: list[str], abstain: bool) -> dict:
     """Add `predict --coverage`'s columns to `frame` in place: set (class names joined by ";", most probable
-    first), set_size and, with `abstain`, abstain (more than one class); returns the calibration's facts."""
+    first), set_size and, with `abstain`, abstain (not one class: several, or none with --empty-sets);
+    returns the calibration's facts."""
     chosen, facts = sets
     frame["set"] = [";".join(classes[i] for i in s) for s in chosen]
     frame["set_size"] = [len(s) for s in chosen]
     if abstain:
-        frame["abstain"] = frame["set_size"] > 1
+        frame["abstain"] = frame["set_size"] != 1
     return facts
 
 
-def conformal_sets(run: Run, coverage: float, tta: int):
+def conformal_sets(run: Run, coverage: float, tta: int, empty: bool = False):
     """probabilities (m, k) -> (prediction sets, facts) at `coverage`, calibrated on `run`'s validation
     images; checked here, before any image is read (`analysis.conformal`).
 
@@ -173,4 +178,5 @@ def conformal_sets(run: Run, coverage: float, tta: int):
         raise SettingsError("--coverage calibrates on validation probabilities computed without test-time views: "
                             "use --tta 1 with --coverage")
     q, facts = calibrate(*run.validation(), coverage)  # too few images: refused now
-    return lambda probs: (prediction_sets(probs, q), facts)
+    facts = {**facts, "empty_sets": empty}
+    return lambda probs: (prediction_sets(probs, q, empty), facts)
