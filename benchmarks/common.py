@@ -125,3 +125,18 @@ def small_png(image, limit: int) -> tuple[bytes, int | None]:
         if buffer.tell() < limit:
             break
     return buffer.getvalue(), colours
+
+
+def features_of(data: Path, out: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(features (n, d), labels (n,) in sorted class order, content digests (n,)) of every usable photo of `data`,
+    from one `finetune extract-features` process writing `out` (.npz; the rows in the table's order)."""
+    import hashlib
+
+    import numpy as np
+
+    subprocess.run(finetune_cmd("extract-features", data, "--base", BACKBONE, "--out", out), check=True,
+                   capture_output=True)
+    table = np.load(out, allow_pickle=True)
+    _, labels = np.unique(table["label"], return_inverse=True)
+    digests = [hashlib.sha256((data / p).read_bytes()).hexdigest() for p in table["path"]]
+    return table["features"], labels, digests

@@ -14,6 +14,13 @@ Sets (a set whose data is absent is skipped with a message):
                blood-smear microscope photos cropped (`Platelets`, `RBC`, `WBC`), split by photo (70 % of
                the photos train, 30 % test), at most 150 training and 80 test crops per class: large,
                3 classes, unlike ImageNet;
+  mri:         a checkout of github.com/SartajBhuvaji/Brain-Tumor-Classification-DataSet (brain MRI slices,
+               4 classes; the repository carries no licence file, so nothing of it is redistributed here):
+               150 distinct scans per class of Training/ to train, 100 others to test (distinct by content;
+               neighbouring slices of one patient may fall on both sides, as the set names no patient):
+               large, 4 classes, unlike ImageNet, real scans;
+  mri-shift:   the same training scans, tested on every Testing/ scan whose content is not also in
+               Training/ (250 of 394: the rest are copies of training scans): a shifted source; on request.
   digits:      scikit-learn's 8x8 digits drawn at 64 px, 110 training / 60 test per class (benchmarks/train.py
                `write_digits`): large, 10 classes, unlike ImageNet, not photos.
 Each set runs `finetune train DIR --test-dir TEST` (as decided), the same with `--strategy linear`, and
@@ -31,14 +38,16 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, SIGNS, finetune_cmd, measure, printed, require
+from common import BACKBONE, SIGNS, distinct_files, finetune_cmd, measure, printed, require, split_class
 from PIL import Image
 from border import two_classes
+from labels import raw_pixel_accuracy
 from train import split_signs, write_digits
 from views import clothing
 
 HERE = Path(__file__).parent
-SETS = ("signs-20", "signs-pair", "clothing", "bccd", "digits")
+SETS = ("signs-20", "signs-pair", "clothing", "bccd", "mri", "digits")  # "mri-shift" on request
+UNLIKE = ("bccd", "mri", "mri-shift", "digits")  # these also get the raw-pixel logistic regression
 
 
 def bccd(src: Path, root: Path, train_cap: int = 150, test_cap: int = 80, seed: int = 0) -> tuple[Path, Path]:
@@ -63,6 +72,31 @@ def bccd(src: Path, root: Path, train_cap: int = 150, test_cap: int = 80, seed: 
     return root / "train", root / "test"
 
 
+def mri(src: Path, root: Path, shift: bool = False, per_class: int = 150, test_per_class: int = 100,
+        seed: int = 0) -> tuple[Path, Path]:
+    """The brain-MRI sets (module docstring): `per_class` distinct photos per class of Training/ to train, and
+    to test `test_per_class` others of Training/ or (`shift`) every Testing/ photo whose content is not in
+    Training/. A content filed under two classes is left out."""
+    import hashlib
+
+    digest = lambda path: hashlib.sha256(path.read_bytes()).digest()  # noqa: E731
+    classes = sorted(p for p in (src / "Training").iterdir() if p.is_dir())
+    owners = {}
+    for folder in classes:
+        for path in distinct_files(folder):
+            owners.setdefault(digest(path), set()).add(folder.name)
+    rng = np.random.default_rng(seed)
+    for folder in classes:
+        files = [p for p in distinct_files(folder) if len(owners[digest(p)]) == 1]
+        split_class(files, root, folder.name, per_class, 0 if shift else test_per_class, rng)
+        if shift:
+            (root / "test" / folder.name).mkdir(parents=True, exist_ok=True)
+            for path in distinct_files(src / "Testing" / folder.name):
+                if digest(path) not in owners:
+                    (root / "test" / folder.name / path.name).write_bytes(path.read_bytes())
+    return root / "train", root / "test"
+
+
 def build(name: str, args, tmp: Path) -> tuple[Path, Path] | None:
     data = tmp / name
     if name == "signs-20":
@@ -71,12 +105,14 @@ def build(name: str, args, tmp: Path) -> tuple[Path, Path] | None:
         return two_classes(data, ("6", "9"), 120)
     if name == "digits":
         return write_digits(data, 110, 60)
-    src = args.clothing if name == "clothing" else args.bccd
+    src = getattr(args, name.split("-")[0])
     if src is None or not src.exists():
         print(f"{name}: skipped (pass --{name} DIR, a checkout; see the docstring)")
         return None
     if name == "bccd":
         return bccd(src, data)
+    if name in ("mri", "mri-shift"):
+        return mri(src, data, shift=name == "mri-shift")
     train, _, test = clothing(src, data)  # its validation/ folder is not used: the run holds out its own
     return train, test
 
@@ -98,6 +134,8 @@ def run_set(name: str, train: Path, test: Path, tmp: Path) -> None:
               "test": plan["test_accuracy"], "wall": round(wall, 1), "linear_test": linear["test_accuracy"],
               "linear_wall": round(linear_wall, 1), "guide_test": guide_acc, "guide_wall": round(guide["wall"], 1),
               "x_linear": round(wall / linear_wall, 2), "x_guide": round(wall / guide["wall"], 2)}
+    if name in UNLIKE:
+        record["raw_pixels_test"], record["raw_pixels_side"] = raw_pixel_accuracy(train, test)
     print(json.dumps(record), flush=True)
 
 
@@ -105,11 +143,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clothing", type=Path)
     parser.add_argument("--bccd", type=Path)
+    parser.add_argument("--mri", type=Path)
     parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--keep", type=Path, help="write the sets and runs here and keep them (default: a temporary folder)")
     args = parser.parse_args()
     require(BACKBONE, SIGNS)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = args.keep or Path(tmp)
         for name in args.sets.split(","):
             built = build(name, args, tmp)
             if built is not None:

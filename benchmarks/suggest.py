@@ -20,29 +20,17 @@ method's test accuracy after every round, per seed, and the mean and spread
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, SIGNS, finetune_cmd, require
+from common import BACKBONE, SIGNS, features_of, require
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from finetune_cli.analysis.acquisition import METHODS, choose  # noqa: E402
 from finetune_cli.train.linear import fit_linear  # noqa: E402
-
-
-def features_of(data: Path, out: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(features (n, d), labels (n,), content digests (n,)) of every usable photo of `data`."""
-    subprocess.run(finetune_cmd("extract-features", data, "--base", BACKBONE, "--out", out), check=True,
-                   capture_output=True)
-    table = np.load(out, allow_pickle=True)
-    _, labels = np.unique(table["label"], return_inverse=True)
-    digests = [hashlib.sha256((data / p).read_bytes()).hexdigest() for p in table["path"]]
-    return table["features"], labels, digests
 
 
 def rounds(x, y, start, k_per_round, n_rounds, method, seed) -> list[float]:
