@@ -26,9 +26,9 @@ from finetune_cli.analysis.acquisition import METHODS
 from finetune_cli.errors import FinetuneError
 from finetune_cli.files import jsonable
 from finetune_cli.options import (base_options, batch_size_option, cache_dir_option, cache_options, coverage_option,
-                                  empty_sets_option, engine_options, json_option, model_option, out_option, overwrite_option,
-                                  pretrain_options, replace_output_option, run_and_rest, run_argument, seed_option,
-                                  size_option, table_options, tta_option, weights_option)
+                                  empty_sets_option, engine_options, json_option, model_option, out_option,
+                                  overwrite_option, pretrain_options, replace_output_option, run_and_rest, run_argument,
+                                  seed_option, size_option, table_options, tta_option, weights_option)
 from finetune_cli.strategy import recipes
 
 EXAMPLES = f"""

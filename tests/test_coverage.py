@@ -131,7 +131,8 @@ def test_predict_and_evaluate_with_coverage(linear_run, tmp_path):
     found = json.loads(exact.stdout)
     assert found["empty_sets"] is True and 0 <= found["empty_share"] <= 1
     assert found["mean_set_size"] <= scores["mean_set_size"] and found["coverage"] <= scores["coverage"]
-    empties = invoke("predict", run, held, "--coverage", "0.8", "--empty-sets", "--abstain", "--out", tmp_path / "e.csv",)
+    empties = invoke("predict", run, held, "--coverage", "0.8", "--empty-sets", "--abstain", "--out",
+                     tmp_path / "e.csv")
     frame = pd.read_csv(tmp_path / "e.csv", dtype={"set": str}, keep_default_na=False)
     assert empties.exit_code == 0 and (frame["abstain"] == (frame["set_size"] != 1)).all()
     assert ((frame["set"] == "") == (frame["set_size"] == 0)).all()

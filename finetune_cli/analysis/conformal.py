@@ -12,8 +12,9 @@ When the calibration and the new images are exchangeable, P(true class in the se
 split-conformal guarantee), and LAC's sets are the smallest on average among sets with that coverage.
 The guarantee is a floor: a set holds at least the top class, so coverage is never below the model's
 top-1 accuracy (a model 86 % right asked for 0.8 covers 0.86 with single classes); `--empty-sets` lets a
-set be empty where no class is plausible enough, and the coverage is then the target's, as published. With n calibration images a coverage above n / (n + 1) cannot be promised: it is refused,
-saying how many images it would take.
+set be empty where no class is plausible enough, and the coverage is then the target's, as published.
+With n calibration images a coverage above n / (n + 1) cannot be promised: it is refused, saying how
+many images it would take.
 
 The guarantee is an average over draws of the calibration images; the coverage of one run's sets (one
 draw) follows Beta(r, n + 1 - r) with r = ceil((n + 1) * coverage) (Vovk, "Conditional validity of
