@@ -1,13 +1,14 @@
 """Every label used: the linear head validated out-of-fold and refitted on all labels, vs a hold-out.
 
-Usage: python benchmarks/labels.py [--set signs|digits] [--per-class 10] [--test-per-class 60] [--seeds 0 1 2]
+Usage: python benchmarks/labels.py [--set signs|digits|mri [--mri DIR]] [--per-class 10] [--test-per-class 60] [--seeds 0 1 2]
                                    [--no-guide]
 
 On `--per-class` labelled photos per class of the sign-language digits
 (../shared/datasets/sign_language_digits, 10 classes) and `--test-per-class`
 other photos per class as the test folder (disjoint by content), or with
 `--set digits` scikit-learn's 8x8 digits drawn at 64 px (unlike ImageNet, not
-photos; benchmarks/train.py `write_digits`), for each
+photos; benchmarks/train.py `write_digits`), or with `--set mri --mri DIR` the brain
+MRI scans of a checkout's `Training/` folder (4 classes; see decision.py), for each
 seed (a different draw of the labelled photos), as whole processes:
 - `finetune train` as it now decides (no --val-dir: C, and the features where
   the plan compares them, by k-fold CV on every labelled image, the head
@@ -85,8 +86,9 @@ def run_seed(seed: int, args, tmp: Path, guide: bool) -> dict:
         from train import write_digits
 
         train_dir, test_dir = write_digits(tmp / f"seed{seed}", args.per_class, args.test_per_class, seed)
-    else:
-        train_dir, test_dir = draw(tmp / f"seed{seed}", args.per_class, args.test_per_class, seed)
+    else:  # the signs, or (--set mri) the brain MRI scans of a checkout's Training/ folder
+        data = args.mri / "Training" if args.set == "mri" else SIGNS
+        train_dir, test_dir = draw(tmp / f"seed{seed}", args.per_class, args.test_per_class, seed, data)
     rows = {"all labels (now)": [], "hold-out, 3 C (before)": []}
     # an untimed first run: the first process after the photos are drawn is measurably slower (about 10 s
     # here, whichever variant it is), which would otherwise be charged to one side
@@ -120,17 +122,18 @@ def run_seed(seed: int, args, tmp: Path, guide: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", choices=["signs", "digits"], default="signs")
+    parser.add_argument("--set", choices=["signs", "digits", "mri"], default="signs")
+    parser.add_argument("--mri", type=Path, help="with --set mri: a checkout of the brain MRI set (decision.py)")
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--test-per-class", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-guide", action="store_true")
     args = parser.parse_args()
-    require(BACKBONE, SIGNS)
+    require(BACKBONE, SIGNS, *([args.mri] if args.set == "mri" else []))
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_seed(seed, args, Path(tmp), not args.no_guide) for seed in args.seeds]
     print(f"\nmedians over seeds {args.seeds}, {args.per_class} labelled photos per class, "
-          f"{args.test_per_class * 10} test photos:")
+          f"{args.test_per_class} test photos per class:")
     base = statistics.median(r["all labels (now)"]["wall"] for r in results)
     for name in results[0]:
         acc = statistics.median(r[name]["test"] for r in results)
