@@ -140,3 +140,15 @@ def features_of(data: Path, out: Path) -> tuple[np.ndarray, np.ndarray, list[str
     _, labels = np.unique(table["label"], return_inverse=True)
     digests = [hashlib.sha256((data / p).read_bytes()).hexdigest() for p in table["path"]]
     return table["features"], labels, digests
+
+
+def weighted(labels) -> bool:
+    """Whether `finetune train` weights the classes of these training labels (int (n,)): the largest class
+    `imbalance_warn_ratio` x the smallest or more, as `train.linear.folder_head` decides."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from finetune_cli.config import SCAN
+
+    counts = np.bincount(labels)
+    return bool(counts.max() >= SCAN.imbalance_warn_ratio * max(counts.min(), 1))

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, SIGNS, features_of, finetune_cmd, require
+from common import BACKBONE, SIGNS, features_of, finetune_cmd, require, weighted
 from labels import draw
 
 TARGETS = (0.8, 0.9)
@@ -57,8 +57,7 @@ def fast_draws(data: Path, per_class: int, test_per_class: int, draws: int, firs
             order = rng.permutation(first[y[first] == c])
             train += list(order[:per_class])
             test += list(order[per_class:per_class + test_per_class])
-        counts = np.bincount(y[train])
-        head = fit_linear(x[train], y[train], k, balanced=bool(counts.max() >= 3 * counts.min()), seed=seed)
+        head = fit_linear(x[train], y[train], k, balanced=weighted(y[train]), seed=seed)
         probs = head.probabilities(x[test])
         for target in TARGETS:
             q, facts = calibrate(head.oof, y[train], target)

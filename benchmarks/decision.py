@@ -81,13 +81,14 @@ def mri(src: Path, root: Path, shift: bool = False, per_class: int = 150, test_p
 
     digest = lambda path: hashlib.sha256(path.read_bytes()).digest()  # noqa: E731
     classes = sorted(p for p in (src / "Training").iterdir() if p.is_dir())
+    kept = {folder: {path: digest(path) for path in distinct_files(folder)} for folder in classes}
     owners = {}
-    for folder in classes:
-        for path in distinct_files(folder):
-            owners.setdefault(digest(path), set()).add(folder.name)
+    for folder, files in kept.items():
+        for content in files.values():
+            owners.setdefault(content, set()).add(folder.name)
     rng = np.random.default_rng(seed)
     for folder in classes:
-        files = [p for p in distinct_files(folder) if len(owners[digest(p)]) == 1]
+        files = [p for p, content in kept[folder].items() if len(owners[content]) == 1]
         split_class(files, root, folder.name, per_class, 0 if shift else test_per_class, rng)
         if shift:
             (root / "test" / folder.name).mkdir(parents=True, exist_ok=True)

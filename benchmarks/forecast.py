@@ -44,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import BACKBONE, SIGNS, features_of, finetune_cmd, require
+from common import BACKBONE, SIGNS, features_of, finetune_cmd, require, weighted
 
 
 def split(data: Path, root: Path, test_share: float, seed: int) -> tuple[Path, Path, Path]:
@@ -114,7 +114,6 @@ def fast_draws(data: Path, draws: int, test_share: float, first_seed: int, tmp: 
     x, y, digests = features_of(data, tmp / "f.npz")
     _, first = np.unique(digests, return_index=True)  # one row per content: no photo on both sides
     k, rows = int(y.max()) + 1, []
-    weighted = lambda part: bool(np.bincount(y[part]).max() >= 3 * np.bincount(y[part]).min())  # noqa: E731
     for seed in range(first_seed, first_seed + draws):
         rng, half, pool, test = np.random.default_rng(seed), [], [], []
         for c in range(k):  # as `split`: by class, a test share, the pool and the pool's first half
@@ -123,10 +122,10 @@ def fast_draws(data: Path, draws: int, test_share: float, first_seed: int, tmp: 
             test += list(order[:n_test])
             pool += list(order[n_test:])
             half += list(order[n_test:][:(len(order) - n_test) // 2])
-        head = fit_linear(x[half], y[half], k, balanced=weighted(half), seed=seed)  # as `train` decides
-        curve = learning_curve(x[half], y[half], [str(c) for c in range(k)], head.C, balanced=weighted(half),
+        head = fit_linear(x[half], y[half], k, balanced=weighted(y[half]), seed=seed)  # as `train` decides
+        curve = learning_curve(x[half], y[half], [str(c) for c in range(k)], head.C, balanced=weighted(y[half]),
                                seed=seed)
-        grown = fit_linear(x[pool], y[pool], k, balanced=weighted(pool), seed=seed)
+        grown = fit_linear(x[pool], y[pool], k, balanced=weighted(y[pool]), seed=seed)
         reached = float((grown.probabilities(x[test]).argmax(1) == y[test]).mean())
         twice = {r["multiple"]: r for r in curve["forecast"]}[2.0]
         rows.append({"data": data.name, "seed": seed, "in_process": True, "forecast_2x": round(twice["accuracy"], 4),

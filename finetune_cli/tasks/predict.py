@@ -45,9 +45,7 @@ def predict(inputs, model, *, top_k: int = 1, out=None, overwrite: bool = False,
         range, engine, coverage out of (0, 1), too few validation images for it).
     """
     tta = checked_tta(tta)
-    if (abstain or empty_sets) and coverage is None:
-        raise SettingsError(f"{'--abstain' if abstain else '--empty-sets'} is about the prediction sets of "
-                            "--coverage: give --coverage")
+    needs_coverage(coverage, abstain=abstain, empty_sets=empty_sets)
     if ray_requested(engine, address):
         if coverage is not None:
             raise SettingsError("--coverage runs with the local engine: drop --engine ray")
@@ -98,8 +96,7 @@ def evaluate(root, model, *, tta: int = PREDICT.tta, config: ScanConfig = SCAN, 
     run = Run.load(model, multi_label=True)
     if run.multi_label:
         return evaluate_multi_label(root, run, tta, config, page, coverage)
-    if empty_sets and coverage is None:
-        raise SettingsError("--empty-sets is about the prediction sets of --coverage: give --coverage")
+    needs_coverage(coverage, empty_sets=empty_sets)
     sets = conformal_sets(run, coverage, tta, empty_sets) if coverage is not None else None
     scan = labelled_test_scan(root, run.classes, config)
     probs, ok = probabilities(run.model, scan, run.image_size, config=config, tta=tta)
@@ -150,6 +147,18 @@ def evaluate_multi_label(root, run: Run, tta: int, config: ScanConfig, page, cov
     seen = sum(r.digest in trained for r in records) if trained is not None else 0
     return {"task": "multi-label", **result, "tta": tta, "n_skipped": int((~ok).sum()) + len(scan.skipped),
             **({"n_training_images": seen} if seen else {})}
+
+
+def needs_coverage(coverage, **flags: bool) -> None:
+    """Refuse, in one line, a prediction-set flag (abstain, empty_sets) given without --coverage.
+
+    Raises:
+        SettingsError: the first flag set while `coverage` is None.
+    """
+    given = [name for name, on in flags.items() if on]
+    if given and coverage is None:
+        raise SettingsError(f"--{given[0].replace('_', '-')} is about the prediction sets of --coverage: "
+                            "give --coverage")
 
 
 def with_sets(frame, sets: tuple, classes: list[str], abstain: bool) -> dict:
