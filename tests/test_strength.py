@@ -29,6 +29,7 @@ def test_the_plan_trains_with_the_strongest_augmentation_the_check_allows(tmp_pa
     assert list(check["augmented"]) == (["strong", "light"] if chosen == "none" else ["strong"])
     assert 0 <= check["accuracy"] <= 1 and check["n_images"] == metrics["n_val"]
     assert ("instead of strong" in check["note"]) is (chosen != "strong")
+    assert check["accuracy"] == metrics["flip_check"]["accuracy"]  # the images as they are: phase 1's cached features
 
 
 def test_a_plan_on_cached_activations_or_without_augmentation_is_not_checked(tmp_path, tiny_base):

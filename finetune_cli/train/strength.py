@@ -12,7 +12,8 @@ pilot, and 79.1 % after 8 epochs, against 94.1 % without augmentation.
 The check is cheap and runs before fine-tuning is paid for, like the flip
 check (`train.flips`): the linear head (fitted on final features of the images
 as they are) scores up to `images` validation images as they are and through
-one seeded draw of the plan's augmentation (one more backbone pass each). When
+one seeded draw of the plan's augmentation (one more backbone pass each; the
+images as they are come from the feature cache, where phase 1 put them). When
 it loses `max_loss` or more of its accuracy, the next weaker level is tried
 (strong, then light), and the plan trains with the strongest level that keeps
 the loss under the limit, or none.
@@ -47,7 +48,7 @@ def strength_check(ctx, head, strength: str, flips: bool, images: int, max_loss:
                 "note": f"augmentation check skipped: no validation image decoded; kept {strength}"}
     labels = ctx.labels(scan.images)[ok]
     score = _scorer(ctx, head, labels)
-    plain, tried, chosen = score(pixels, None), {}, "none"
+    plain, tried, chosen = _plain(ctx, head, scan, ok), {}, "none"
     for level in LEVELS[LEVELS.index(strength):-1]:
         tried[level] = score(pixels, augmenter(level, flips))
         if plain - tried[level] < max_loss:
@@ -74,8 +75,16 @@ def _pixels(ctx, scan) -> tuple[np.ndarray, np.ndarray]:
     return np.array([image for image, good in decoded if good], dtype="float32"), ok
 
 
+def _plain(ctx, head, scan, ok: np.ndarray) -> float:
+    """The head's accuracy (0-1) on `scan`'s images that decoded (`ok`), as they are: their final features from
+    the feature cache (phase 1 computed them for every validation image), no backbone pass."""
+    kept = dataclasses.replace(scan, images=tuple(image for image, good in zip(scan.images, ok) if good))
+    table = ctx.features(kept, [None], 0)[0]
+    return float((head.probabilities(table.features).argmax(1) == ctx.labels(table.records)).mean())
+
+
 def _scorer(ctx, head, labels: np.ndarray):
-    """(pixels, augmenter layer or None) -> the head's accuracy (0-1) on the backbone's pooled final features,
+    """(pixels, augmenter layer) -> the head's accuracy (0-1) on the backbone's pooled final features,
     each augmented draw seeded by the run's seed (the same draw for every level's images)."""
     import tensorflow as tf
 
@@ -92,7 +101,7 @@ def _scorer(ctx, head, labels: np.ndarray):
         out = []
         for start in range(0, len(pixels), ctx.batch_size):
             x = tf.constant(pixels[start:start + ctx.batch_size])
-            out.append(forward(layer(x, training=True) if layer is not None else x).numpy())
+            out.append(forward(layer(x, training=True)).numpy())
         return float((head.probabilities(np.concatenate(out)).argmax(1) == labels).mean())
 
     return score
