@@ -239,3 +239,27 @@ def test_a_large_automatic_plan_runs_the_backbone_once_for_the_probe_and_the_lin
     assert steps.steps[shared[0]][1][0][0] < steps.steps[shared[0]][1][0][1]  # that pass computed, in batches
     phase1 = next(events for name, events in steps.steps if name.startswith("phase 1"))
     assert phase1 and all(done == total for done, total in phase1)
+
+
+@pytest.mark.parametrize("rate,goes_on", [(5e-12, False), (0.05, True)])
+def test_the_pilot_runs_on_view_0_and_the_cached_views_are_paid_for_only_when_it_goes_on(tmp_path, tiny_base, rate,
+                                                                                         goes_on):
+    """A pilot that cannot move the weights is abandoned before any augmented view (or the flip check that
+    decides their flips) is computed; one that goes on (here any loss within 11 x the head's wins a tie) pays
+    for them after its epochs, and trains on them."""
+    from tests.test_prefix import recipe
+
+    shapes = make_shapes_folder(tmp_path / "shapes", per_class=12, size=32, seed=3)
+    settings = dataclasses.replace(NO_CALIBRATION, pilot_epochs=1, pilot_rate_factors=(1.0,), headroom_check=False,
+                                   refit_fine_tuned=False, tie_loss_margin=-10.0 if goes_on else 0.01)
+    steps = _Steps()
+    metrics = api.train(shapes, str(tiny_base), out=tmp_path / "run", image_size=32, similarity="similar",
+                        settings=settings, reporter=steps, cache_dir=tmp_path / "cache",
+                        recipe=recipe(tmp_path, unfreeze_stages=1, epochs=3, feature_views=2, learning_rate=rate))
+    names = [name for name, _ in steps.steps]
+    views = [i for i, name in enumerate(names) if "view 1 of 2" in name or "view 2 of 2" in name]
+    assert metrics["pilot"]["abandoned"] is not goes_on
+    assert bool(views) is goes_on and ("flip_check" in metrics) is goes_on
+    if goes_on:  # after the pilot's epoch, before the next: the rest of the schedule trains on the views
+        phase2 = [i for i, name in enumerate(names) if name.startswith("phase 2")]
+        assert phase2[0] < views[0] and len(pd.read_csv(tmp_path / "run" / "history.csv")) > 1
