@@ -1,7 +1,8 @@
 """The decision table on five real sets of different kinds, as a user runs it: the plan as decided
 against `--strategy linear` and the Keras guide's recipe, each a whole process with its own cold cache.
 
-Usage: python benchmarks/decision.py [--clothing DIR] [--bccd DIR] [--sets signs-20,signs-pair,...]
+Usage: python benchmarks/decision.py [--clothing DIR] [--bccd DIR] [--mri DIR] [--sets signs-20,signs-pair,...]
+                                    [--pairs N] [--keep DIR]
 
 Sets (a set whose data is absent is skipped with a message):
   signs-20:    sign-language digits (../shared/datasets), 20 training / 20 test photos per class, 10
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
@@ -118,26 +120,43 @@ def build(name: str, args, tmp: Path) -> tuple[Path, Path] | None:
     return train, test
 
 
-def run_set(name: str, train: Path, test: Path, tmp: Path) -> None:
-    rows = {}
-    for label, extra in (("decided", []), ("linear", ["--strategy", "linear"])):
-        out, cache = tmp / f"run-{name}-{label}", tmp / f"cache-{name}-{label}"
-        done = measure(finetune_cmd("train", train, "--base", BACKBONE, "--out", out, "--test-dir", test,
-                                    "--cache-dir", cache, *extra))
-        rows[label] = (json.loads((out / "metrics.json").read_text()), done["wall"])
+def run_set(name: str, train: Path, test: Path, tmp: Path, pairs: int = 1) -> None:
+    """Print one JSON line for a set: the plan as decided and `--strategy linear`, `pairs` times each (in turn,
+    each run a whole process with a cold cache), and the guide once. Times are medians; x_linear is the
+    median of the pairs' ratios, and with pairs > 1 "walls" lists every pair."""
+    runs = [pair(name, train, test, tmp) for _ in range(pairs)]
     guide = measure([sys.executable, HERE / "keras_guide_baseline.py", train, test, BACKBONE])
     guide_acc = printed(guide["output"], "TEST_ACCURACY")
-    (plan, wall), (linear, linear_wall) = rows["decided"], rows["linear"]
+    (plan, _), (linear, _) = runs[-1]["decided"], runs[-1]["linear"]
+    wall = float(np.median([r["decided"][1] for r in runs]))
+    linear_wall = float(np.median([r["linear"][1] for r in runs]))
     record = {"set": name, "n_train": plan["n_train"], "n_val": plan["n_val"], "n_test": plan["test"]["n_images"],
               "decided": f"{plan['strategy']} ({plan['size_category']}, {plan['similarity']})",
               "kept": plan.get("kept"), "features": plan.get("features"),
               "pilot": {k: v for k, v in plan.get("pilot", {}).items() if k in ("skipped", "abandoned", "best")},
               "test": plan["test_accuracy"], "wall": round(wall, 1), "linear_test": linear["test_accuracy"],
               "linear_wall": round(linear_wall, 1), "guide_test": guide_acc, "guide_wall": round(guide["wall"], 1),
-              "x_linear": round(wall / linear_wall, 2), "x_guide": round(wall / guide["wall"], 2)}
+              "x_linear": round(float(np.median([r["decided"][1] / r["linear"][1] for r in runs])), 2),
+              "x_guide": round(wall / guide["wall"], 2)}
+    if pairs > 1:
+        record["walls"] = [[round(r["decided"][1], 1), round(r["linear"][1], 1)] for r in runs]
+        record["tests"] = [[r["decided"][0]["test_accuracy"], r["linear"][0]["test_accuracy"]] for r in runs]
     if name in UNLIKE:
         record["raw_pixels_test"], record["raw_pixels_side"] = raw_pixel_accuracy(train, test)
     print(json.dumps(record), flush=True)
+
+
+def pair(name: str, train: Path, test: Path, tmp: Path) -> dict:
+    """{"decided" | "linear": (metrics, wall seconds)}: the two runs, each with a new run folder and cache."""
+    rows = {}
+    for label, extra in (("decided", []), ("linear", ["--strategy", "linear"])):
+        out, cache = tmp / f"run-{name}-{label}", tmp / f"cache-{name}-{label}"
+        for folder in (out, cache):
+            shutil.rmtree(folder, ignore_errors=True)
+        done = measure(finetune_cmd("train", train, "--base", BACKBONE, "--out", out, "--test-dir", test,
+                                    "--cache-dir", cache, *extra))
+        rows[label] = (json.loads((out / "metrics.json").read_text()), done["wall"])
+    return rows
 
 
 def main() -> None:
@@ -146,6 +165,8 @@ def main() -> None:
     parser.add_argument("--bccd", type=Path)
     parser.add_argument("--mri", type=Path)
     parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--pairs", type=int, default=1, help="run the plan and --strategy linear this many times "
+                        "each, in turn, and report median times (the machine is noisy)")
     parser.add_argument("--keep", type=Path, help="write the sets and runs here and keep them (default: a temporary folder)")
     args = parser.parse_args()
     require(BACKBONE, SIGNS)
@@ -154,7 +175,7 @@ def main() -> None:
         for name in args.sets.split(","):
             built = build(name, args, tmp)
             if built is not None:
-                run_set(name, *built, tmp)
+                run_set(name, *built, tmp, args.pairs)
 
 
 if __name__ == "__main__":
