@@ -284,7 +284,9 @@ class TrainConfig:
         pilot_epochs: with the keep rule on, fine-tuning's first epochs are a
             pilot with the linear head as the bar: when its best epoch does
             not beat the head on validation by then (`train.finetune.Pilot`),
-            fine-tuning stops and the head is kept; 0: no pilot.
+            fine-tuning stops and the head is kept; 0: no pilot. On cached
+            activations the pilot trains on view 0 alone, and the augmented
+            views are computed only when it goes on (`train.finetune.Views`).
         pilot_rate_factors: on cached activations, when the pilot at the plan's rates (the first factor,
             1.0) is abandoned, one more pilot per further factor from the same start at the plan's rates
             times it, and the best that beats the linear head goes on (`train.finetune._pilot_arms`:
