@@ -43,6 +43,21 @@ def test_trouble_suggests_pretraining_and_override_is_said():
     assert table_recipe("small", "similar", "partial") == "partial"
 
 
+@pytest.mark.parametrize("best, overridden, stages", [
+    (3, False, (3, 4, 5)),  # the probe's best earlier stage and above train; 1-2 stay frozen (a cached prefix)
+    (2, False, (2, 3, 4, 5)),
+    (3, True, (1, 2, 3, 4, 5)),  # a recipe or --strategy the user forced trains as it says
+    (5, False, (1, 2, 3, 4, 5)),  # the final stage best: no earlier stage to freeze up to
+    (1, False, (1, 2, 3, 4, 5)),
+    (None, False, (1, 2, 3, 4, 5)),  # nothing measured (a forced verdict)
+])
+def test_full_trains_from_the_probes_best_stage_up(best, overridden, stages):
+    plan = decide("large", "different", 5, recipes.load("full")[0], best_stage=best, overridden=overridden)
+    assert plan.train_stages == stages and plan.top_stages == (4, 5)
+    assert ("stay frozen" in plan.reason or "stays frozen" in plan.reason) is (stages[0] > 1)
+    assert decide("large", "similar", 5, recipes.load("partial")[0], best_stage=best).train_stages == (5,)
+
+
 def test_partial_on_a_shallow_backbone_caps_stages():
     plan = decide("large", "similar", 1, recipes.load("partial")[0])
     assert plan.train_stages == (1,)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import asdict, dataclass
 
 from finetune_cli.strategy.recipes import Recipe
@@ -95,6 +97,7 @@ def decide(
     has_unlabeled: bool = False,
     overridden: bool = False,
     source: str = "ImageNet",
+    best_stage: int | None = None,
 ) -> Plan:
     """Turn evidence and a recipe into a `Plan`.
 
@@ -106,6 +109,8 @@ def decide(
         has_unlabeled: unlabeled images are available for pretraining.
         overridden: the user forced the strategy or recipe.
         source: the base's pretraining data, in words, for the reason.
+        best_stage: the stage the similarity probe measured best, or None (not measured): a `full` plan of
+            the table's own choosing trains from it up, and the stages below it stay frozen (`_from_best`).
     """
     cell = (size_category, similarity)
     if cell not in TABLE:
@@ -113,6 +118,11 @@ def decide(
     train, top = _stages(recipe, n_stages)
     rate = recipe.learning_rate
     reason = REASONS[cell].format(source=source)
+    if not overridden and _from_best(recipe, best_stage, n_stages):
+        train, top = _stages(dataclasses.replace(recipe, unfreeze_stages=n_stages - best_stage + 1), n_stages)
+        below = "stage 1 stays" if best_stage == 2 else f"stages 1-{best_stage - 1} stay"
+        reason += (f"; {below} frozen: the probe measured stage {best_stage} best, so the features below it "
+                   "transfer, and they are cached instead of run every epoch")
     if overridden:
         reason = f"recipe '{recipe.name}' chosen by you; the table would say: {reason}"
     suggestions = []
@@ -141,6 +151,14 @@ def decide(
         reason=reason,
         suggestions=tuple(suggestions),
     )
+
+
+def _from_best(recipe: Recipe, best_stage: int | None, n_stages: int) -> bool:
+    """Whether a recipe that trains every stage should train from the probe's `best_stage` up instead: the
+    stages below the one whose features transfer best are generic (Yosinski et al. 2014), and freezing them
+    keeps the prefix cached (`train.prefix`). Only for a measured best stage between the first and the last."""
+    return recipe.strategy == "full" and recipe.unfreeze_stages == 0 and best_stage is not None and \
+        1 < best_stage < n_stages
 
 
 def _stages(recipe: Recipe, n_stages: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -187,7 +187,8 @@ def choose(ctx: Context, profile, similarity: str, strategy: str, recipe: str | 
     recipe_obj, recipe_text = recipe_files.load(recipe or table_recipe(profile.size_category, evidence.verdict, strategy))
     plan = decide(profile.size_category, evidence.verdict, n_stages(ctx), recipe_obj,
                   overridden=recipe is not None or strategy != "auto",
-                  source="the encoder's own pretraining images" if own_encoder else "ImageNet")
+                  source="the encoder's own pretraining images" if own_encoder else "ImageNet",
+                  best_stage=evidence.best_stage if evidence.stage_accuracy else None)
     if plan.feature_stage == "best" and not evidence.best_stage:
         ctx.reporter.on_phase("probing stages for the best features")
         probed = measure_similarity(ctx)
