@@ -115,14 +115,10 @@ def decide(
     cell = (size_category, similarity)
     if cell not in TABLE:
         raise ValueError(f"Expected size in (small, large) and similarity in (similar, different). Received: {cell}")
-    train, top = _stages(recipe, n_stages)
+    best_stage = None if overridden else best_stage
+    train, top = _stages(recipe, n_stages, best_stage)
     rate = recipe.learning_rate
-    reason = REASONS[cell].format(source=source)
-    if not overridden and _from_best(recipe, best_stage, n_stages):
-        train, top = _stages(dataclasses.replace(recipe, unfreeze_stages=n_stages - best_stage + 1), n_stages)
-        below = "stage 1 stays" if best_stage == 2 else f"stages 1-{best_stage - 1} stay"
-        reason += (f"; {below} frozen: the probe measured stage {best_stage} best, so the features below it "
-                   "transfer, and they are cached instead of run every epoch")
+    reason = REASONS[cell].format(source=source) + _frozen_reason(recipe, best_stage, n_stages)
     if overridden:
         reason = f"recipe '{recipe.name}' chosen by you; the table would say: {reason}"
     suggestions = []
@@ -161,10 +157,22 @@ def _from_best(recipe: Recipe, best_stage: int | None, n_stages: int) -> bool:
         1 < best_stage < n_stages
 
 
-def _stages(recipe: Recipe, n_stages: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(stages that train, of those the top ones), counted from the last stage."""
+def _frozen_reason(recipe: Recipe, best_stage: int | None, n_stages: int) -> str:
+    """The reason's tail for a `full` plan frozen below the probe's best stage (`_from_best`), else ""."""
+    if not _from_best(recipe, best_stage, n_stages):
+        return ""
+    below = "stage 1 stays" if best_stage == 2 else f"stages 1-{best_stage - 1} stay"
+    return (f"; {below} frozen: the probe measured stage {best_stage} best, so the features below it transfer, "
+            "and they are cached instead of run every epoch")
+
+
+def _stages(recipe: Recipe, n_stages: int, best_stage: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(stages that train, of those the top ones), counted from the last stage; a `full` recipe from
+    `best_stage` up where `_from_best` says so."""
     if recipe.strategy == "linear":
         return (), ()
+    if _from_best(recipe, best_stage, n_stages):
+        recipe = dataclasses.replace(recipe, unfreeze_stages=n_stages - best_stage + 1)
     count = n_stages if recipe.strategy == "full" and recipe.unfreeze_stages == 0 else min(recipe.unfreeze_stages or n_stages, n_stages)
     train = tuple(range(n_stages - count + 1, n_stages + 1))
     top = train[-recipe.top_stages:] if recipe.top_stages else ()
