@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from finetune_cli.strategy.recipes import Recipe
 
@@ -172,7 +170,7 @@ def _stages(recipe: Recipe, n_stages: int, best_stage: int | None = None) -> tup
     if recipe.strategy == "linear":
         return (), ()
     if _from_best(recipe, best_stage, n_stages):
-        recipe = dataclasses.replace(recipe, unfreeze_stages=n_stages - best_stage + 1)
+        recipe = replace(recipe, unfreeze_stages=n_stages - best_stage + 1)
     count = n_stages if recipe.strategy == "full" and recipe.unfreeze_stages == 0 else min(recipe.unfreeze_stages or n_stages, n_stages)
     train = tuple(range(n_stages - count + 1, n_stages + 1))
     top = train[-recipe.top_stages:] if recipe.top_stages else ()
