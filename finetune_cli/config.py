@@ -287,10 +287,10 @@ class TrainConfig:
             fine-tuning stops and the head is kept; 0: no pilot. On cached
             activations the pilot trains on view 0 alone, and the augmented
             views are computed only when it goes on (`train.finetune.Views`).
-        pilot_rate_factors: on cached activations, when the pilot at the plan's rates (the first factor,
-            1.0) is abandoned, one more pilot per further factor from the same start at the plan's rates
-            times it, and the best that beats the linear head goes on (`train.finetune._pilot_arms`:
-            successive halving with the linear head as the bar); one factor: a single pilot.
+        pilot_rate_factors: on cached activations, the pilot is successive halving over rate arms:
+            one arm per factor, each from the same start at the plan's rates times it, trains one
+            epoch; the best trains on to epoch `pilot_epochs` and goes on when it then beats the
+            linear head (`train.finetune._pilot_arms`); one factor: a single pilot at the plan's rates.
         headroom_check: before fine-tuning is paid for, skip it and keep the
             linear head when that head makes no validation error and reaches
             `headroom_cv_accuracy` in cross-validation on the training images,

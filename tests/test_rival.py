@@ -58,3 +58,23 @@ def test_the_rival_is_also_fitted_where_the_probe_found_an_earlier_stage_as_good
     assert final_best.verdict == "similar" and not earlier_stage_holds(final_best)
     assert earlier_stage_holds(judge({3: 0.90, 4: 0.80, 5: 0.70}, None, 200))  # `different`: fitted anyway
     assert not earlier_stage_holds(forced("similar"))  # a verdict given, nothing measured
+
+
+def test_the_kept_rival_is_refitted_on_every_label_without_comparing_the_candidates_again(tmp_path, tiny_base):
+    """The candidates are compared once, before the pilot; after it is abandoned, only the chosen one is fitted
+    again, on every label (C by cross-validation)."""
+    from tests.test_pilot import _Steps
+
+    train = corners(tmp_path / "train")
+    steps = _Steps()
+    r = recipe(tmp_path, strategy="full", unfreeze_stages=0, epochs=3)
+    metrics = api.train(train, str(tiny_base), out=tmp_path / "run", image_size=32, similarity="different", recipe=r,
+                        settings=dataclasses.replace(TRAIN, pilot_epochs=2), reporter=steps,
+                        cache_dir=tmp_path / "cache")
+    names = [name for name, _ in steps.steps]
+    fits = [i for i, name in enumerate(names) if name.startswith("fitting the linear head on")]
+    pilot = next(i for i, name in enumerate(names) if name.startswith("phase 2"))
+    before, after = [names[i] for i in fits if i < pilot], [names[i] for i in fits if i > pilot]
+    assert metrics["kept"] == "linear-head" and metrics["refit"] == "all labels"
+    assert len(before) == len(metrics["candidates"]) > 1
+    assert after == [f"fitting the linear head on {metrics['features']} features (cross-validated C)"]

@@ -286,11 +286,12 @@ def refit_kept_head(ctx: Context, profile, evidence, recipe, result: TrainResult
                   settings: TrainConfig) -> tuple[Context, TrainResult]:
     """(context, result) after a fine-tuning plan kept a linear head (metrics["kept"]: fine-tuning skipped
     before it was paid for, its pilot abandoned, or the keep rule against it): that head refitted as a
-    linear plan does, on every labelled image with C (and, for a rival on other features, the features)
-    by cross-validation and out-of-fold validation (`train.context.all_labels`), instead of the head on
-    the 80 % that were not held out; its features are already in the cache. Unchanged when no linear
-    head was kept, without a cache, or when a hold-out is required (`held_out`: --val-dir,
-    or cross_validate off) or a class has too few distinct images to fold."""
+    linear plan does, on every labelled image with C by cross-validation and out-of-fold validation
+    (`train.context.all_labels`), instead of the head on the 80 % that were not held out. Its features are
+    already in the cache; a rival's are those its comparison chose before the pilot (`train.finetune.
+    feature_rival`), not compared again. Unchanged when no linear head was kept, without a cache, or when a
+    hold-out is required (`held_out`: --val-dir, or cross_validate off) or a class has too few distinct images
+    to fold."""
     if result.metrics.get("kept") != "linear-head" or ctx.cache is None:  # no cache: a refit is a new pass
         return ctx, result
     stage = "best" if "candidates" in result.metrics else "final"  # the rival of `feature_rival`, or phase 1
@@ -298,8 +299,9 @@ def refit_kept_head(ctx: Context, profile, evidence, recipe, result: TrainResult
     every = all_labels(ctx, plan, held_out)
     if every is ctx:
         return ctx, result
+    only = result.metrics.get("features") if stage == "best" else None  # chosen before the pilot: not again
     refit = fit_linear_plan(every, plan, evidence, n_stages(every), is_imbalanced(ctx, profile), recipe,
-                            settings.learning_curve)
+                            settings.learning_curve, only)
     note = "the kept linear head is refitted on all labelled images (no fine-tuning needs the hold-out)"
     every.reporter.on_note(note)
     metrics = {**result.metrics, **refit.metrics, "kept": "linear-head", "refit": "all labels"}  # the refit's own win

@@ -199,7 +199,8 @@ def _fold(model, scaler, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe=None, curve: bool = False):
+def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe=None, curve: bool = False,
+                    only: str | None = None):
     """Logistic regression on cached features of the plan's stage, folded into a Keras model.
 
     With `feature_stage = "best"` (small data unlike the pretraining data),
@@ -212,12 +213,15 @@ def fit_linear_plan(ctx, plan, similarity, n_stages: int, balanced: bool, recipe
         similarity: the evidence (its `best_stage` is a candidate).
         recipe: its `pooling` and `linear_c` (0: C by cross-validation); None: the defaults.
         curve: also measure the kept head's learning curve (metrics["learning_curve"], `train.curve`).
+        only: the name of the one candidate to fit (a refit of features already chosen), or None: all.
 
     Returns:
         A `TrainResult`; history is one row per C tried.
     """
     pooling, c = (recipe.pooling, recipe.linear_c) if recipe is not None else ("avg", 0.0)
     sources = candidate_sources(plan, similarity, n_stages, pooling)
+    if only is not None:
+        sources = [s for s in sources if s.name == only] or sources
     if len(sources) > 1:  # one backbone pass per view fills the cache for every stage candidate
         stages = sorted({k for s in sources for k in getattr(s, "layers", ())}, key=lambda k: k or n_stages + 1)
         for view in range(plan.feature_views + 1):
