@@ -287,10 +287,10 @@ class TrainConfig:
             fine-tuning stops and the head is kept; 0: no pilot. On cached
             activations the pilot trains on view 0 alone, and the augmented
             views are computed only when it goes on (`train.finetune.Views`).
-        pilot_rate_factors: on cached activations, the pilot is successive halving over rate arms:
-            one arm per factor, each from the same start at the plan's rates times it, trains one
-            epoch; the best trains on to epoch `pilot_epochs` and goes on when it then beats the
-            linear head (`train.finetune._pilot_arms`); one factor: a single pilot at the plan's rates.
+        pilot_rate_factors: on cached activations, when the pilot at the plan's rates (the first factor,
+            1.0) is abandoned, one more pilot per further factor from the same start at the plan's rates
+            times it, and the best that beats the linear head goes on (`train.finetune._pilot_arms`:
+            successive halving with the linear head as the bar); one factor: a single pilot.
         headroom_check: before fine-tuning is paid for, skip it and keep the
             linear head when that head makes no validation error and reaches
             `headroom_cv_accuracy` in cross-validation on the training images,
@@ -671,7 +671,11 @@ class DiagnoseConfig:
             is a divergence. A head started from the linear solution begins
             below ln(k); ten times it means the weights were thrown far off.
         end_rise: a last training loss above this many times the first is a
-            divergence (the loss grew instead of falling).
+            divergence (the loss grew instead of falling), when it is also
+            above `end_rise_floor` x the chance level ln(k).
+        end_rise_floor: a head started from a perfect linear solution begins
+            near 0 (0.008 on 3 colours), and noise doubles such a loss without
+            anything diverging; below this fraction of ln(k), 0-1, no rise counts.
         min_progress: too-low when the training loss fell by less than this
             fraction of its first value (to its lowest), 0-1.
         too_low_accuracy: ... and the last training accuracy (0-1) is below
@@ -696,6 +700,7 @@ class DiagnoseConfig:
     min_epochs: int = 3
     blowup: float = 10.0
     end_rise: float = 2.0
+    end_rise_floor: float = 0.1
     min_progress: float = 0.05
     too_low_accuracy: float = 0.9
     overfit_rise: float = 0.1

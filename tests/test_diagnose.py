@@ -85,6 +85,14 @@ def test_a_training_loss_ending_above_end_rise_times_its_start_is_diverged(last,
         assert "training loss ended at 1.05, 2.1 times its start 0.50" in d.reason
 
 
+def test_a_rise_of_a_loss_near_zero_is_noise_not_a_divergence():
+    """From a perfect linear head the loss starts near 0; doubling it there (0.008 -> 0.017, far under
+    end_rise_floor x ln(3)) is noise, while the same ratio from 0.5 is a divergence (above)."""
+    history = epochs([0.008, 0.1, 0.06, 0.017], [0.0013, 0.0012, 0.0011, 0.0009], 1.0, 1.0)
+    assert 0.017 > DIAGNOSE.end_rise * 0.008 and 0.017 < DIAGNOSE.end_rise_floor * LN3
+    assert diagnose_history(history, classes=3).verdict == "healthy"
+
+
 def test_a_rate_lowered_by_the_nan_guard_is_diverged_even_when_the_retry_trained_well():
     d = diagnose_history(HEALTHY, classes=3, planned_lr=1e-2)
     assert d.verdict == "diverged" and d.evidence["retried"] is True

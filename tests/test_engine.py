@@ -131,3 +131,26 @@ def test_mixup_mixes_pairs_of_images_and_their_labels():
     assert parse("mixup = 0.4").mixup == 0.4
     with pytest.raises(RecipeError, match="mixup"):
         parse("mixup = 5.0")
+
+
+def test_a_trainer_going_on_from_its_own_state_keeps_its_optimizer_and_a_new_state_starts_fresh():
+    """Epoch 1, then epochs 2-3 on the same trainer, give the weights of epochs 1-3 in one go (the momentum
+    carries over); a fresh start (a new state) or a new trainer from the same state restarts the momentum."""
+    keras = import_keras()
+    momentum = lambda r: keras.optimizers.SGD(r, momentum=0.9)  # noqa: E731: state a restart would lose
+    runs = {}
+    for name in ("whole", "going on", "new trainer"):
+        trainer, model, data = tiny_trainer([], rate=0.01)
+        trainer.optimizer = momentum
+        if name == "whole":
+            trainer.fit(data, lambda: {"val_loss": 1.0}, epochs=3)
+        else:
+            state = trainer.fit(data, lambda: {"val_loss": 1.0}, epochs=1)
+            if name == "new trainer":
+                trainer, _, _ = tiny_trainer([], rate=0.01)
+                trainer.model.set_weights(model.get_weights())
+                trainer.optimizer, model = momentum, trainer.model
+            trainer.fit(data, lambda: {"val_loss": 1.0}, epochs=3, state=state)
+        runs[name] = np.concatenate([w.ravel() for w in model.get_weights()])
+    np.testing.assert_allclose(runs["going on"], runs["whole"], rtol=1e-6, atol=1e-7)
+    assert np.abs(runs["new trainer"] - runs["whole"]).max() > 1e-4

@@ -155,7 +155,8 @@ def _diverged(f: dict, config: DiagnoseConfig) -> Diagnosis | None:
     if blown:
         found.append(f"training loss reached {_num(f['max_loss'])} at epoch {f['max_loss_epoch']}, "
                      f"{f['max_loss'] / f['chance_loss']:.3g} times the chance level {_chance(f)}")
-    if "last_loss" in f and f["n_rows"] > 1 and f["last_loss"] > config.end_rise * f["first_loss"]:
+    if ("last_loss" in f and f["n_rows"] > 1 and f["last_loss"] > config.end_rise * f["first_loss"]
+            and f["last_loss"] > config.end_rise_floor * f["chance_loss"]):
         found.append(f"training loss ended at {_num(f['last_loss'])}, "
                      f"{f['last_loss'] / f['first_loss']:.3g} times its start {_num(f['first_loss'])}")
     if not found:

@@ -150,6 +150,9 @@ class Trainer:
     def fit(self, train_data, validate: Callable[[], dict], epochs: int, state: LoopState | None = None) -> LoopState:
         """Train from `state` (default: epoch 1) to `epochs`, or until a callback stops it.
 
+        A new state starts fresh optimizers (`begin`); a state past epoch 0 on a trainer that has already
+        run goes on with its optimizers and compiled step (a restarted Adam jolts a falling loss).
+
         Args:
             train_data: an iterable of batches matching `signature`.
             validate: () -> {"val_loss": float, ...} after each epoch.
@@ -159,7 +162,10 @@ class Trainer:
         """
         state = state or LoopState()
         state.stop = False
-        self.begin(state.scale)
+        if self.compiled is None or state.epoch == 0:
+            self.begin(state.scale)
+        else:  # this trainer going on from its own last epoch: its optimizers keep their moments
+            self.set_scale(state.scale)
         step = self.compiled
         for callback in self.callbacks:
             callback.on_train_begin(self, state)
